@@ -1,0 +1,166 @@
+//! `safegeo generate`: replies for one prompt or a JSONL batch.
+use crate::common::{self, ModelArgs, PromptArgs};
+use anyhow::{bail, Context, Result};
+use safegeo_runtime::{generate, generate_seeded, GenerateConfig, Message, Model, NoHooks};
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+    /// JSONL input, one object per line with `chat` (a string) or `messages` ([{role, content}]).
+    #[arg(long, requires = "output", conflicts_with = "chat")]
+    pub input: Option<PathBuf>,
+    /// JSONL output: each input object plus `response` and `response_ids`.
+    #[arg(long, requires = "input")]
+    pub output: Option<PathBuf>,
+    /// Maximum new tokens per reply.
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus sampling mass.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Seed for sampling (prompt i of the input uses seed + i).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Force every reply to begin with this text (prefill).
+    #[arg(long)]
+    pub prefill: Option<String>,
+    /// Prompts decoded together.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn config(a: &GenerateArgs, model: &Model) -> Result<GenerateConfig> {
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let prefix_ids = match &a.prefill {
+        Some(p) => model.tok.encode(p, false)?,
+        None => Vec::new(),
+    };
+    Ok(GenerateConfig {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+        prefix_ids,
+    })
+}
+
+fn messages_of(v: &serde_json::Value, a: &GenerateArgs, line: usize) -> Result<Vec<Message>> {
+    if let Some(c) = v.get("chat").and_then(|c| c.as_str()) {
+        return Ok(a.prompt.messages(c));
+    }
+    if let Some(m) = v.get("messages") {
+        return serde_json::from_value(m.clone()).with_context(|| {
+            format!("line {line}: `messages` must be [{{\"role\", \"content\"}}]")
+        });
+    }
+    bail!("line {line}: needs a `chat` string or a `messages` list")
+}
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    let model = common::load(&a.model)?;
+    let cfg = config(&a, &model)?;
+    if let (Some(input), Some(output)) = (&a.input, &a.output) {
+        return run_file(&a, &model, &cfg, input, output);
+    }
+    let user = a
+        .prompt
+        .chat
+        .clone()
+        .context("give --chat TEXT, or --input FILE --output FILE")?;
+    let ids = common::prompt_ids(&model, &a.prompt, &a.prompt.messages(&user))?;
+    let out = generate(&model, &[ids.clone()], &cfg, &mut NoHooks)?.remove(0);
+    let text = model.tok.decode(&out.ids, true)?;
+    if a.json {
+        common::print_json(&serde_json::json!({
+            "prompt_ids": ids, "response": text, "response_ids": out.ids, "stop": out.stop,
+        }))?;
+    } else {
+        println!("{text}");
+    }
+    Ok(())
+}
+
+fn run_file(
+    a: &GenerateArgs,
+    model: &Model,
+    cfg: &GenerateConfig,
+    input: &PathBuf,
+    output: &PathBuf,
+) -> Result<()> {
+    let f = std::fs::File::open(input)
+        .with_context(|| format!("cannot open --input {}", input.display()))?;
+    let mut rows = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .with_context(|| format!("{} line {}: not JSON", input.display(), i + 1))?;
+        let msgs = messages_of(&v, a, i + 1)?;
+        let ids = model.tok.encode_chat(&msgs, a.prompt.no_template)?;
+        rows.push((v, ids));
+    }
+    if rows.is_empty() {
+        bail!("{} holds no prompts", input.display());
+    }
+    // Decode similar lengths together (less padding); write in input order.
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.sort_by_key(|&i| rows[i].1.len());
+    let bar = indicatif::ProgressBar::new(rows.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} prompts {elapsed} eta {eta}")
+            .expect("valid template"),
+    );
+    let mut replies = vec![None; rows.len()];
+    let t0 = std::time::Instant::now();
+    let mut new_tokens = 0usize;
+    for chunk in order.chunks(a.batch_size) {
+        let prompts: Vec<Vec<u32>> = chunk.iter().map(|&i| rows[i].1.clone()).collect();
+        let seeds: Vec<u64> = chunk
+            .iter()
+            .map(|&i| cfg.seed.wrapping_add(i as u64))
+            .collect();
+        let outs = generate_seeded(model, &prompts, &seeds, cfg, &mut NoHooks)?;
+        for (&i, o) in chunk.iter().zip(outs) {
+            new_tokens += o.ids.len();
+            replies[i] = Some(o);
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    let tmp = output.with_extension("jsonl.partial");
+    let mut w = std::io::BufWriter::new(
+        std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?,
+    );
+    for ((mut v, _), r) in rows.into_iter().zip(replies) {
+        let r = r.expect("every row decoded");
+        v["response"] = serde_json::Value::String(model.tok.decode(&r.ids, true)?);
+        v["response_ids"] = serde_json::to_value(&r.ids)?;
+        writeln!(w, "{}", serde_json::to_string(&v)?)?;
+    }
+    w.flush()?;
+    drop(w);
+    std::fs::rename(&tmp, output)?;
+    let secs = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "wrote {} ({} new tokens in {:.1}s, {:.1} tok/s)",
+        output.display(),
+        new_tokens,
+        secs,
+        new_tokens as f64 / secs
+    );
+    Ok(())
+}

@@ -1,0 +1,4 @@
+pub mod bench;
+pub mod forward;
+pub mod generate;
+pub mod model;

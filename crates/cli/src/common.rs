@@ -1,0 +1,125 @@
+//! Pieces every command shares: model resolution, device choice, prompt building.
+use anyhow::{Context, Result};
+use candle_core::Device;
+use safegeo_runtime::fetch::{self, KnownModel};
+use safegeo_runtime::{Message, Model};
+use std::path::PathBuf;
+
+/// `--model` and `--device`, flattened into every command that loads a model.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A .gguf file, a Hugging Face folder, or a known model name [default: smollm2-135m-instruct,
+    /// fetched on first use].
+    #[arg(long, short = 'm', env = "SAFEGEO_MODEL")]
+    pub model: Option<String>,
+    /// Device: cpu, or cuda[:N] in a build with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// `--chat`/`--system`/`--no-template`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PromptArgs {
+    /// The user's message (rendered with the model's chat template).
+    #[arg(long)]
+    pub chat: Option<String>,
+    /// A system prompt; without it the template's own default (if any) is used.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Feed the text raw, without the chat template (for base models).
+    #[arg(long)]
+    pub no_template: bool,
+}
+
+impl PromptArgs {
+    /// Messages for a user text.
+    pub fn messages(&self, user: &str) -> Vec<Message> {
+        let mut m = Vec::new();
+        if let Some(s) = &self.system {
+            m.push(Message::new("system", s.clone()));
+        }
+        m.push(Message::new("user", user));
+        m
+    }
+}
+
+pub fn device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        s if s.starts_with("cuda") => {
+            let idx = s
+                .strip_prefix("cuda")
+                .and_then(|r| r.strip_prefix(':'))
+                .unwrap_or("0");
+            let idx: usize = idx
+                .parse()
+                .with_context(|| format!("bad device `{s}` (use cuda:N)"))?;
+            Device::new_cuda(idx).with_context(|| {
+                format!("device `{s}` unavailable: build with `--features cuda` on a machine with a GPU")
+            })
+        }
+        other => anyhow::bail!("unknown device `{other}`: use cpu or cuda:N"),
+    }
+}
+
+/// Resolve `--model` to a path, fetching known models when needed.
+pub fn model_path(spec: Option<&str>) -> Result<PathBuf> {
+    let known = |m: &KnownModel| -> Result<PathBuf> {
+        let p = fetch::cached_path(m);
+        if !p.exists() {
+            eprintln!("fetching {} into {} ...", m.name, p.display());
+        }
+        Ok(fetch::ensure(m, false)?)
+    };
+    match spec {
+        None => known(&fetch::SMOLLM2),
+        Some(s) => {
+            if let Some(m) = fetch::KNOWN.iter().find(|m| m.name == s) {
+                return known(m);
+            }
+            let p = PathBuf::from(s);
+            if !p.exists() {
+                return Err(safegeo_runtime::Error::ModelNotFound { path: p }.into());
+            }
+            Ok(p)
+        }
+    }
+}
+
+pub fn load(args: &ModelArgs) -> Result<Model> {
+    let dev = device(&args.device)?;
+    let path = model_path(args.model.as_deref())?;
+    Ok(safegeo_runtime::load_model(&path, &dev)?)
+}
+
+/// Token ids of one prompt (template unless `raw`).
+pub fn prompt_ids(model: &Model, prompt: &PromptArgs, messages: &[Message]) -> Result<Vec<u32>> {
+    Ok(model.tok.encode_chat(messages, prompt.no_template)?)
+}
+
+/// Exit codes: 2 bad input, 3 model problems, 1 anything else.
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    use safegeo_runtime::Error as E;
+    match e.downcast_ref::<E>() {
+        Some(
+            E::ModelNotFound { .. }
+            | E::BadGguf { .. }
+            | E::Checksum { .. }
+            | E::UnsupportedQuant { .. },
+        )
+        | Some(
+            E::UnknownArchitecture { .. }
+            | E::MissingKey { .. }
+            | E::MissingTensor { .. }
+            | E::Tokenizer { .. },
+        ) => 3,
+        Some(E::EmptyPrompt | E::ContextOverflow { .. } | E::Invalid(_) | E::Template(_)) => 2,
+        _ => 1,
+    }
+}
+
+/// Print JSON to stdout.
+pub fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}

@@ -1,0 +1,61 @@
+//! `safegeo`: measure and change how language models refuse.
+mod cmd;
+mod common;
+
+use clap::{Parser, Subcommand};
+
+/// safegeo: audit, attack and safety-train a language model's refusal mechanism, and watch its
+/// refusal geometry move.
+///
+/// Every command that takes --model uses the embedded default (SmolLM2-135M-Instruct, Q4_1 GGUF)
+/// when it is omitted, fetching it into the cache ($SAFEGEO_HOME, default ~/.cache/safegeo) the
+/// first time. --model also takes a .gguf file, a Hugging Face folder (config.json,
+/// *.safetensors, tokenizer.json) or a known model name (see `safegeo model list`).
+#[derive(Parser)]
+#[command(name = "safegeo", version, about, long_about, propagate_version = true)]
+struct Cli {
+    /// More logging (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fetch, list and inspect models.
+    #[command(subcommand)]
+    Model(cmd::model::ModelCmd),
+    /// One forward pass: top logits and residual norms at the last prompt token.
+    Forward(cmd::forward::ForwardArgs),
+    /// Generate replies for one prompt or a JSONL file of prompts.
+    Generate(cmd::generate::GenerateArgs),
+    /// Measure this machine and the runtime: sgemm peak, capture prefill, decode, backward.
+    Bench(cmd::bench::BenchArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Model(c) => cmd::model::run(c),
+        Command::Forward(a) => cmd::forward::run(a),
+        Command::Generate(a) => cmd::generate::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(common::exit_code(&e));
+    }
+}

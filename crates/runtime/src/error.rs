@@ -1,0 +1,117 @@
+//! One error type for the runtime; every variant says what went wrong and how to fix it.
+use std::path::PathBuf;
+
+/// Errors from loading and running models.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A model path that does not exist.
+    #[error("model not found: {path}\n  fix: pass --model with an existing .gguf file or a Hugging Face folder, or run `safegeo model fetch` for the default model")]
+    ModelNotFound {
+        /// The path that was tried.
+        path: PathBuf,
+    },
+    /// A file that is not a readable GGUF (bad magic, truncated, corrupt header).
+    #[error("{path} is not a valid GGUF file: {reason}\n  fix: the file is truncated or corrupt; download it again (for the default model: `safegeo model fetch --force`)")]
+    BadGguf {
+        /// The file.
+        path: PathBuf,
+        /// What the reader reported.
+        reason: String,
+    },
+    /// A downloaded or cached file whose checksum differs from the expected one.
+    #[error("checksum mismatch for {path}: expected sha256 {expected}, found {found}\n  fix: delete the file and fetch it again (`safegeo model fetch --force`)")]
+    Checksum {
+        /// The file.
+        path: PathBuf,
+        /// Expected hex digest.
+        expected: String,
+        /// Actual hex digest.
+        found: String,
+    },
+    /// A tensor stored in a quantization that this build cannot read.
+    #[error("tensor {tensor} in {path} uses an unsupported quantization ({dtype})\n  fix: convert the model to a supported type (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q8_K)")]
+    UnsupportedQuant {
+        /// File.
+        path: PathBuf,
+        /// Tensor name.
+        tensor: String,
+        /// The type as reported.
+        dtype: String,
+    },
+    /// An architecture without an implementation.
+    #[error("unsupported model architecture `{arch}`; supported: {supported}\n  fix: use a checkpoint of a supported family")]
+    UnknownArchitecture {
+        /// The architecture name from the file.
+        arch: String,
+        /// The supported names.
+        supported: String,
+    },
+    /// A required metadata key or config field is absent.
+    #[error(
+        "{path}: missing `{key}`\n  fix: the model file is incomplete or of an unsupported layout"
+    )]
+    MissingKey {
+        /// File.
+        path: PathBuf,
+        /// Key name.
+        key: String,
+    },
+    /// A required tensor is absent.
+    #[error("{path}: missing tensor `{name}`\n  fix: the checkpoint is incomplete or not of the architecture it claims")]
+    MissingTensor {
+        /// File or folder.
+        path: PathBuf,
+        /// Tensor name.
+        name: String,
+    },
+    /// No tokenizer could be built.
+    #[error("no tokenizer for {path}: {reason}\n  fix: a Hugging Face folder needs tokenizer.json; a GGUF needs tokenizer.ggml.* metadata")]
+    Tokenizer {
+        /// The model path.
+        path: PathBuf,
+        /// Detail.
+        reason: String,
+    },
+    /// The chat template failed to render.
+    #[error("chat template error: {0}\n  fix: pass --no-template to feed raw text, or check the model's chat template")]
+    Template(String),
+    /// Empty prompt.
+    #[error("empty prompt\n  fix: give a non-empty --chat text (or messages with content)")]
+    EmptyPrompt,
+    /// A prompt longer than the model's context.
+    #[error("prompt of {tokens} tokens (+{new_tokens} to generate) exceeds the context length {context}\n  fix: shorten the prompt or lower --max-new-tokens")]
+    ContextOverflow {
+        /// Prompt length.
+        tokens: usize,
+        /// Tokens to be generated.
+        new_tokens: usize,
+        /// Model context length.
+        context: usize,
+    },
+    /// A bad argument value.
+    #[error("invalid value: {0}")]
+    Invalid(String),
+    /// I/O failure with the path involved.
+    #[error("{path}: {source}")]
+    Io {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Result alias for the runtime.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! safegeo's model runtime: load GGUF or Hugging Face checkpoints, run them with hooks that
+//! capture and edit the residual stream, generate in batches with a KV cache, and differentiate.
+#![deny(missing_docs)]
+
+mod config;
+mod error;
+pub mod fetch;
+mod generate;
+mod hooks;
+mod load;
+mod model;
+pub mod models;
+mod ops;
+pub mod testing;
+mod tokenizer;
+mod weights;
+
+pub use config::{Arch, ModelConfig, SUPPORTED_ARCHS};
+pub use error::{Error, Result};
+pub use generate::{generate, generate_seeded, GenerateConfig, Generation, Stop};
+pub use hooks::{
+    unit, Captured, Hooks, Intervention, NoHooks, Observer, Phase, Positions, Scope, Site, SiteInfo,
+};
+pub use load::load_model;
+pub use model::{attend, AttnCtx, Block, KvCache, LayerCache, Layout, LogitsAt, Model};
+pub use ops::{rms_norm, rope, softmax_last, Linear, Lora};
+pub use tokenizer::{render_template, Message, Tok};
+pub use weights::{open_gguf, WeightSource};

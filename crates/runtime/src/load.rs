@@ -1,0 +1,130 @@
+//! Turning a path into a [`Model`]: GGUF files and Hugging Face folders.
+use crate::config::{Arch, ModelConfig};
+use crate::model::{Block, Model};
+use crate::models::{gemma3, llama, qwen2};
+use crate::ops::Linear;
+use crate::tokenizer::Tok;
+use crate::weights::{open_gguf, Meta, WeightSource};
+use crate::{Error, Result};
+use candle_core::Device;
+use std::path::Path;
+use std::sync::Mutex;
+
+/// Load a model from a `.gguf` file or a HF folder onto `dev` (weights as f32).
+pub fn load_model(path: &Path, dev: &Device) -> Result<Model> {
+    if !path.exists() {
+        return Err(Error::ModelNotFound {
+            path: path.to_path_buf(),
+        });
+    }
+    let t0 = std::time::Instant::now();
+    let (cfg, ws, tok) = if path.is_dir() {
+        open_hf(path)?
+    } else {
+        open_gguf_model(path)?
+    };
+    let model = build(cfg, ws, tok, dev, path)?;
+    tracing::info!(
+        "loaded {} ({:?}, {} layers, d={}) in {:.2}s",
+        path.display(),
+        model.cfg.arch,
+        model.cfg.n_layer,
+        model.cfg.hidden,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(model)
+}
+
+fn open_gguf_model(path: &Path) -> Result<(ModelConfig, WeightSource, Tok)> {
+    let (content, reader) = open_gguf(path)?;
+    let arch_name = content
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok().cloned())
+        .ok_or(Error::MissingKey {
+            path: path.to_path_buf(),
+            key: "general.architecture".into(),
+        })?;
+    let arch = Arch::parse(&arch_name)?;
+    let meta = Meta {
+        content: &content,
+        path,
+        prefix: arch_name.clone(),
+    };
+    let cfg = match arch {
+        Arch::Llama => llama::config_from_gguf(&meta, Arch::Llama)?,
+        Arch::Qwen2 => qwen2::config_from_gguf(&meta)?,
+        Arch::Gemma3 => gemma3::config_from_gguf(&meta)?,
+    };
+    let tok = Tok::from_gguf(&content, path)?;
+    let ws = WeightSource::Gguf {
+        path: path.to_path_buf(),
+        content,
+        file: Mutex::new(reader),
+    };
+    Ok((cfg, ws, tok))
+}
+
+fn open_hf(dir: &Path) -> Result<(ModelConfig, WeightSource, Tok)> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::MissingKey {
+            path: dir.to_path_buf(),
+            key: "config.json".into(),
+        },
+        _ => Error::io(&cfg_path, e),
+    })?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Invalid(format!("{}: not valid JSON: {e}", cfg_path.display())))?;
+    let model_type = json
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .ok_or(Error::MissingKey {
+            path: cfg_path.clone(),
+            key: "model_type".into(),
+        })?;
+    let arch = Arch::parse(model_type)?;
+    let cfg = match arch {
+        Arch::Llama => llama::config_from_hf(&json, Arch::Llama)?,
+        Arch::Qwen2 => qwen2::config_from_hf(&json)?,
+        Arch::Gemma3 => gemma3::config_from_hf(&json)?,
+    };
+    let tok = Tok::from_hf_dir(dir)?;
+    let ws = WeightSource::open_safetensors(dir, arch)?;
+    Ok((cfg, ws, tok))
+}
+
+pub(crate) fn build(
+    mut cfg: ModelConfig,
+    ws: WeightSource,
+    tok: Tok,
+    dev: &Device,
+    path: &Path,
+) -> Result<Model> {
+    let embed = ws.get("token_embd.weight", dev)?;
+    cfg.vocab = embed.dim(0)?;
+    cfg.validate()?;
+    let final_norm = ws.get("output_norm.weight", dev)?;
+    let lm_head = match ws.get_opt("output.weight", dev)? {
+        Some(w) => Linear::new(w, None),
+        None => Linear::new(embed.clone(), None),
+    };
+    let mut blocks: Vec<Box<dyn Block>> = Vec::with_capacity(cfg.n_layer);
+    for i in 0..cfg.n_layer {
+        blocks.push(match cfg.arch {
+            Arch::Llama => Box::new(llama::LlamaBlock::load(&ws, &cfg, i, false, dev)?),
+            Arch::Qwen2 => Box::new(qwen2::load_block(&ws, &cfg, i, dev)?),
+            Arch::Gemma3 => Box::new(gemma3::Gemma3Block::load(&ws, &cfg, i, dev)?),
+        });
+    }
+    Ok(Model {
+        cfg,
+        embed,
+        blocks,
+        final_norm,
+        lm_head,
+        tok,
+        device: dev.clone(),
+        source: path.to_path_buf(),
+    })
+}

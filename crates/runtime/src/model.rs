@@ -1,0 +1,454 @@
+//! The model engine shared by every family: embedding, the block loop with observer sites, RoPE
+//! tables, masks for left-padded batches, grouped-query attention with a KV cache, and the LM head
+//! applied only where logits are read. Family files (`models/*.rs`) supply the blocks.
+use crate::config::ModelConfig;
+use crate::hooks::{Observer, Phase, Site, SiteInfo};
+use crate::ops::{self, Linear};
+use crate::tokenizer::Tok;
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+/// Per-layer attention inputs computed once per forward.
+pub struct AttnCtx<'a> {
+    /// RoPE tables for global layers, `(b, t, hd/2)`.
+    pub cos: &'a Tensor,
+    /// See `cos`.
+    pub sin: &'a Tensor,
+    /// RoPE tables for sliding-window layers (Gemma 3).
+    pub local_cos: &'a Tensor,
+    /// See `local_cos`.
+    pub local_sin: &'a Tensor,
+    /// Additive mask `(b, 1, 1, t, T)` for global layers (`None` when nothing is masked).
+    pub mask: Option<&'a Tensor>,
+    /// Additive mask for sliding-window layers.
+    pub local_mask: Option<&'a Tensor>,
+    /// Use differentiable ops.
+    pub grad: bool,
+}
+
+/// One transformer block of some family.
+pub trait Block: Send + Sync {
+    /// Run the block on the residual stream `x: (b, t, d)`; `site` is called with the attention
+    /// and MLP outputs before they are added.
+    fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        ctx: &AttnCtx,
+        cache: Option<&mut LayerCache>,
+        site: &mut dyn FnMut(Site, Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor>;
+
+    /// The block's linear layers by name (`q`, `k`, `v`, `o`, `gate`, `up`, `down`), for LoRA.
+    fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)>;
+
+    /// Every weight tensor of the block (norms included), for full fine-tuning.
+    fn tensors_mut(&mut self) -> Vec<&mut Tensor>;
+}
+
+/// Cached keys and values of one layer, `(b, kv_heads, T, hd)`.
+#[derive(Clone, Default)]
+pub struct LayerCache {
+    kv: Option<(Tensor, Tensor)>,
+}
+
+/// Keys and values of every layer, for incremental decoding.
+#[derive(Clone)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `n_layer` blocks.
+    pub fn new(n_layer: usize) -> Self {
+        Self {
+            layers: vec![LayerCache::default(); n_layer],
+            len: 0,
+        }
+    }
+
+    /// Tokens already cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Grouped-query attention with RoPE and an optional cache.
+/// `q: (b, h, t, hd)`, `k, v: (b, kvh, t, hd)` before RoPE; returns `(b, t, h*hd)`.
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: Option<&Tensor>,
+    cfg: &ModelConfig,
+    cache: Option<&mut LayerCache>,
+    grad: bool,
+) -> Result<Tensor> {
+    let (b, h, t, hd) = q.dims4()?;
+    let kvh = k.dim(1)?;
+    let q = ops::rope(q, cos, sin, cfg.rope_interleaved, grad)?;
+    let mut k = ops::rope(k, cos, sin, cfg.rope_interleaved, grad)?;
+    let mut v = v.clone();
+    if let Some(c) = cache {
+        if let Some((pk, pv)) = &c.kv {
+            k = Tensor::cat(&[pk, &k], 2)?;
+            v = Tensor::cat(&[pv, &v], 2)?;
+        }
+        c.kv = Some((k.clone(), v.clone()));
+    }
+    let total = k.dim(2)?;
+    let n_rep = h / kvh;
+    // Query heads sharing a kv head are stacked along the token axis, so no kv copy is needed.
+    let q = q.reshape((b, kvh, n_rep * t, hd))?;
+    let att = (q.matmul(&k.t()?)? * cfg.attn_scale)?;
+    let att = match mask {
+        Some(m) => att
+            .reshape((b, kvh, n_rep, t, total))?
+            .broadcast_add(m)?
+            .reshape((b, kvh, n_rep * t, total))?,
+        None => att,
+    };
+    let p = ops::softmax_last(&att, grad)?;
+    let y = p.matmul(&v.contiguous()?)?; // (b, kvh, n_rep*t, hd)
+    y.reshape((b, h, t, hd))?
+        .transpose(1, 2)?
+        .reshape((b, t, h * hd))
+}
+
+/// How tokens of a batch are laid out: left padding per row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// Number of left-pad tokens in each row.
+    pub pad: Vec<usize>,
+}
+
+impl Layout {
+    /// No padding for `b` rows.
+    pub fn dense(b: usize) -> Self {
+        Self { pad: vec![0; b] }
+    }
+}
+
+/// Which positions get logits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogitsAt {
+    /// None (capture-only passes).
+    None,
+    /// The chunk's last token.
+    Last,
+    /// Every token (training).
+    All,
+}
+
+/// A causal language model: a family's blocks around the shared engine.
+pub struct Model {
+    /// Shape and hyper-parameters.
+    pub cfg: ModelConfig,
+    /// Token embedding `(vocab, d)`.
+    pub embed: Tensor,
+    /// Blocks.
+    pub blocks: Vec<Box<dyn Block>>,
+    /// Final norm weight.
+    pub final_norm: Tensor,
+    /// LM head (the embedding when tied).
+    pub lm_head: Linear,
+    /// Tokenizer and chat template.
+    pub tok: Tok,
+    /// Device the weights live on.
+    pub device: Device,
+    /// Where it was loaded from.
+    pub source: std::path::PathBuf,
+}
+
+fn rope_tables(
+    positions: &Tensor,
+    theta: f64,
+    scale: f64,
+    hd: usize,
+    dtype: DType,
+) -> Result<(Tensor, Tensor)> {
+    let inv: Vec<f32> = (0..hd / 2)
+        .map(|i| (1.0 / theta.powf(2.0 * i as f64 / hd as f64) / scale) as f32)
+        .collect();
+    let inv = Tensor::new(inv.as_slice(), positions.device())?.to_dtype(dtype)?;
+    let (b, t) = positions.dims2()?;
+    let f = positions
+        .to_dtype(dtype)?
+        .reshape((b, t, 1))?
+        .broadcast_mul(&inv.reshape((1, 1, hd / 2))?)?;
+    Ok((f.cos()?.contiguous()?, f.sin()?.contiguous()?))
+}
+
+/// Additive mask `(b, 1, 1, t, T)`: causal, left padding, optional sliding window.
+fn build_mask(
+    layout: &Layout,
+    offset: usize,
+    t: usize,
+    window: Option<usize>,
+    dev: &Device,
+    dtype: DType,
+) -> Result<Option<Tensor>> {
+    let total = offset + t;
+    let b = layout.pad.len();
+    let mut any = false;
+    let mut m = vec![0f32; b * t * total];
+    for (r, &pad) in layout.pad.iter().enumerate() {
+        for i in 0..t {
+            let q = offset + i;
+            for k in 0..total {
+                let causal = k <= q;
+                let not_pad = k >= pad || k == q; // a pad query sees itself: no empty rows
+                let in_window = window.is_none_or(|w| q - k.min(q) < w);
+                if !(causal && not_pad && in_window) {
+                    m[(r * t + i) * total + k] = -1e30;
+                    any = true;
+                }
+            }
+        }
+    }
+    if !any {
+        return Ok(None);
+    }
+    Ok(Some(
+        Tensor::from_vec(m, (b, 1, 1, t, total), dev)?.to_dtype(dtype)?,
+    ))
+}
+
+impl Model {
+    /// Embeddings of `ids: (b, t)`, scaled for Gemma.
+    pub fn embed_ids(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let e =
+            self.embed
+                .index_select(&ids.flatten_all()?, 0)?
+                .reshape((b, t, self.cfg.hidden))?;
+        self.scale_embeddings(e)
+    }
+
+    /// Apply the family's embedding scale to raw embeddings (also used for `onehot @ W_embed`).
+    pub fn scale_embeddings(&self, e: Tensor) -> Result<Tensor> {
+        if self.cfg.scale_embeddings {
+            e * (self.cfg.hidden as f64).sqrt()
+        } else {
+            Ok(e)
+        }
+    }
+
+    /// Run the model on embeddings `x: (b, t, d)` that follow `cache.len()` cached tokens.
+    /// Observers see every site; logits are computed only at `logits`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_embeds(
+        &self,
+        mut x: Tensor,
+        layout: &Layout,
+        mut cache: Option<&mut KvCache>,
+        logits: LogitsAt,
+        phase: Phase,
+        grad: bool,
+        obs: &mut dyn Observer,
+    ) -> Result<Option<Tensor>> {
+        let cfg = &self.cfg;
+        let (b, t, _) = x.dims3()?;
+        if layout.pad.len() != b {
+            candle_core::bail!("layout has {} rows, batch has {b}", layout.pad.len());
+        }
+        let offset = cache.as_ref().map_or(0, |c| c.len);
+        let dev = x.device().clone();
+        let pos: Vec<u32> = layout
+            .pad
+            .iter()
+            .flat_map(|&p| (offset..offset + t).map(move |j| j.saturating_sub(p) as u32))
+            .collect();
+        let positions = Tensor::from_vec(pos, (b, t), &dev)?;
+        let (cos, sin) = rope_tables(
+            &positions,
+            cfg.rope_theta,
+            cfg.rope_scale,
+            cfg.head_dim,
+            x.dtype(),
+        )?;
+        let (local_cos, local_sin) = match cfg.rope_local_theta {
+            Some(th) => rope_tables(&positions, th, 1.0, cfg.head_dim, x.dtype())?,
+            None => (cos.clone(), sin.clone()),
+        };
+        let mask = build_mask(layout, offset, t, None, &dev, x.dtype())?;
+        let local_mask = match cfg.sliding_window {
+            Some(w) => build_mask(layout, offset, t, Some(w), &dev, x.dtype())?,
+            None => mask.clone(),
+        };
+        let ctx = AttnCtx {
+            cos: &cos,
+            sin: &sin,
+            local_cos: &local_cos,
+            local_sin: &local_sin,
+            mask: mask.as_ref(),
+            local_mask: local_mask.as_ref(),
+            grad,
+        };
+        for (l, block) in self.blocks.iter().enumerate() {
+            let info = |site| SiteInfo {
+                layer: l,
+                site,
+                offset,
+                phase,
+            };
+            x = obs.visit(&info(Site::ResidPre), x)?;
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            let mut site_fn = |site: Site, a: Tensor| obs.visit(&info(site), a);
+            x = block.forward(&x, l, &ctx, layer_cache, &mut site_fn)?;
+        }
+        if let Some(c) = cache {
+            c.len += t;
+        }
+        let at = SiteInfo {
+            layer: cfg.n_layer,
+            site: Site::FinalNormInput,
+            offset,
+            phase,
+        };
+        x = obs.visit(&at, x)?;
+        let x = match logits {
+            LogitsAt::None => return Ok(None),
+            LogitsAt::Last => x.narrow(1, t - 1, 1)?,
+            LogitsAt::All => x,
+        };
+        let x = ops::rms_norm(&x, &self.final_norm, cfg.rms_eps, grad)?;
+        Ok(Some(self.lm_head.forward(&x, grad)?))
+    }
+
+    /// Forward over token ids `(b, t)`.
+    pub fn forward_ids(
+        &self,
+        ids: &Tensor,
+        layout: &Layout,
+        cache: Option<&mut KvCache>,
+        logits: LogitsAt,
+        phase: Phase,
+        obs: &mut dyn Observer,
+    ) -> Result<Option<Tensor>> {
+        let x = self.embed_ids(ids)?;
+        self.forward_embeds(x, layout, cache, logits, phase, false, obs)
+    }
+
+    /// Left-pad prompts into one `(b, T)` id tensor.
+    pub fn pad_batch(&self, prompts: &[Vec<u32>]) -> Result<(Tensor, Layout)> {
+        let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(prompts.len() * t);
+        let mut pad = Vec::with_capacity(prompts.len());
+        for p in prompts {
+            let n = t - p.len();
+            pad.push(n);
+            ids.extend(std::iter::repeat_n(self.tok.pad_id, n));
+            ids.extend_from_slice(p);
+        }
+        Ok((
+            Tensor::from_vec(ids, (prompts.len(), t), &self.device)?,
+            Layout { pad },
+        ))
+    }
+
+    /// Whether the LM head shares the embedding matrix.
+    pub fn tied(&self) -> bool {
+        self.lm_head.w.id() == self.embed.id()
+    }
+
+    /// Make every weight a trainable [`Var`] (full fine-tuning). Returns them, embedding first.
+    pub fn make_trainable(&mut self) -> Result<Vec<Var>> {
+        let tied = self.tied();
+        let mut vars = Vec::new();
+        let mut to_var = |t: &mut Tensor| -> Result<()> {
+            let v = Var::from_tensor(t)?;
+            *t = v.as_tensor().clone();
+            vars.push(v);
+            Ok(())
+        };
+        to_var(&mut self.embed)?;
+        to_var(&mut self.final_norm)?;
+        if tied {
+            self.lm_head.w = self.embed.clone();
+        } else {
+            to_var(&mut self.lm_head.w)?;
+        }
+        self.lm_head.trainable = true;
+        for b in self.blocks.iter_mut() {
+            for t in b.tensors_mut() {
+                to_var(t)?;
+            }
+            for (_, l) in b.linears_mut() {
+                l.trainable = true;
+            }
+        }
+        Ok(vars)
+    }
+
+    /// Attach LoRA adapters of rank `r` (scale `alpha / r`) to the named projections (`q`, `k`,
+    /// `v`, `o`, `gate`, `up`, `down`) of every block. `A ~ N(0, 1/r)`-ish small, `B = 0`.
+    pub fn attach_lora(
+        &mut self,
+        rank: usize,
+        alpha: f64,
+        targets: &[&str],
+        seed: u64,
+    ) -> Result<Vec<Var>> {
+        use rand::{Rng, SeedableRng};
+        if rank == 0 {
+            candle_core::bail!("LoRA rank must be at least 1");
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let dtype = self.embed.dtype();
+        let mut vars = Vec::new();
+        for b in self.blocks.iter_mut() {
+            for (name, l) in b.linears_mut() {
+                if !targets.contains(&name) {
+                    continue;
+                }
+                let (out, inp) = l.w.dims2()?;
+                let bound = 1.0 / (inp as f64).sqrt();
+                let a: Vec<f64> = (0..rank * inp)
+                    .map(|_| rng.gen_range(-bound..bound))
+                    .collect();
+                let a = Var::from_tensor(
+                    &Tensor::from_vec(a, (rank, inp), l.w.device())?.to_dtype(dtype)?,
+                )?;
+                let bm = Var::from_tensor(&Tensor::zeros((out, rank), dtype, l.w.device())?)?;
+                vars.push(a.clone());
+                vars.push(bm.clone());
+                l.lora = Some(crate::ops::Lora {
+                    a,
+                    b: bm,
+                    scale: alpha / rank as f64,
+                });
+            }
+        }
+        if vars.is_empty() {
+            candle_core::bail!(
+                "no LoRA targets matched {targets:?} (use q, k, v, o, gate, up, down)"
+            );
+        }
+        Ok(vars)
+    }
+
+    /// Number of parameters (tied head counted once).
+    pub fn n_params(&mut self) -> usize {
+        let mut n = self.embed.elem_count() + self.final_norm.elem_count();
+        if !self.tied() {
+            n += self.lm_head.w.elem_count();
+        }
+        for b in self.blocks.iter_mut() {
+            n += b
+                .tensors_mut()
+                .iter()
+                .map(|t| t.elem_count())
+                .sum::<usize>();
+        }
+        n
+    }
+}

@@ -1,0 +1,225 @@
+//! Llama family: Llama 2/3, Mistral, SmolLM2 (and, with q/k/v biases, Qwen2; see `qwen2.rs`).
+//! Touvron et al. 2023; pre-norm blocks `x + Attn(RMSNorm(x))`, `x + SwiGLU(RMSNorm(x))`, RoPE, GQA.
+use crate::config::{Arch, ModelConfig};
+use crate::hooks::Site;
+use crate::model::{attend, AttnCtx, Block, LayerCache};
+use crate::ops::{rms_norm, Linear};
+use crate::weights::{Meta, WeightSource};
+use crate::Result;
+use candle_core::{Device, Tensor};
+
+/// Config from GGUF metadata (prefix `llama.` or `qwen2.`).
+pub fn config_from_gguf(meta: &Meta, arch: Arch) -> Result<ModelConfig> {
+    let hidden = meta.usize("embedding_length")?;
+    let n_head = meta.usize("attention.head_count")?;
+    let head_dim = meta
+        .usize_opt("attention.key_length")
+        .unwrap_or(hidden / n_head.max(1));
+    Ok(ModelConfig {
+        arch,
+        n_layer: meta.usize("block_count")?,
+        n_head,
+        n_kv_head: meta.usize_opt("attention.head_count_kv").unwrap_or(n_head),
+        hidden,
+        head_dim,
+        intermediate: meta.usize("feed_forward_length")?,
+        vocab: 0,
+        rms_eps: meta.f64("attention.layer_norm_rms_epsilon")?,
+        rope_theta: meta.f64_opt("rope.freq_base").unwrap_or(10_000.0),
+        rope_local_theta: None,
+        rope_scale: meta.f64_opt("rope.scaling.factor").unwrap_or(1.0),
+        // llama.cpp permutes Llama q/k weights into the interleaved layout; Qwen2 keeps halves.
+        rope_interleaved: arch == Arch::Llama,
+        context_length: meta.usize_opt("context_length").unwrap_or(4096),
+        sliding_window: None,
+        sliding_pattern: 1,
+        scale_embeddings: false,
+        attn_scale: 1.0 / (head_dim as f64).sqrt(),
+    })
+}
+
+/// Config from a HF `config.json`.
+pub fn config_from_hf(c: &serde_json::Value, arch: Arch) -> Result<ModelConfig> {
+    let get = |k: &str| c.get(k).and_then(|v| v.as_u64()).map(|v| v as usize);
+    let need = |k: &str| {
+        get(k).ok_or_else(|| crate::Error::Invalid(format!("config.json: missing integer `{k}`")))
+    };
+    let hidden = need("hidden_size")?;
+    let n_head = need("num_attention_heads")?;
+    let head_dim = get("head_dim").unwrap_or(hidden / n_head.max(1));
+    let rope_scale = c
+        .get("rope_scaling")
+        .filter(|r| {
+            r.get("rope_type")
+                .or(r.get("type"))
+                .and_then(|t| t.as_str())
+                == Some("linear")
+        })
+        .and_then(|r| r.get("factor")?.as_f64())
+        .unwrap_or(1.0);
+    Ok(ModelConfig {
+        arch,
+        n_layer: need("num_hidden_layers")?,
+        n_head,
+        n_kv_head: get("num_key_value_heads").unwrap_or(n_head),
+        hidden,
+        head_dim,
+        intermediate: need("intermediate_size")?,
+        vocab: need("vocab_size")?,
+        rms_eps: c
+            .get("rms_norm_eps")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(1e-6),
+        rope_theta: c
+            .get("rope_theta")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(10_000.0),
+        rope_local_theta: None,
+        rope_scale,
+        rope_interleaved: false,
+        context_length: get("max_position_embeddings").unwrap_or(4096),
+        // Mistral v0.1's 4096-token window only matters beyond 4096 tokens.
+        sliding_window: None,
+        sliding_pattern: 1,
+        scale_embeddings: false,
+        attn_scale: 1.0 / (head_dim as f64).sqrt(),
+    })
+}
+
+/// A Llama block.
+pub struct LlamaBlock {
+    attn_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ffn_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    cfg: ModelConfig,
+}
+
+impl LlamaBlock {
+    /// Load block `i`; `bias` reads q/k/v biases (Qwen2).
+    pub fn load(
+        ws: &WeightSource,
+        cfg: &ModelConfig,
+        i: usize,
+        bias: bool,
+        dev: &Device,
+    ) -> Result<Self> {
+        let p = format!("blk.{i}");
+        let w = |n: &str| ws.get(&format!("{p}.{n}.weight"), dev);
+        let lin = |n: &str, b: bool| -> Result<Linear> {
+            let bias = if b {
+                ws.get_opt(&format!("{p}.{n}.bias"), dev)?
+            } else {
+                None
+            };
+            Ok(Linear::new(w(n)?, bias))
+        };
+        Ok(Self {
+            attn_norm: w("attn_norm")?,
+            q: lin("attn_q", bias)?,
+            k: lin("attn_k", bias)?,
+            v: lin("attn_v", bias)?,
+            o: lin("attn_output", false)?,
+            ffn_norm: w("ffn_norm")?,
+            gate: lin("ffn_gate", false)?,
+            up: lin("ffn_up", false)?,
+            down: lin("ffn_down", false)?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Build from tensors (tests and tiny random models).
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_parts(
+        cfg: &ModelConfig,
+        attn_norm: Tensor,
+        q: Linear,
+        k: Linear,
+        v: Linear,
+        o: Linear,
+        ffn_norm: Tensor,
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+    ) -> Self {
+        Self {
+            attn_norm,
+            q,
+            k,
+            v,
+            o,
+            ffn_norm,
+            gate,
+            up,
+            down,
+            cfg: cfg.clone(),
+        }
+    }
+}
+
+/// Split `(b, t, heads*hd)` into `(b, heads, t, hd)`.
+pub(crate) fn heads(x: &Tensor, n: usize, hd: usize) -> candle_core::Result<Tensor> {
+    let (b, t, _) = x.dims3()?;
+    x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
+}
+
+impl Block for LlamaBlock {
+    fn forward(
+        &self,
+        x: &Tensor,
+        _layer: usize,
+        ctx: &AttnCtx,
+        cache: Option<&mut LayerCache>,
+        site: &mut dyn FnMut(Site, Tensor) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.cfg;
+        let g = ctx.grad;
+        let xn = rms_norm(x, &self.attn_norm, c.rms_eps, g)?;
+        let q = heads(&self.q.forward(&xn, g)?, c.n_head, c.head_dim)?;
+        let k = heads(&self.k.forward(&xn, g)?, c.n_kv_head, c.head_dim)?;
+        let v = heads(&self.v.forward(&xn, g)?, c.n_kv_head, c.head_dim)?;
+        let y = attend(&q, &k, &v, ctx.cos, ctx.sin, ctx.mask, c, cache, g)?;
+        let attn_out = site(Site::AttnOut, self.o.forward(&y, g)?)?;
+        let h = (x + attn_out)?;
+        let xn = rms_norm(&h, &self.ffn_norm, c.rms_eps, g)?;
+        let act = (self.gate.forward(&xn, g)?.silu()? * self.up.forward(&xn, g)?)?;
+        let mlp_out = site(Site::MlpOut, self.down.forward(&act, g)?)?;
+        h + mlp_out
+    }
+
+    fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
+        vec![
+            ("q", &mut self.q),
+            ("k", &mut self.k),
+            ("v", &mut self.v),
+            ("o", &mut self.o),
+            ("gate", &mut self.gate),
+            ("up", &mut self.up),
+            ("down", &mut self.down),
+        ]
+    }
+
+    fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut v = vec![&mut self.attn_norm, &mut self.ffn_norm];
+        for l in [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.o,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
+        ] {
+            v.push(&mut l.w);
+            if let Some(b) = l.bias.as_mut() {
+                v.push(b);
+            }
+        }
+        v
+    }
+}

