@@ -444,3 +444,26 @@ fn sampling_is_seeded_and_batch_independent() {
         safegeo_runtime::generate_seeded(&m, &prompts()[1..2], &[99], &cfg, &mut NoHooks).unwrap();
     assert_ne!(b[0].ids, c[0].ids, "different seeds gave the same sample");
 }
+
+#[test]
+fn hf_folders_load_to_the_same_function_as_gguf_layout() {
+    for arch in ARCHS {
+        let dir = tempfile::tempdir().unwrap();
+        safegeo_runtime::testing::write_tiny_hf(arch, 17, dir.path()).unwrap();
+        let hf = safegeo_runtime::load_model(dir.path(), &Device::Cpu).unwrap();
+        let mem = tiny_model(arch, 17, DType::F32).unwrap();
+        let d = max_abs(
+            &last_logits(&hf, &prompts()),
+            &last_logits(&mem, &prompts()),
+        );
+        assert!(
+            d < 1e-4,
+            "{arch:?}: HF folder differs from the GGUF-layout model by {d}"
+        );
+        let ids = hf
+            .tok
+            .encode_chat(&[safegeo_runtime::Message::new("user", "w3 w4")], false)
+            .unwrap();
+        assert_eq!(hf.tok.decode(&ids, false).unwrap(), "w3 w4 w0");
+    }
+}

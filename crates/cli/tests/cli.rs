@@ -1,0 +1,228 @@
+//! The binary's contract: JSON shapes and one clear error per class of bad input (never a panic).
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::QTensor;
+use candle_core::{Device, Tensor};
+use safegeo_runtime::{testing::write_tiny_hf, Arch};
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn safegeo(args: &[&str], home: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_safegeo"))
+        .args(args)
+        .env("SAFEGEO_HOME", home)
+        .env_remove("SAFEGEO_MODEL")
+        .output()
+        .unwrap()
+}
+
+fn fails_with(out: &Output, code: i32, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr: {err}");
+    assert!(err.contains(needle), "expected `{needle}` in: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert!(err.contains("fix:") || code == 2, "no fix given: {err}");
+}
+
+fn write_gguf(path: &Path, arch: &str) {
+    let mut f = std::fs::File::create(path).unwrap();
+    let arch = Value::String(arch.into());
+    let t = QTensor::quantize(
+        &Tensor::zeros((4, 4), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        candle_core::quantized::GgmlDType::F32,
+    )
+    .unwrap();
+    gguf_file::write(
+        &mut f,
+        &[("general.architecture", &arch)],
+        &[("token_embd.weight", &t)],
+    )
+    .unwrap();
+}
+
+#[test]
+fn forward_json_on_a_tiny_hf_folder() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path().join("tiny");
+    write_tiny_hf(Arch::Llama, 3, &dir).unwrap();
+    let out = safegeo(
+        &[
+            "forward",
+            "-m",
+            dir.to_str().unwrap(),
+            "--chat",
+            "w1 w2 w3",
+            "--top",
+            "5",
+            "--json",
+        ],
+        home.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["prompt_ids"].as_array().unwrap().len(), 4);
+    assert_eq!(v["top_ids"].as_array().unwrap().len(), 5);
+    assert_eq!(v["resid_pre_norms"].as_array().unwrap().len(), 2);
+    let top: Vec<f64> = v["top_logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert!(top.windows(2).all(|w| w[0] >= w[1]));
+    assert!(v["logsumexp"].as_f64().unwrap() >= top[0]);
+}
+
+#[test]
+fn generate_jsonl_batch_keeps_order_and_fields() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path().join("tiny");
+    write_tiny_hf(Arch::Qwen2, 5, &dir).unwrap();
+    let input = home.path().join("in.jsonl");
+    let output = home.path().join("out.jsonl");
+    std::fs::write(&input, "{\"id\": 1, \"chat\": \"w1 w2 w3 w4 w5\"}\n{\"id\": 2, \"messages\": [{\"role\": \"user\", \"content\": \"w7\"}]}\n").unwrap();
+    let out = safegeo(
+        &[
+            "generate",
+            "-m",
+            dir.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+            "--max-new-tokens",
+            "5",
+            "--batch-size",
+            "2",
+        ],
+        home.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["id"], 1);
+    assert_eq!(rows[1]["id"], 2);
+    for r in &rows {
+        assert!(r["response"].is_string());
+        assert!(r["response_ids"].as_array().unwrap().len() <= 5);
+    }
+}
+
+#[test]
+fn bad_input_classes_get_named_errors() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    // Missing file.
+    fails_with(
+        &safegeo(
+            &["forward", "-m", "/nonexistent/model.gguf", "--chat", "hi"],
+            h,
+        ),
+        3,
+        "model not found",
+    );
+    // Corrupt GGUF (bad magic) and truncated GGUF (header promises more than the file has).
+    let bad = h.join("bad.gguf");
+    std::fs::write(&bad, b"this is not a model").unwrap();
+    fails_with(
+        &safegeo(&["forward", "-m", bad.to_str().unwrap(), "--chat", "hi"], h),
+        3,
+        "not a valid GGUF",
+    );
+    let good = h.join("x.gguf");
+    write_gguf(&good, "llama");
+    let bytes = std::fs::read(&good).unwrap();
+    let cut = h.join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() - 16]).unwrap();
+    fails_with(
+        &safegeo(&["forward", "-m", cut.to_str().unwrap(), "--chat", "hi"], h),
+        3,
+        "truncated",
+    );
+    // Unsupported quantization type id in a tensor header.
+    let mut q = bytes.clone();
+    let name = b"token_embd.weight";
+    let pos = q.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+    let dtype_at = pos + 4 + 2 * 8; // n_dims (u32), two u64 dims, then the dtype
+    q[dtype_at..dtype_at + 4].copy_from_slice(&99u32.to_le_bytes());
+    let qp = h.join("quant.gguf");
+    std::fs::write(&qp, &q).unwrap();
+    fails_with(
+        &safegeo(&["forward", "-m", qp.to_str().unwrap(), "--chat", "hi"], h),
+        3,
+        "not a valid GGUF",
+    );
+    // Unknown architecture.
+    let gpt = h.join("gpt.gguf");
+    write_gguf(&gpt, "bloom");
+    fails_with(
+        &safegeo(&["forward", "-m", gpt.to_str().unwrap(), "--chat", "hi"], h),
+        3,
+        "unsupported model architecture `bloom`",
+    );
+    // Missing tokenizer.
+    let dir = h.join("notok");
+    write_tiny_hf(Arch::Llama, 1, &dir).unwrap();
+    std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
+    fails_with(
+        &safegeo(&["forward", "-m", dir.to_str().unwrap(), "--chat", "hi"], h),
+        3,
+        "tokenizer.json is missing",
+    );
+    // Empty prompt, and a prompt longer than the context.
+    let dir = h.join("tiny");
+    write_tiny_hf(Arch::Llama, 1, &dir).unwrap();
+    fails_with(
+        &safegeo(
+            &["forward", "-m", dir.to_str().unwrap(), "--chat", "   "],
+            h,
+        ),
+        2,
+        "empty prompt",
+    );
+    let long = vec!["w1"; 300].join(" ");
+    fails_with(
+        &safegeo(
+            &["generate", "-m", dir.to_str().unwrap(), "--chat", &long],
+            h,
+        ),
+        2,
+        "exceeds the context length",
+    );
+    // Checksum mismatch of a cached default model.
+    let models = h.join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    std::fs::write(
+        models.join("SmolLM2-135M-Instruct.Q4_1.gguf"),
+        b"GGUF tampered",
+    )
+    .unwrap();
+    fails_with(&safegeo(&["model", "fetch"], h), 3, "checksum mismatch");
+    // Bad option values.
+    fails_with(
+        &safegeo(
+            &[
+                "generate",
+                "-m",
+                dir.to_str().unwrap(),
+                "--chat",
+                "w1",
+                "--temperature=-1",
+            ],
+            h,
+        ),
+        2,
+        "temperature",
+    );
+}
