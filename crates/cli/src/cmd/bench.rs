@@ -1,5 +1,259 @@
-pub fn run(_a: BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("bench: not built yet")
-}
+//! `safegeo bench`: this machine's sgemm peak and the runtime's throughput on the default model,
+//! measured in one run. Compare with `bench/reference.py` (PyTorch transformers, llama.cpp).
+use crate::common::{self, ModelArgs};
+use anyhow::Result;
+use candle_core::{Device, Tensor, D};
+use candle_nn::Optimizer;
+use rand::{Rng, SeedableRng};
+use safegeo_runtime::{Hooks, KvCache, Layout, LogitsAt, Model, NoHooks, Phase, Positions, Site};
+use std::time::Instant;
+
 #[derive(clap::Args)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Repetitions per measurement (the best is reported).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Skip the backward and optimizer measurements (they take most of the time).
+    #[arg(long)]
+    pub no_backward: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(serde::Serialize, Default)]
+struct BenchReport {
+    model: String,
+    threads: usize,
+    sgemm_gflops: f64,
+    prefill_capture_tok_s: f64,
+    prefill_capture_mfu: f64,
+    decode_b1_tok_s: f64,
+    decode_b32_tok_s: f64,
+    fwd_bwd_lora_r8_tok_s: Option<f64>,
+    fwd_bwd_full_tok_s: Option<f64>,
+    adamw_step_s: Option<f64>,
+    peak_rss_mb: f64,
+}
+
+fn best<F: FnMut() -> Result<()>>(reps: usize, mut f: F) -> Result<f64> {
+    f()?; // warm-up
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        f()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+fn random_ids(rows: usize, len: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..rows)
+        .map(|_| (0..len).map(|_| r.gen_range(100..vocab as u32)).collect())
+        .collect()
+}
+
+fn sgemm_gflops(reps: usize) -> Result<f64> {
+    let n = 1024;
+    let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    let s = best(reps + 2, || {
+        a.matmul(&b)?;
+        Ok(())
+    })?;
+    Ok(2.0 * (n * n * n) as f64 / s / 1e9)
+}
+
+fn prefill(model: &Model, reps: usize) -> Result<(f64, f64)> {
+    let (b, t) = (32, 64);
+    let (ids, layout) = model.pad_batch(&random_ids(b, t, model.cfg.vocab, 1))?;
+    let s = best(reps, || {
+        let mut hooks = Hooks::capture(&[Site::ResidPre, Site::FinalNormInput], Positions::All);
+        model.forward_ids(
+            &ids,
+            &layout,
+            None,
+            LogitsAt::Last,
+            Phase::Prompt,
+            &mut hooks,
+        )?;
+        Ok(())
+    })?;
+    let head = 2.0 * (model.cfg.hidden * model.cfg.vocab) as f64;
+    let flops = (b * t) as f64 * (model.cfg.flops_per_token() - head) + b as f64 * head;
+    Ok(((b * t) as f64 / s, flops / s))
+}
+
+fn decode(model: &Model, batch: usize, steps: usize) -> Result<f64> {
+    let prompts = random_ids(batch, 16, model.cfg.vocab, 2);
+    let (ids, layout) = model.pad_batch(&prompts)?;
+    let mut cache = KvCache::new(model.cfg.n_layer);
+    let logits = model.forward_ids(
+        &ids,
+        &layout,
+        Some(&mut cache),
+        LogitsAt::Last,
+        Phase::Prompt,
+        &mut NoHooks,
+    )?;
+    let mut next = logits
+        .expect("logits")
+        .squeeze(1)?
+        .argmax(D::Minus1)?
+        .unsqueeze(1)?;
+    let t0 = Instant::now();
+    for _ in 0..steps {
+        let l = model.forward_ids(
+            &next,
+            &layout,
+            Some(&mut cache),
+            LogitsAt::Last,
+            Phase::Generated,
+            &mut NoHooks,
+        )?;
+        next = l
+            .expect("logits")
+            .squeeze(1)?
+            .argmax(D::Minus1)?
+            .unsqueeze(1)?;
+    }
+    Ok((batch * steps) as f64 / t0.elapsed().as_secs_f64())
+}
+
+fn loss(model: &Model, ids: &Tensor) -> Result<Tensor> {
+    let t = ids.dim(1)?;
+    let x = model.embed_ids(&ids.narrow(1, 0, t - 1)?)?;
+    let logits = model
+        .forward_embeds(
+            x,
+            &Layout::dense(1),
+            None,
+            LogitsAt::All,
+            Phase::Prompt,
+            true,
+            &mut NoHooks,
+        )?
+        .expect("logits");
+    let targets = ids.narrow(1, 1, t - 1)?.flatten_all()?;
+    Ok(candle_nn::loss::cross_entropy(
+        &logits.flatten_to(1)?,
+        &targets,
+    )?)
+}
+
+fn fwd_bwd(model: &Model, reps: usize, tokens: usize) -> Result<f64> {
+    let ids = Tensor::new(random_ids(1, tokens + 1, model.cfg.vocab, 3), &Device::Cpu)?;
+    let s = best(reps, || {
+        loss(model, &ids)?.backward()?;
+        Ok(())
+    })?;
+    Ok(tokens as f64 / s)
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let mut model = common::load(&a.model)?;
+    let mut r = BenchReport {
+        model: model.source.display().to_string(),
+        threads: candle_core::utils::get_num_threads(),
+        ..Default::default()
+    };
+    let step = |name: &str| eprintln!("bench: {name} ...");
+    step("sgemm 1024^3");
+    r.sgemm_gflops = sgemm_gflops(a.reps)?;
+    step("prefill 32x64 with residual capture");
+    let (tok_s, flops) = prefill(&model, a.reps)?;
+    r.prefill_capture_tok_s = tok_s;
+    r.prefill_capture_mfu = flops / 1e9 / r.sgemm_gflops;
+    step("decode batch 1");
+    r.decode_b1_tok_s = decode(&model, 1, 64)?;
+    step("decode batch 32");
+    r.decode_b32_tok_s = decode(&model, 32, 64)?;
+    if !a.no_backward {
+        step("forward+backward 256 tokens, LoRA r=8 on q,v");
+        let mut lora = common::load(&a.model)?;
+        lora.attach_lora(8, 16.0, &["q", "v"], 0)?;
+        r.fwd_bwd_lora_r8_tok_s = Some(fwd_bwd(&lora, a.reps, 256)?);
+        drop(lora);
+        step("forward+backward 256 tokens, full");
+        let vars = model.make_trainable()?;
+        r.fwd_bwd_full_tok_s = Some(fwd_bwd(&model, a.reps, 256)?);
+        step("AdamW step, all parameters");
+        let ids = Tensor::new(random_ids(1, 257, model.cfg.vocab, 4), &Device::Cpu)?;
+        let grads = loss(&model, &ids)?.backward()?;
+        let mut opt = candle_nn::AdamW::new(
+            vars,
+            candle_nn::ParamsAdamW {
+                lr: 1e-5,
+                ..Default::default()
+            },
+        )?;
+        r.adamw_step_s = Some(best(a.reps, || Ok(opt.step(&grads)?))?);
+    }
+    r.peak_rss_mb = peak_rss_mb();
+    if a.json {
+        return common::print_json(&r);
+    }
+    let opt =
+        |v: Option<f64>, unit: &str| v.map_or("skipped".to_string(), |x| format!("{x:.1} {unit}"));
+    println!("model: {}  threads: {}", r.model, r.threads);
+    println!(
+        "{:<44} {:>14}",
+        "sgemm 1024^3 (f32)",
+        format!("{:.1} GFLOP/s", r.sgemm_gflops)
+    );
+    println!(
+        "{:<44} {:>14}",
+        "prefill 32x64, all resid_pre captured",
+        format!("{:.1} tok/s", r.prefill_capture_tok_s)
+    );
+    println!(
+        "{:<44} {:>14}",
+        "  MFU vs measured sgemm",
+        format!("{:.1} %", 100.0 * r.prefill_capture_mfu)
+    );
+    println!(
+        "{:<44} {:>14}",
+        "decode batch 1 (f32 weights)",
+        format!("{:.1} tok/s", r.decode_b1_tok_s)
+    );
+    println!(
+        "{:<44} {:>14}",
+        "decode batch 32 (f32 weights)",
+        format!("{:.1} tok/s", r.decode_b32_tok_s)
+    );
+    println!(
+        "{:<44} {:>14}",
+        "forward+backward 256 tok, LoRA r=8",
+        opt(r.fwd_bwd_lora_r8_tok_s, "tok/s")
+    );
+    println!(
+        "{:<44} {:>14}",
+        "forward+backward 256 tok, full",
+        opt(r.fwd_bwd_full_tok_s, "tok/s")
+    );
+    println!(
+        "{:<44} {:>14}",
+        "AdamW step (135M params)",
+        opt(r.adamw_step_s, "s")
+    );
+    println!(
+        "{:<44} {:>14}",
+        "peak RSS",
+        format!("{:.0} MB", r.peak_rss_mb)
+    );
+    Ok(())
+}

@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""Run safegeo's `bench` workloads in PyTorch transformers and llama.cpp, then print ratios.
+
+Usage:  python3 bench/reference.py [--safegeo target/release/safegeo] [--skip-llamacpp]
+
+Creates a venv in $SAFEGEO_HOME/bench-venv on first use and installs torch (CPU), transformers,
+gguf and llama-cpp-python from PyPI. Every number is measured in this one run, side by side,
+on the same model file (the default SmolLM2-135M-Instruct GGUF, dequantized to f32 for torch).
+Run it alone: a parallel build halves every number.
+"""
+import argparse, json, os, subprocess, sys, time
+
+HOME = os.environ.get("SAFEGEO_HOME", os.path.expanduser("~/.cache/safegeo"))
+VENV = os.path.join(HOME, "bench-venv")
+MODEL = os.path.join(HOME, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def ensure_venv(skip_llamacpp):
+    py = os.path.join(VENV, "bin", "python")
+    if not os.path.exists(py):
+        subprocess.check_call([sys.executable, "-m", "venv", VENV])
+    pkgs = ["torch", "transformers", "gguf", "numpy"] + ([] if skip_llamacpp else ["llama-cpp-python"])
+    probe = "import torch, transformers, gguf" + ("" if skip_llamacpp else ", llama_cpp")
+    if subprocess.call([py, "-c", probe], stderr=subprocess.DEVNULL) != 0:
+        subprocess.check_call([py, "-m", "pip", "install", "-q"] + pkgs)
+    return py
+
+
+def best(f, reps=3):
+    f()
+    out = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter(); f(); out = min(out, time.perf_counter() - t)
+    return out
+
+
+def torch_side(skip_llamacpp):
+    import torch
+    from transformers import AutoModelForCausalLM
+    torch.set_num_threads(os.cpu_count())
+    g = torch.Generator().manual_seed(0)
+    m = AutoModelForCausalLM.from_pretrained(os.path.dirname(MODEL), gguf_file=os.path.basename(MODEL),
+                                             torch_dtype=torch.float32)
+    m.eval()
+    V = m.config.vocab_size
+    r = {"torch": torch.__version__}
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    r["sgemm_gflops"] = 2 * n**3 / best(lambda: a @ b, 5) / 1e9
+    ids = torch.randint(100, V, (32, 64), generator=g)
+    with torch.no_grad():
+        s = best(lambda: m(ids, output_hidden_states=True))
+    r["prefill_capture_tok_s"] = 32 * 64 / s
+    for bsz in (1, 32):
+        p = torch.randint(100, V, (bsz, 16), generator=g)
+        kw = dict(do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            t1 = best(lambda: m.generate(p, max_new_tokens=1, min_new_tokens=1, **kw), 1)
+            t65 = best(lambda: m.generate(p, max_new_tokens=65, min_new_tokens=65, **kw), 1)
+        r[f"decode_b{bsz}_tok_s"] = bsz * 64 / (t65 - t1)
+    ids = torch.randint(100, V, (1, 257), generator=g)
+    m.train()
+    def fb():
+        m.zero_grad(set_to_none=True)
+        out = m(ids[:, :-1], labels=ids[:, :-1])
+        out.loss.backward()
+    r["fwd_bwd_full_tok_s"] = 256 / best(fb)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-5)
+    fb()
+    r["adamw_step_s"] = best(lambda: opt.step())
+    if not skip_llamacpp:
+        from llama_cpp import Llama
+        llm = Llama(model_path=MODEL, n_threads=os.cpu_count(), n_ctx=512, verbose=False)
+        toks = llm.tokenize(b"Tell me a long story about the sea.")
+        def gen():
+            llm.reset()
+            out = 0
+            for _ in llm.generate(toks, temp=0.0):
+                out += 1
+                if out == 64:
+                    break
+        t = best(gen, 2)
+        llm.reset(); llm.eval(toks)
+        r["llamacpp_q4_1_b1_tok_s"] = 64 / t  # includes a 10-token prompt eval
+    return r
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--safegeo", default=os.path.join(os.path.dirname(__file__), "..", "target", "release", "safegeo"))
+    ap.add_argument("--skip-llamacpp", action="store_true")
+    ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.inner:
+        print(json.dumps(torch_side(a.skip_llamacpp)))
+        return
+    py = ensure_venv(a.skip_llamacpp)
+    ours = json.loads(subprocess.check_output([a.safegeo, "bench", "--json"]))
+    ref = json.loads(subprocess.check_output([py, __file__, "--inner"] + (["--skip-llamacpp"] if a.skip_llamacpp else [])).decode().strip().splitlines()[-1])
+    rows = [
+        ("sgemm 1024^3 GFLOP/s", "sgemm_gflops", "sgemm_gflops", True),
+        ("prefill 32x64 + hidden states, tok/s", "prefill_capture_tok_s", "prefill_capture_tok_s", True),
+        ("decode batch 1, tok/s (f32)", "decode_b1_tok_s", "decode_b1_tok_s", True),
+        ("decode batch 32, tok/s (f32)", "decode_b32_tok_s", "decode_b32_tok_s", True),
+        ("fwd+bwd 256 tok full, tok/s", "fwd_bwd_full_tok_s", "fwd_bwd_full_tok_s", True),
+        ("AdamW step, s (lower is better)", "adamw_step_s", "adamw_step_s", False),
+        ("decode b1: safegeo f32 vs llama.cpp Q4_1", "decode_b1_tok_s", "llamacpp_q4_1_b1_tok_s", True),
+    ]
+    print(f"{'workload':44} {'safegeo':>10} {'reference':>10} {'ratio':>7}")
+    for name, ok, rk, higher in rows:
+        if ours.get(ok) is None or ref.get(rk) is None:
+            continue
+        o, rv = ours[ok], ref[rk]
+        ratio = o / rv if higher else rv / o
+        print(f"{name:44} {o:10.2f} {rv:10.2f} {ratio:6.2f}x")
+    print(f"safegeo prefill MFU vs its measured sgemm: {100 * ours['prefill_capture_mfu']:.1f}%  (torch {ref.get('torch')})")
+
+
+if __name__ == "__main__":
+    main()
