@@ -24,5 +24,5 @@ pub use hooks::{
 pub use load::load_model;
 pub use model::{attend, AttnCtx, Block, KvCache, LayerCache, Layout, LogitsAt, Model};
 pub use ops::{rms_norm, rope, softmax_last, Linear, Lora};
-pub use tokenizer::{render_template, Message, Tok};
+pub use tokenizer::{render_template, Message, PromptPositions, Tok};
 pub use weights::{open_gguf, WeightSource};

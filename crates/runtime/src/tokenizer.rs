@@ -458,6 +458,65 @@ impl Tok {
     }
 }
 
+/// Token positions named by the protocol (SPEC.md notation), for a prompt of `len` tokens whose
+/// last `post_len` tokens are the template's post-instruction tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct PromptPositions {
+    /// Prompt length in tokens.
+    pub len: usize,
+    /// Number of post-instruction template tokens.
+    pub post_len: usize,
+}
+
+impl PromptPositions {
+    /// `t_inst`: the last token of the user's instruction.
+    pub fn t_inst(&self) -> usize {
+        self.len - self.post_len - 1
+    }
+
+    /// `t_post`: the last prompt token.
+    pub fn t_post(&self) -> usize {
+        self.len - 1
+    }
+
+    /// The post-instruction span `t_inst+1 ..= t_post`.
+    pub fn post_instruction(&self) -> std::ops::Range<usize> {
+        self.len - self.post_len..self.len
+    }
+}
+
+impl Tok {
+    /// Where `t_inst`, the post-instruction span and `t_post` fall in the prompt that
+    /// [`Tok::encode_chat`] builds for `messages` (the last message must be the user's).
+    pub fn prompt_positions(&self, messages: &[Message], raw: bool) -> Result<PromptPositions> {
+        let ids = self.encode_chat(messages, raw)?;
+        if raw {
+            return Ok(PromptPositions {
+                len: ids.len(),
+                post_len: 0,
+            });
+        }
+        let last = messages.last().ok_or(Error::EmptyPrompt)?;
+        let text = self.render_chat(messages)?;
+        let end = text
+            .rfind(last.content.as_str())
+            .map(|i| i + last.content.len())
+            .ok_or_else(|| {
+                Error::Template("the rendered template does not contain the last message".into())
+            })?;
+        let suffix = self.encode(&text[end..], false)?;
+        if suffix.len() >= ids.len() || !ids.ends_with(&suffix) {
+            return Err(Error::Template(
+                "post-instruction tokens do not tokenize separately from the instruction".into(),
+            ));
+        }
+        Ok(PromptPositions {
+            len: ids.len(),
+            post_len: suffix.len(),
+        })
+    }
+}
+
 /// Render a HF-style Jinja chat template.
 pub fn render_template(
     template: &str,

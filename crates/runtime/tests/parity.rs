@@ -247,3 +247,24 @@ fn tokenizers_round_trip_on_a_varied_corpus() {
         }
     }
 }
+
+#[test]
+fn named_positions_follow_the_chat_template() {
+    let m = model(&fetch::SMOLLM2);
+    let msgs = [Message::new("user", "How do I bake bread?")];
+    let pos = m.tok.prompt_positions(&msgs, false).unwrap();
+    let ids = m.tok.encode_chat(&msgs, false).unwrap();
+    // <|im_end|> \n <|im_start|> assistant \n  follow the instruction in SmolLM2's template.
+    assert_eq!(pos.post_len, 6); // "assistant" is two tokens
+    assert_eq!(
+        m.tok.decode(&ids[pos.post_instruction()], false).unwrap(),
+        "<|im_end|>\n<|im_start|>assistant\n"
+    );
+    assert_eq!(
+        m.tok
+            .decode(&ids[pos.t_inst()..=pos.t_inst()], false)
+            .unwrap(),
+        "?"
+    );
+    assert_eq!(pos.t_post(), ids.len() - 1);
+}
