@@ -15,6 +15,10 @@ pub struct ModelArgs {
     /// Device: cpu, or cuda[:N] in a build with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Keep a GGUF's quantized weights and use them for inference (faster decoding; logits
+    /// differ slightly from the f32 reference; gradients and edits still use f32).
+    #[arg(long)]
+    pub quantized: bool,
 }
 
 /// `--chat`/`--system`/`--no-template`.
@@ -89,7 +93,10 @@ pub fn model_path(spec: Option<&str>) -> Result<PathBuf> {
 pub fn load(args: &ModelArgs) -> Result<Model> {
     let dev = device(&args.device)?;
     let path = model_path(args.model.as_deref())?;
-    Ok(safegeo_runtime::load_model(&path, &dev)?)
+    let opts = safegeo_runtime::LoadOptions {
+        keep_quantized: args.quantized,
+    };
+    Ok(safegeo_runtime::load_model_with(&path, &dev, opts)?)
 }
 
 /// Token ids of one prompt (template unless `raw`).

@@ -21,7 +21,7 @@ pub use generate::{generate, generate_seeded, GenerateConfig, Generation, Stop};
 pub use hooks::{
     unit, Captured, Hooks, Intervention, NoHooks, Observer, Phase, Positions, Scope, Site, SiteInfo,
 };
-pub use load::load_model;
+pub use load::{load_model, load_model_with, LoadOptions};
 pub use model::{attend, AttnCtx, Block, KvCache, LayerCache, Layout, LogitsAt, Model};
 pub use ops::{rms_norm, rope, softmax_last, Linear, Lora};
 pub use tokenizer::{render_template, Message, PromptPositions, Tok};

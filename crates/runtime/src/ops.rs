@@ -115,6 +115,8 @@ pub struct Linear {
     pub trainable: bool,
     /// Optional LoRA adapter.
     pub lora: Option<Lora>,
+    /// The original quantized weight, used for inference (no gradient, no LoRA) when kept.
+    pub quantized: Option<std::sync::Arc<candle_core::quantized::QMatMul>>,
 }
 
 impl Linear {
@@ -125,6 +127,7 @@ impl Linear {
             bias,
             trainable: false,
             lora: None,
+            quantized: None,
         }
     }
 

@@ -111,7 +111,7 @@ pub fn tiny_model(arch: Arch, seed: u64, dtype: DType) -> Result<Model> {
     let tok = tiny_tokenizer(cfg.vocab);
     crate::load::build(
         cfg,
-        WeightSource::Memory(w),
+        &WeightSource::Memory(w),
         tok,
         &Device::Cpu,
         std::path::Path::new("<tiny>"),

@@ -222,6 +222,42 @@ impl WeightSource {
         }
     }
 
+    /// The quantized form of a GGUF tensor (`None` for other sources or unquantized types).
+    pub fn get_quantized(
+        &self,
+        name: &str,
+        dev: &Device,
+    ) -> Result<Option<candle_core::quantized::QTensor>> {
+        let WeightSource::Gguf {
+            path,
+            content,
+            file,
+        } = self
+        else {
+            return Ok(None);
+        };
+        let Some(info) = content.tensor_infos.get(name) else {
+            return Ok(None);
+        };
+        use candle_core::quantized::GgmlDType;
+        if matches!(
+            info.ggml_dtype,
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+        ) {
+            return Ok(None);
+        }
+        let mut f = file
+            .lock()
+            .map_err(|_| Error::Invalid("weight file lock poisoned".into()))?;
+        let q = info
+            .read(&mut *f, content.tensor_data_offset, dev)
+            .map_err(|e| Error::BadGguf {
+                path: path.clone(),
+                reason: format!("tensor `{name}`: {e}"),
+            })?;
+        Ok(Some(q))
+    }
+
     /// An optional tensor.
     pub fn get_opt(&self, name: &str, dev: &Device) -> Result<Option<Tensor>> {
         if self.has(name) {

@@ -32,6 +32,8 @@ struct BenchReport {
     prefill_capture_mfu: f64,
     decode_b1_tok_s: f64,
     decode_b32_tok_s: f64,
+    decode_b1_quantized_tok_s: Option<f64>,
+    decode_b32_quantized_tok_s: Option<f64>,
     fwd_bwd_lora_r8_tok_s: Option<f64>,
     fwd_bwd_full_tok_s: Option<f64>,
     adamw_step_s: Option<f64>,
@@ -182,6 +184,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
     r.decode_b1_tok_s = decode(&model, 1, 64)?;
     step("decode batch 32");
     r.decode_b32_tok_s = decode(&model, 32, 64)?;
+    let qargs = ModelArgs {
+        quantized: true,
+        ..a.model.clone()
+    };
+    let qmodel = common::load(&qargs)?;
+    if qmodel.lm_head.quantized.is_some() {
+        step("decode batch 1 and 32, quantized weights");
+        r.decode_b1_quantized_tok_s = Some(decode(&qmodel, 1, 64)?);
+        r.decode_b32_quantized_tok_s = Some(decode(&qmodel, 32, 64)?);
+    }
+    drop(qmodel);
     if !a.no_backward {
         step("forward+backward 256 tokens, LoRA r=8 on q,v");
         let mut lora = common::load(&a.model)?;
@@ -234,6 +247,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "{:<44} {:>14}",
         "decode batch 32 (f32 weights)",
         format!("{:.1} tok/s", r.decode_b32_tok_s)
+    );
+    println!(
+        "{:<44} {:>14}",
+        "decode batch 1 (quantized weights)",
+        opt(r.decode_b1_quantized_tok_s, "tok/s")
+    );
+    println!(
+        "{:<44} {:>14}",
+        "decode batch 32 (quantized weights)",
+        opt(r.decode_b32_quantized_tok_s, "tok/s")
     );
     println!(
         "{:<44} {:>14}",
