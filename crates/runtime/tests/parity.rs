@@ -268,3 +268,41 @@ fn named_positions_follow_the_chat_template() {
     );
     assert_eq!(pos.t_post(), ids.len() - 1);
 }
+
+/// Ids from transformers' own conversion of the same GGUF vocabularies
+/// (`bench/tokenizer_reference.py` regenerates the file).
+#[test]
+fn tokenizer_ids_equal_transformers_on_a_varied_corpus() {
+    let text = include_str!("data/tokenizer_reference.json");
+    let reference: Value = serde_json::from_str(text).unwrap();
+    let corpus: Vec<&str> = reference["corpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for km in [&fetch::SMOLLM2, &fetch::GEMMA3_270M] {
+        let path = fetch::ensure(km, false).unwrap();
+        let (content, _) = safegeo_runtime::open_gguf(&path).unwrap();
+        let tok = safegeo_runtime::Tok::from_gguf(&content, &path).unwrap();
+        let want = reference["models"][km.name].as_array().unwrap();
+        let mut bad = Vec::new();
+        for (text, want) in corpus.iter().zip(want) {
+            let got = tok.encode(text, false).unwrap();
+            if got != ids(want) {
+                bad.push(format!(
+                    "{text:?}: ours {got:?} vs transformers {:?}",
+                    ids(want)
+                ));
+            }
+        }
+        assert!(
+            bad.is_empty(),
+            "{}: {} of {} differ:\n{}",
+            km.name,
+            bad.len(),
+            corpus.len(),
+            bad.join("\n")
+        );
+    }
+}
