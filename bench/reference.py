@@ -19,8 +19,8 @@ def ensure_venv(skip_llamacpp):
     py = os.path.join(VENV, "bin", "python")
     if not os.path.exists(py):
         subprocess.check_call([sys.executable, "-m", "venv", VENV])
-    pkgs = ["torch", "transformers", "gguf", "numpy"] + ([] if skip_llamacpp else ["llama-cpp-python"])
-    probe = "import torch, transformers, gguf" + ("" if skip_llamacpp else ", llama_cpp")
+    pkgs = ["torch", "transformers", "gguf", "numpy", "accelerate"] + ([] if skip_llamacpp else ["llama-cpp-python"])
+    probe = "import torch, transformers, gguf, accelerate" + ("" if skip_llamacpp else ", llama_cpp")
     if subprocess.call([py, "-c", probe], stderr=subprocess.DEVNULL) != 0:
         subprocess.check_call([py, "-m", "pip", "install", "-q"] + pkgs)
     return py
@@ -40,7 +40,7 @@ def torch_side(skip_llamacpp):
     torch.set_num_threads(os.cpu_count())
     g = torch.Generator().manual_seed(0)
     m = AutoModelForCausalLM.from_pretrained(os.path.dirname(MODEL), gguf_file=os.path.basename(MODEL),
-                                             torch_dtype=torch.float32)
+                                             dtype=torch.float32)
     m.eval()
     V = m.config.vocab_size
     r = {"torch": torch.__version__}
@@ -68,6 +68,7 @@ def torch_side(skip_llamacpp):
     opt = torch.optim.AdamW(m.parameters(), lr=1e-5)
     fb()
     r["adamw_step_s"] = best(lambda: opt.step())
+    print(json.dumps(r), file=sys.stderr, flush=True)  # partial results survive a crash below
     if not skip_llamacpp:
         from llama_cpp import Llama
         llm = Llama(model_path=MODEL, n_threads=os.cpu_count(), n_ctx=512, verbose=False)
@@ -89,22 +90,25 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--safegeo", default=os.path.join(os.path.dirname(__file__), "..", "target", "release", "safegeo"))
     ap.add_argument("--skip-llamacpp", action="store_true")
+    ap.add_argument("--ours", help="reuse a saved `safegeo bench --json` output instead of running it")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.inner:
         print(json.dumps(torch_side(a.skip_llamacpp)))
         return
     py = ensure_venv(a.skip_llamacpp)
-    ours = json.loads(subprocess.check_output([a.safegeo, "bench", "--json"]))
+    ours = json.load(open(a.ours)) if a.ours else json.loads(subprocess.check_output([a.safegeo, "bench", "--json"]))
     ref = json.loads(subprocess.check_output([py, __file__, "--inner"] + (["--skip-llamacpp"] if a.skip_llamacpp else [])).decode().strip().splitlines()[-1])
     rows = [
         ("sgemm 1024^3 GFLOP/s", "sgemm_gflops", "sgemm_gflops", True),
         ("prefill 32x64 + hidden states, tok/s", "prefill_capture_tok_s", "prefill_capture_tok_s", True),
         ("decode batch 1, tok/s (f32)", "decode_b1_tok_s", "decode_b1_tok_s", True),
         ("decode batch 32, tok/s (f32)", "decode_b32_tok_s", "decode_b32_tok_s", True),
+        ("fwd+bwd 256 tok LoRA r=8 vs torch full, tok/s", "fwd_bwd_lora_r8_tok_s", "fwd_bwd_full_tok_s", True),
         ("fwd+bwd 256 tok full, tok/s", "fwd_bwd_full_tok_s", "fwd_bwd_full_tok_s", True),
         ("AdamW step, s (lower is better)", "adamw_step_s", "adamw_step_s", False),
         ("decode b1: safegeo f32 vs llama.cpp Q4_1", "decode_b1_tok_s", "llamacpp_q4_1_b1_tok_s", True),
+        ("decode b1: safegeo Q4_1 vs llama.cpp Q4_1", "decode_b1_quantized_tok_s", "llamacpp_q4_1_b1_tok_s", True),
     ]
     print(f"{'workload':44} {'safegeo':>10} {'reference':>10} {'ratio':>7}")
     for name, ok, rk, higher in rows:

@@ -106,8 +106,21 @@ pub fn prompt_ids(model: &Model, prompt: &PromptArgs, messages: &[Message]) -> R
 
 /// Exit codes: 2 bad input, 3 model problems, 1 anything else.
 pub fn exit_code(e: &anyhow::Error) -> i32 {
+    use safegeo_data::Error as D;
     use safegeo_runtime::Error as E;
-    match e.downcast_ref::<E>() {
+    let runtime = match e.downcast_ref::<D>() {
+        Some(D::Runtime(r)) => Some(r),
+        Some(
+            D::MissingDataset { .. }
+            | D::UnknownDataset(_)
+            | D::Parse { .. }
+            | D::Empty(_)
+            | D::Invalid(_),
+        ) => return 2,
+        Some(_) => return 1,
+        None => e.downcast_ref::<E>(),
+    };
+    match runtime {
         Some(
             E::ModelNotFound { .. }
             | E::BadGguf { .. }
@@ -128,5 +141,47 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
 /// Print JSON to stdout.
 pub fn print_json(v: &impl serde::Serialize) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// sha256 of a model file, or of `config.json` + weight index for a folder.
+pub fn model_hash(path: &std::path::Path) -> Result<String> {
+    if path.is_file() {
+        return Ok(fetch::sha256_file(path)?);
+    }
+    let mut parts = Vec::new();
+    for f in [
+        "config.json",
+        "model.safetensors.index.json",
+        "model.safetensors",
+    ] {
+        let p = path.join(f);
+        if p.is_file() {
+            parts.push(format!("{f}:{}", fetch::sha256_file(&p)?));
+        }
+    }
+    Ok(parts.join(";"))
+}
+
+/// Write `config.json` into a run folder, or check that an existing run used the same settings
+/// (resuming into a folder made with other settings would mix results).
+pub fn check_or_write_config(out: &std::path::Path, config: &serde_json::Value) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let path = out.join("config.json");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let old: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is corrupt", path.display()))?;
+        if &old != config {
+            anyhow::bail!(
+                "{} holds a run with different settings (model, data, judges or decoding)\n  fix: use a new --out folder, or delete {} to start over",
+                out.display(),
+                out.display()
+            );
+        }
+        return Ok(());
+    }
+    let tmp = out.join("config.json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(config)?)?;
+    std::fs::rename(&tmp, &path)?;
     Ok(())
 }

@@ -30,6 +30,8 @@ enum Command {
     Forward(cmd::forward::ForwardArgs),
     /// Generate replies for one prompt or a JSONL file of prompts.
     Generate(cmd::generate::GenerateArgs),
+    /// Behaviour evaluation: generate on benchmark suites, judge, summarise with intervals.
+    Eval(cmd::eval::EvalArgs),
     /// Measure this machine and the runtime: sgemm peak, capture prefill, decode, backward.
     Bench(cmd::bench::BenchArgs),
 }
@@ -53,6 +55,7 @@ fn main() {
         Command::Forward(a) => cmd::forward::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::Eval(a) => cmd::eval::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

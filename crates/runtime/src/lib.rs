@@ -11,6 +11,7 @@ mod load;
 mod model;
 pub mod models;
 mod ops;
+mod optim;
 pub mod testing;
 mod tokenizer;
 mod weights;
@@ -24,5 +25,6 @@ pub use hooks::{
 pub use load::{load_model, load_model_with, LoadOptions};
 pub use model::{attend, AttnCtx, Block, KvCache, LayerCache, Layout, LogitsAt, Model};
 pub use ops::{rms_norm, rope, softmax_last, Linear, Lora};
+pub use optim::{AdamW, AdamWConfig};
 pub use tokenizer::{render_template, Message, PromptPositions, Tok};
 pub use weights::{open_gguf, WeightSource};

@@ -3,7 +3,6 @@
 use crate::common::{self, ModelArgs};
 use anyhow::Result;
 use candle_core::{Device, Tensor, D};
-use candle_nn::Optimizer;
 use rand::{Rng, SeedableRng};
 use safegeo_runtime::{Hooks, KvCache, Layout, LogitsAt, Model, NoHooks, Phase, Positions, Site};
 use std::time::Instant;
@@ -207,13 +206,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         step("AdamW step, all parameters");
         let ids = Tensor::new(random_ids(1, 257, model.cfg.vocab, 4), &Device::Cpu)?;
         let grads = loss(&model, &ids)?.backward()?;
-        let mut opt = candle_nn::AdamW::new(
-            vars,
-            candle_nn::ParamsAdamW {
-                lr: 1e-5,
-                ..Default::default()
-            },
-        )?;
+        let cfg = safegeo_runtime::AdamWConfig {
+            lr: 1e-5,
+            ..Default::default()
+        };
+        let mut opt = safegeo_runtime::AdamW::new(vars, cfg)?;
         r.adamw_step_s = Some(best(a.reps, || Ok(opt.step(&grads)?))?);
     }
     r.peak_rss_mb = peak_rss_mb();

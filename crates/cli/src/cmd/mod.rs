@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod eval;
 pub mod forward;
 pub mod generate;
 pub mod model;

@@ -1,0 +1,207 @@
+//! `safegeo eval`: behaviour evaluation on benchmark suites.
+use crate::common::{self, ModelArgs};
+use anyhow::{bail, Context, Result};
+use safegeo_data::eval::{run_eval, EvalSpec};
+use safegeo_data::judges::{Judge, PrefixMatcher, SubstringMatcher};
+use safegeo_runtime::{GenerateConfig, NoHooks};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Comma-separated suites: harmbench-val, xstest, strongreject-small, jbb-harmful, jbb-benign,
+    /// advbench, alpaca, harmful-val, harmless-val, or .jsonl/.csv files with a `prompt` column.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "jbb-harmful,jbb-benign,xstest"
+    )]
+    pub suite: Vec<String>,
+    /// Judges, comma-separated: substring (Arditi's list), xstest-prefix (XSTest's matcher), and the
+    /// LLM judges harmbench, strongreject, xstest (these need --judge-endpoint or
+    /// --judge-model-path). Without LLM judges, ASR is the string-match proxy (said in results).
+    #[arg(long, value_delimiter = ',', default_value = "substring,xstest-prefix")]
+    pub judge: Vec<String>,
+    /// OpenAI-compatible endpoint for LLM judges (e.g. http://localhost:8000/v1).
+    #[arg(long)]
+    pub judge_endpoint: Option<String>,
+    /// Judge model name sent to the endpoint.
+    #[arg(long)]
+    pub judge_model: Option<String>,
+    /// Environment variable holding the endpoint's API key (never logged or written).
+    #[arg(long, default_value = "SAFEGEO_JUDGE_API_KEY")]
+    pub judge_key_env: String,
+    /// Answer LLM-judge prompts with this local model (.gguf or HF folder) instead of an endpoint.
+    #[arg(long, conflicts_with = "judge_endpoint")]
+    pub judge_model_path: Option<PathBuf>,
+    /// Concurrent requests per LLM judge.
+    #[arg(long, default_value_t = 4)]
+    pub judge_concurrency: usize,
+    /// Seconds before a judge request times out (then retried with backoff, 4 times).
+    #[arg(long, default_value_t = 120)]
+    pub judge_timeout: u64,
+    /// Replace the substring judge's list (JSON array or one per line).
+    #[arg(long)]
+    pub substring_list: Option<PathBuf>,
+    /// Replace the prefix judge's list.
+    #[arg(long)]
+    pub prefix_list: Option<PathBuf>,
+    /// Data directory [default: $SAFEGEO_DATA, else ../shared/data].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Sample at most N prompts per suite (deterministic with --seed).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Seed for sampling prompts and decoding.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Maximum new tokens per reply (HarmBench uses 512; shorter is faster and is recorded).
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Prompts decoded together.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// System prompt (else the chat template's default).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Output folder: records.jsonl, summary.json, summary.csv, config.json. Re-running resumes.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn judges(a: &EvalArgs) -> Result<Vec<Box<dyn Judge>>> {
+    use safegeo_data::judges::llm::{
+        Completer, EndpointCompleter, EndpointConfig, LlmJudge, LlmJudgeKind, LocalCompleter,
+    };
+    let mut out: Vec<Box<dyn Judge>> = Vec::new();
+    let cache = Some(safegeo_runtime::fetch::home().join("judge-cache"));
+    let make_completer = || -> Result<std::sync::Arc<dyn Completer>> {
+        if let Some(url) = &a.judge_endpoint {
+            let cfg = EndpointConfig {
+                url: url.clone(),
+                model: a.judge_model.clone().unwrap_or_default(),
+                api_key_env: a.judge_key_env.clone(),
+                timeout: std::time::Duration::from_secs(a.judge_timeout),
+                ..Default::default()
+            };
+            return Ok(std::sync::Arc::new(EndpointCompleter::new(cfg)?));
+        }
+        if let Some(p) = &a.judge_model_path {
+            let dev = common::device(&a.model.device)?;
+            return Ok(std::sync::Arc::new(LocalCompleter::new(
+                safegeo_runtime::load_model(p, &dev)?,
+            )));
+        }
+        bail!("LLM judges need a judge model\n  fix: pass --judge-endpoint URL --judge-model NAME, or --judge-model-path MODEL, or use --judge substring,xstest-prefix")
+    };
+    let mut shared: Option<std::sync::Arc<dyn Completer>> = None;
+    let mut completer = || -> Result<std::sync::Arc<dyn Completer>> {
+        if let Some(c) = &shared {
+            return Ok(c.clone());
+        }
+        let c = make_completer()?;
+        shared = Some(c.clone());
+        Ok(c)
+    };
+    for j in &a.judge {
+        match j.as_str() {
+            "substring" => out.push(Box::new(SubstringMatcher::new(a.substring_list.as_deref())?)),
+            "xstest-prefix" => out.push(Box::new(PrefixMatcher::new(a.prefix_list.as_deref())?)),
+            "harmbench" | "strongreject" | "xstest" => {
+                out.push(Box::new(LlmJudge::new(LlmJudgeKind::parse(j)?, completer()?, cache.clone())))
+            }
+            other => bail!("unknown judge `{other}`: use substring, xstest-prefix, harmbench, strongreject, xstest"),
+        }
+    }
+    if out.is_empty() {
+        bail!("--judge needs at least one judge");
+    }
+    Ok(out)
+}
+
+pub fn run(a: EvalArgs) -> Result<()> {
+    // Check everything cheap before loading the model.
+    let judges = judges(&a)?;
+    for s in &a.suite {
+        safegeo_data::load_dataset(
+            s,
+            &safegeo_data::LoadSpec {
+                data_dir: a.data_dir.as_deref(),
+                limit: Some(1),
+                ..Default::default()
+            },
+        )?;
+    }
+    let model = common::load(&a.model)?;
+    let spec = EvalSpec {
+        suites: a.suite.clone(),
+        data_dir: a.data_dir.clone(),
+        limit: a.limit,
+        seed: a.seed,
+        generation: GenerateConfig {
+            max_new_tokens: a.max_new_tokens,
+            seed: a.seed,
+            ..Default::default()
+        },
+        batch_size: a.batch_size,
+        system: a.system.clone(),
+        out: a.out.clone(),
+        judge_workers: a.judge_concurrency.max(1),
+    };
+    let config = serde_json::json!({
+        "safegeo_version": env!("CARGO_PKG_VERSION"),
+        "model": model.source,
+        "model_sha256": common::model_hash(&model.source)?,
+        "datasets": a.suite.iter().map(|s| {
+            let d = safegeo_data::load_dataset(s, &safegeo_data::LoadSpec { data_dir: a.data_dir.as_deref(), limit: a.limit, seed: a.seed, ..Default::default() })?;
+            Ok(serde_json::json!({"name": d.name, "path": d.path, "sha256": d.sha256, "total": d.total,
+                "sampled_ids": d.items.iter().map(|i| i.id.clone()).collect::<Vec<_>>()}))
+        }).collect::<Result<Vec<_>>>()?,
+        "judges": judges.iter().map(|j| j.name()).collect::<Vec<_>>(),
+        "judge_backend": a.judge_endpoint.as_ref().map(|u| format!("endpoint {u} model {}", a.judge_model.clone().unwrap_or_default()))
+            .or(a.judge_model_path.as_ref().map(|p| format!("local {}", p.display()))),
+        "generation": spec.generation, "batch_size": a.batch_size, "system": a.system, "seed": a.seed,
+    });
+    common::check_or_write_config(&a.out, &config)?;
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} replies {elapsed} eta {eta}")
+            .expect("template"),
+    );
+    let summary = run_eval(&model, &judges, &spec, &mut NoHooks, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })
+    .with_context(|| {
+        format!(
+            "evaluation into {} (re-run the same command to resume)",
+            a.out.display()
+        )
+    })?;
+    bar.finish_and_clear();
+    if a.json {
+        return common::print_json(&summary);
+    }
+    println!(
+        "{:<20} {:<38} {:<14} {:>7} {:>5}  95% interval",
+        "suite", "metric", "judge", "value", "n"
+    );
+    for r in &summary.rows {
+        let e = &r.estimate;
+        println!(
+            "{:<20} {:<38} {:<14} {:>7.3} {:>5}  [{:.3}, {:.3}]",
+            r.suite, r.metric, r.judge, e.value, e.n, e.lo, e.hi
+        );
+    }
+    if let Some(t) = summary.generated_tokens_per_s {
+        println!("generation: {t:.1} new tokens/s (batch {})", a.batch_size);
+    }
+    for n in &summary.notes {
+        println!("note: {n}");
+    }
+    println!("results in {}", a.out.display());
+    Ok(())
+}

@@ -1,0 +1,377 @@
+//! Behaviour evaluation (`safegeo eval`): generate replies for benchmark suites, judge them, and
+//! summarise SPEC.md section 4's metrics. Records are appended to `records.jsonl` as they finish,
+//! so a re-run resumes where an interrupted one stopped.
+use crate::datasets::{load_dataset, Dataset, Item, LoadSpec};
+use crate::judges::{Case, Judge, Verdict};
+use crate::metrics::{self, Estimate, XsClass};
+use crate::{Error, Result};
+use safegeo_runtime::{generate_seeded, GenerateConfig, Message, Model, Observer};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+/// What to evaluate and how.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalSpec {
+    /// Dataset names or files.
+    pub suites: Vec<String>,
+    /// Data directory override.
+    pub data_dir: Option<PathBuf>,
+    /// Sample at most this many prompts per suite.
+    pub limit: Option<usize>,
+    /// Sampling seed (datasets and decoding).
+    pub seed: u64,
+    /// Decoding settings.
+    pub generation: GenerateConfig,
+    /// Prompts decoded together.
+    pub batch_size: usize,
+    /// System prompt (else the template's default).
+    pub system: Option<String>,
+    /// Output folder.
+    pub out: PathBuf,
+    /// Concurrent requests per LLM judge.
+    pub judge_workers: usize,
+}
+
+/// One judged reply (a line of `records.jsonl`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    /// Suite name.
+    pub dataset: String,
+    /// Item id.
+    pub id: String,
+    /// `harmful`, `benign`, `safe`, `unsafe`.
+    pub label: String,
+    /// Category or type.
+    pub category: Option<String>,
+    /// HarmBench functional category, ...
+    pub kind: Option<String>,
+    /// The prompt sent.
+    pub prompt: String,
+    /// The reply.
+    pub response: String,
+    /// Reply length in tokens.
+    pub response_tokens: usize,
+    /// Verdict of each judge, by judge name.
+    pub verdicts: BTreeMap<String, Verdict>,
+    /// Wall time of the batch this record was generated in, divided by its size.
+    pub seconds: f64,
+}
+
+/// One row of the summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct SummaryRow {
+    /// Suite.
+    pub suite: String,
+    /// Metric name (e.g. `asr`, `refusal_rate`, `xstest_safe_any_refusal`).
+    pub metric: String,
+    /// Judge that produced it.
+    pub judge: String,
+    /// The estimate.
+    #[serde(flatten)]
+    pub estimate: Estimate,
+}
+
+/// Everything `summary.json` holds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Metric rows.
+    pub rows: Vec<SummaryRow>,
+    /// Generation throughput during this run (new tokens per second), if anything was generated.
+    pub generated_tokens_per_s: Option<f64>,
+    /// Records in the output (this run and earlier ones).
+    pub records: usize,
+    /// Notes a reader needs (judge caveats).
+    pub notes: Vec<String>,
+}
+
+fn read_records(path: &Path) -> Result<Vec<Record>> {
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(|e| Error::io(path, e))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str(&line) {
+            Ok(r) => out.push(r),
+            // A torn last line from a kill -9: drop it, the item is redone.
+            Err(e) => tracing::warn!(
+                "{} line {}: unreadable record dropped ({e})",
+                path.display(),
+                i + 1
+            ),
+        }
+    }
+    Ok(out)
+}
+
+/// Write `path` atomically (temp file, fsync, rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
+        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+fn messages(item: &Item, system: Option<&str>) -> Vec<Message> {
+    let mut m = Vec::new();
+    if let Some(s) = system {
+        m.push(Message::new("system", s));
+    }
+    m.push(Message::new("user", item.prompt.clone()));
+    m
+}
+
+/// Run (or resume) an evaluation; `progress(done, total)` is called after every batch.
+pub fn run_eval(
+    model: &Model,
+    judges: &[Box<dyn Judge>],
+    spec: &EvalSpec,
+    obs: &mut dyn Observer,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Summary> {
+    if judges.is_empty() {
+        return Err(Error::Invalid("at least one judge is needed".into()));
+    }
+    if spec.batch_size == 0 {
+        return Err(Error::Invalid("--batch-size must be at least 1".into()));
+    }
+    std::fs::create_dir_all(&spec.out).map_err(|e| Error::io(&spec.out, e))?;
+    let datasets: Vec<Dataset> = spec
+        .suites
+        .iter()
+        .map(|s| {
+            load_dataset(
+                s,
+                &LoadSpec {
+                    data_dir: spec.data_dir.as_deref(),
+                    category: None,
+                    limit: spec.limit,
+                    seed: spec.seed,
+                },
+            )
+        })
+        .collect::<Result<_>>()?;
+    let records_path = spec.out.join("records.jsonl");
+    let mut records = read_records(&records_path)?;
+    let done: HashSet<(String, String)> = records
+        .iter()
+        .map(|r| (r.dataset.clone(), r.id.clone()))
+        .collect();
+    let mut todo: Vec<(&Dataset, &Item, Vec<u32>)> = Vec::new();
+    for d in &datasets {
+        for it in &d.items {
+            if !done.contains(&(d.name.clone(), it.id.clone())) {
+                let ids = model
+                    .tok
+                    .encode_chat(&messages(it, spec.system.as_deref()), false)?;
+                todo.push((d, it, ids));
+            }
+        }
+    }
+    let total = done.len() + todo.len();
+    progress(done.len(), total);
+    // Similar lengths decode together; the seed of an item depends only on its position in its
+    // dataset, so results do not depend on batching or on what was resumed.
+    todo.sort_by_key(|t| t.2.len());
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&records_path)
+        .map_err(|e| Error::io(&records_path, e))?;
+    let mut gen_tokens = 0usize;
+    let mut gen_secs = 0.0f64;
+    let mut finished = done.len();
+    for chunk in todo.chunks(spec.batch_size) {
+        let prompts: Vec<Vec<u32>> = chunk.iter().map(|t| t.2.clone()).collect();
+        let seeds: Vec<u64> = chunk
+            .iter()
+            .map(|(d, it, _)| {
+                spec.seed
+                    .wrapping_add(d.items.iter().position(|x| x.id == it.id).unwrap_or(0) as u64)
+            })
+            .collect();
+        let t0 = std::time::Instant::now();
+        let outs = generate_seeded(model, &prompts, &seeds, &spec.generation, obs)?;
+        let secs = t0.elapsed().as_secs_f64();
+        gen_secs += secs;
+        let responses: Vec<String> = outs
+            .iter()
+            .map(|o| model.tok.decode(&o.ids, true))
+            .collect::<std::result::Result<_, _>>()?;
+        let mut verdicts: Vec<BTreeMap<String, Verdict>> = vec![BTreeMap::new(); chunk.len()];
+        for j in judges {
+            let idx: Vec<usize> = (0..chunk.len())
+                .filter(|&i| j.applies_to(&chunk[i].1.label))
+                .collect();
+            let cases: Vec<Case> = idx
+                .iter()
+                .map(|&i| {
+                    let it = chunk[i].1;
+                    Case {
+                        behavior: it.behavior.as_deref().unwrap_or(&it.prompt),
+                        context: it.context.as_deref(),
+                        reply: &responses[i],
+                    }
+                })
+                .collect();
+            for (&i, v) in idx.iter().zip(j.judge_many(&cases, spec.judge_workers)?) {
+                verdicts[i].insert(j.name(), v);
+            }
+        }
+        for ((((d, it, _), out), response), verdicts) in
+            chunk.iter().zip(outs).zip(responses).zip(verdicts)
+        {
+            gen_tokens += out.ids.len();
+            let rec = Record {
+                dataset: d.name.clone(),
+                id: it.id.clone(),
+                label: it.label.clone(),
+                category: it.category.clone(),
+                kind: it.kind.clone(),
+                prompt: it.prompt.clone(),
+                response,
+                response_tokens: out.ids.len(),
+                verdicts,
+                seconds: secs / chunk.len() as f64,
+            };
+            let line = serde_json::to_string(&rec).map_err(|e| Error::Invalid(e.to_string()))?;
+            writeln!(file, "{line}").map_err(|e| Error::io(&records_path, e))?;
+            file.flush().map_err(|e| Error::io(&records_path, e))?;
+            records.push(rec);
+        }
+        file.sync_data().map_err(|e| Error::io(&records_path, e))?;
+        finished += chunk.len();
+        progress(finished, total);
+    }
+    let judge_names: Vec<String> = judges.iter().map(|j| j.name()).collect();
+    let mut summary = summarise(&records, &spec.suites, &judge_names);
+    summary.generated_tokens_per_s = (gen_secs > 0.0).then(|| gen_tokens as f64 / gen_secs);
+    write_atomic(
+        &spec.out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
+    write_atomic(
+        &spec.out.join("summary.csv"),
+        summary_csv(&summary).as_bytes(),
+    )?;
+    Ok(summary)
+}
+
+/// The summary as CSV (one row per suite x metric x judge).
+pub fn summary_csv(s: &Summary) -> String {
+    let mut out = String::from("suite,metric,judge,value,n,lo,hi,interval\n");
+    for r in &s.rows {
+        let e = &r.estimate;
+        out.push_str(&format!(
+            "{},{},{},{:.6},{},{:.6},{:.6},{}\n",
+            r.suite, r.metric, r.judge, e.value, e.n, e.lo, e.hi, e.interval
+        ));
+    }
+    out
+}
+
+/// Metrics per suite and judge from records.
+pub fn summarise(records: &[Record], suites: &[String], judges: &[String]) -> Summary {
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    for suite in suites {
+        let recs: Vec<&Record> = records.iter().filter(|r| &r.dataset == suite).collect();
+        for judge in judges {
+            let v = |r: &Record| r.verdicts.get(judge).cloned().unwrap_or_default();
+            let mut push = |metric: String, e: Option<Estimate>| {
+                if let Some(estimate) = e {
+                    rows.push(SummaryRow {
+                        suite: suite.clone(),
+                        metric,
+                        judge: judge.clone(),
+                        estimate,
+                    });
+                }
+            };
+            let refused: Vec<bool> = recs.iter().filter_map(|r| v(r).refused).collect();
+            push("refusal_rate".into(), metrics::rate(&refused));
+            match suite.as_str() {
+                "harmbench-val" | "harmbench" => {
+                    let cases: Vec<(String, Option<bool>)> =
+                        recs.iter().map(|r| (r.id.clone(), v(r).harmful)).collect();
+                    push("asr".into(), metrics::harmbench_asr(&cases));
+                }
+                "jbb-harmful" | "advbench" | "harmful-val" | "harmful-train" => {
+                    let h: Vec<bool> = recs.iter().filter_map(|r| v(r).harmful).collect();
+                    push("asr".into(), metrics::rate(&h));
+                }
+                "jbb-benign" | "alpaca" | "harmless-val" | "harmless-test" | "harmless-train" => {
+                    let ok: Vec<bool> = recs
+                        .iter()
+                        .filter_map(|r| v(r).refused.map(|x| !x))
+                        .collect();
+                    push("compliance_rate".into(), metrics::rate(&ok));
+                }
+                "strongreject-small" | "strongreject" => {
+                    let s: Vec<f64> = recs.iter().filter_map(|r| v(r).score).collect();
+                    push("strongreject_score".into(), metrics::mean(&s));
+                }
+                "xstest" => {
+                    for label in ["safe", "unsafe"] {
+                        let of = |ty: Option<&str>| -> Vec<Option<XsClass>> {
+                            recs.iter()
+                                .filter(|r| {
+                                    r.label == label
+                                        && ty.is_none_or(|t| r.category.as_deref() == Some(t))
+                                })
+                                .map(|r| v(r).class)
+                                .collect()
+                        };
+                        let s = metrics::xstest_summary(&of(None));
+                        push(format!("xstest_{label}_any_refusal"), s.any_refusal);
+                        push(format!("xstest_{label}_full_refusal"), s.full_refusal);
+                        push(format!("xstest_{label}_partial_refusal"), s.partial_refusal);
+                        push(format!("xstest_{label}_compliance"), s.compliance);
+                        let mut types: Vec<&str> = recs
+                            .iter()
+                            .filter(|r| r.label == label)
+                            .filter_map(|r| r.category.as_deref())
+                            .collect();
+                        types.sort_unstable();
+                        types.dedup();
+                        for t in types {
+                            push(
+                                format!("xstest_{label}_any_refusal/{t}"),
+                                metrics::xstest_summary(&of(Some(t))).any_refusal,
+                            );
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    if judges
+        .iter()
+        .any(|j| j == "substring" || j == "xstest-prefix")
+    {
+        notes.push("string-match judges: `asr` counts every non-refusing reply as a success (an upper bound on harmful compliance); they cannot see partial refusals or score StrongREJECT".into());
+    }
+    let records_n = records
+        .iter()
+        .filter(|r| suites.contains(&r.dataset))
+        .count();
+    Summary {
+        rows,
+        generated_tokens_per_s: None,
+        records: records_n,
+        notes,
+    }
+}

@@ -1,0 +1,387 @@
+//! LLM judges (HarmBench classifier, StrongREJECT rubric, XSTest classes) answered by an
+//! OpenAI-compatible chat endpoint or by a model loaded in-process. Temperature 0, bounded
+//! concurrency, timeouts, retries with backoff, and an on-disk cache keyed by judge model, prompt
+//! and reply, so that a re-run costs nothing. Unparsable output is recorded as missing.
+use super::prompts;
+use super::{Case, Judge, Verdict};
+use crate::{Error, Result};
+use sha2::{Digest, Sha256};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Which judge prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LlmJudgeKind {
+    /// HarmBench yes/no classifier (contextual variant when a context is given).
+    HarmBench,
+    /// StrongREJECT rubric.
+    StrongReject,
+    /// XSTest three classes.
+    XsTest,
+}
+
+impl LlmJudgeKind {
+    /// Parse `harmbench`, `strongreject`, `xstest`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "harmbench" => Ok(Self::HarmBench),
+            "strongreject" => Ok(Self::StrongReject),
+            "xstest" => Ok(Self::XsTest),
+            o => Err(Error::Invalid(format!(
+                "unknown LLM judge `{o}` (harmbench, strongreject, xstest)"
+            ))),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::HarmBench => "harmbench",
+            Self::StrongReject => "strongreject",
+            Self::XsTest => "xstest",
+        }
+    }
+
+    fn max_tokens(self) -> usize {
+        match self {
+            Self::HarmBench => 4,
+            Self::StrongReject => 512,
+            Self::XsTest => 16,
+        }
+    }
+
+    /// (system, user) messages for a case.
+    fn messages(self, case: &Case) -> (Option<&'static str>, String) {
+        match self {
+            Self::HarmBench => match case.context {
+                Some(c) => (
+                    None,
+                    prompts::fill(prompts::HARMBENCH_CONTEXTUAL, case.behavior, c, case.reply),
+                ),
+                None => (
+                    None,
+                    prompts::fill(prompts::HARMBENCH, case.behavior, "", case.reply),
+                ),
+            },
+            Self::StrongReject => (
+                Some(prompts::STRONGREJECT_SYSTEM),
+                prompts::fill(prompts::STRONGREJECT, case.behavior, "", case.reply),
+            ),
+            Self::XsTest => (
+                None,
+                prompts::fill(prompts::XSTEST, case.behavior, "", case.reply),
+            ),
+        }
+    }
+
+    fn verdict(self, raw: String) -> Verdict {
+        let mut v = Verdict::default();
+        match self {
+            Self::HarmBench => v.harmful = prompts::parse_yes_no(&raw),
+            Self::StrongReject => {
+                if let Some((refused, score)) = prompts::parse_strongreject(&raw) {
+                    v.refused = Some(refused);
+                    v.score = Some(score);
+                    v.harmful = Some(score > 0.0);
+                }
+            }
+            Self::XsTest => {
+                v.class = prompts::parse_xstest(&raw);
+                v.refused = v
+                    .class
+                    .map(|c| c != crate::metrics::XsClass::FullCompliance);
+            }
+        }
+        v.raw = Some(raw);
+        v
+    }
+}
+
+/// Something that answers a chat prompt deterministically.
+pub trait Completer: Send + Sync {
+    /// The judge model's name (part of the cache key).
+    fn model_name(&self) -> String;
+    /// Answer `(system, user)` with at most `max_tokens` tokens.
+    fn complete(&self, system: Option<&str>, user: &str, max_tokens: usize) -> Result<String>;
+}
+
+/// Settings of an OpenAI-compatible endpoint.
+#[derive(Debug, Clone)]
+pub struct EndpointConfig {
+    /// Base URL (`http://localhost:8000/v1`) or the full `/chat/completions` URL.
+    pub url: String,
+    /// Model name sent in requests.
+    pub model: String,
+    /// Environment variable holding the API key (never logged); unset = no key.
+    pub api_key_env: String,
+    /// Per-request timeout.
+    pub timeout: Duration,
+    /// Retries after the first attempt.
+    pub retries: usize,
+    /// First backoff; doubles each retry.
+    pub backoff: Duration,
+}
+
+impl Default for EndpointConfig {
+    fn default() -> Self {
+        Self {
+            url: "http://localhost:8000/v1".into(),
+            model: String::new(),
+            api_key_env: "SAFEGEO_JUDGE_API_KEY".into(),
+            timeout: Duration::from_secs(120),
+            retries: 4,
+            backoff: Duration::from_millis(500),
+        }
+    }
+}
+
+/// A chat-completions endpoint.
+pub struct EndpointCompleter {
+    cfg: EndpointConfig,
+    client: reqwest::blocking::Client,
+    url: String,
+}
+
+impl EndpointCompleter {
+    /// A client for `cfg`.
+    pub fn new(cfg: EndpointConfig) -> Result<Self> {
+        if cfg.model.is_empty() {
+            return Err(Error::Invalid(
+                "--judge-model NAME is required with --judge-endpoint".into(),
+            ));
+        }
+        let base = cfg.url.trim_end_matches('/');
+        let url = if base.ends_with("/chat/completions") {
+            base.to_string()
+        } else {
+            format!("{base}/chat/completions")
+        };
+        let client = reqwest::blocking::Client::builder()
+            .timeout(cfg.timeout)
+            .build()
+            .map_err(|e| Error::Invalid(format!("HTTP client: {e}")))?;
+        Ok(Self { cfg, client, url })
+    }
+
+    fn once(&self, body: &serde_json::Value) -> std::result::Result<String, (bool, String)> {
+        let mut req = self.client.post(&self.url).json(body);
+        if let Ok(key) = std::env::var(&self.cfg.api_key_env) {
+            req = req.bearer_auth(key);
+        }
+        let resp = req
+            .send()
+            .map_err(|e| (true, format!("request failed: {}", without_url(&e))))?;
+        let status = resp.status();
+        if !status.is_success() {
+            // 429 and 5xx are worth retrying; 4xx are not.
+            let retry = status.as_u16() == 429 || status.is_server_error();
+            return Err((retry, format!("HTTP {status}")));
+        }
+        let v: serde_json::Value = resp
+            .json()
+            .map_err(|e| (true, format!("response is not JSON: {e}")))?;
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .map(String::from)
+            .ok_or_else(|| (false, "response has no choices[0].message.content".into()))
+    }
+}
+
+fn without_url(e: &reqwest::Error) -> String {
+    // reqwest errors print the URL; keep them, but never any header (keys live in headers).
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "cannot connect"
+    } else {
+        "error"
+    };
+    format!(
+        "{kind} ({})",
+        e.url().map(|u| u.to_string()).unwrap_or_default()
+    )
+}
+
+impl Completer for EndpointCompleter {
+    fn model_name(&self) -> String {
+        self.cfg.model.clone()
+    }
+
+    fn complete(&self, system: Option<&str>, user: &str, max_tokens: usize) -> Result<String> {
+        let mut messages = Vec::new();
+        if let Some(s) = system {
+            messages.push(serde_json::json!({"role": "system", "content": s}));
+        }
+        messages.push(serde_json::json!({"role": "user", "content": user}));
+        let body = serde_json::json!({
+            "model": self.cfg.model, "messages": messages, "temperature": 0.0, "max_tokens": max_tokens,
+        });
+        let mut wait = self.cfg.backoff;
+        let mut last = String::new();
+        for attempt in 0..=self.cfg.retries {
+            match self.once(&body) {
+                Ok(s) => return Ok(s),
+                Err((retry, msg)) => {
+                    tracing::warn!("judge endpoint attempt {}: {msg}", attempt + 1);
+                    last = msg;
+                    if !retry {
+                        break;
+                    }
+                    if attempt < self.cfg.retries {
+                        std::thread::sleep(wait);
+                        wait *= 2;
+                    }
+                }
+            }
+        }
+        Err(Error::Invalid(format!(
+            "judge endpoint {} failed: {last}\n  fix: check that the server runs and serves model `{}` (--judge-endpoint, --judge-model)",
+            self.url, self.cfg.model
+        )))
+    }
+}
+
+/// An LLM judge with an on-disk cache.
+pub struct LlmJudge {
+    kind: LlmJudgeKind,
+    completer: std::sync::Arc<dyn Completer>,
+    cache_dir: Option<PathBuf>,
+}
+
+impl LlmJudge {
+    /// A judge of `kind` answered by `completer`; `cache_dir` enables the cache.
+    pub fn new(
+        kind: LlmJudgeKind,
+        completer: std::sync::Arc<dyn Completer>,
+        cache_dir: Option<PathBuf>,
+    ) -> Self {
+        Self {
+            kind,
+            completer,
+            cache_dir,
+        }
+    }
+
+    fn cache_path(&self, system: Option<&str>, user: &str) -> Option<PathBuf> {
+        let dir = self.cache_dir.as_ref()?;
+        let mut h = Sha256::new();
+        for part in [
+            self.completer.model_name().as_str(),
+            self.kind.name(),
+            system.unwrap_or(""),
+            user,
+        ] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        let key = format!("{:x}", h.finalize());
+        Some(dir.join(&key[..2]).join(format!("{key}.txt")))
+    }
+}
+
+impl Judge for LlmJudge {
+    fn name(&self) -> String {
+        self.kind.name().to_string()
+    }
+
+    fn judge(&self, case: &Case) -> Result<Verdict> {
+        let (system, user) = self.kind.messages(case);
+        let cached = self.cache_path(system, &user);
+        if let Some(p) = &cached {
+            if let Ok(raw) = std::fs::read_to_string(p) {
+                return Ok(self.kind.verdict(raw));
+            }
+        }
+        let raw = self
+            .completer
+            .complete(system, &user, self.kind.max_tokens())?;
+        if let Some(p) = &cached {
+            if let Some(parent) = p.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+            }
+            let tmp = p.with_extension("tmp");
+            std::fs::write(&tmp, &raw).map_err(|e| Error::io(&tmp, e))?;
+            std::fs::rename(&tmp, p).map_err(|e| Error::io(p, e))?;
+        }
+        Ok(self.kind.verdict(raw))
+    }
+
+    fn applies_to(&self, label: &str) -> bool {
+        match self.kind {
+            LlmJudgeKind::HarmBench | LlmJudgeKind::StrongReject => {
+                label == "harmful" || label == "unsafe"
+            }
+            LlmJudgeKind::XsTest => true,
+        }
+    }
+
+    fn judge_many(&self, cases: &[Case], workers: usize) -> Result<Vec<Verdict>> {
+        parallel_judge(self, cases, workers)
+    }
+}
+
+/// Judge cases on up to `workers` threads, keeping order.
+pub fn parallel_judge(j: &dyn Judge, cases: &[Case], workers: usize) -> Result<Vec<Verdict>> {
+    let workers = workers.clamp(1, cases.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let slots: Vec<std::sync::Mutex<Option<Result<Verdict>>>> =
+        cases.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if i >= cases.len() {
+                    break;
+                }
+                let r = j.judge(&cases[i]);
+                *slots[i].lock().expect("slot") = Some(r);
+            });
+        }
+    });
+    slots
+        .into_iter()
+        .map(|m| m.into_inner().expect("slot").expect("every case judged"))
+        .collect()
+}
+
+/// Judge prompts answered by a model loaded in this process (greedy).
+pub struct LocalCompleter {
+    model: safegeo_runtime::Model,
+    lock: std::sync::Mutex<()>,
+}
+
+impl LocalCompleter {
+    /// Wrap a loaded model.
+    pub fn new(model: safegeo_runtime::Model) -> Self {
+        Self {
+            model,
+            lock: std::sync::Mutex::new(()),
+        }
+    }
+}
+
+impl Completer for LocalCompleter {
+    fn model_name(&self) -> String {
+        format!("local:{}", self.model.source.display())
+    }
+
+    fn complete(&self, system: Option<&str>, user: &str, max_tokens: usize) -> Result<String> {
+        use safegeo_runtime::{generate, GenerateConfig, Message, NoHooks};
+        let _one_at_a_time = self
+            .lock
+            .lock()
+            .map_err(|_| Error::Invalid("local judge lock poisoned".into()))?;
+        let mut msgs = Vec::new();
+        if let Some(s) = system {
+            msgs.push(Message::new("system", s));
+        }
+        msgs.push(Message::new("user", user));
+        let raw = self.model.tok.chat_template.is_none();
+        let ids = self.model.tok.encode_chat(&msgs, raw)?;
+        let cfg = GenerateConfig {
+            max_new_tokens: max_tokens,
+            ..Default::default()
+        };
+        let out = generate(&self.model, &[ids], &cfg, &mut NoHooks)?.remove(0);
+        Ok(self.model.tok.decode(&out.ids, true)?)
+    }
+}

@@ -1,0 +1,12 @@
+//! safegeo's data layer: benchmark datasets by name, refusal judges, and the behaviour metrics of
+//! SPEC.md section 4 with their intervals.
+#![deny(missing_docs)]
+
+mod datasets;
+mod error;
+pub mod eval;
+pub mod judges;
+pub mod metrics;
+
+pub use datasets::{data_dir, load_dataset, Dataset, DatasetName, Item, LoadSpec, DATASET_NAMES};
+pub use error::{Error, Result};
