@@ -32,6 +32,8 @@ pub struct EvalSpec {
     pub out: PathBuf,
     /// Concurrent requests per LLM judge.
     pub judge_workers: usize,
+    /// Reference completions of harmless prompts for the utility cross-entropy (JSONL).
+    pub reference: Option<PathBuf>,
 }
 
 /// One judged reply (a line of `records.jsonl`).
@@ -256,6 +258,18 @@ pub fn run_eval(
     let judge_names: Vec<String> = judges.iter().map(|j| j.name()).collect();
     let mut summary = summarise(&records, &spec.suites, &judge_names);
     summary.generated_tokens_per_s = (gen_secs > 0.0).then(|| gen_tokens as f64 / gen_secs);
+    if let Some(path) = &spec.reference {
+        let refs = crate::utility::read_references(path)?;
+        let ce = crate::utility::completion_cross_entropy(model, &refs, spec.batch_size, obs)?;
+        if let Some(estimate) = metrics::mean(&ce) {
+            summary.rows.push(SummaryRow {
+                suite: format!("reference:{}", path.display()),
+                metric: "utility_cross_entropy".into(),
+                judge: "nats/token".into(),
+                estimate,
+            });
+        }
+    }
     write_atomic(
         &spec.out.join("summary.json"),
         serde_json::to_string_pretty(&summary)

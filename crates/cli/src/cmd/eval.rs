@@ -68,6 +68,10 @@ pub struct EvalArgs {
     /// Output folder: records.jsonl, summary.json, summary.csv, config.json. Re-running resumes.
     #[arg(long)]
     pub out: PathBuf,
+    /// Reference completions of harmless prompts (JSONL with prompt/chat and completion/response,
+    /// e.g. `safegeo generate` output from the base model): reports utility cross-entropy.
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -151,6 +155,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         system: a.system.clone(),
         out: a.out.clone(),
         judge_workers: a.judge_concurrency.max(1),
+        reference: a.reference.clone(),
     };
     let config = serde_json::json!({
         "safegeo_version": env!("CARGO_PKG_VERSION"),
@@ -165,6 +170,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         "judge_backend": a.judge_endpoint.as_ref().map(|u| format!("endpoint {u} model {}", a.judge_model.clone().unwrap_or_default()))
             .or(a.judge_model_path.as_ref().map(|p| format!("local {}", p.display()))),
         "generation": spec.generation, "batch_size": a.batch_size, "system": a.system, "seed": a.seed,
+        "reference": a.reference.as_ref().map(|p| -> Result<_> { Ok(serde_json::json!({"path": p, "sha256": safegeo_runtime::fetch::sha256_file(p)?})) }).transpose()?,
     });
     common::check_or_write_config(&a.out, &config)?;
     let bar = indicatif::ProgressBar::new(0).with_style(
