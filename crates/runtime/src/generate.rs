@@ -152,7 +152,8 @@ pub fn generate_seeded(
     }
     let b = prompts.len();
     let (ids, layout) = model.pad_batch(&full)?;
-    let mut cache = KvCache::new(model.cfg.n_layer);
+    let longest = full.iter().map(Vec::len).max().unwrap_or(0);
+    let mut cache = KvCache::with_capacity(model.cfg.n_layer, longest + cfg.max_new_tokens);
     let mut rngs: Vec<_> = seeds
         .iter()
         .map(|&s| rand::rngs::StdRng::seed_from_u64(s))

@@ -28,13 +28,14 @@ pub struct AttnCtx<'a> {
 /// One transformer block of some family.
 pub trait Block: Send + Sync {
     /// Run the block on the residual stream `x: (b, t, d)`; `site` is called with the attention
-    /// and MLP outputs before they are added.
+    /// and MLP outputs before they are added. `cache` carries the layer's cache and the number of
+    /// positions to reserve when it first allocates.
     fn forward(
         &self,
         x: &Tensor,
         layer: usize,
         ctx: &AttnCtx,
-        cache: Option<&mut LayerCache>,
+        cache: Option<(&mut LayerCache, usize)>,
         site: &mut dyn FnMut(Site, Tensor) -> Result<Tensor>,
     ) -> Result<Tensor>;
 
@@ -45,10 +46,37 @@ pub trait Block: Send + Sync {
     fn tensors_mut(&mut self) -> Vec<&mut Tensor>;
 }
 
-/// Cached keys and values of one layer, `(b, kv_heads, T, hd)`.
+/// Cached keys and values of one layer in preallocated buffers: keys transposed
+/// `(b, kv_heads, hd, cap)`, values `(b, kv_heads, cap, hd)`. Appending writes in place, and the
+/// attention matmuls read strided views, so a decode step copies nothing already cached.
 #[derive(Clone, Default)]
 pub struct LayerCache {
-    kv: Option<(Tensor, Tensor)>,
+    buf: Option<(Tensor, Tensor)>,
+    len: usize,
+}
+
+impl LayerCache {
+    /// Append `k_t: (b, kvh, hd, t)` and `v: (b, kvh, t, hd)`; return views of everything cached.
+    fn append(&mut self, k_t: &Tensor, v: &Tensor, reserve: usize) -> Result<(Tensor, Tensor)> {
+        let (b, kvh, hd, t) = k_t.dims4()?;
+        let need = self.len + t;
+        let cap = self.buf.as_ref().map_or(0, |(k, _)| k.dim(3).unwrap_or(0));
+        if need > cap {
+            let new_cap = need.max(reserve).max(cap * 2).max(16);
+            let k_new = Tensor::zeros((b, kvh, hd, new_cap), k_t.dtype(), k_t.device())?;
+            let v_new = Tensor::zeros((b, kvh, new_cap, hd), v.dtype(), v.device())?;
+            if let Some((k_old, v_old)) = &self.buf {
+                k_new.slice_set(&k_old.narrow(3, 0, self.len)?.contiguous()?, 3, 0)?;
+                v_new.slice_set(&v_old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            }
+            self.buf = Some((k_new, v_new));
+        }
+        let (kb, vb) = self.buf.as_ref().expect("allocated above");
+        kb.slice_set(&k_t.contiguous()?, 3, self.len)?;
+        vb.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len = need;
+        Ok((kb.narrow(3, 0, need)?, vb.narrow(2, 0, need)?))
+    }
 }
 
 /// Keys and values of every layer, for incremental decoding.
@@ -56,14 +84,21 @@ pub struct LayerCache {
 pub struct KvCache {
     layers: Vec<LayerCache>,
     len: usize,
+    reserve: usize,
 }
 
 impl KvCache {
     /// An empty cache for `n_layer` blocks.
     pub fn new(n_layer: usize) -> Self {
+        Self::with_capacity(n_layer, 0)
+    }
+
+    /// An empty cache that allocates room for `tokens` positions at the first append.
+    pub fn with_capacity(n_layer: usize, tokens: usize) -> Self {
         Self {
             layers: vec![LayerCache::default(); n_layer],
             len: 0,
+            reserve: tokens,
         }
     }
 
@@ -89,26 +124,22 @@ pub fn attend(
     sin: &Tensor,
     mask: Option<&Tensor>,
     cfg: &ModelConfig,
-    cache: Option<&mut LayerCache>,
+    cache: Option<(&mut LayerCache, usize)>,
     grad: bool,
 ) -> Result<Tensor> {
     let (b, h, t, hd) = q.dims4()?;
     let kvh = k.dim(1)?;
     let q = ops::rope(q, cos, sin, cfg.rope_interleaved, grad)?;
-    let mut k = ops::rope(k, cos, sin, cfg.rope_interleaved, grad)?;
-    let mut v = v.clone();
-    if let Some(c) = cache {
-        if let Some((pk, pv)) = &c.kv {
-            k = Tensor::cat(&[pk, &k], 2)?;
-            v = Tensor::cat(&[pv, &v], 2)?;
-        }
-        c.kv = Some((k.clone(), v.clone()));
-    }
-    let total = k.dim(2)?;
+    let k = ops::rope(k, cos, sin, cfg.rope_interleaved, grad)?;
+    let (k_t, v) = match cache {
+        Some((c, reserve)) => c.append(&k.transpose(2, 3)?, v, reserve)?,
+        None => (k.t()?, v.clone()),
+    };
+    let total = k_t.dim(3)?;
     let n_rep = h / kvh;
     // Query heads sharing a kv head are stacked along the token axis, so no kv copy is needed.
     let q = q.reshape((b, kvh, n_rep * t, hd))?;
-    let att = (q.matmul(&k.t()?)? * cfg.attn_scale)?;
+    let att = (q.matmul(&k_t)? * cfg.attn_scale)?;
     let att = match mask {
         Some(m) => att
             .reshape((b, kvh, n_rep, t, total))?
@@ -117,7 +148,7 @@ pub fn attend(
         None => att,
     };
     let p = ops::softmax_last(&att, grad)?;
-    let y = p.matmul(&v.contiguous()?)?; // (b, kvh, n_rep*t, hd)
+    let y = p.matmul(&v)?; // (b, kvh, n_rep*t, hd)
     y.reshape((b, h, t, hd))?
         .transpose(1, 2)?
         .reshape((b, t, h * hd))
@@ -301,7 +332,7 @@ impl Model {
                 phase,
             };
             x = obs.visit(&info(Site::ResidPre), x)?;
-            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            let layer_cache = cache.as_deref_mut().map(|c| (&mut c.layers[l], c.reserve));
             let mut site_fn = |site: Site, a: Tensor| obs.visit(&info(site), a);
             x = block.forward(&x, l, &ctx, layer_cache, &mut site_fn)?;
         }

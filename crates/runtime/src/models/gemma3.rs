@@ -141,7 +141,7 @@ impl Block for Gemma3Block {
         x: &Tensor,
         layer: usize,
         ctx: &AttnCtx,
-        cache: Option<&mut LayerCache>,
+        cache: Option<(&mut LayerCache, usize)>,
         site: &mut dyn FnMut(Site, Tensor) -> candle_core::Result<Tensor>,
     ) -> candle_core::Result<Tensor> {
         let c = &self.cfg;

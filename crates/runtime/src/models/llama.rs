@@ -174,7 +174,7 @@ impl Block for LlamaBlock {
         x: &Tensor,
         _layer: usize,
         ctx: &AttnCtx,
-        cache: Option<&mut LayerCache>,
+        cache: Option<(&mut LayerCache, usize)>,
         site: &mut dyn FnMut(Site, Tensor) -> candle_core::Result<Tensor>,
     ) -> candle_core::Result<Tensor> {
         let c = &self.cfg;
