@@ -1,0 +1,11 @@
+//! Refusal geometry (SPEC.md sections 2 and 3): difference-of-means carriers, admissible-carrier
+//! selection, effective rank, harmfulness/refusal coupling and drift between anchors.
+#![deny(missing_docs)]
+
+pub mod carriers;
+mod error;
+pub mod linalg;
+pub mod measures;
+pub mod select;
+
+pub use error::{Error, Result};

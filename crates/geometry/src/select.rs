@@ -1,0 +1,294 @@
+//! Selection of the admissible refusal carrier (SPEC.md section 2). For each candidate `(l, p)`:
+//! `bypass` = mean refusal score on harmful validation prompts under directional ablation of
+//! `r^`, `induce` = mean refusal score on harmless validation prompts under activation addition of
+//! `r` at layer `l`, `kl` = mean KL(P_base || P_ablated) at the last position on harmless
+//! validation prompts. Admissible: finite, `kl <= kl_max`, `induce > 0`, `l < cutoff * L`; the
+//! admissible candidate with the lowest `bypass` is selected.
+//!
+//! Cost control (ours): every candidate is first screened on `screen_prompts` prompts per set;
+//! the `finalists` with the lowest screened bypass that pass the screen are re-measured on all
+//! validation prompts, and only full measurements decide the selection.
+use crate::linalg;
+use crate::Result;
+use candle_core::{DType, Device, Tensor, D};
+use safegeo_data::judges::refusal_score::refusal_scores;
+use safegeo_runtime::{Hooks, Intervention, LogitsAt, Model, NoHooks, Observer, Phase, Scope};
+use serde::Serialize;
+
+/// Knobs of the selection; defaults follow Arditi et al. with the cut-off of SPEC.md (ours).
+#[derive(Debug, Clone, Serialize)]
+pub struct SelectConfig {
+    /// Maximum KL on harmless prompts under ablation.
+    pub kl_max: f64,
+    /// Candidates must lie in layers `< cutoff * L` (Arditi: 0.8; ours: 1.0 = none).
+    pub layer_cutoff: f64,
+    /// Prompts per set in the screening stage.
+    pub screen_prompts: usize,
+    /// Candidates measured on all validation prompts.
+    pub finalists: usize,
+    /// Prompts per forward pass.
+    pub batch: usize,
+}
+
+impl Default for SelectConfig {
+    fn default() -> Self {
+        Self {
+            kl_max: 0.1,
+            layer_cutoff: 1.0,
+            screen_prompts: 8,
+            finalists: 16,
+            batch: 32,
+        }
+    }
+}
+
+/// Measurements of one candidate.
+#[derive(Debug, Clone, Serialize)]
+pub struct Candidate {
+    /// Layer.
+    pub layer: usize,
+    /// Position index (0 = `t_inst`, then post-instruction).
+    pub pos: usize,
+    /// Mean refusal score on harmful prompts under ablation.
+    pub bypass: f64,
+    /// Mean refusal score on harmless prompts under addition.
+    pub induce: f64,
+    /// Mean KL on harmless prompts under ablation.
+    pub kl: f64,
+    /// `screen` or `full`.
+    pub stage: &'static str,
+    /// Passed every test.
+    pub admissible: bool,
+    /// Tests failed (`nan`, `kl`, `induce`, `layer`).
+    pub failed: Vec<&'static str>,
+}
+
+/// Base-model measurements shared by every candidate.
+pub struct Baseline {
+    /// Mean refusal score on harmful prompts without edits.
+    pub harmful_score: f64,
+    /// Mean refusal score on harmless prompts without edits.
+    pub harmless_score: f64,
+    harmless_logp: Vec<Tensor>,
+}
+
+fn last_logprobs(
+    model: &Model,
+    ids: &[Vec<u32>],
+    batch: usize,
+    obs: &mut dyn Observer,
+) -> Result<Vec<Tensor>> {
+    let mut out = Vec::new();
+    for chunk in ids.chunks(batch.max(1)) {
+        let (x, layout) = model.pad_batch(chunk)?;
+        let logits = model
+            .forward_ids(&x, &layout, None, LogitsAt::Last, Phase::Prompt, obs)?
+            .expect("logits requested")
+            .squeeze(1)?
+            .to_dtype(DType::F64)?;
+        out.push(candle_nn_free_log_softmax(&logits)?);
+    }
+    Ok(out)
+}
+
+fn candle_nn_free_log_softmax(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let s = x.broadcast_sub(&max)?;
+    s.broadcast_sub(&s.exp()?.sum_keepdim(D::Minus1)?.log()?)
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+/// Scores and log-probabilities of the unedited model.
+pub fn baseline(
+    model: &Model,
+    harmful: &[Vec<u32>],
+    harmless: &[Vec<u32>],
+    refusal_ids: &[u32],
+    batch: usize,
+) -> Result<Baseline> {
+    Ok(Baseline {
+        harmful_score: mean(&refusal_scores(
+            model,
+            harmful,
+            refusal_ids,
+            batch,
+            &mut NoHooks,
+        )?),
+        harmless_score: mean(&refusal_scores(
+            model,
+            harmless,
+            refusal_ids,
+            batch,
+            &mut NoHooks,
+        )?),
+        harmless_logp: last_logprobs(model, harmless, batch, &mut NoHooks)?,
+    })
+}
+
+fn to_tensor(v: &[f64], dev: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(
+        v.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+        v.len(),
+        dev,
+    )?)
+}
+
+/// Measure one candidate direction `r` (unnormalized) at layer `layer` on the given prompt sets.
+#[allow(clippy::too_many_arguments)]
+pub fn measure(
+    model: &Model,
+    r: &[f64],
+    layer: usize,
+    harmful: &[Vec<u32>],
+    harmless: &[Vec<u32>],
+    base: &Baseline,
+    refusal_ids: &[u32],
+    batch: usize,
+) -> Result<(f64, f64, f64)> {
+    let dev = &model.device;
+    let unit = to_tensor(&linalg::normalize(r), dev)?;
+    let mut ablate = Hooks::with_interventions(vec![Intervention::Ablate {
+        direction: unit,
+        layers: None,
+        scope: Scope::All,
+    }]);
+    let bypass = mean(&refusal_scores(
+        model,
+        harmful,
+        refusal_ids,
+        batch,
+        &mut ablate,
+    )?);
+    let mut add = Hooks::with_interventions(vec![Intervention::Add {
+        vector: to_tensor(r, dev)?,
+        coef: 1.0,
+        layer,
+        scope: Scope::All,
+    }]);
+    let induce = mean(&refusal_scores(
+        model,
+        harmless,
+        refusal_ids,
+        batch,
+        &mut add,
+    )?);
+    let abl_logp = last_logprobs(model, harmless, batch, &mut ablate)?;
+    let mut kls = Vec::new();
+    for (b, a) in base.harmless_logp.iter().zip(&abl_logp) {
+        let rows = b.dim(0)?;
+        let b = b.narrow(0, 0, rows.min(a.dim(0)?))?;
+        // KL(P || Q) = sum P (log P - log Q), per row.
+        let kl = (b.exp()? * (&b - a)?)?.sum(D::Minus1)?;
+        kls.extend(kl.to_vec1::<f64>()?);
+    }
+    Ok((bypass, induce, mean(&kls)))
+}
+
+/// The admissibility tests a measurement fails.
+pub fn failed_tests(
+    bypass: f64,
+    induce: f64,
+    kl: f64,
+    layer: usize,
+    n_layer: usize,
+    cfg: &SelectConfig,
+) -> Vec<&'static str> {
+    let mut f = Vec::new();
+    if !(bypass.is_finite() && induce.is_finite() && kl.is_finite()) {
+        f.push("nan");
+    }
+    if kl > cfg.kl_max {
+        f.push("kl");
+    }
+    if induce <= 0.0 {
+        f.push("induce");
+    }
+    if (layer as f64) >= cfg.layer_cutoff * n_layer as f64 {
+        f.push("layer");
+    }
+    f
+}
+
+/// Screen every candidate, re-measure finalists on all prompts, and pick the admissible one with
+/// the lowest bypass. `progress(done, total)` after every measurement.
+#[allow(clippy::too_many_arguments)]
+pub fn select(
+    model: &Model,
+    carriers: &[Vec<Vec<f64>>],
+    harmful: &[Vec<u32>],
+    harmless: &[Vec<u32>],
+    refusal_ids: &[u32],
+    cfg: &SelectConfig,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(Vec<Candidate>, Option<usize>, Baseline)> {
+    let n_layer = carriers.len();
+    let s = cfg.screen_prompts.max(1);
+    let (hs, ls) = (
+        &harmful[..s.min(harmful.len())],
+        &harmless[..s.min(harmless.len())],
+    );
+    let base_screen = baseline(model, hs, ls, refusal_ids, cfg.batch)?;
+    let total = n_layer * carriers[0].len() + cfg.finalists;
+    let mut done = 0;
+    let mut cands = Vec::new();
+    for (l, per_pos) in carriers.iter().enumerate() {
+        for (p, r) in per_pos.iter().enumerate() {
+            let (bypass, induce, kl) =
+                measure(model, r, l, hs, ls, &base_screen, refusal_ids, cfg.batch)?;
+            let failed = failed_tests(bypass, induce, kl, l, n_layer, cfg);
+            cands.push(Candidate {
+                layer: l,
+                pos: p,
+                bypass,
+                induce,
+                kl,
+                stage: "screen",
+                admissible: false,
+                failed,
+            });
+            done += 1;
+            progress(done, total);
+        }
+    }
+    // Finalists: pass the screen (KL may be re-checked), lowest bypass first; fill with the rest.
+    let mut order: Vec<usize> = (0..cands.len()).collect();
+    order.sort_by(|&a, &b| {
+        let key = |i: usize| (!cands[i].failed.is_empty(), cands[i].bypass);
+        let (ka, kb) = (key(a), key(b));
+        ka.0.cmp(&kb.0).then(ka.1.total_cmp(&kb.1))
+    });
+    let base = baseline(model, harmful, harmless, refusal_ids, cfg.batch)?;
+    for &i in order.iter().take(cfg.finalists) {
+        let (l, p) = (cands[i].layer, cands[i].pos);
+        let (bypass, induce, kl) = measure(
+            model,
+            &carriers[l][p],
+            l,
+            harmful,
+            harmless,
+            &base,
+            refusal_ids,
+            cfg.batch,
+        )?;
+        let failed = failed_tests(bypass, induce, kl, l, n_layer, cfg);
+        cands[i] = Candidate {
+            layer: l,
+            pos: p,
+            bypass,
+            induce,
+            kl,
+            stage: "full",
+            admissible: failed.is_empty(),
+            failed,
+        };
+        done += 1;
+        progress(done, total);
+    }
+    let best = (0..cands.len())
+        .filter(|&i| cands[i].admissible)
+        .min_by(|&a, &b| cands[a].bypass.total_cmp(&cands[b].bypass));
+    Ok((cands, best, base))
+}
