@@ -32,6 +32,10 @@ enum Command {
     Generate(cmd::generate::GenerateArgs),
     /// Behaviour evaluation: generate on benchmark suites, judge, summarise with intervals.
     Eval(cmd::eval::EvalArgs),
+    /// Refusal and harmfulness carrier candidates from harmful vs harmless prompts.
+    Carriers(cmd::geometry::CarriersArgs),
+    /// Select the admissible refusal carrier (bypass, induce, KL) from a carriers folder.
+    Select(cmd::geometry::SelectArgs),
     /// Measure this machine and the runtime: sgemm peak, capture prefill, decode, backward.
     Bench(cmd::bench::BenchArgs),
 }
@@ -56,6 +60,8 @@ fn main() {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Eval(a) => cmd::eval::run(a),
+        Command::Carriers(a) => cmd::geometry::carriers(a),
+        Command::Select(a) => cmd::geometry::run_select(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

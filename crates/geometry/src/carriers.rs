@@ -107,6 +107,7 @@ pub fn capture(
 }
 
 /// Carrier candidates and their ingredients, `[l][p][d]` in f64.
+#[derive(Debug, Clone)]
 pub struct Carriers {
     /// `r_{l,p}` = mean harmful - mean harmless.
     pub refusal: Vec<Vec<Vec<f64>>>,

@@ -7,5 +7,6 @@ mod error;
 pub mod linalg;
 pub mod measures;
 pub mod select;
+pub mod store;
 
 pub use error::{Error, Result};

@@ -2,4 +2,5 @@ pub mod bench;
 pub mod eval;
 pub mod forward;
 pub mod generate;
+pub mod geometry;
 pub mod model;

@@ -1,0 +1,347 @@
+//! `safegeo carriers` and `safegeo select`: refusal geometry of a model.
+use crate::common::{self, ModelArgs};
+use anyhow::{bail, Context, Result};
+use safegeo_data::judges::refusal_score::{refusal_scores, refusal_token_ids, REFUSAL_OPENINGS};
+use safegeo_data::{load_dataset, LoadSpec};
+use safegeo_geometry::carriers::{capture, difference_of_means, prompt_ids};
+use safegeo_geometry::measures::{coupling_curve, effective_rank_at};
+use safegeo_geometry::select::{select, SelectConfig};
+use safegeo_geometry::{linalg, store};
+use safegeo_runtime::NoHooks;
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args)]
+pub struct CarriersArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Harmful prompts (a *-train split: carriers are estimated, never evaluated, here).
+    #[arg(long, default_value = "harmful-train")]
+    pub harmful: String,
+    /// Harmless prompts.
+    #[arg(long, default_value = "harmless-train")]
+    pub harmless: String,
+    /// Prompts per set (Arditi et al.: 128).
+    #[arg(long, default_value_t = 128)]
+    pub n: usize,
+    /// Sampling seed (Arditi et al.: 42).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Keep only harmful prompts the model refuses (refusal score > 0) and harmless ones it
+    /// accepts (< 0).
+    #[arg(long)]
+    pub filter: bool,
+    /// Bootstrap resamples for the effective rank.
+    #[arg(long, default_value_t = 20)]
+    pub bootstrap: usize,
+    /// Prompts per forward pass.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Data directory [default: $SAFEGEO_DATA, else ../shared/data].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Also write refusal.npy and harmfulness.npy.
+    #[arg(long)]
+    pub export_npy: bool,
+    /// Output folder: carriers.safetensors, carriers.json, geometry.json.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct SelectArgs {
+    /// A folder written by `safegeo carriers`.
+    pub dir: PathBuf,
+    /// Model [default: the one recorded in DIR/carriers.json].
+    #[arg(long, short = 'm')]
+    pub model: Option<String>,
+    /// Device.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Harmful and harmless validation sets.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "harmful-val,harmless-val"
+    )]
+    pub val: Vec<String>,
+    /// Validation prompts per set (Arditi et al.: 32).
+    #[arg(long, default_value_t = 32)]
+    pub n_val: usize,
+    /// Maximum KL on harmless prompts under ablation.
+    #[arg(long, default_value_t = 0.1)]
+    pub kl_max: f64,
+    /// Candidates must lie below this fraction of the layers (Arditi: 0.8; default none).
+    #[arg(long, default_value_t = 1.0)]
+    pub layer_cutoff: f64,
+    /// Prompts per set in the screening stage.
+    #[arg(long, default_value_t = 8)]
+    pub screen: usize,
+    /// Candidates re-measured on all validation prompts.
+    #[arg(long, default_value_t = 16)]
+    pub finalists: usize,
+    /// Use the orthogonalized carriers.
+    #[arg(long)]
+    pub orth: bool,
+    /// Data directory.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Sampling seed for the validation prompts.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Print selection.json to stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+    safegeo_data::eval::write_atomic(path, serde_json::to_string_pretty(v)?.as_bytes())?;
+    Ok(())
+}
+
+fn prompts(
+    name: &str,
+    n: usize,
+    seed: u64,
+    data_dir: Option<&Path>,
+) -> Result<safegeo_data::Dataset> {
+    Ok(load_dataset(
+        name,
+        &LoadSpec {
+            data_dir,
+            limit: Some(n),
+            seed,
+            ..Default::default()
+        },
+    )?)
+}
+
+pub fn carriers(a: CarriersArgs) -> Result<()> {
+    for name in [&a.harmful, &a.harmless] {
+        if let Ok(dn) = safegeo_data::DatasetName::parse(name) {
+            if !dn.is_train_split() {
+                eprintln!(
+                    "warning: `{name}` is not a *-train split; evaluate carriers on other data"
+                );
+            }
+        }
+    }
+    let harmful = prompts(&a.harmful, a.n, a.seed, a.data_dir.as_deref())?;
+    let harmless = prompts(&a.harmless, a.n, a.seed, a.data_dir.as_deref())?;
+    let model = common::load(&a.model)?;
+    let t0 = std::time::Instant::now();
+    let text =
+        |d: &safegeo_data::Dataset| d.items.iter().map(|i| i.prompt.clone()).collect::<Vec<_>>();
+    let (mut h_ids, pos) = prompt_ids(&model, &text(&harmful))?;
+    let (mut l_ids, _) = prompt_ids(&model, &text(&harmless))?;
+    let refusal_ids = refusal_token_ids(&model.tok, REFUSAL_OPENINGS)?;
+    let mut kept = (harmful.items.len(), harmless.items.len());
+    if a.filter {
+        let hs = refusal_scores(&model, &h_ids, &refusal_ids, a.batch_size, &mut NoHooks)?;
+        let ls = refusal_scores(&model, &l_ids, &refusal_ids, a.batch_size, &mut NoHooks)?;
+        h_ids = h_ids
+            .into_iter()
+            .zip(&hs)
+            .filter(|(_, &s)| s > 0.0)
+            .map(|(i, _)| i)
+            .collect();
+        l_ids = l_ids
+            .into_iter()
+            .zip(&ls)
+            .filter(|(_, &s)| s < 0.0)
+            .map(|(i, _)| i)
+            .collect();
+        kept = (h_ids.len(), l_ids.len());
+        if h_ids.is_empty() || l_ids.is_empty() {
+            bail!("--filter kept {} harmful and {} harmless prompts: the model refuses none of the harmful ones (or all harmless ones)\n  fix: run without --filter, or safety-train the model first", kept.0, kept.1);
+        }
+    }
+    let bar = indicatif::ProgressBar::new((h_ids.len() + l_ids.len()) as u64).with_style(
+        indicatif::ProgressStyle::with_template("capture {bar:40} {pos}/{len} prompts {elapsed}")
+            .expect("template"),
+    );
+    let hacts = capture(&model, &h_ids, pos.post_len, a.batch_size, &mut |n| {
+        bar.inc(n as u64)
+    })?;
+    let lacts = capture(&model, &l_ids, pos.post_len, a.batch_size, &mut |n| {
+        bar.inc(n as u64)
+    })?;
+    bar.finish_and_clear();
+    let c = difference_of_means(&hacts, &lacts, None, None);
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create {}", a.out.display()))?;
+    store::save(&c, &a.out.join("carriers.safetensors"))?;
+    if a.export_npy {
+        let t = store::to_tensors(&c)?;
+        store::write_npy(&t["refusal"], &a.out.join("refusal.npy"))?;
+        store::write_npy(&t["harmfulness"], &a.out.join("harmfulness.npy"))?;
+    }
+    // Position names and the tokens at them (from the first harmful prompt).
+    let first = &h_ids[0];
+    let k = pos.post_len + 1;
+    let positions: Vec<serde_json::Value> = (0..k)
+        .map(|p| {
+            let tok = first[first.len() - k + p];
+            let name = if p == 0 { "t_inst".to_string() } else if p == k - 1 { format!("post_{p} (t_post)") } else { format!("post_{p}") };
+            serde_json::json!({"index": p, "name": name, "token": model.tok.decode(&[tok], false).unwrap_or_default()})
+        })
+        .collect();
+    let ds = |d: &safegeo_data::Dataset| serde_json::json!({"name": d.name, "sha256": d.sha256, "ids": d.items.iter().map(|i| &i.id).collect::<Vec<_>>()});
+    write_json(
+        &a.out.join("carriers.json"),
+        &serde_json::json!({
+            "safegeo_version": env!("CARGO_PKG_VERSION"),
+            "model": model.source, "model_sha256": common::model_hash(&model.source)?,
+            "n_layer": c.n_layer(), "n_pos": c.n_pos(), "d": model.cfg.hidden,
+            "positions": positions,
+            "tensors": {"refusal": "[L, P, d] mean harmful - mean harmless", "refusal_orth": "[L, P, d] unit, orthogonal to the harmless mean",
+                        "harmfulness": "[L, d] refusal at t_inst", "mean_harmful": "[L, P, d]", "mean_harmless": "[L, P, d]"},
+            "harmful": ds(&harmful), "harmless": ds(&harmless), "filter": a.filter,
+            "kept": {"harmful": kept.0, "harmless": kept.1}, "seed": a.seed,
+        }),
+    )?;
+    let t_post = c.n_pos() - 1;
+    let erank: Vec<_> = (0..c.n_layer())
+        .map(|l| effective_rank_at(&hacts, &lacts, l, a.bootstrap, a.seed))
+        .collect();
+    let norms: Vec<Vec<f64>> = c
+        .refusal
+        .iter()
+        .map(|per| per.iter().map(|r| linalg::norm(r)).collect())
+        .collect();
+    write_json(
+        &a.out.join("geometry.json"),
+        &serde_json::json!({
+            "effective_rank": erank,
+            "coupling_abs_cos_t_post": coupling_curve(&c, t_post),
+            "refusal_norms": norms,
+            "note": "coupling = |cos(harmfulness carrier at t_inst, refusal carrier at t_post)| per layer; `safegeo select` adds the selected layer",
+        }),
+    )?;
+    eprintln!(
+        "carriers: {} layers x {} positions from {} harmful / {} harmless prompts in {:.1}s -> {}",
+        c.n_layer(),
+        c.n_pos(),
+        kept.0,
+        kept.1,
+        t0.elapsed().as_secs_f64(),
+        a.out.display()
+    );
+    Ok(())
+}
+
+pub fn run_select(a: SelectArgs) -> Result<()> {
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(a.dir.join("carriers.json")).with_context(|| {
+            format!(
+                "{}: no carriers.json\n  fix: run `safegeo carriers --out {}` first",
+                a.dir.display(),
+                a.dir.display()
+            )
+        })?,
+    )?;
+    let c = store::load(&a.dir.join("carriers.safetensors"))?;
+    if a.val.len() != 2 {
+        bail!("--val takes two sets: harmful,harmless");
+    }
+    let model_spec = a
+        .model
+        .clone()
+        .or_else(|| meta["model"].as_str().map(String::from));
+    let model = common::load(&ModelArgs {
+        model: model_spec,
+        device: a.device.clone(),
+        quantized: false,
+    })?;
+    if model.cfg.n_layer != c.n_layer() || model.cfg.hidden != c.refusal[0][0].len() {
+        bail!(
+            "the carriers in {} do not fit this model's shape",
+            a.dir.display()
+        );
+    }
+    let hv = prompts(&a.val[0], a.n_val, a.seed, a.data_dir.as_deref())?;
+    let lv = prompts(&a.val[1], a.n_val, a.seed, a.data_dir.as_deref())?;
+    let text =
+        |d: &safegeo_data::Dataset| d.items.iter().map(|i| i.prompt.clone()).collect::<Vec<_>>();
+    let (h_ids, _) = prompt_ids(&model, &text(&hv))?;
+    let (l_ids, _) = prompt_ids(&model, &text(&lv))?;
+    let refusal_ids = refusal_token_ids(&model.tok, REFUSAL_OPENINGS)?;
+    let cfg = SelectConfig {
+        kl_max: a.kl_max,
+        layer_cutoff: a.layer_cutoff,
+        screen_prompts: a.screen,
+        finalists: a.finalists,
+        batch: 32,
+    };
+    let carriers = if a.orth { &c.refusal_orth } else { &c.refusal };
+    let t0 = std::time::Instant::now();
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template(
+            "select {bar:40} {pos}/{len} measurements {elapsed} eta {eta}",
+        )
+        .expect("template"),
+    );
+    let (cands, best, base) = select(
+        &model,
+        carriers,
+        &h_ids,
+        &l_ids,
+        &refusal_ids,
+        &cfg,
+        &mut |d, t| {
+            bar.set_length(t as u64);
+            bar.set_position(d as u64);
+        },
+    )?;
+    bar.finish_and_clear();
+    let mut csv = String::from("layer,pos,bypass,induce,kl,stage,admissible,failed\n");
+    for k in &cands {
+        csv.push_str(&format!(
+            "{},{},{:.6},{:.6},{:.6},{},{},{}\n",
+            k.layer,
+            k.pos,
+            k.bypass,
+            k.induce,
+            k.kl,
+            k.stage,
+            k.admissible,
+            k.failed.join(";")
+        ));
+    }
+    safegeo_data::eval::write_atomic(&a.dir.join("selection.csv"), csv.as_bytes())?;
+    let full: Vec<_> = cands.iter().filter(|k| k.stage == "full").collect();
+    let count = |t: &str| full.iter().filter(|k| k.failed.contains(&t)).count();
+    let verdict = match best {
+        Some(i) => {
+            serde_json::json!({"selected": cands[i], "direction": if a.orth { "refusal_orth" } else { "refusal" }})
+        }
+        None => serde_json::json!({
+            "selected": null,
+            "reason": format!(
+                "no admissible carrier among {} fully measured candidates: induce <= 0 for {}, KL > {} for {}, NaN for {}, above the layer cut-off for {} (baseline refusal score on harmful prompts {:.3}; a model that does not refuse has no refusal carrier to find)",
+                full.len(), count("induce"), a.kl_max, count("kl"), count("nan"), count("layer"), base.harmful_score
+            ),
+        }),
+    };
+    let out = serde_json::json!({
+        "config": cfg, "seconds": t0.elapsed().as_secs_f64(),
+        "baseline": {"harmful_refusal_score": base.harmful_score, "harmless_refusal_score": base.harmless_score},
+        "validation": {"harmful": {"name": hv.name, "sha256": hv.sha256}, "harmless": {"name": lv.name, "sha256": lv.sha256}},
+        "refusal_token_ids": refusal_ids, "result": verdict,
+    });
+    write_json(&a.dir.join("selection.json"), &out)?;
+    if a.json {
+        common::print_json(&out)?;
+    } else if let Some(i) = best {
+        let k = &cands[i];
+        println!("selected carrier: layer {} position {} (bypass {:.3}, induce {:.3}, KL {:.4}); baseline harmful score {:.3}", k.layer, k.pos, k.bypass, k.induce, k.kl, base.harmful_score);
+    } else {
+        println!("{}", out["result"]["reason"].as_str().unwrap_or_default());
+    }
+    eprintln!(
+        "select: {} candidates in {:.1}s -> {}",
+        cands.len(),
+        t0.elapsed().as_secs_f64(),
+        a.dir.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,116 @@
+//! Planted-direction tests on a tiny random model: harmful prompts' tokens carry a known direction
+//! `u` in their embeddings, and an untied LM head reads `u` out as a "refusal" token. The carrier
+//! method must recover `u`, and selection must pick a candidate along `u` whose ablation removes
+//! the planted refusal.
+use candle_core::{DType, Device, Tensor};
+use safegeo_geometry::carriers::{capture, difference_of_means};
+use safegeo_geometry::linalg::cosine;
+use safegeo_geometry::select::{select, SelectConfig};
+use safegeo_runtime::testing::tiny_model;
+use safegeo_runtime::{Arch, Linear, Model};
+
+const REFUSAL_TOKEN: u32 = 1;
+
+fn planted_model(u: &[f32], strength: f32) -> Model {
+    let mut m = tiny_model(Arch::Llama, 12, DType::F32).unwrap();
+    let d = m.cfg.hidden;
+    let mut emb: Vec<Vec<f32>> = m.embed.to_vec2().unwrap();
+    let mut head = emb.clone();
+    for row in emb.iter_mut().take(12).skip(2) {
+        for k in 0..d {
+            row[k] += strength * u[k]; // "harmful" tokens w0..w9
+        }
+    }
+    head[REFUSAL_TOKEN as usize] = u.iter().map(|x| 40.0 * x).collect();
+    let flat =
+        |v: &Vec<Vec<f32>>| Tensor::from_vec(v.concat(), (v.len(), d), &Device::Cpu).unwrap();
+    m.embed = flat(&emb);
+    m.lm_head = Linear::new(flat(&head), None);
+    m
+}
+
+fn unit_u(d: usize) -> Vec<f32> {
+    let v: Vec<f32> = (0..d).map(|i| ((i * 7 + 3) % 11) as f32 - 5.0).collect();
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.iter().map(|x| x / n).collect()
+}
+
+fn prompts(lo: u32, hi: u32, n: usize) -> Vec<Vec<u32>> {
+    (0..n)
+        .map(|i| {
+            (0..4)
+                .map(|j| lo + ((i * 5 + j * 3) as u32 % (hi - lo)))
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn difference_of_means_recovers_the_planted_direction() {
+    let u = unit_u(16);
+    let m = planted_model(&u, 30.0);
+    let harmful = prompts(2, 12, 40);
+    let harmless = prompts(20, 44, 40);
+    let h = capture(&m, &harmful, 0, 8, &mut |_| {}).unwrap();
+    let l = capture(&m, &harmless, 0, 8, &mut |_| {}).unwrap();
+    let c = difference_of_means(&h, &l, None, None);
+    let u64: Vec<f64> = u.iter().map(|&x| x as f64).collect();
+    let cos0 = cosine(&c.refusal[0][0], &u64);
+    assert!(cos0 > 0.99, "layer 0 carrier: cos {cos0}");
+    // Without the plant the same method finds no such direction.
+    let plain = planted_model(&u, 0.0);
+    let h = capture(&plain, &harmful, 0, 8, &mut |_| {}).unwrap();
+    let l = capture(&plain, &harmless, 0, 8, &mut |_| {}).unwrap();
+    let c0 = difference_of_means(&h, &l, None, None);
+    assert!(cosine(&c0.refusal[0][0], &u64).abs() < 0.9);
+}
+
+#[test]
+fn selection_picks_a_carrier_along_the_plant_whose_ablation_removes_refusal() {
+    let u = unit_u(16);
+    let m = planted_model(&u, 30.0);
+    let (train_h, train_l) = (prompts(2, 12, 40), prompts(20, 44, 40));
+    let h = capture(&m, &train_h, 0, 8, &mut |_| {}).unwrap();
+    let l = capture(&m, &train_l, 0, 8, &mut |_| {}).unwrap();
+    let c = difference_of_means(&h, &l, None, None);
+    let (val_h, val_l) = (prompts(2, 12, 12), prompts(20, 44, 12));
+    // The tiny random model's logits are far from a real model's, so the KL bound is loosened.
+    let cfg = SelectConfig {
+        kl_max: 50.0,
+        finalists: 4,
+        screen_prompts: 6,
+        ..Default::default()
+    };
+    let (cands, best, base) = select(
+        &m,
+        &c.refusal,
+        &val_h,
+        &val_l,
+        &[REFUSAL_TOKEN],
+        &cfg,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let best = &cands[best.expect("an admissible carrier")];
+    let u64: Vec<f64> = u.iter().map(|&x| x as f64).collect();
+    assert!(
+        cosine(&c.refusal[best.layer][best.pos], &u64) > 0.95,
+        "selected {best:?}"
+    );
+    assert!(
+        base.harmful_score > 0.0,
+        "the plant makes the model refuse harmful prompts: {}",
+        base.harmful_score
+    );
+    assert!(
+        best.bypass < base.harmful_score - 5.0,
+        "ablation must remove the refusal: {} vs {}",
+        best.bypass,
+        base.harmful_score
+    );
+    assert!(
+        best.induce > base.harmless_score,
+        "addition must induce refusal"
+    );
+    assert_eq!(cands.len(), m.cfg.n_layer);
+}
