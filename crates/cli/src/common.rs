@@ -107,33 +107,42 @@ pub fn prompt_ids(model: &Model, prompt: &PromptArgs, messages: &[Message]) -> R
 /// Exit codes: 2 bad input, 3 model problems, 1 anything else.
 pub fn exit_code(e: &anyhow::Error) -> i32 {
     use safegeo_data::Error as D;
-    use safegeo_runtime::Error as E;
-    let runtime = match e.downcast_ref::<D>() {
-        Some(D::Runtime(r)) => Some(r),
+    use safegeo_geometry::Error as G;
+    let data = match e.downcast_ref::<G>() {
+        Some(G::Data(d)) => Some(d),
+        Some(G::Runtime(r)) => return runtime_code(r),
+        Some(G::Invalid(_)) => return 2,
+        Some(G::Candle(_)) => return 1,
+        None => e.downcast_ref::<D>(),
+    };
+    match data {
+        Some(D::Runtime(r)) => runtime_code(r),
         Some(
             D::MissingDataset { .. }
             | D::UnknownDataset(_)
             | D::Parse { .. }
             | D::Empty(_)
             | D::Invalid(_),
-        ) => return 2,
-        Some(_) => return 1,
-        None => e.downcast_ref::<E>(),
-    };
-    match runtime {
-        Some(
-            E::ModelNotFound { .. }
-            | E::BadGguf { .. }
-            | E::Checksum { .. }
-            | E::UnsupportedQuant { .. },
-        )
-        | Some(
-            E::UnknownArchitecture { .. }
-            | E::MissingKey { .. }
-            | E::MissingTensor { .. }
-            | E::Tokenizer { .. },
-        ) => 3,
-        Some(E::EmptyPrompt | E::ContextOverflow { .. } | E::Invalid(_) | E::Template(_)) => 2,
+        ) => 2,
+        Some(_) => 1,
+        None => e
+            .downcast_ref::<safegeo_runtime::Error>()
+            .map_or(1, runtime_code),
+    }
+}
+
+fn runtime_code(r: &safegeo_runtime::Error) -> i32 {
+    use safegeo_runtime::Error as E;
+    match r {
+        E::ModelNotFound { .. }
+        | E::BadGguf { .. }
+        | E::Checksum { .. }
+        | E::UnsupportedQuant { .. }
+        | E::UnknownArchitecture { .. }
+        | E::MissingKey { .. }
+        | E::MissingTensor { .. }
+        | E::Tokenizer { .. } => 3,
+        E::EmptyPrompt | E::ContextOverflow { .. } | E::Invalid(_) | E::Template(_) => 2,
         _ => 1,
     }
 }
@@ -184,4 +193,67 @@ pub fn check_or_write_config(out: &std::path::Path, config: &serde_json::Value) 
     std::fs::write(&tmp, serde_json::to_string_pretty(config)?)?;
     std::fs::rename(&tmp, &path)?;
     Ok(())
+}
+
+/// A progress display: a bar on a terminal, a line per 10% otherwise (logs, CI, nohup).
+pub struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    label: String,
+    len: u64,
+    last_decile: u64,
+    start: std::time::Instant,
+}
+
+impl Progress {
+    /// A progress display for `label` items.
+    pub fn new(label: &str) -> Self {
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let style = indicatif::ProgressStyle::with_template(&format!(
+                "{{bar:40}} {{pos}}/{{len}} {label} {{elapsed}} eta {{eta}}"
+            ))
+            .expect("valid template");
+            indicatif::ProgressBar::new(0).with_style(style)
+        });
+        Self {
+            bar,
+            label: label.to_string(),
+            len: 0,
+            last_decile: 0,
+            start: std::time::Instant::now(),
+        }
+    }
+
+    /// Report `done` of `total`.
+    pub fn set(&mut self, done: usize, total: usize) {
+        self.len = total as u64;
+        match &self.bar {
+            Some(b) => {
+                b.set_length(total as u64);
+                b.set_position(done as u64);
+            }
+            None => {
+                let decile = if total == 0 {
+                    10
+                } else {
+                    10 * done as u64 / total as u64
+                };
+                if decile > self.last_decile {
+                    self.last_decile = decile;
+                    eprintln!(
+                        "{done}/{total} {} ({:.0}s)",
+                        self.label,
+                        self.start.elapsed().as_secs_f64()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Clear the bar.
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
 }

@@ -36,6 +36,8 @@ enum Command {
     Carriers(cmd::geometry::CarriersArgs),
     /// Select the admissible refusal carrier (bypass, induce, KL) from a carriers folder.
     Select(cmd::geometry::SelectArgs),
+    /// Drift between two anchors' carriers: principal angles, cosines, layer shift.
+    Drift(cmd::geometry::DriftArgs),
     /// Measure this machine and the runtime: sgemm peak, capture prefill, decode, backward.
     Bench(cmd::bench::BenchArgs),
 }
@@ -62,6 +64,7 @@ fn main() {
         Command::Eval(a) => cmd::eval::run(a),
         Command::Carriers(a) => cmd::geometry::carriers(a),
         Command::Select(a) => cmd::geometry::run_select(a),
+        Command::Drift(a) => cmd::geometry::drift(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -41,6 +41,24 @@ fn basis(rows: &[Vec<f64>]) -> DMatrix<f64> {
     DMatrix::from_fn(u.nrows(), keep.len(), |i, j| u[(i, keep[j])])
 }
 
+/// The top-`k` right singular vectors of a row matrix (the dominant `k`-dimensional subspace).
+pub fn top_right_singular_vectors(rows: &[Vec<f64>], k: usize) -> Vec<Vec<f64>> {
+    if rows.is_empty() {
+        return Vec::new();
+    }
+    let m = DMatrix::from_fn(rows.len(), rows[0].len(), |i, j| rows[i][j]);
+    let svd = m.svd(false, true);
+    let vt = svd.v_t.expect("v_t requested");
+    let mut order: Vec<usize> = (0..svd.singular_values.len()).collect();
+    order.sort_by(|&a, &b| svd.singular_values[b].total_cmp(&svd.singular_values[a]));
+    order
+        .iter()
+        .take(k)
+        .filter(|&&i| svd.singular_values[i] > 0.0)
+        .map(|&i| vt.row(i).iter().copied().collect())
+        .collect()
+}
+
 /// Principal angles (radians, ascending) between the spans of two sets of vectors.
 pub fn principal_angles(a: &[Vec<f64>], b: &[Vec<f64>]) -> Vec<f64> {
     if a.is_empty() || b.is_empty() {
@@ -130,5 +148,24 @@ mod tests {
     fn cosine_basics() {
         assert!((cosine(&[1., 0.], &[1., 1.]) - 0.5f64.sqrt()).abs() < 1e-12);
         assert_eq!(cosine(&[0., 0.], &[1., 1.]), 0.0);
+    }
+}
+
+#[cfg(test)]
+mod subspace_tests {
+    use super::*;
+
+    #[test]
+    fn top_singular_vectors_span_the_dominant_plane() {
+        // Rows mostly in span{e1, e2}, a little e3.
+        let rows = vec![
+            vec![5.0, 0.0, 0.01],
+            vec![0.0, 3.0, 0.0],
+            vec![4.0, 4.0, 0.02],
+        ];
+        let top = top_right_singular_vectors(&rows, 2);
+        let ang = principal_angles(&top, &[vec![1., 0., 0.], vec![0., 1., 0.]]);
+        assert!(ang.iter().all(|a| a.abs() < 1e-2), "{ang:?}");
+        assert_eq!(top_right_singular_vectors(&rows, 1).len(), 1);
     }
 }

@@ -91,13 +91,14 @@ pub struct Drift {
     pub cosine_per_layer: Vec<f64>,
 }
 
-/// Principal angles per layer between the spans of the carriers over positions, and the cosine of
-/// the carriers at `pos`, for anchors `a` and `b` of the same model shape.
-pub fn drift(a: &Carriers, b: &Carriers, pos: usize) -> Drift {
+/// Principal angles per layer between the top-`k` subspaces (right singular vectors) of the
+/// carriers over positions, and the cosine of the carriers at `pos`, for anchors `a` and `b`.
+pub fn drift(a: &Carriers, b: &Carriers, pos: usize, k: usize) -> Drift {
+    use crate::linalg::top_right_singular_vectors as top;
     let mut angles = Vec::new();
     let mut cos = Vec::new();
     for l in 0..a.n_layer().min(b.n_layer()) {
-        let ang = principal_angles(&a.refusal[l], &b.refusal[l]);
+        let ang = principal_angles(&top(&a.refusal[l], k), &top(&b.refusal[l], k));
         angles.push(ang.iter().map(|x| x.to_degrees()).collect());
         cos.push(cosine(&a.refusal[l][pos], &b.refusal[l][pos]));
     }
@@ -135,7 +136,7 @@ mod tests {
         assert!((e.erank - 1.0).abs() < 1e-6 && e.rows == 10, "{e:?}");
         let c = difference_of_means(&harmful, &harmless, None, None);
         assert!((coupling_curve(&c, 1)[0] - 1.0).abs() < 1e-12);
-        let d = drift(&c, &c, 0);
+        let d = drift(&c, &c, 0, 2);
         assert!(d.principal_angles_deg[0].iter().all(|a| a.abs() < 1e-4));
         assert!((d.cosine_per_layer[0] - 1.0).abs() < 1e-12);
     }

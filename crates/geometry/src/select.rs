@@ -55,11 +55,11 @@ pub struct Candidate {
     pub induce: f64,
     /// Mean KL on harmless prompts under ablation.
     pub kl: f64,
-    /// `screen` or `full`.
+    /// `screen`, `full`, or `skipped` (zero carrier).
     pub stage: &'static str,
     /// Passed every test.
     pub admissible: bool,
-    /// Tests failed (`nan`, `kl`, `induce`, `layer`).
+    /// Tests failed (`nan`, `kl`, `induce`, `layer`; `zero` for a carrier of zero length).
     pub failed: Vec<&'static str>,
 }
 
@@ -261,7 +261,11 @@ pub fn select(
         ka.0.cmp(&kb.0).then(ka.1.total_cmp(&kb.1))
     });
     let base = baseline(model, harmful, harmless, refusal_ids, cfg.batch)?;
-    for &i in order.iter().take(cfg.finalists) {
+    for &i in order
+        .iter()
+        .filter(|&&i| cands[i].stage != "skipped")
+        .take(cfg.finalists)
+    {
         let (l, p) = (cands[i].layer, cands[i].pos);
         let (bypass, induce, kl) = measure(
             model,

@@ -173,13 +173,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
         "reference": a.reference.as_ref().map(|p| -> Result<_> { Ok(serde_json::json!({"path": p, "sha256": safegeo_runtime::fetch::sha256_file(p)?})) }).transpose()?,
     });
     common::check_or_write_config(&a.out, &config)?;
-    let bar = indicatif::ProgressBar::new(0).with_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} replies {elapsed} eta {eta}")
-            .expect("template"),
-    );
+    let mut bar = common::Progress::new("replies");
     let summary = run_eval(&model, &judges, &spec, &mut NoHooks, &mut |done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
+        bar.set(done, total)
     })
     .with_context(|| {
         format!(
@@ -187,7 +183,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             a.out.display()
         )
     })?;
-    bar.finish_and_clear();
+    bar.finish();
     if a.json {
         return common::print_json(&summary);
     }

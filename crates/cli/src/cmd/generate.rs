@@ -120,10 +120,8 @@ fn run_file(
     // Decode similar lengths together (less padding); write in input order.
     let mut order: Vec<usize> = (0..rows.len()).collect();
     order.sort_by_key(|&i| rows[i].1.len());
-    let bar = indicatif::ProgressBar::new(rows.len() as u64).with_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} prompts {elapsed} eta {eta}")
-            .expect("valid template"),
-    );
+    let mut bar = common::Progress::new("prompts");
+    let mut done = 0;
     let mut replies = vec![None; rows.len()];
     let t0 = std::time::Instant::now();
     let mut new_tokens = 0usize;
@@ -138,9 +136,10 @@ fn run_file(
             new_tokens += o.ids.len();
             replies[i] = Some(o);
         }
-        bar.inc(chunk.len() as u64);
+        done += chunk.len();
+        bar.set(done, rows.len());
     }
-    bar.finish_and_clear();
+    bar.finish();
     let tmp = output.with_extension("jsonl.partial");
     let mut w = std::io::BufWriter::new(
         std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?,
