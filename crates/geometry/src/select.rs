@@ -261,11 +261,12 @@ pub fn select(
         ka.0.cmp(&kb.0).then(ka.1.total_cmp(&kb.1))
     });
     let base = baseline(model, harmful, harmless, refusal_ids, cfg.batch)?;
-    for &i in order
-        .iter()
-        .filter(|&&i| cands[i].stage != "skipped")
+    let finalists: Vec<usize> = order
+        .into_iter()
+        .filter(|&i| cands[i].stage != "skipped")
         .take(cfg.finalists)
-    {
+        .collect();
+    for i in finalists {
         let (l, p) = (cands[i].layer, cands[i].pos);
         let (bypass, induce, kl) = measure(
             model,
