@@ -75,8 +75,8 @@ pub fn coupling_curve(c: &Carriers, pos: usize) -> Vec<f64> {
 pub fn belief_score(acts_of_prompt: &[Vec<Vec<f32>>], c: &Carriers, pos: usize) -> f64 {
     let n = c.n_layer();
     let mut total = 0.0;
-    for l in 0..n {
-        let h: Vec<f64> = acts_of_prompt[l][pos].iter().map(|&x| x as f64).collect();
+    for (l, layer) in acts_of_prompt.iter().enumerate().take(n) {
+        let h: Vec<f64> = layer[pos].iter().map(|&x| x as f64).collect();
         total += cosine(&h, &c.mean_harmful[l][pos]) - cosine(&h, &c.mean_harmless[l][pos]);
     }
     total / n as f64

@@ -76,7 +76,7 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Whether layer `l` uses sliding-window attention.
     pub fn is_local_layer(&self, layer: usize) -> bool {
-        self.sliding_window.is_some() && (layer + 1) % self.sliding_pattern.max(1) != 0
+        self.sliding_window.is_some() && !(layer + 1).is_multiple_of(self.sliding_pattern.max(1))
     }
 
     /// Approximate forward FLOPs per token (2 x parameters touched, LM head included).
@@ -94,13 +94,13 @@ impl ModelConfig {
         if self.n_layer == 0 || self.hidden == 0 || self.n_head == 0 || self.head_dim == 0 {
             return bad(format!("zero dimension in {self:?}"));
         }
-        if self.n_kv_head == 0 || self.n_head % self.n_kv_head != 0 {
+        if self.n_kv_head == 0 || !self.n_head.is_multiple_of(self.n_kv_head) {
             return bad(format!(
                 "{} query heads are not a multiple of {} kv heads",
                 self.n_head, self.n_kv_head
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(format!("odd head_dim {}", self.head_dim));
         }
         Ok(())

@@ -130,7 +130,7 @@ fn sliding_window_changes_long_range_attention_only() {
     let short: Vec<u32> = (2..5).collect();
     assert!(
         max_abs(
-            &last_logits(&m, &[short.clone()]),
+            &last_logits(&m, std::slice::from_ref(&short)),
             &last_logits(&m2, &[short])
         ) < 1e-5
     );

@@ -81,7 +81,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         .clone()
         .context("give --chat TEXT, or --input FILE --output FILE")?;
     let ids = common::prompt_ids(&model, &a.prompt, &a.prompt.messages(&user))?;
-    let out = generate(&model, &[ids.clone()], &cfg, &mut NoHooks)?.remove(0);
+    let out = generate(&model, std::slice::from_ref(&ids), &cfg, &mut NoHooks)?.remove(0);
     let text = model.tok.decode(&out.ids, true)?;
     if a.json {
         common::print_json(&serde_json::json!({
