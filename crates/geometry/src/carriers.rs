@@ -94,13 +94,9 @@ pub fn capture(
                 Ok(t.to_dtype(DType::F32)?.to_vec3::<f32>()?)
             })
             .collect::<Result<_>>()?; // [l][row][p][d]
-        for r in 0..chunk.len() {
-            acts.push(
-                (0..model.cfg.n_layer)
-                    .map(|l| per_layer[l][r].clone())
-                    .collect(),
-            );
-        }
+        acts.extend(
+            (0..chunk.len()).map(|r| per_layer.iter().map(|layer| layer[r].clone()).collect()),
+        );
         progress(chunk.len());
     }
     Ok(Activations { acts })
