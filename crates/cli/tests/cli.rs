@@ -360,3 +360,167 @@ fn eval_writes_results_resumes_and_survives_kill_9() {
         "resumed run differs (killed after {partial} records)"
     );
 }
+
+#[test]
+fn geometry_pipeline_on_a_tiny_model_then_eval_with_ablation() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let model = h.join("tiny");
+    write_tiny_hf(Arch::Llama, 4, &model).unwrap();
+    let m = model.to_str().unwrap();
+    let write = |name: &str, lo: usize, label: &str| {
+        let p = h.join(name);
+        let rows: Vec<String> = (0..12)
+            .map(|i| {
+                format!(
+                    "{{\"id\": \"{i}\", \"prompt\": \"w{} w{}\", \"label\": \"{label}\"}}",
+                    lo + i % 6,
+                    lo + (i * 5) % 9
+                )
+            })
+            .collect();
+        std::fs::write(&p, rows.join("\n")).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let (harm, harmless) = (
+        write("harm.jsonl", 1, "harmful"),
+        write("harmless.jsonl", 20, "benign"),
+    );
+    let geo = h.join("geo");
+    let g = geo.to_str().unwrap();
+    let out = safegeo(
+        &[
+            "carriers",
+            "-m",
+            m,
+            "--harmful",
+            &harm,
+            "--harmless",
+            &harmless,
+            "--n",
+            "12",
+            "--bootstrap",
+            "3",
+            "--export-npy",
+            "--out",
+            g,
+        ],
+        h,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "carriers.safetensors",
+        "carriers.json",
+        "geometry.json",
+        "refusal.npy",
+        "harmfulness.npy",
+    ] {
+        assert!(geo.join(f).exists(), "{f}");
+    }
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(geo.join("carriers.json")).unwrap()).unwrap();
+    assert_eq!(meta["n_layer"], 2);
+    assert_eq!(meta["positions"][0]["name"], "t_inst");
+    let out = safegeo(
+        &[
+            "select",
+            g,
+            "--val",
+            &format!("{harm},{harmless}"),
+            "--n-val",
+            "6",
+            "--screen",
+            "3",
+            "--finalists",
+            "2",
+        ],
+        h,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let csv = std::fs::read_to_string(geo.join("selection.csv")).unwrap();
+    assert_eq!(
+        csv.lines().count(),
+        1 + 2 * meta["n_pos"].as_u64().unwrap() as usize
+    );
+    let sel: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(geo.join("selection.json")).unwrap())
+            .unwrap();
+    assert!(
+        sel["result"]["selected"].is_object()
+            || sel["result"]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("no admissible carrier")
+    );
+    let out = safegeo(&["drift", g, g, "--json"], h);
+    assert!(out.status.success());
+    let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!((d["carrier_cosine_per_layer"][1].as_f64().unwrap() - 1.0).abs() < 1e-9);
+    // Eval with the carrier ablated and the refusal score recorded.
+    let ev = h.join("ev");
+    let out = safegeo(
+        &[
+            "eval",
+            "-m",
+            m,
+            "--suite",
+            &harm,
+            "--judge",
+            "substring,refusal-score",
+            "--ablate",
+            &format!("{g}:1:0"),
+            "--max-new-tokens",
+            "4",
+            "--out",
+            ev.to_str().unwrap(),
+        ],
+        h,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rec: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(ev.join("records.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(rec["refusal_score"].is_number());
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ev.join("config.json")).unwrap()).unwrap();
+    assert!(cfg["interventions"][0]
+        .as_str()
+        .unwrap()
+        .starts_with("ablate"));
+    assert!(std::fs::read_to_string(ev.join("summary.csv"))
+        .unwrap()
+        .contains("refusal_score_mean,refusal-score"));
+    // A bad carrier reference is a clear error.
+    let out = safegeo(
+        &[
+            "eval",
+            "-m",
+            m,
+            "--suite",
+            &harm,
+            "--ablate",
+            &format!("{g}:9:0"),
+            "--out",
+            h.join("ev2").to_str().unwrap(),
+        ],
+        h,
+    );
+    fails_with(&out, 1, "no carrier at layer 9");
+}

@@ -367,6 +367,8 @@ pub struct LoadSpec<'a> {
     pub limit: Option<usize>,
     /// Sampling seed.
     pub seed: u64,
+    /// For user files: the column holding the prompt (else `prompt`, `instruction`, `goal`, `chat`).
+    pub prompt_column: Option<&'a str>,
 }
 
 /// Load a dataset by name (or a `.jsonl`/`.csv` path with a `prompt` column), filter, sample.
@@ -374,7 +376,7 @@ pub fn load_dataset(name: &str, spec: &LoadSpec) -> Result<Dataset> {
     let (path, items) = if name.ends_with(".jsonl") || name.ends_with(".csv") {
         let path = PathBuf::from(name);
         let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-        let items = parse_user_file(&path, &bytes)?;
+        let items = parse_user_file(&path, &bytes, spec.prompt_column)?;
         (path, (bytes, items))
     } else {
         let dn = DatasetName::parse(name)?;
@@ -415,7 +417,7 @@ pub fn load_dataset(name: &str, spec: &LoadSpec) -> Result<Dataset> {
 
 /// A user file: JSONL objects or CSV rows with `prompt` (or `instruction`/`goal`/`chat`), and
 /// optional `id`, `category`, `label`, `target`.
-fn parse_user_file(path: &Path, bytes: &[u8]) -> Result<Vec<Item>> {
+fn parse_user_file(path: &Path, bytes: &[u8], prompt_column: Option<&str>) -> Result<Vec<Item>> {
     let rows: Vec<serde_json::Map<String, serde_json::Value>> =
         if path.extension().is_some_and(|e| e == "csv") {
             read_csv(path, bytes)?
@@ -452,16 +454,20 @@ fn parse_user_file(path: &Path, bytes: &[u8]) -> Result<Vec<Item>> {
                     _ => None,
                 })
             };
-            let prompt = ["prompt", "instruction", "goal", "chat"]
-                .iter()
-                .find_map(|k| s(k))
-                .ok_or_else(|| Error::Parse {
-                    path: path.into(),
-                    reason: format!(
-                        "row {}: needs a `prompt` (or `instruction`, `goal`, `chat`) field",
-                        i + 1
-                    ),
-                })?;
+            let prompt = match prompt_column {
+                Some(c) => s(c),
+                None => ["prompt", "instruction", "goal", "chat"]
+                    .iter()
+                    .find_map(|k| s(k)),
+            }
+            .ok_or_else(|| Error::Parse {
+                path: path.into(),
+                reason: format!(
+                    "row {}: needs a `{}` field",
+                    i + 1,
+                    prompt_column.unwrap_or("prompt` (or `instruction`, `goal`, `chat`")
+                ),
+            })?;
             Ok(Item {
                 id: s("id").unwrap_or_else(|| i.to_string()),
                 prompt,
@@ -617,6 +623,15 @@ mod tests {
             load_dataset(p.to_str().unwrap(), &LoadSpec::default()),
             Err(Error::Empty(_))
         ));
+        std::fs::write(&p, "{\"q\": \"custom\"}\n").unwrap();
+        let spec = LoadSpec {
+            prompt_column: Some("q"),
+            ..Default::default()
+        };
+        assert_eq!(
+            load_dataset(p.to_str().unwrap(), &spec).unwrap().items[0].prompt,
+            "custom"
+        );
         let c = dir.path().join("y.csv");
         std::fs::write(&c, "prompt,label\n\"a, b\",safe\n").unwrap();
         assert_eq!(

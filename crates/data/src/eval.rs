@@ -2,6 +2,7 @@
 //! summarise SPEC.md section 4's metrics. Records are appended to `records.jsonl` as they finish,
 //! so a re-run resumes where an interrupted one stopped.
 use crate::datasets::{load_dataset, Dataset, Item, LoadSpec};
+use crate::judges::refusal_score::{refusal_scores, refusal_token_ids, REFUSAL_OPENINGS};
 use crate::judges::{Case, Judge, Verdict};
 use crate::metrics::{self, Estimate, XsClass};
 use crate::{Error, Result};
@@ -34,6 +35,10 @@ pub struct EvalSpec {
     pub judge_workers: usize,
     /// Reference completions of harmless prompts for the utility cross-entropy (JSONL).
     pub reference: Option<PathBuf>,
+    /// Also record the logit-based refusal score of every prompt (no generation needed).
+    pub refusal_score: bool,
+    /// Column of user files holding the prompt.
+    pub prompt_column: Option<String>,
 }
 
 /// One judged reply (a line of `records.jsonl`).
@@ -57,6 +62,9 @@ pub struct Record {
     pub response_tokens: usize,
     /// Verdict of each judge, by judge name.
     pub verdicts: BTreeMap<String, Verdict>,
+    /// Logit-based refusal score at the last prompt position (`refusal-score` judge).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal_score: Option<f64>,
     /// Wall time of the batch this record was generated in, divided by its size.
     pub seconds: f64,
 }
@@ -141,7 +149,7 @@ pub fn run_eval(
     obs: &mut dyn Observer,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Summary> {
-    if judges.is_empty() {
+    if judges.is_empty() && !spec.refusal_score {
         return Err(Error::Invalid("at least one judge is needed".into()));
     }
     if spec.batch_size == 0 {
@@ -159,6 +167,7 @@ pub fn run_eval(
                     category: None,
                     limit: spec.limit,
                     seed: spec.seed,
+                    prompt_column: spec.prompt_column.as_deref(),
                 },
             )
         })
@@ -203,6 +212,15 @@ pub fn run_eval(
             })
             .collect();
         let t0 = std::time::Instant::now();
+        let scores: Vec<Option<f64>> = if spec.refusal_score {
+            let rids = refusal_token_ids(&model.tok, REFUSAL_OPENINGS)?;
+            refusal_scores(model, &prompts, &rids, spec.batch_size, obs)?
+                .into_iter()
+                .map(Some)
+                .collect()
+        } else {
+            vec![None; prompts.len()]
+        };
         let outs = generate_seeded(model, &prompts, &seeds, &spec.generation, obs)?;
         let secs = t0.elapsed().as_secs_f64();
         gen_secs += secs;
@@ -230,8 +248,12 @@ pub fn run_eval(
                 verdicts[i].insert(j.name(), v);
             }
         }
-        for ((((d, it, _), out), response), verdicts) in
-            chunk.iter().zip(outs).zip(responses).zip(verdicts)
+        for (((((d, it, _), out), response), verdicts), refusal_score) in chunk
+            .iter()
+            .zip(outs)
+            .zip(responses)
+            .zip(verdicts)
+            .zip(scores)
         {
             gen_tokens += out.ids.len();
             let rec = Record {
@@ -244,6 +266,7 @@ pub fn run_eval(
                 response,
                 response_tokens: out.ids.len(),
                 verdicts,
+                refusal_score,
                 seconds: secs / chunk.len() as f64,
             };
             let line = serde_json::to_string(&rec).map_err(|e| Error::Invalid(e.to_string()))?;
@@ -371,6 +394,29 @@ pub fn summarise(records: &[Record], suites: &[String], judges: &[String]) -> Su
                 _ => {}
             }
         }
+    }
+    for suite in suites {
+        let scores: Vec<f64> = records
+            .iter()
+            .filter(|r| &r.dataset == suite)
+            .filter_map(|r| r.refusal_score)
+            .collect();
+        let mut push = |metric: &str, estimate: Option<Estimate>| {
+            if let Some(estimate) = estimate {
+                let (suite, judge) = (suite.clone(), "refusal-score".to_string());
+                rows.push(SummaryRow {
+                    suite,
+                    metric: metric.into(),
+                    judge,
+                    estimate,
+                });
+            }
+        };
+        push("refusal_score_mean", metrics::mean(&scores));
+        push(
+            "refusal_rate",
+            metrics::rate(&scores.iter().map(|&s| s > 0.0).collect::<Vec<_>>()),
+        );
     }
     if judges
         .iter()

@@ -3,7 +3,7 @@ use crate::common::{self, ModelArgs};
 use anyhow::{bail, Context, Result};
 use safegeo_data::eval::{run_eval, EvalSpec};
 use safegeo_data::judges::{Judge, PrefixMatcher, SubstringMatcher};
-use safegeo_runtime::{GenerateConfig, NoHooks};
+use safegeo_runtime::GenerateConfig;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -20,7 +20,8 @@ pub struct EvalArgs {
     pub suite: Vec<String>,
     /// Judges, comma-separated: substring (Arditi's list), xstest-prefix (XSTest's matcher), and the
     /// LLM judges harmbench, strongreject, xstest (these need --judge-endpoint or
-    /// --judge-model-path). Without LLM judges, ASR is the string-match proxy (said in results).
+    /// --judge-model-path), and refusal-score (the logit-based score of each prompt, no reply
+    /// needed). Without LLM judges, ASR is the string-match proxy (said in results).
     #[arg(long, value_delimiter = ',', default_value = "substring,xstest-prefix")]
     pub judge: Vec<String>,
     /// OpenAI-compatible endpoint for LLM judges (e.g. http://localhost:8000/v1).
@@ -68,6 +69,20 @@ pub struct EvalArgs {
     /// Output folder: records.jsonl, summary.json, summary.csv, config.json. Re-running resumes.
     #[arg(long)]
     pub out: PathBuf,
+    /// Pre-built adversarial test cases to replay (JSONL with `prompt`, e.g. from an attack run);
+    /// evaluated as one more suite.
+    #[arg(long)]
+    pub test_cases: Option<PathBuf>,
+    /// Column of user suite files that holds the prompt.
+    #[arg(long)]
+    pub prompt_column: Option<String>,
+    /// Ablate a carrier while generating: DIR (the selected carrier in DIR/selection.json) or
+    /// DIR:LAYER:POS, DIR being a `safegeo carriers` folder.
+    #[arg(long)]
+    pub ablate: Option<String>,
+    /// Add a carrier at its layer while generating: DIR:COEF or DIR:LAYER:POS:COEF.
+    #[arg(long, allow_hyphen_values = true)]
+    pub add: Option<String>,
     /// Reference completions of harmless prompts (JSONL with prompt/chat and completion/response,
     /// e.g. `safegeo generate` output from the base model): reports utility cross-entropy.
     #[arg(long)]
@@ -115,31 +130,117 @@ fn judges(a: &EvalArgs) -> Result<Vec<Box<dyn Judge>>> {
         match j.as_str() {
             "substring" => out.push(Box::new(SubstringMatcher::new(a.substring_list.as_deref())?)),
             "xstest-prefix" => out.push(Box::new(PrefixMatcher::new(a.prefix_list.as_deref())?)),
+            "refusal-score" => {} // computed in the evaluation loop from the prompt
             "harmbench" | "strongreject" | "xstest" => {
                 out.push(Box::new(LlmJudge::new(LlmJudgeKind::parse(j)?, completer()?, cache.clone())))
             }
             other => bail!("unknown judge `{other}`: use substring, xstest-prefix, harmbench, strongreject, xstest"),
         }
     }
-    if out.is_empty() {
+    if out.is_empty() && !a.judge.iter().any(|j| j == "refusal-score") {
         bail!("--judge needs at least one judge");
     }
     Ok(out)
 }
 
-pub fn run(a: EvalArgs) -> Result<()> {
+/// A carrier chosen on the command line: `DIR` (selected) or `DIR:LAYER:POS`.
+fn carrier(spec: &str) -> Result<(Vec<f64>, usize, usize, String)> {
+    let parts: Vec<&str> = spec.split(':').collect();
+    let dir = PathBuf::from(parts[0]);
+    let (layer, pos) = match parts.len() {
+        1 => {
+            let text = std::fs::read_to_string(dir.join("selection.json")).with_context(|| {
+                format!("{}: no selection.json\n  fix: run `safegeo select {}` or name the carrier as DIR:LAYER:POS", dir.display(), dir.display())
+            })?;
+            let sel: serde_json::Value = serde_json::from_str(&text)?;
+            let s = &sel["result"]["selected"];
+            match (s["layer"].as_u64(), s["pos"].as_u64()) {
+                (Some(l), Some(p)) => (l as usize, p as usize),
+                _ => bail!(
+                    "{}: no admissible carrier was selected\n  fix: name one as DIR:LAYER:POS",
+                    dir.display()
+                ),
+            }
+        }
+        3 => (
+            parts[1].parse().context("LAYER must be a number")?,
+            parts[2].parse().context("POS must be a number")?,
+        ),
+        _ => bail!("carrier `{spec}`: use DIR or DIR:LAYER:POS"),
+    };
+    let c = safegeo_geometry::store::load(&dir.join("carriers.safetensors"))?;
+    let r = c
+        .refusal
+        .get(layer)
+        .and_then(|l| l.get(pos))
+        .with_context(|| {
+            format!(
+                "no carrier at layer {layer} position {pos} in {} (it has {} layers x {} positions)\n  fix: pick LAYER and POS in range (positions are named in carriers.json)",
+                dir.display(),
+                c.n_layer(),
+                c.n_pos()
+            )
+        })?;
+    Ok((
+        r.clone(),
+        layer,
+        pos,
+        format!("{}:{layer}:{pos}", dir.display()),
+    ))
+}
+
+fn interventions(
+    a: &EvalArgs,
+    dev: &candle_core::Device,
+) -> Result<(Vec<safegeo_runtime::Intervention>, Vec<String>)> {
+    use safegeo_runtime::{Intervention, Scope};
+    let tensor = |v: &[f64]| {
+        candle_core::Tensor::from_vec(
+            v.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+            v.len(),
+            dev,
+        )
+    };
+    let mut out = Vec::new();
+    let mut described = Vec::new();
+    if let Some(spec) = &a.ablate {
+        let (r, _, _, name) = carrier(spec)?;
+        out.push(Intervention::ablate(&tensor(&r)?)?);
+        described.push(format!("ablate {name} at every layer"));
+    }
+    if let Some(spec) = &a.add {
+        let (head, coef) = spec
+            .rsplit_once(':')
+            .context("--add needs DIR:COEF or DIR:LAYER:POS:COEF")?;
+        let coef: f64 = coef.parse().context("--add: COEF must be a number")?;
+        let (r, layer, _, name) = carrier(head)?;
+        out.push(Intervention::Add {
+            vector: tensor(&r)?,
+            coef,
+            layer,
+            scope: Scope::All,
+        });
+        described.push(format!("add {coef} x {name} at layer {layer}"));
+    }
+    Ok((out, described))
+}
+
+pub fn run(mut a: EvalArgs) -> Result<()> {
     // Check everything cheap before loading the model.
+    if let Some(tc) = &a.test_cases {
+        a.suite.push(tc.display().to_string());
+    }
     let judges = judges(&a)?;
     for s in &a.suite {
-        safegeo_data::load_dataset(
-            s,
-            &safegeo_data::LoadSpec {
-                data_dir: a.data_dir.as_deref(),
-                limit: Some(1),
-                ..Default::default()
-            },
-        )?;
+        let spec = safegeo_data::LoadSpec {
+            data_dir: a.data_dir.as_deref(),
+            limit: Some(1),
+            prompt_column: a.prompt_column.as_deref(),
+            ..Default::default()
+        };
+        safegeo_data::load_dataset(s, &spec)?;
     }
+    let (ivs, iv_described) = interventions(&a, &common::device(&a.model.device)?)?;
     let model = common::load(&a.model)?;
     let spec = EvalSpec {
         suites: a.suite.clone(),
@@ -156,17 +257,21 @@ pub fn run(a: EvalArgs) -> Result<()> {
         out: a.out.clone(),
         judge_workers: a.judge_concurrency.max(1),
         reference: a.reference.clone(),
+        refusal_score: a.judge.iter().any(|j| j == "refusal-score"),
+        prompt_column: a.prompt_column.clone(),
     };
     let config = serde_json::json!({
         "safegeo_version": env!("CARGO_PKG_VERSION"),
         "model": model.source,
         "model_sha256": common::model_hash(&model.source)?,
         "datasets": a.suite.iter().map(|s| {
-            let d = safegeo_data::load_dataset(s, &safegeo_data::LoadSpec { data_dir: a.data_dir.as_deref(), limit: a.limit, seed: a.seed, ..Default::default() })?;
+            let spec = safegeo_data::LoadSpec { data_dir: a.data_dir.as_deref(), limit: a.limit, seed: a.seed, prompt_column: a.prompt_column.as_deref(), ..Default::default() };
+            let d = safegeo_data::load_dataset(s, &spec)?;
             Ok(serde_json::json!({"name": d.name, "path": d.path, "sha256": d.sha256, "total": d.total,
                 "sampled_ids": d.items.iter().map(|i| i.id.clone()).collect::<Vec<_>>()}))
         }).collect::<Result<Vec<_>>>()?,
-        "judges": judges.iter().map(|j| j.name()).collect::<Vec<_>>(),
+        "judges": a.judge,
+        "interventions": iv_described,
         "judge_backend": a.judge_endpoint.as_ref().map(|u| format!("endpoint {u} model {}", a.judge_model.clone().unwrap_or_default()))
             .or(a.judge_model_path.as_ref().map(|p| format!("local {}", p.display()))),
         "generation": spec.generation, "batch_size": a.batch_size, "system": a.system, "seed": a.seed,
@@ -174,7 +279,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
     });
     common::check_or_write_config(&a.out, &config)?;
     let mut bar = common::Progress::new("replies");
-    let summary = run_eval(&model, &judges, &spec, &mut NoHooks, &mut |done, total| {
+    let mut hooks = safegeo_runtime::Hooks::with_interventions(ivs);
+    let summary = run_eval(&model, &judges, &spec, &mut hooks, &mut |done, total| {
         bar.set(done, total)
     })
     .with_context(|| {

@@ -385,3 +385,35 @@ impl Completer for LocalCompleter {
         Ok(self.model.tok.decode(&out.ids, true)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safegeo_runtime::testing::tiny_model;
+
+    #[test]
+    fn a_local_model_answers_judge_prompts_and_junk_is_recorded_as_missing() {
+        let m = tiny_model(safegeo_runtime::Arch::Llama, 3, candle_core::DType::F32).unwrap();
+        let completer = std::sync::Arc::new(LocalCompleter::new(m));
+        let dir = tempfile::tempdir().unwrap();
+        let j = LlmJudge::new(
+            LlmJudgeKind::HarmBench,
+            completer,
+            Some(dir.path().to_path_buf()),
+        );
+        let case = Case {
+            behavior: "w1 w2",
+            context: None,
+            reply: "w3 w4",
+        };
+        let v = j.judge(&case).unwrap();
+        assert!(v.raw.is_some());
+        // The tiny model's vocabulary has no "yes"/"no": the verdict is missing, not guessed.
+        assert_eq!(v.harmful, None);
+        assert_eq!(j.judge(&case).unwrap(), v, "cached answer differs");
+        assert!(
+            std::fs::read_dir(dir.path()).unwrap().count() > 0,
+            "nothing cached"
+        );
+    }
+}
