@@ -12,7 +12,7 @@ use crate::linalg;
 use crate::Result;
 use candle_core::{DType, Device, Tensor, D};
 use safegeo_data::judges::refusal_score::refusal_scores;
-use safegeo_runtime::{Hooks, Intervention, LogitsAt, Model, NoHooks, Observer, Phase, Scope};
+use safegeo_runtime::{Hooks, Intervention, Model, NoHooks, Observer, Scope};
 use serde::Serialize;
 
 /// Knobs of the selection; defaults follow Arditi et al. with the cut-off of SPEC.md (ours).
@@ -80,12 +80,7 @@ fn last_logprobs(
 ) -> Result<Vec<Tensor>> {
     let mut out = Vec::new();
     for chunk in ids.chunks(batch.max(1)) {
-        let (x, layout) = model.pad_batch(chunk)?;
-        let logits = model
-            .forward_ids(&x, &layout, None, LogitsAt::Last, Phase::Prompt, obs)?
-            .expect("logits requested")
-            .squeeze(1)?
-            .to_dtype(DType::F64)?;
+        let logits = model.last_logits(chunk, obs)?.to_dtype(DType::F64)?;
         out.push(candle_nn_free_log_softmax(&logits)?);
     }
     Ok(out)

@@ -88,6 +88,22 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// Repeat a cache of one row into `b` rows (a shared prefix fanned out to a batch).
+    pub fn expand(&self, b: usize) -> Result<Self> {
+        let mut out = self.clone();
+        for l in out.layers.iter_mut() {
+            if let Some((k, v)) = &l.buf {
+                if k.dim(0)? != 1 {
+                    candle_core::bail!("expand needs a cache of one row, got {}", k.dim(0)?);
+                }
+                let k = k.narrow(3, 0, l.len)?.contiguous()?;
+                let v = v.narrow(2, 0, l.len)?.contiguous()?;
+                l.buf = Some((k.repeat((b, 1, 1, 1))?, v.repeat((b, 1, 1, 1))?));
+            }
+        }
+        Ok(out)
+    }
+
     /// An empty cache for `n_layer` blocks.
     pub fn new(n_layer: usize) -> Self {
         Self::with_capacity(n_layer, 0)
@@ -157,14 +173,34 @@ pub fn attend(
 /// How tokens of a batch are laid out: left padding per row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
-    /// Number of left-pad tokens in each row.
+    /// Number of pad tokens in each row.
     pub pad: Vec<usize>,
+    /// Sequence index where each row's pads begin: 0 for left padding, the length of a shared
+    /// cached prefix when suffixes are padded after it.
+    pub pad_at: usize,
 }
 
 impl Layout {
     /// No padding for `b` rows.
     pub fn dense(b: usize) -> Self {
-        Self { pad: vec![0; b] }
+        Self {
+            pad: vec![0; b],
+            pad_at: 0,
+        }
+    }
+
+    /// Whether sequence index `k` of row `r` is a pad.
+    fn is_pad(&self, r: usize, k: usize) -> bool {
+        k >= self.pad_at && k < self.pad_at + self.pad[r]
+    }
+
+    /// The position (for RoPE) of sequence index `j` in row `r`: pads do not count.
+    pub fn position(&self, r: usize, j: usize) -> usize {
+        if j < self.pad_at {
+            j
+        } else {
+            self.pad_at + j.saturating_sub(self.pad_at + self.pad[r])
+        }
     }
 }
 
@@ -231,13 +267,14 @@ fn build_mask(
     let b = layout.pad.len();
     let mut any = false;
     let mut m = vec![0f32; b * t * total];
-    for (r, &pad) in layout.pad.iter().enumerate() {
+    for r in 0..b {
         for i in 0..t {
             let q = offset + i;
+            let qp = layout.position(r, q);
             for k in 0..total {
                 let causal = k <= q;
-                let not_pad = k >= pad || k == q; // a pad query sees itself: no empty rows
-                let in_window = window.is_none_or(|w| q - k.min(q) < w);
+                let not_pad = !layout.is_pad(r, k) || k == q; // a pad query sees itself
+                let in_window = window.is_none_or(|w| qp - layout.position(r, k).min(qp) < w);
                 if !(causal && not_pad && in_window) {
                     m[(r * t + i) * total + k] = -1e30;
                     any = true;
@@ -293,10 +330,8 @@ impl Model {
         }
         let offset = cache.as_ref().map_or(0, |c| c.len);
         let dev = x.device().clone();
-        let pos: Vec<u32> = layout
-            .pad
-            .iter()
-            .flat_map(|&p| (offset..offset + t).map(move |j| j.saturating_sub(p) as u32))
+        let pos: Vec<u32> = (0..b)
+            .flat_map(|r| (offset..offset + t).map(move |j| layout.position(r, j) as u32))
             .collect();
         let positions = Tensor::from_vec(pos, (b, t), &dev)?;
         let (cos, sin) = rope_tables(
@@ -369,6 +404,54 @@ impl Model {
         self.forward_embeds(x, layout, cache, logits, phase, false, obs)
     }
 
+    /// Last-position logits `(b, V)` of prompts, computing a prefix shared by all of them (a
+    /// chat template's system prompt) once and fanning its keys and values out to the batch.
+    /// Observers see the prefix pass and the suffix pass as two prompt chunks.
+    pub fn last_logits(&self, prompts: &[Vec<u32>], obs: &mut dyn Observer) -> Result<Tensor> {
+        const MIN_SHARED: usize = 8;
+        let shortest = prompts.iter().map(Vec::len).min().unwrap_or(0);
+        if prompts.is_empty() || shortest == 0 {
+            candle_core::bail!("last_logits needs non-empty prompts");
+        }
+        let first = &prompts[0];
+        let mut shared = (0..shortest - 1)
+            .take_while(|&i| prompts.iter().all(|p| p[i] == first[i]))
+            .count();
+        if prompts.len() < 2 || shared < MIN_SHARED {
+            shared = 0;
+        }
+        if shared == 0 {
+            let (ids, layout) = self.pad_batch(prompts)?;
+            let l = self.forward_ids(&ids, &layout, None, LogitsAt::Last, Phase::Prompt, obs)?;
+            return l.expect("logits requested").squeeze(1);
+        }
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let mut cache = KvCache::with_capacity(self.cfg.n_layer, shared);
+        let prefix = Tensor::new(&first[..shared], &self.device)?.unsqueeze(0)?;
+        self.forward_ids(
+            &prefix,
+            &Layout::dense(1),
+            Some(&mut cache),
+            LogitsAt::None,
+            Phase::Prompt,
+            obs,
+        )?;
+        let mut cache = cache.expand(prompts.len())?;
+        cache.reserve = longest;
+        let suffixes: Vec<Vec<u32>> = prompts.iter().map(|p| p[shared..].to_vec()).collect();
+        let (ids, mut layout) = self.pad_batch(&suffixes)?;
+        layout.pad_at = shared;
+        let l = self.forward_ids(
+            &ids,
+            &layout,
+            Some(&mut cache),
+            LogitsAt::Last,
+            Phase::Prompt,
+            obs,
+        )?;
+        l.expect("logits requested").squeeze(1)
+    }
+
     /// Left-pad prompts into one `(b, T)` id tensor.
     pub fn pad_batch(&self, prompts: &[Vec<u32>]) -> Result<(Tensor, Layout)> {
         let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -382,7 +465,7 @@ impl Model {
         }
         Ok((
             Tensor::from_vec(ids, (prompts.len(), t), &self.device)?,
-            Layout { pad },
+            Layout { pad, pad_at: 0 },
         ))
     }
 

@@ -184,6 +184,19 @@ fn batched_real_model_logits_equal_unbatched() {
         .unwrap()
     };
     let batched = run(&prompts);
+    // The shared system prompt computed once gives the same last-position logits.
+    let shared = m.last_logits(&prompts, &mut NoHooks).unwrap();
+    let d: f32 = (batched.squeeze(1).unwrap() - shared)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(d <= 1e-4, "shared-prefix logits differ by {d}");
     for (i, p) in prompts.iter().enumerate() {
         let single = run(std::slice::from_ref(p));
         let d: f32 = (batched.narrow(0, i, 1).unwrap() - single)

@@ -467,3 +467,32 @@ fn hf_folders_load_to_the_same_function_as_gguf_layout() {
         assert_eq!(hf.tok.decode(&ids, false).unwrap(), "w3 w4 w0");
     }
 }
+
+#[test]
+fn shared_prefix_logits_equal_plain_batched_logits() {
+    for arch in ARCHS {
+        let m = tiny_model(arch, 23, DType::F32).unwrap();
+        let prefix: Vec<u32> = (10..22).collect();
+        let prompts: Vec<Vec<u32>> = [vec![3u32, 4, 5], vec![7], vec![30, 31, 32, 33, 34, 35]]
+            .iter()
+            .map(|s| [prefix.clone(), s.clone()].concat())
+            .collect();
+        let shared = m.last_logits(&prompts, &mut NoHooks).unwrap();
+        let plain = last_logits(&m, &prompts).squeeze(1).unwrap();
+        let d = max_abs(&shared, &plain);
+        assert!(d <= 1e-4, "{arch:?}: {d}");
+        // With an intervention active in both passes.
+        let r = Tensor::ones(16, DType::F32, &Device::Cpu).unwrap();
+        let mut h1 = Hooks::with_interventions(vec![Intervention::ablate(&r).unwrap()]);
+        let mut h2 = Hooks::with_interventions(vec![Intervention::ablate(&r).unwrap()]);
+        let a = m.last_logits(&prompts, &mut h1).unwrap();
+        let (ids, layout) = m.pad_batch(&prompts).unwrap();
+        let b = m
+            .forward_ids(&ids, &layout, None, LogitsAt::Last, Phase::Prompt, &mut h2)
+            .unwrap()
+            .unwrap()
+            .squeeze(1)
+            .unwrap();
+        assert!(max_abs(&a, &b) <= 1e-4, "{arch:?} with ablation");
+    }
+}

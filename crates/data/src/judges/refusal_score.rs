@@ -3,7 +3,7 @@
 //! `R` holds the first token ids of the model's typical refusal openings.
 use crate::Result;
 use candle_core::{DType, D};
-use safegeo_runtime::{LogitsAt, Model, Observer, Phase, Tok};
+use safegeo_runtime::{Model, Observer, Tok};
 
 /// Refusal openings whose first tokens form `R` (configurable by callers).
 pub const REFUSAL_OPENINGS: &[&str] =
@@ -41,12 +41,8 @@ pub fn refusal_scores(
 ) -> Result<Vec<f64>> {
     let mut out = Vec::with_capacity(prompts.len());
     for chunk in prompts.chunks(batch.max(1)) {
-        let (ids, layout) = model.pad_batch(chunk)?;
-        let logits = model
-            .forward_ids(&ids, &layout, None, LogitsAt::Last, Phase::Prompt, obs)?
-            .expect("logits requested")
-            .squeeze(1)?
-            .to_dtype(DType::F64)?;
+        // A template's shared system prompt is computed once per chunk.
+        let logits = model.last_logits(chunk, obs)?.to_dtype(DType::F64)?;
         let lp = candle_nn_log_softmax(&logits)?;
         for row in lp.to_vec2::<f64>()? {
             out.push(score_from_logprobs(&row, refusal_ids));
