@@ -163,6 +163,52 @@ impl Linear {
     }
 }
 
+/// The seven projections of a pre-norm block with a gated MLP, shared by every family.
+#[derive(Clone)]
+pub struct Projections {
+    /// Query.
+    pub q: Linear,
+    /// Key.
+    pub k: Linear,
+    /// Value.
+    pub v: Linear,
+    /// Attention output.
+    pub o: Linear,
+    /// MLP gate.
+    pub gate: Linear,
+    /// MLP up.
+    pub up: Linear,
+    /// MLP down.
+    pub down: Linear,
+}
+
+impl Projections {
+    /// The projections by name (`q`, `k`, `v`, `o`, `gate`, `up`, `down`), for LoRA.
+    pub fn named_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
+        vec![
+            ("q", &mut self.q),
+            ("k", &mut self.k),
+            ("v", &mut self.v),
+            ("o", &mut self.o),
+            ("gate", &mut self.gate),
+            ("up", &mut self.up),
+            ("down", &mut self.down),
+        ]
+    }
+
+    /// Every weight and bias tensor.
+    pub fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut out = Vec::new();
+        for (_, l) in self.named_mut() {
+            out.push(&mut l.w);
+            if let Some(b) = l.bias.as_mut() {
+                out.push(b);
+            }
+        }
+        out
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Linear::forward(self, x, false)

@@ -5,7 +5,7 @@ use crate::config::{Arch, ModelConfig};
 use crate::hooks::Site;
 use crate::model::{attend, AttnCtx, Block, LayerCache};
 use crate::models::llama::heads;
-use crate::ops::{rms_norm, Linear};
+use crate::ops::{rms_norm, Linear, Projections};
 use crate::weights::{Meta, WeightSource};
 use crate::Result;
 use candle_core::{Device, Tensor};
@@ -96,18 +96,12 @@ pub fn config_from_hf(c: &serde_json::Value) -> Result<ModelConfig> {
 /// A Gemma 3 block.
 pub struct Gemma3Block {
     attn_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    p: Projections,
     q_norm: Tensor,
     k_norm: Tensor,
     post_attn_norm: Tensor,
     ffn_norm: Tensor,
     post_ffn_norm: Tensor,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
     cfg: ModelConfig,
 }
 
@@ -115,21 +109,14 @@ impl Gemma3Block {
     /// Load block `i`.
     pub fn load(ws: &WeightSource, cfg: &ModelConfig, i: usize, dev: &Device) -> Result<Self> {
         let w = |n: &str| ws.get(&format!("blk.{i}.{n}.weight"), dev);
-        let lin = |n: &str| -> Result<Linear> { Ok(Linear::new(w(n)?, None)) };
         Ok(Self {
             attn_norm: w("attn_norm")?,
-            q: lin("attn_q")?,
-            k: lin("attn_k")?,
-            v: lin("attn_v")?,
-            o: lin("attn_output")?,
+            p: super::load_projections(ws, i, false, dev)?,
             q_norm: w("attn_q_norm")?,
             k_norm: w("attn_k_norm")?,
             post_attn_norm: w("post_attention_norm")?,
             ffn_norm: w("ffn_norm")?,
             post_ffn_norm: w("post_ffw_norm")?,
-            gate: lin("ffn_gate")?,
-            up: lin("ffn_up")?,
-            down: lin("ffn_down")?,
             cfg: cfg.clone(),
         })
     }
@@ -147,9 +134,9 @@ impl Block for Gemma3Block {
         let c = &self.cfg;
         let g = ctx.grad;
         let xn = rms_norm(x, &self.attn_norm, c.rms_eps, g)?;
-        let q = heads(&self.q.forward(&xn, g)?, c.n_head, c.head_dim)?;
-        let k = heads(&self.k.forward(&xn, g)?, c.n_kv_head, c.head_dim)?;
-        let v = heads(&self.v.forward(&xn, g)?, c.n_kv_head, c.head_dim)?;
+        let q = heads(&self.p.q.forward(&xn, g)?, c.n_head, c.head_dim)?;
+        let k = heads(&self.p.k.forward(&xn, g)?, c.n_kv_head, c.head_dim)?;
+        let v = heads(&self.p.v.forward(&xn, g)?, c.n_kv_head, c.head_dim)?;
         let q = rms_norm(&q, &self.q_norm, c.rms_eps, g)?;
         let k = rms_norm(&k, &self.k_norm, c.rms_eps, g)?;
         let (cos, sin, mask) = if c.is_local_layer(layer) {
@@ -158,12 +145,17 @@ impl Block for Gemma3Block {
             (ctx.cos, ctx.sin, ctx.mask)
         };
         let y = attend(&q, &k, &v, cos, sin, mask, c, cache, g)?;
-        let attn = rms_norm(&self.o.forward(&y, g)?, &self.post_attn_norm, c.rms_eps, g)?;
+        let attn = rms_norm(
+            &self.p.o.forward(&y, g)?,
+            &self.post_attn_norm,
+            c.rms_eps,
+            g,
+        )?;
         let h = (x + site(Site::AttnOut, attn)?)?;
         let xn = rms_norm(&h, &self.ffn_norm, c.rms_eps, g)?;
-        let act = (self.gate.forward(&xn, g)?.gelu()? * self.up.forward(&xn, g)?)?;
+        let act = (self.p.gate.forward(&xn, g)?.gelu()? * self.p.up.forward(&xn, g)?)?;
         let mlp = rms_norm(
-            &self.down.forward(&act, g)?,
+            &self.p.down.forward(&act, g)?,
             &self.post_ffn_norm,
             c.rms_eps,
             g,
@@ -172,15 +164,7 @@ impl Block for Gemma3Block {
     }
 
     fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
-        vec![
-            ("q", &mut self.q),
-            ("k", &mut self.k),
-            ("v", &mut self.v),
-            ("o", &mut self.o),
-            ("gate", &mut self.gate),
-            ("up", &mut self.up),
-            ("down", &mut self.down),
-        ]
+        self.p.named_mut()
     }
 
     fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
@@ -192,17 +176,7 @@ impl Block for Gemma3Block {
             &mut self.ffn_norm,
             &mut self.post_ffn_norm,
         ];
-        for l in [
-            &mut self.q,
-            &mut self.k,
-            &mut self.v,
-            &mut self.o,
-            &mut self.gate,
-            &mut self.up,
-            &mut self.down,
-        ] {
-            v.push(&mut l.w);
-        }
+        v.extend(self.p.tensors_mut());
         v
     }
 }

@@ -3,7 +3,7 @@
 use crate::config::{Arch, ModelConfig};
 use crate::hooks::Site;
 use crate::model::{attend, AttnCtx, Block, LayerCache};
-use crate::ops::{rms_norm, Linear};
+use crate::ops::{rms_norm, Linear, Projections};
 use crate::weights::{Meta, WeightSource};
 use crate::Result;
 use candle_core::{Device, Tensor};
@@ -89,14 +89,8 @@ pub fn config_from_hf(c: &serde_json::Value, arch: Arch) -> Result<ModelConfig> 
 /// A Llama block.
 pub struct LlamaBlock {
     attn_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    p: Projections,
     ffn_norm: Tensor,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
     cfg: ModelConfig,
 }
 
@@ -109,56 +103,12 @@ impl LlamaBlock {
         bias: bool,
         dev: &Device,
     ) -> Result<Self> {
-        let p = format!("blk.{i}");
-        let w = |n: &str| ws.get(&format!("{p}.{n}.weight"), dev);
-        let lin = |n: &str, b: bool| -> Result<Linear> {
-            let bias = if b {
-                ws.get_opt(&format!("{p}.{n}.bias"), dev)?
-            } else {
-                None
-            };
-            Ok(Linear::new(w(n)?, bias))
-        };
         Ok(Self {
-            attn_norm: w("attn_norm")?,
-            q: lin("attn_q", bias)?,
-            k: lin("attn_k", bias)?,
-            v: lin("attn_v", bias)?,
-            o: lin("attn_output", false)?,
-            ffn_norm: w("ffn_norm")?,
-            gate: lin("ffn_gate", false)?,
-            up: lin("ffn_up", false)?,
-            down: lin("ffn_down", false)?,
+            attn_norm: ws.get(&format!("blk.{i}.attn_norm.weight"), dev)?,
+            ffn_norm: ws.get(&format!("blk.{i}.ffn_norm.weight"), dev)?,
+            p: super::load_projections(ws, i, bias, dev)?,
             cfg: cfg.clone(),
         })
-    }
-
-    /// Build from tensors (tests and tiny random models).
-    #[allow(clippy::too_many_arguments)]
-    pub fn from_parts(
-        cfg: &ModelConfig,
-        attn_norm: Tensor,
-        q: Linear,
-        k: Linear,
-        v: Linear,
-        o: Linear,
-        ffn_norm: Tensor,
-        gate: Linear,
-        up: Linear,
-        down: Linear,
-    ) -> Self {
-        Self {
-            attn_norm,
-            q,
-            k,
-            v,
-            o,
-            ffn_norm,
-            gate,
-            up,
-            down,
-            cfg: cfg.clone(),
-        }
     }
 }
 
@@ -180,46 +130,25 @@ impl Block for LlamaBlock {
         let c = &self.cfg;
         let g = ctx.grad;
         let xn = rms_norm(x, &self.attn_norm, c.rms_eps, g)?;
-        let q = heads(&self.q.forward(&xn, g)?, c.n_head, c.head_dim)?;
-        let k = heads(&self.k.forward(&xn, g)?, c.n_kv_head, c.head_dim)?;
-        let v = heads(&self.v.forward(&xn, g)?, c.n_kv_head, c.head_dim)?;
+        let q = heads(&self.p.q.forward(&xn, g)?, c.n_head, c.head_dim)?;
+        let k = heads(&self.p.k.forward(&xn, g)?, c.n_kv_head, c.head_dim)?;
+        let v = heads(&self.p.v.forward(&xn, g)?, c.n_kv_head, c.head_dim)?;
         let y = attend(&q, &k, &v, ctx.cos, ctx.sin, ctx.mask, c, cache, g)?;
-        let attn_out = site(Site::AttnOut, self.o.forward(&y, g)?)?;
+        let attn_out = site(Site::AttnOut, self.p.o.forward(&y, g)?)?;
         let h = (x + attn_out)?;
         let xn = rms_norm(&h, &self.ffn_norm, c.rms_eps, g)?;
-        let act = (self.gate.forward(&xn, g)?.silu()? * self.up.forward(&xn, g)?)?;
-        let mlp_out = site(Site::MlpOut, self.down.forward(&act, g)?)?;
+        let act = (self.p.gate.forward(&xn, g)?.silu()? * self.p.up.forward(&xn, g)?)?;
+        let mlp_out = site(Site::MlpOut, self.p.down.forward(&act, g)?)?;
         h + mlp_out
     }
 
     fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
-        vec![
-            ("q", &mut self.q),
-            ("k", &mut self.k),
-            ("v", &mut self.v),
-            ("o", &mut self.o),
-            ("gate", &mut self.gate),
-            ("up", &mut self.up),
-            ("down", &mut self.down),
-        ]
+        self.p.named_mut()
     }
 
     fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
         let mut v = vec![&mut self.attn_norm, &mut self.ffn_norm];
-        for l in [
-            &mut self.q,
-            &mut self.k,
-            &mut self.v,
-            &mut self.o,
-            &mut self.gate,
-            &mut self.up,
-            &mut self.down,
-        ] {
-            v.push(&mut l.w);
-            if let Some(b) = l.bias.as_mut() {
-                v.push(b);
-            }
-        }
+        v.extend(self.p.tensors_mut());
         v
     }
 }
