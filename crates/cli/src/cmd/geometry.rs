@@ -155,17 +155,18 @@ pub fn carriers(a: CarriersArgs) -> Result<()> {
             bail!("--filter kept {} harmful and {} harmless prompts: the model refuses none of the harmful ones (or all harmless ones)\n  fix: run without --filter, or safety-train the model first", kept.0, kept.1);
         }
     }
-    let bar = indicatif::ProgressBar::new((h_ids.len() + l_ids.len()) as u64).with_style(
-        indicatif::ProgressStyle::with_template("capture {bar:40} {pos}/{len} prompts {elapsed}")
-            .expect("template"),
-    );
+    let total = h_ids.len() + l_ids.len();
+    let mut bar = common::Progress::new("prompts captured");
+    let mut done = 0;
     let hacts = capture(&model, &h_ids, pos.post_len, a.batch_size, &mut |n| {
-        bar.inc(n as u64)
+        done += n;
+        bar.set(done, total)
     })?;
     let lacts = capture(&model, &l_ids, pos.post_len, a.batch_size, &mut |n| {
-        bar.inc(n as u64)
+        done += n;
+        bar.set(done, total)
     })?;
-    bar.finish_and_clear();
+    bar.finish();
     let c = difference_of_means(&hacts, &lacts, None, None);
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
@@ -274,12 +275,7 @@ pub fn run_select(a: SelectArgs) -> Result<()> {
     };
     let carriers = if a.orth { &c.refusal_orth } else { &c.refusal };
     let t0 = std::time::Instant::now();
-    let bar = indicatif::ProgressBar::new(0).with_style(
-        indicatif::ProgressStyle::with_template(
-            "select {bar:40} {pos}/{len} measurements {elapsed} eta {eta}",
-        )
-        .expect("template"),
-    );
+    let mut bar = common::Progress::new("candidate measurements");
     let (cands, best, base) = select(
         &model,
         carriers,
@@ -287,12 +283,9 @@ pub fn run_select(a: SelectArgs) -> Result<()> {
         &l_ids,
         &refusal_ids,
         &cfg,
-        &mut |d, t| {
-            bar.set_length(t as u64);
-            bar.set_position(d as u64);
-        },
+        &mut |d, t| bar.set(d, t),
     )?;
-    bar.finish_and_clear();
+    bar.finish();
     let mut csv = String::from("layer,pos,bypass,induce,kl,stage,admissible,failed\n");
     for k in &cands {
         csv.push_str(&format!(
