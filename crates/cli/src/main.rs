@@ -39,6 +39,8 @@ enum Command {
     Select(cmd::geometry::SelectArgs),
     /// Drift between two anchors' carriers: principal angles, cosines, layer shift.
     Drift(cmd::geometry::DriftArgs),
+    /// Write a copy of the model with a carrier orthogonalized out of its weights (HF folder).
+    Abliterate(cmd::geometry::AbliterateArgs),
     /// Measure this machine and the runtime: sgemm peak, capture prefill, decode, backward.
     Bench(cmd::bench::BenchArgs),
 }
@@ -66,6 +68,7 @@ fn main() {
         Command::Carriers(a) => cmd::geometry::carriers(a),
         Command::Select(a) => cmd::geometry::run_select(a),
         Command::Drift(a) => cmd::geometry::drift(a),
+        Command::Abliterate(a) => cmd::geometry::abliterate(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

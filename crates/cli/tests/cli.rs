@@ -507,6 +507,41 @@ fn geometry_pipeline_on_a_tiny_model_then_eval_with_ablation() {
     assert!(std::fs::read_to_string(ev.join("summary.csv"))
         .unwrap()
         .contains("refusal_score_mean,refusal-score"));
+    // Abliterate: the exported folder loads and runs.
+    let abl = h.join("abl");
+    let out = safegeo(
+        &[
+            "abliterate",
+            g,
+            "--carrier",
+            "1:0",
+            "--out",
+            abl.to_str().unwrap(),
+        ],
+        h,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = safegeo(
+        &[
+            "forward",
+            "-m",
+            abl.to_str().unwrap(),
+            "--chat",
+            "w1 w2",
+            "--json",
+        ],
+        h,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(abl.join("safegeo_abliteration.json").exists());
     // A bad carrier reference is a clear error.
     let out = safegeo(
         &[

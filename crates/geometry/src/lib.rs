@@ -2,6 +2,7 @@
 //! selection, effective rank, harmfulness/refusal coupling and drift between anchors.
 #![deny(missing_docs)]
 
+pub mod abliterate;
 pub mod carriers;
 mod error;
 pub mod linalg;

@@ -4,6 +4,7 @@
 
 mod config;
 mod error;
+mod export;
 pub mod fetch;
 mod generate;
 mod hooks;
@@ -18,6 +19,7 @@ mod weights;
 
 pub use config::{Arch, ModelConfig, SUPPORTED_ARCHS};
 pub use error::{Error, Result};
+pub use export::export_hf;
 pub use generate::{generate, generate_seeded, GenerateConfig, Generation, Stop};
 pub use hooks::{
     unit, Captured, Hooks, Intervention, NoHooks, Observer, Phase, Positions, Scope, Site, SiteInfo,

@@ -42,8 +42,9 @@ pub trait Block: Send + Sync {
     /// The block's linear layers by name (`q`, `k`, `v`, `o`, `gate`, `up`, `down`), for LoRA.
     fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)>;
 
-    /// Every weight tensor of the block (norms included), for full fine-tuning.
-    fn tensors_mut(&mut self) -> Vec<&mut Tensor>;
+    /// Every weight tensor of the block (norms included) with its GGUF name within the block
+    /// (`attn_norm.weight`, `attn_q.weight`, ...), for fine-tuning, editing and export.
+    fn tensors_mut(&mut self) -> Vec<(&'static str, &mut Tensor)>;
 }
 
 /// Cached keys and values of one layer in preallocated buffers: keys transposed
@@ -493,7 +494,7 @@ impl Model {
         }
         self.lm_head.trainable = true;
         for b in self.blocks.iter_mut() {
-            for t in b.tensors_mut() {
+            for (_, t) in b.tensors_mut() {
                 to_var(t)?;
             }
             for (_, l) in b.linears_mut() {
@@ -560,7 +561,7 @@ impl Model {
             n += b
                 .tensors_mut()
                 .iter()
-                .map(|t| t.elem_count())
+                .map(|(_, t)| t.elem_count())
                 .sum::<usize>();
         }
         n

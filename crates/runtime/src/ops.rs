@@ -196,13 +196,22 @@ impl Projections {
         ]
     }
 
-    /// Every weight and bias tensor.
-    pub fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
+    /// Every weight and bias tensor with its GGUF name within the block (`attn_q.weight`, ...).
+    pub fn tensors_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
         let mut out = Vec::new();
-        for (_, l) in self.named_mut() {
-            out.push(&mut l.w);
-            if let Some(b) = l.bias.as_mut() {
-                out.push(b);
+        for (name, l) in self.named_mut() {
+            let (w, b) = match name {
+                "q" => ("attn_q.weight", "attn_q.bias"),
+                "k" => ("attn_k.weight", "attn_k.bias"),
+                "v" => ("attn_v.weight", "attn_v.bias"),
+                "o" => ("attn_output.weight", "attn_output.bias"),
+                "gate" => ("ffn_gate.weight", "ffn_gate.bias"),
+                "up" => ("ffn_up.weight", "ffn_up.bias"),
+                _ => ("ffn_down.weight", "ffn_down.bias"),
+            };
+            out.push((w, &mut l.w));
+            if let Some(bias) = l.bias.as_mut() {
+                out.push((b, bias));
             }
         }
         out

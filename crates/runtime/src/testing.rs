@@ -131,13 +131,7 @@ pub fn write_tiny_hf(arch: Arch, seed: u64, dir: &std::path::Path) -> Result<()>
         let mut t = t.clone();
         let is_qk = name.ends_with("attn_q.weight") || name.ends_with("attn_k.weight");
         if arch == Arch::Llama && is_qk {
-            let (rows, cols) = t.dims2()?;
-            let n = rows / cfg.head_dim;
-            t = t
-                .reshape((n, cfg.head_dim / 2, 2, cols))?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((rows, cols))?;
+            t = crate::export::unpermute_qk(&t, cfg.head_dim)?;
         }
         if arch == Arch::Gemma3 && name.ends_with("norm.weight") {
             t = (t - 1.0)?;

@@ -144,7 +144,7 @@ fn judges(a: &EvalArgs) -> Result<Vec<Box<dyn Judge>>> {
 }
 
 /// A carrier chosen on the command line: `DIR` (selected) or `DIR:LAYER:POS`.
-fn carrier(spec: &str) -> Result<(Vec<f64>, usize, usize, String)> {
+pub fn carrier(spec: &str) -> Result<(Vec<f64>, usize, usize, String)> {
     let parts: Vec<&str> = spec.split(':').collect();
     let dir = PathBuf::from(parts[0]);
     let (layer, pos) = match parts.len() {

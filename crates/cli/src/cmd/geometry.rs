@@ -420,3 +420,56 @@ pub fn drift(a: DriftArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(clap::Args)]
+pub struct AbliterateArgs {
+    /// A folder written by `safegeo carriers` (and `safegeo select`).
+    pub dir: PathBuf,
+    /// The carrier as LAYER:POS [default: the one selected in DIR/selection.json].
+    #[arg(long)]
+    pub carrier: Option<String>,
+    /// Model [default: the one recorded in DIR/carriers.json].
+    #[arg(long, short = 'm')]
+    pub model: Option<String>,
+    /// Output Hugging Face folder (config, safetensors, tokenizer, chat template).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn abliterate(a: AbliterateArgs) -> Result<()> {
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(a.dir.join("carriers.json")).with_context(|| {
+            format!(
+                "{}: no carriers.json\n  fix: run `safegeo carriers --out {}` first",
+                a.dir.display(),
+                a.dir.display()
+            )
+        })?,
+    )?;
+    let spec = match &a.carrier {
+        Some(lp) => format!("{}:{lp}", a.dir.display()),
+        None => a.dir.display().to_string(),
+    };
+    let (r, layer, pos, name) = crate::cmd::eval::carrier(&spec)?;
+    let model_spec = a
+        .model
+        .clone()
+        .or_else(|| meta["model"].as_str().map(String::from));
+    let mut model = common::load(&ModelArgs {
+        model: model_spec,
+        device: "cpu".into(),
+        quantized: false,
+    })?;
+    safegeo_geometry::abliterate::orthogonalize_weights(&mut model, &r)?;
+    safegeo_runtime::export_hf(&mut model, &a.out)?;
+    write_json(
+        &a.out.join("safegeo_abliteration.json"),
+        &serde_json::json!({"source_model": model.source, "carrier": name, "layer": layer, "pos": pos,
+            "edit": "W <- W - r r^T W on the embedding, attention output and MLP down projections; LM head untied"}),
+    )?;
+    println!(
+        "abliterated model (carrier layer {layer} position {pos}) -> {}",
+        a.out.display()
+    );
+    Ok(())
+}

@@ -20,6 +20,14 @@ pub enum ModelCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write the model as a Hugging Face folder (f32 safetensors, config, tokenizer, template).
+    Export {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Output folder.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// Load a model and print its configuration.
     Info {
         #[command(flatten)]
@@ -62,6 +70,11 @@ pub fn run(c: ModelCmd) -> Result<()> {
                     );
                 }
             }
+        }
+        ModelCmd::Export { model, out } => {
+            let mut m = common::load(&model)?;
+            safegeo_runtime::export_hf(&mut m, &out)?;
+            println!("{} -> {}", m.source.display(), out.display());
         }
         ModelCmd::Info { model, json } => {
             let mut m = common::load(&model)?;

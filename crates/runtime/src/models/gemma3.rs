@@ -167,14 +167,14 @@ impl Block for Gemma3Block {
         self.p.named_mut()
     }
 
-    fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
+    fn tensors_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
         let mut v = vec![
-            &mut self.attn_norm,
-            &mut self.q_norm,
-            &mut self.k_norm,
-            &mut self.post_attn_norm,
-            &mut self.ffn_norm,
-            &mut self.post_ffn_norm,
+            ("attn_norm.weight", &mut self.attn_norm),
+            ("attn_q_norm.weight", &mut self.q_norm),
+            ("attn_k_norm.weight", &mut self.k_norm),
+            ("post_attention_norm.weight", &mut self.post_attn_norm),
+            ("ffn_norm.weight", &mut self.ffn_norm),
+            ("post_ffw_norm.weight", &mut self.post_ffn_norm),
         ];
         v.extend(self.p.tensors_mut());
         v

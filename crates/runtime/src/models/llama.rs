@@ -146,8 +146,11 @@ impl Block for LlamaBlock {
         self.p.named_mut()
     }
 
-    fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
-        let mut v = vec![&mut self.attn_norm, &mut self.ffn_norm];
+    fn tensors_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        let mut v = vec![
+            ("attn_norm.weight", &mut self.attn_norm),
+            ("ffn_norm.weight", &mut self.ffn_norm),
+        ];
         v.extend(self.p.tensors_mut());
         v
     }
