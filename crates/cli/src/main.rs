@@ -39,6 +39,8 @@ enum Command {
     Select(cmd::geometry::SelectArgs),
     /// Drift between two anchors' carriers: principal angles, cosines, layer shift.
     Drift(cmd::geometry::DriftArgs),
+    /// Causal sweeps of the refusal and harmfulness carriers against matched random controls.
+    Sweep(cmd::geometry::SweepArgs),
     /// Write a copy of the model with a carrier orthogonalized out of its weights (HF folder).
     Abliterate(cmd::geometry::AbliterateArgs),
     /// Measure this machine and the runtime: sgemm peak, capture prefill, decode, backward.
@@ -69,6 +71,7 @@ fn main() {
         Command::Select(a) => cmd::geometry::run_select(a),
         Command::Drift(a) => cmd::geometry::drift(a),
         Command::Abliterate(a) => cmd::geometry::abliterate(a),
+        Command::Sweep(a) => cmd::geometry::run_sweep(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

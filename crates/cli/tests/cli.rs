@@ -507,6 +507,42 @@ fn geometry_pipeline_on_a_tiny_model_then_eval_with_ablation() {
     assert!(std::fs::read_to_string(ev.join("summary.csv"))
         .unwrap()
         .contains("refusal_score_mean,refusal-score"));
+    // Causal sweep against random controls.
+    let out = safegeo(
+        &[
+            "sweep",
+            g,
+            "--carrier",
+            "1:0",
+            "--val",
+            &format!("{harm},{harmless}"),
+            "--n",
+            "6",
+            "--controls",
+            "2",
+            "--coefs",
+            "-1,1",
+            "--continuation-tokens",
+            "3",
+            "--json",
+        ],
+        h,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let eff: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // 2 directions x (2 coefficients + ablation) x 5 metrics.
+    assert_eq!(eff.as_array().unwrap().len(), 2 * 3 * 5);
+    assert!(
+        std::fs::read_to_string(geo.join("sweep.csv"))
+            .unwrap()
+            .lines()
+            .count()
+            > 1
+    );
     // Abliterate: the exported folder loads and runs.
     let abl = h.join("abl");
     let out = safegeo(

@@ -9,5 +9,6 @@ pub mod linalg;
 pub mod measures;
 pub mod select;
 pub mod store;
+pub mod sweep;
 
 pub use error::{Error, Result};

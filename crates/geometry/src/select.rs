@@ -72,7 +72,8 @@ pub struct Baseline {
     harmless_logp: Vec<Tensor>,
 }
 
-fn last_logprobs(
+/// Last-position log-probabilities `(b, V)` in f64, one tensor per chunk of `batch` prompts.
+pub fn last_logprobs(
     model: &Model,
     ids: &[Vec<u32>],
     batch: usize,
@@ -86,7 +87,7 @@ fn last_logprobs(
     Ok(out)
 }
 
-fn candle_nn_free_log_softmax(x: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn candle_nn_free_log_softmax(x: &Tensor) -> candle_core::Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?;
     let s = x.broadcast_sub(&max)?;
     s.broadcast_sub(&s.exp()?.sum_keepdim(D::Minus1)?.log()?)

@@ -473,3 +473,180 @@ pub fn abliterate(a: AbliterateArgs) -> Result<()> {
     );
     Ok(())
 }
+
+#[derive(clap::Args)]
+pub struct SweepArgs {
+    /// A folder written by `safegeo carriers` (and `safegeo select`).
+    pub dir: PathBuf,
+    /// The carrier as LAYER:POS [default: the one selected in DIR/selection.json].
+    #[arg(long)]
+    pub carrier: Option<String>,
+    /// Coefficients in units of the carrier (controls: of the refusal carrier's norm).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        allow_hyphen_values = true,
+        default_value = "-2,-1,-0.5,0,0.5,1,2"
+    )]
+    pub coefs: Vec<f64>,
+    /// Matched random control directions (at least 8 recommended).
+    #[arg(long, default_value_t = 8)]
+    pub controls: usize,
+    /// Harmful and harmless evaluation sets.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "harmful-val,harmless-val"
+    )]
+    pub val: Vec<String>,
+    /// Prompts per set.
+    #[arg(long, default_value_t = 32)]
+    pub n: usize,
+    /// Tokens of the base model's own continuation used for the utility cross-entropy.
+    #[arg(long, default_value_t = 16)]
+    pub continuation_tokens: usize,
+    /// Model [default: the one recorded in DIR/carriers.json].
+    #[arg(long, short = 'm')]
+    pub model: Option<String>,
+    /// Data directory.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Seed (prompt sampling, controls, bootstrap).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print sweep.json's effects as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run_sweep(a: SweepArgs) -> Result<()> {
+    use safegeo_geometry::sweep::{effects, sweep, SweepConfig};
+    if a.val.len() != 2 {
+        bail!("--val takes two sets: harmful,harmless");
+    }
+    if a.coefs.is_empty() {
+        bail!("--coefs needs at least one value");
+    }
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(a.dir.join("carriers.json")).with_context(|| {
+            format!(
+                "{}: no carriers.json\n  fix: run `safegeo carriers --out {}` first",
+                a.dir.display(),
+                a.dir.display()
+            )
+        })?,
+    )?;
+    let spec = match &a.carrier {
+        Some(lp) => format!("{}:{lp}", a.dir.display()),
+        None => a.dir.display().to_string(),
+    };
+    let (r, layer, pos, name) = crate::cmd::eval::carrier(&spec)?;
+    let c = store::load(&a.dir.join("carriers.safetensors"))?;
+    let h = c.harmfulness(layer).to_vec();
+    let model_spec = a
+        .model
+        .clone()
+        .or_else(|| meta["model"].as_str().map(String::from));
+    let model = common::load(&ModelArgs {
+        model: model_spec,
+        device: "cpu".into(),
+        quantized: false,
+    })?;
+    let hv = prompts(&a.val[0], a.n, a.seed, a.data_dir.as_deref())?;
+    let lv = prompts(&a.val[1], a.n, a.seed, a.data_dir.as_deref())?;
+    let text =
+        |d: &safegeo_data::Dataset| d.items.iter().map(|i| i.prompt.clone()).collect::<Vec<_>>();
+    let (h_ids, _) = prompt_ids(&model, &text(&hv))?;
+    let (l_ids, _) = prompt_ids(&model, &text(&lv))?;
+    // The base model's own continuations of the harmless prompts are the utility reference.
+    let gen = safegeo_runtime::GenerateConfig {
+        max_new_tokens: a.continuation_tokens,
+        ..Default::default()
+    };
+    let outs = safegeo_runtime::generate(&model, &l_ids, &gen, &mut NoHooks)?;
+    let mut refs = Vec::new();
+    let mut keep = Vec::new();
+    for (i, o) in outs.iter().enumerate() {
+        if !o.ids.is_empty() {
+            refs.push(safegeo_data::utility::Reference {
+                prompt: lv.items[i].prompt.clone(),
+                completion: model.tok.decode(&o.ids, false)?,
+            });
+            keep.push(l_ids[i].clone());
+        }
+    }
+    if refs.is_empty() {
+        bail!("the base model produced no continuation for any harmless prompt (raise --continuation-tokens)");
+    }
+    let refusal_ids = refusal_token_ids(&model.tok, REFUSAL_OPENINGS)?;
+    let cfg = SweepConfig {
+        coefs: a.coefs.clone(),
+        controls: a.controls,
+        seed: a.seed,
+        ..Default::default()
+    };
+    let t0 = std::time::Instant::now();
+    let mut bar = common::Progress::new("conditions");
+    let conds = sweep(
+        &model,
+        &r,
+        &h,
+        layer,
+        &h_ids,
+        &keep,
+        &refs,
+        &refusal_ids,
+        &cfg,
+        &mut |d, t| bar.set(d, t),
+    )?;
+    bar.finish();
+    let eff = effects(&conds, &cfg);
+    let mut csv = String::from("direction,coef,metric,value\n");
+    for cnd in &conds {
+        let coef = cnd.coef.map_or("ablate".to_string(), |c| c.to_string());
+        let m = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let rate =
+            |v: &[f64]| v.iter().filter(|&&x| x > 0.0).count() as f64 / v.len().max(1) as f64;
+        for (metric, value) in [
+            ("harmful_refusal_rate", rate(&cnd.harmful_scores)),
+            ("harmful_refusal_score", m(&cnd.harmful_scores)),
+            ("harmless_refusal_rate", rate(&cnd.harmless_scores)),
+            ("harmless_kl", m(&cnd.harmless_kl)),
+            ("harmless_cross_entropy", m(&cnd.harmless_ce)),
+        ] {
+            csv.push_str(&format!("{},{coef},{metric},{value:.6}\n", cnd.direction));
+        }
+    }
+    safegeo_data::eval::write_atomic(&a.dir.join("sweep.csv"), csv.as_bytes())?;
+    let out = serde_json::json!({
+        "carrier": name, "layer": layer, "pos": pos, "config": cfg, "seconds": t0.elapsed().as_secs_f64(),
+        "prompts": {"harmful": {"name": hv.name, "sha256": hv.sha256, "n": h_ids.len()}, "harmless": {"name": lv.name, "sha256": lv.sha256, "n": keep.len()}},
+        "note": "coef = None means full ablation; rates use the logit refusal score (> 0); controls are random unit directions scaled to the refusal carrier's norm at the same layer",
+        "effects": eff, "conditions": conds,
+    });
+    write_json(&a.dir.join("sweep.json"), &out)?;
+    if a.json {
+        return common::print_json(&out["effects"]);
+    }
+    println!(
+        "{:<12} {:>7} {:<24} {:>9} {:>9} {:>9}  95% interval",
+        "direction", "coef", "metric", "value", "control", "effect"
+    );
+    for e in eff
+        .iter()
+        .filter(|e| e.metric == "harmful_refusal_rate" || e.metric == "harmless_kl")
+    {
+        let coef = e.coef.map_or("ablate".to_string(), |c| format!("{c}"));
+        println!(
+            "{:<12} {:>7} {:<24} {:>9.3} {:>9.3} {:>9.3}  [{:.3}, {:.3}]",
+            e.direction, coef, e.metric, e.value, e.control, e.effect, e.lo, e.hi
+        );
+    }
+    eprintln!(
+        "sweep: {} conditions in {:.1}s -> {}",
+        conds.len(),
+        t0.elapsed().as_secs_f64(),
+        a.dir.join("sweep.json").display()
+    );
+    Ok(())
+}

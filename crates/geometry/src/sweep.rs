@@ -1,0 +1,333 @@
+//! Causal sweeps (SPEC.md section 3): for a carrier `v` at layer `l`, add `c v` at that layer's
+//! block input for a grid of `c` (and fully ablate `v^` at every layer), for the refusal carrier,
+//! the harmfulness carrier and matched random controls (unit directions scaled to the refusal
+//! carrier's norm, same layer and positions, `controls` seeds). Measured per prompt: refusal
+//! score on harmful prompts (refusal rate = share with score > 0), refusal on harmless prompts,
+//! and utility on harmless prompts (KL to the base model at the last position; cross-entropy of
+//! the base model's own greedy continuation). Effects are reported minus the controls' mean, with
+//! a bootstrap 95% interval over prompts.
+use crate::linalg::{norm, normalize};
+use crate::select::last_logprobs;
+use crate::Result;
+use candle_core::{Tensor, D};
+use rand::{Rng, SeedableRng};
+use safegeo_data::judges::refusal_score::refusal_scores;
+use safegeo_data::utility::{completion_cross_entropy, Reference};
+use safegeo_runtime::{Hooks, Intervention, Model, NoHooks, Scope};
+use serde::Serialize;
+
+/// Sweep settings; defaults are SPEC.md's (ours).
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepConfig {
+    /// Coefficients, in units of the direction (the refusal carrier's norm for controls).
+    pub coefs: Vec<f64>,
+    /// Random control directions (at least 8).
+    pub controls: usize,
+    /// Seed of the controls and the bootstrap.
+    pub seed: u64,
+    /// Bootstrap resamples for the intervals.
+    pub bootstrap: usize,
+    /// Prompts per forward pass.
+    pub batch: usize,
+}
+
+impl Default for SweepConfig {
+    fn default() -> Self {
+        Self {
+            coefs: vec![-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0],
+            controls: 8,
+            seed: 0,
+            bootstrap: 1000,
+            batch: 32,
+        }
+    }
+}
+
+/// Per-prompt measurements of one condition.
+#[derive(Debug, Clone, Serialize)]
+pub struct Condition {
+    /// `refusal`, `harmfulness` or `control_k`.
+    pub direction: String,
+    /// Coefficient, or `None` for full ablation.
+    pub coef: Option<f64>,
+    /// Refusal score per harmful prompt.
+    pub harmful_scores: Vec<f64>,
+    /// Refusal score per harmless prompt.
+    pub harmless_scores: Vec<f64>,
+    /// KL(base || edited) per harmless prompt.
+    pub harmless_kl: Vec<f64>,
+    /// Cross-entropy of the base continuation per harmless prompt.
+    pub harmless_ce: Vec<f64>,
+}
+
+/// Effect of a direction minus the controls' mean, with a bootstrap interval.
+#[derive(Debug, Clone, Serialize)]
+pub struct Effect {
+    /// `refusal` or `harmfulness`.
+    pub direction: String,
+    /// Coefficient (`None` = ablation).
+    pub coef: Option<f64>,
+    /// Metric name.
+    pub metric: String,
+    /// Direction's value.
+    pub value: f64,
+    /// Mean over controls.
+    pub control: f64,
+    /// `value - control`.
+    pub effect: f64,
+    /// 95% interval of the effect (prompt bootstrap).
+    pub lo: f64,
+    /// See `lo`.
+    pub hi: f64,
+}
+
+fn interventions(
+    v: &[f64],
+    layer: usize,
+    coef: Option<f64>,
+    dev: &candle_core::Device,
+) -> Result<Hooks> {
+    let t = Tensor::from_vec(
+        v.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+        v.len(),
+        dev,
+    )?;
+    let iv = match coef {
+        Some(c) => Intervention::Add {
+            vector: t,
+            coef: c,
+            layer,
+            scope: Scope::All,
+        },
+        None => Intervention::ablate(&t)?,
+    };
+    Ok(Hooks::with_interventions(vec![iv]))
+}
+
+/// Random unit directions scaled to `scale`.
+pub fn random_controls(d: usize, n: usize, scale: f64, seed: u64) -> Vec<Vec<f64>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            // Box-Muller normals give directions uniform on the sphere.
+            let g: Vec<f64> = (0..d)
+                .map(|_| {
+                    let (u1, u2): (f64, f64) = (rng.gen_range(1e-12..1.0), rng.gen());
+                    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+                })
+                .collect();
+            normalize(&g).into_iter().map(|x| x * scale).collect()
+        })
+        .collect()
+}
+
+/// Run every condition. `refs` are the base model's continuations of the harmless prompts.
+#[allow(clippy::too_many_arguments)]
+pub fn sweep(
+    model: &Model,
+    refusal: &[f64],
+    harmfulness: &[f64],
+    layer: usize,
+    harmful: &[Vec<u32>],
+    harmless: &[Vec<u32>],
+    refs: &[Reference],
+    refusal_ids: &[u32],
+    cfg: &SweepConfig,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<Condition>> {
+    let mut dirs: Vec<(String, Vec<f64>)> = vec![
+        ("refusal".into(), refusal.to_vec()),
+        ("harmfulness".into(), harmfulness.to_vec()),
+    ];
+    for (k, c) in random_controls(refusal.len(), cfg.controls, norm(refusal), cfg.seed)
+        .into_iter()
+        .enumerate()
+    {
+        dirs.push((format!("control_{k}"), c));
+    }
+    let base_logp = last_logprobs(model, harmless, cfg.batch, &mut NoHooks)?;
+    let coefs: Vec<Option<f64>> = cfg.coefs.iter().map(|&c| Some(c)).chain([None]).collect();
+    let total = dirs.len() * coefs.len();
+    let mut out = Vec::with_capacity(total);
+    for (name, v) in &dirs {
+        for &coef in &coefs {
+            let mut hooks = interventions(v, layer, coef, &model.device)?;
+            let harmful_scores =
+                refusal_scores(model, harmful, refusal_ids, cfg.batch, &mut hooks)?;
+            let harmless_scores =
+                refusal_scores(model, harmless, refusal_ids, cfg.batch, &mut hooks)?;
+            let logp = last_logprobs(model, harmless, cfg.batch, &mut hooks)?;
+            let mut harmless_kl = Vec::new();
+            for (b, a) in base_logp.iter().zip(&logp) {
+                harmless_kl.extend((b.exp()? * (b - a)?)?.sum(D::Minus1)?.to_vec1::<f64>()?);
+            }
+            let harmless_ce = completion_cross_entropy(model, refs, cfg.batch, &mut hooks)?;
+            out.push(Condition {
+                direction: name.clone(),
+                coef,
+                harmful_scores,
+                harmless_scores,
+                harmless_kl,
+                harmless_ce,
+            });
+            progress(out.len(), total);
+        }
+    }
+    Ok(out)
+}
+
+type Metric = (&'static str, fn(&Condition, &[usize], &[usize]) -> f64);
+
+fn mean_at(v: &[f64], idx: &[usize]) -> f64 {
+    idx.iter().map(|&i| v[i]).sum::<f64>() / idx.len().max(1) as f64
+}
+
+fn rate_at(v: &[f64], idx: &[usize]) -> f64 {
+    idx.iter().filter(|&&i| v[i] > 0.0).count() as f64 / idx.len().max(1) as f64
+}
+
+const METRICS: &[Metric] = &[
+    ("harmful_refusal_rate", |c, h, _| {
+        rate_at(&c.harmful_scores, h)
+    }),
+    ("harmful_refusal_score", |c, h, _| {
+        mean_at(&c.harmful_scores, h)
+    }),
+    ("harmless_refusal_rate", |c, _, l| {
+        rate_at(&c.harmless_scores, l)
+    }),
+    ("harmless_kl", |c, _, l| mean_at(&c.harmless_kl, l)),
+    ("harmless_cross_entropy", |c, _, l| {
+        mean_at(&c.harmless_ce, l)
+    }),
+];
+
+/// Effects of the refusal and harmfulness directions minus the controls' mean at each
+/// coefficient, with percentile bootstrap intervals over prompts (harmful and harmless resampled
+/// independently; the same resample is used for the direction and its controls).
+pub fn effects(conds: &[Condition], cfg: &SweepConfig) -> Vec<Effect> {
+    let Some(first) = conds.first() else {
+        return Vec::new();
+    };
+    let (nh, nl) = (first.harmful_scores.len(), first.harmless_scores.len());
+    let all_h: Vec<usize> = (0..nh).collect();
+    let all_l: Vec<usize> = (0..nl).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed ^ 0x5eed);
+    let resamples: Vec<(Vec<usize>, Vec<usize>)> = (0..cfg.bootstrap)
+        .map(|_| {
+            (
+                (0..nh).map(|_| rng.gen_range(0..nh)).collect(),
+                (0..nl).map(|_| rng.gen_range(0..nl)).collect(),
+            )
+        })
+        .collect();
+    let mut out = Vec::new();
+    let coefs: Vec<Option<f64>> = {
+        let mut c: Vec<Option<f64>> = conds.iter().map(|c| c.coef).collect();
+        c.dedup();
+        c.sort_by(|a, b| {
+            a.unwrap_or(f64::INFINITY)
+                .total_cmp(&b.unwrap_or(f64::INFINITY))
+        });
+        c.dedup();
+        c
+    };
+    for dir in ["refusal", "harmfulness"] {
+        for &coef in &coefs {
+            let Some(target) = conds.iter().find(|c| c.direction == dir && c.coef == coef) else {
+                continue;
+            };
+            let controls: Vec<&Condition> = conds
+                .iter()
+                .filter(|c| c.direction.starts_with("control_") && c.coef == coef)
+                .collect();
+            if controls.is_empty() {
+                continue;
+            }
+            for (metric, f) in METRICS {
+                let ctrl = |h: &[usize], l: &[usize]| {
+                    controls.iter().map(|c| f(c, h, l)).sum::<f64>() / controls.len() as f64
+                };
+                let value = f(target, &all_h, &all_l);
+                let control = ctrl(&all_h, &all_l);
+                let mut boots: Vec<f64> = resamples
+                    .iter()
+                    .map(|(h, l)| f(target, h, l) - ctrl(h, l))
+                    .collect();
+                boots.sort_by(f64::total_cmp);
+                let q = |p: f64| {
+                    boots
+                        .get(((p * boots.len() as f64) as usize).min(boots.len().saturating_sub(1)))
+                        .copied()
+                        .unwrap_or(f64::NAN)
+                };
+                out.push(Effect {
+                    direction: dir.into(),
+                    coef,
+                    metric: (*metric).into(),
+                    value,
+                    control,
+                    effect: value - control,
+                    lo: q(0.025),
+                    hi: q(0.975),
+                });
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cond(dir: &str, coef: Option<f64>, harmful: Vec<f64>) -> Condition {
+        let n = harmful.len();
+        Condition {
+            direction: dir.into(),
+            coef,
+            harmful_scores: harmful,
+            harmless_scores: vec![-1.0; n],
+            harmless_kl: vec![0.0; n],
+            harmless_ce: vec![1.0; n],
+        }
+    }
+
+    #[test]
+    fn effect_is_direction_minus_control_mean_with_a_bracketing_interval() {
+        let conds = vec![
+            cond("refusal", Some(1.0), vec![2.0, 3.0, -1.0, 4.0]),
+            cond("control_0", Some(1.0), vec![-1.0, -1.0, -1.0, 1.0]),
+            cond("control_1", Some(1.0), vec![-1.0, -1.0, -1.0, -1.0]),
+        ];
+        let cfg = SweepConfig {
+            bootstrap: 500,
+            ..Default::default()
+        };
+        let e = effects(&conds, &cfg);
+        let rate = e
+            .iter()
+            .find(|e| e.metric == "harmful_refusal_rate")
+            .unwrap();
+        // refusal: 3/4 refuse; controls: 1/4 and 0/4 -> mean 1/8; effect 0.625.
+        assert!((rate.value - 0.75).abs() < 1e-12 && (rate.control - 0.125).abs() < 1e-12);
+        assert!((rate.effect - 0.625).abs() < 1e-12);
+        assert!(rate.lo <= rate.effect && rate.effect <= rate.hi);
+        let kl = e.iter().find(|e| e.metric == "harmless_kl").unwrap();
+        assert_eq!((kl.effect, kl.lo, kl.hi), (0.0, 0.0, 0.0));
+    }
+
+    #[test]
+    fn controls_are_unit_directions_at_the_requested_norm() {
+        let c = random_controls(64, 8, 3.0, 1);
+        assert_eq!(c.len(), 8);
+        for v in &c {
+            assert!((norm(v) - 3.0).abs() < 1e-9);
+        }
+        assert!(crate::linalg::cosine(&c[0], &c[1]).abs() < 0.6);
+        assert_eq!(
+            random_controls(64, 2, 1.0, 1)[0],
+            random_controls(64, 2, 1.0, 1)[0]
+        );
+    }
+}
