@@ -11,7 +11,7 @@ use crate::select::last_logprobs;
 use crate::Result;
 use candle_core::{Tensor, D};
 use rand::{Rng, SeedableRng};
-use safegeo_data::judges::refusal_score::refusal_scores;
+use safegeo_data::judges::refusal_score::score_from_logprobs;
 use safegeo_data::utility::{completion_cross_entropy, Reference};
 use safegeo_runtime::{Hooks, Intervention, Model, NoHooks, Scope};
 use serde::Serialize;
@@ -152,11 +152,10 @@ pub fn sweep(
     for (name, v) in &dirs {
         for &coef in &coefs {
             let mut hooks = interventions(v, layer, coef, &model.device)?;
-            let harmful_scores =
-                refusal_scores(model, harmful, refusal_ids, cfg.batch, &mut hooks)?;
-            let harmless_scores =
-                refusal_scores(model, harmless, refusal_ids, cfg.batch, &mut hooks)?;
+            // One pass per prompt set: scores and KL come from the same last-position log-probs.
+            let harmful_scores = scores_of(&last_logprobs(model, harmful, cfg.batch, &mut hooks)?, refusal_ids)?;
             let logp = last_logprobs(model, harmless, cfg.batch, &mut hooks)?;
+            let harmless_scores = scores_of(&logp, refusal_ids)?;
             let mut harmless_kl = Vec::new();
             for (b, a) in base_logp.iter().zip(&logp) {
                 harmless_kl.extend((b.exp()? * (b - a)?)?.sum(D::Minus1)?.to_vec1::<f64>()?);
@@ -171,6 +170,16 @@ pub fn sweep(
                 harmless_ce,
             });
             progress(out.len(), total);
+        }
+    }
+    Ok(out)
+}
+
+fn scores_of(logp: &[Tensor], refusal_ids: &[u32]) -> Result<Vec<f64>> {
+    let mut out = Vec::new();
+    for t in logp {
+        for row in t.to_vec2::<f64>()? {
+            out.push(score_from_logprobs(&row, refusal_ids));
         }
     }
     Ok(out)
