@@ -69,14 +69,35 @@ pub enum Scope {
     Prompt,
     /// Generated tokens only.
     Generated,
+    /// Prompt tokens except the last `n` of the prompt pass (e.g. an appended question that must
+    /// stay unsteered, for the reply-inversion check). Rows end aligned under left padding.
+    PromptExceptLast(usize),
 }
 
 impl Scope {
     fn admits(self, phase: Phase) -> bool {
         matches!(
             (self, phase),
-            (Scope::All, _) | (Scope::Prompt, Phase::Prompt) | (Scope::Generated, Phase::Generated)
+            (Scope::All, _)
+                | (Scope::Prompt | Scope::PromptExceptLast(_), Phase::Prompt)
+                | (Scope::Generated, Phase::Generated)
         )
+    }
+
+    /// Apply `edit` to the tokens of `x: (b, t, d)` this scope covers.
+    fn edit(self, x: Tensor, edit: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        match self {
+            Scope::PromptExceptLast(n) => {
+                let t = x.dim(1)?;
+                let k = t.saturating_sub(n);
+                if k == 0 {
+                    return Ok(x);
+                }
+                let head = edit(&x.narrow(1, 0, k)?)?;
+                Tensor::cat(&[&head, &x.narrow(1, k, t - k)?], 1)
+            }
+            _ => edit(&x),
+        }
     }
 }
 
@@ -129,8 +150,10 @@ impl Intervention {
                     return Ok(x);
                 }
                 let r = direction.to_dtype(x.dtype())?;
-                let proj = x.broadcast_mul(&r)?.sum_keepdim(D::Minus1)?;
-                x.broadcast_sub(&proj.broadcast_mul(&r)?)
+                scope.edit(x, |x| {
+                    let proj = x.broadcast_mul(&r)?.sum_keepdim(D::Minus1)?;
+                    x.broadcast_sub(&proj.broadcast_mul(&r)?)
+                })
             }
             Intervention::Add {
                 vector,
@@ -141,7 +164,8 @@ impl Intervention {
                 if at.site != Site::ResidPre || at.layer != *layer || !scope.admits(at.phase) {
                     return Ok(x);
                 }
-                x.broadcast_add(&(vector.to_dtype(x.dtype())? * *coef)?)
+                let v = (vector.to_dtype(x.dtype())? * *coef)?;
+                scope.edit(x, |x| x.broadcast_add(&v))
             }
         }
     }

@@ -496,3 +496,38 @@ fn shared_prefix_logits_equal_plain_batched_logits() {
         assert!(max_abs(&a, &b) <= 1e-4, "{arch:?} with ablation");
     }
 }
+
+#[test]
+fn prompt_except_last_leaves_the_tail_unsteered() {
+    let m = tiny_model(Arch::Llama, 2, DType::F32).unwrap();
+    let v = Tensor::ones(16, DType::F32, &Device::Cpu).unwrap();
+    let run = |scope: Scope| {
+        let mut h = Hooks::capture(&[Site::ResidPre], Positions::All);
+        h.interventions = vec![Intervention::Add {
+            vector: v.clone(),
+            coef: 2.0,
+            layer: 1,
+            scope,
+        }];
+        let (ids, layout) = m.pad_batch(&[vec![4, 5, 6, 7, 8]]).unwrap();
+        m.forward_ids(&ids, &layout, None, LogitsAt::None, Phase::Prompt, &mut h)
+            .unwrap();
+        h.captured.get(Site::ResidPre, 1).unwrap().clone()
+    };
+    let all = run(Scope::Prompt);
+    let part = run(Scope::PromptExceptLast(2));
+    assert!(
+        max_abs(
+            &all.narrow(1, 0, 3).unwrap(),
+            &part.narrow(1, 0, 3).unwrap()
+        ) == 0.0
+    );
+    let diff = max_abs(
+        &all.narrow(1, 3, 2).unwrap(),
+        &part.narrow(1, 3, 2).unwrap(),
+    );
+    assert!(
+        (diff - 2.0).abs() < 1e-5,
+        "the last two tokens must miss exactly the +2 shift: {diff}"
+    );
+}

@@ -514,6 +514,9 @@ pub struct SweepArgs {
     /// Seed (prompt sampling, controls, bootstrap).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Also run the reply-inversion check (steer the request, ask whether it is harmful).
+    #[arg(long)]
+    pub reply_inversion: bool,
     /// Print sweep.json's effects as JSON.
     #[arg(long)]
     pub json: bool,
@@ -601,6 +604,23 @@ pub fn run_sweep(a: SweepArgs) -> Result<()> {
     )?;
     bar.finish();
     let eff = effects(&conds, &cfg);
+    let inversion = if a.reply_inversion {
+        let dirs = vec![
+            ("refusal".to_string(), r.clone()),
+            ("harmfulness".to_string(), h.clone()),
+        ];
+        let sets = vec![("harmful", text(&hv)), ("harmless", text(&lv))];
+        Some(safegeo_geometry::sweep::reply_inversion(
+            &model,
+            &sets,
+            &dirs,
+            layer,
+            &[-1.0, 1.0],
+            32,
+        )?)
+    } else {
+        None
+    };
     let mut csv = String::from("direction,coef,metric,value\n");
     for cnd in &conds {
         let coef = cnd.coef.map_or("ablate".to_string(), |c| c.to_string());
@@ -622,7 +642,8 @@ pub fn run_sweep(a: SweepArgs) -> Result<()> {
         "carrier": name, "layer": layer, "pos": pos, "config": cfg, "seconds": t0.elapsed().as_secs_f64(),
         "prompts": {"harmful": {"name": hv.name, "sha256": hv.sha256, "n": h_ids.len()}, "harmless": {"name": lv.name, "sha256": lv.sha256, "n": keep.len()}},
         "note": "coef = None means full ablation; rates use the logit refusal score (> 0); controls are random unit directions scaled to the refusal carrier's norm at the same layer",
-        "effects": eff, "conditions": conds,
+        "effects": eff, "conditions": conds, "reply_inversion": inversion,
+        "reply_inversion_question": safegeo_geometry::sweep::INVERSION_QUESTION,
     });
     write_json(&a.dir.join("sweep.json"), &out)?;
     if a.json {
