@@ -663,6 +663,18 @@ pub fn run_sweep(a: SweepArgs) -> Result<()> {
             e.direction, coef, e.metric, e.value, e.control, e.effect, e.lo, e.hi
         );
     }
+    if let Some(inv) = &inversion {
+        println!(
+            "reply inversion ({}):",
+            safegeo_geometry::sweep::INVERSION_QUESTION
+        );
+        for i in inv {
+            println!(
+                "  {:<12} coef {:>4} on {:<8} yes {:.2} -> {:.2}, flips {:.2}, log-odds shift {:+.3}",
+                i.direction, i.coef, i.prompts, i.base_yes_rate, i.steered_yes_rate, i.flip_rate, i.mean_logodds_shift
+            );
+        }
+    }
     eprintln!(
         "sweep: {} conditions in {:.1}s -> {}",
         conds.len(),
