@@ -517,6 +517,11 @@ impl Tok {
     }
 }
 
+/// Instructions a chat template may execute (real templates need a few thousand).
+const TEMPLATE_FUEL: u64 = 2_000_000;
+/// Longest rendered prompt accepted, in bytes.
+const TEMPLATE_MAX_BYTES: usize = 16 << 20;
+
 /// Render a HF-style Jinja chat template.
 pub fn render_template(
     template: &str,
@@ -525,6 +530,10 @@ pub fn render_template(
     eos_token: &str,
 ) -> Result<String> {
     let mut env = minijinja::Environment::new();
+    // Templates come with untrusted model files: bound the work (a template that loops forever
+    // runs out of fuel) and never touch the filesystem (no loader is set).
+    env.set_fuel(Some(TEMPLATE_FUEL));
+    env.set_recursion_limit(64);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function(
         "raise_exception",
@@ -548,6 +557,16 @@ pub fn render_template(
         eos_token => eos_token,
     })
     .map_err(|e| Error::Template(format!("{e:#}")))
+    .and_then(|out| {
+        if out.len() > TEMPLATE_MAX_BYTES {
+            Err(Error::Template(format!(
+                "rendered prompt is {} bytes (limit {TEMPLATE_MAX_BYTES})",
+                out.len()
+            )))
+        } else {
+            Ok(out)
+        }
+    })
 }
 
 fn read_json_opt(path: &Path) -> Result<serde_json::Value> {
@@ -576,6 +595,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out, "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+    }
+
+    #[test]
+    fn runaway_templates_are_stopped() {
+        let looping =
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}";
+        let e = render_template(looping, &[Message::new("user", "hi")], "", "").unwrap_err();
+        assert!(matches!(e, Error::Template(_)), "{e}");
+        let recursive = "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}";
+        assert!(render_template(recursive, &[Message::new("user", "hi")], "", "").is_err());
     }
 
     #[test]
