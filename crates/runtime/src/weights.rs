@@ -72,6 +72,25 @@ pub fn open_gguf(path: &Path) -> Result<(Content, BufReader<File>)> {
     Ok((content, reader))
 }
 
+/// Read one GGUF tensor in its stored (possibly quantized) form.
+fn read_gguf_tensor(
+    path: &Path,
+    content: &Content,
+    file: &Mutex<BufReader<File>>,
+    name: &str,
+    info: &candle_core::quantized::gguf_file::TensorInfo,
+    dev: &Device,
+) -> Result<candle_core::quantized::QTensor> {
+    let mut f = file
+        .lock()
+        .map_err(|_| Error::Invalid("weight file lock poisoned".into()))?;
+    info.read(&mut *f, content.tensor_data_offset, dev)
+        .map_err(|e| Error::BadGguf {
+            path: path.to_path_buf(),
+            reason: format!("tensor `{name}`: {e}"),
+        })
+}
+
 /// HF checkpoint name of a tensor given its GGUF name.
 pub(crate) fn hf_name(arch: Arch, gguf: &str) -> String {
     let fixed = match gguf {
@@ -190,15 +209,7 @@ impl WeightSource {
                 file,
             } => {
                 let info = content.tensor_infos.get(name).ok_or_else(missing)?;
-                let mut f = file
-                    .lock()
-                    .map_err(|_| Error::Invalid("weight file lock poisoned".into()))?;
-                let q = info
-                    .read(&mut *f, content.tensor_data_offset, dev)
-                    .map_err(|e| Error::BadGguf {
-                        path: path.clone(),
-                        reason: format!("tensor `{name}`: {e}"),
-                    })?;
+                let q = read_gguf_tensor(path, content, file, name, info, dev)?;
                 q.dequantize(dev).map_err(|e| Error::UnsupportedQuant {
                     path: path.clone(),
                     tensor: name.into(),
@@ -246,16 +257,7 @@ impl WeightSource {
         ) {
             return Ok(None);
         }
-        let mut f = file
-            .lock()
-            .map_err(|_| Error::Invalid("weight file lock poisoned".into()))?;
-        let q = info
-            .read(&mut *f, content.tensor_data_offset, dev)
-            .map_err(|e| Error::BadGguf {
-                path: path.clone(),
-                reason: format!("tensor `{name}`: {e}"),
-            })?;
-        Ok(Some(q))
+        read_gguf_tensor(path, content, file, name, info, dev).map(Some)
     }
 
     /// An optional tensor.

@@ -230,29 +230,40 @@ pub fn carriers(a: CarriersArgs) -> Result<()> {
     Ok(())
 }
 
+/// The model a carriers folder was made with (or `model` when given), loaded on `device`.
+fn carriers_model(dir: &Path, model: Option<&str>, device: &str) -> Result<safegeo_runtime::Model> {
+    let text = std::fs::read_to_string(dir.join("carriers.json")).with_context(|| {
+        format!(
+            "{}: no carriers.json\n  fix: run `safegeo carriers --out {}` first",
+            dir.display(),
+            dir.display()
+        )
+    })?;
+    let meta: serde_json::Value = serde_json::from_str(&text)?;
+    let spec = model
+        .map(String::from)
+        .or_else(|| meta["model"].as_str().map(String::from));
+    common::load(&ModelArgs {
+        model: spec,
+        device: device.into(),
+        quantized: false,
+    })
+}
+
+/// `--carrier LAYER:POS` in `dir`, or the carrier selected there.
+fn chosen_carrier(dir: &Path, carrier: Option<&str>) -> Result<(Vec<f64>, usize, usize, String)> {
+    match carrier {
+        Some(lp) => crate::cmd::eval::carrier(&format!("{}:{lp}", dir.display())),
+        None => crate::cmd::eval::carrier(&dir.display().to_string()),
+    }
+}
+
 pub fn run_select(a: SelectArgs) -> Result<()> {
-    let meta: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(a.dir.join("carriers.json")).with_context(|| {
-            format!(
-                "{}: no carriers.json\n  fix: run `safegeo carriers --out {}` first",
-                a.dir.display(),
-                a.dir.display()
-            )
-        })?,
-    )?;
     let c = store::load(&a.dir.join("carriers.safetensors"))?;
     if a.val.len() != 2 {
         bail!("--val takes two sets: harmful,harmless");
     }
-    let model_spec = a
-        .model
-        .clone()
-        .or_else(|| meta["model"].as_str().map(String::from));
-    let model = common::load(&ModelArgs {
-        model: model_spec,
-        device: a.device.clone(),
-        quantized: false,
-    })?;
+    let model = carriers_model(&a.dir, a.model.as_deref(), &a.device)?;
     if model.cfg.n_layer != c.n_layer() || model.cfg.hidden != c.refusal[0][0].len() {
         bail!(
             "the carriers in {} do not fit this model's shape",
@@ -437,29 +448,8 @@ pub struct AbliterateArgs {
 }
 
 pub fn abliterate(a: AbliterateArgs) -> Result<()> {
-    let meta: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(a.dir.join("carriers.json")).with_context(|| {
-            format!(
-                "{}: no carriers.json\n  fix: run `safegeo carriers --out {}` first",
-                a.dir.display(),
-                a.dir.display()
-            )
-        })?,
-    )?;
-    let spec = match &a.carrier {
-        Some(lp) => format!("{}:{lp}", a.dir.display()),
-        None => a.dir.display().to_string(),
-    };
-    let (r, layer, pos, name) = crate::cmd::eval::carrier(&spec)?;
-    let model_spec = a
-        .model
-        .clone()
-        .or_else(|| meta["model"].as_str().map(String::from));
-    let mut model = common::load(&ModelArgs {
-        model: model_spec,
-        device: "cpu".into(),
-        quantized: false,
-    })?;
+    let (r, layer, pos, name) = chosen_carrier(&a.dir, a.carrier.as_deref())?;
+    let mut model = carriers_model(&a.dir, a.model.as_deref(), "cpu")?;
     safegeo_geometry::abliterate::orthogonalize_weights(&mut model, &r)?;
     safegeo_runtime::export_hf(&mut model, &a.out)?;
     write_json(
@@ -530,31 +520,10 @@ pub fn run_sweep(a: SweepArgs) -> Result<()> {
     if a.coefs.is_empty() {
         bail!("--coefs needs at least one value");
     }
-    let meta: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(a.dir.join("carriers.json")).with_context(|| {
-            format!(
-                "{}: no carriers.json\n  fix: run `safegeo carriers --out {}` first",
-                a.dir.display(),
-                a.dir.display()
-            )
-        })?,
-    )?;
-    let spec = match &a.carrier {
-        Some(lp) => format!("{}:{lp}", a.dir.display()),
-        None => a.dir.display().to_string(),
-    };
-    let (r, layer, pos, name) = crate::cmd::eval::carrier(&spec)?;
+    let (r, layer, pos, name) = chosen_carrier(&a.dir, a.carrier.as_deref())?;
     let c = store::load(&a.dir.join("carriers.safetensors"))?;
     let h = c.harmfulness(layer).to_vec();
-    let model_spec = a
-        .model
-        .clone()
-        .or_else(|| meta["model"].as_str().map(String::from));
-    let model = common::load(&ModelArgs {
-        model: model_spec,
-        device: "cpu".into(),
-        quantized: false,
-    })?;
+    let model = carriers_model(&a.dir, a.model.as_deref(), "cpu")?;
     let hv = prompts(&a.val[0], a.n, a.seed, a.data_dir.as_deref())?;
     let lv = prompts(&a.val[1], a.n, a.seed, a.data_dir.as_deref())?;
     let text =
