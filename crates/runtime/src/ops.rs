@@ -93,6 +93,19 @@ impl CustomOp1 for FrozenMatmul {
     }
 }
 
+/// `x W^T`. For a few rows candle's gemm pays a fixed cost per call that the transposed product
+/// `(W x^T)^T` largely avoids (measured: 8-32 rows x 576 -> 1536 take 0.43-0.53 ms one way,
+/// 0.25-0.28 ms the other); large batches keep the direct form.
+fn small_rows_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    const SMALL: usize = 48;
+    let rows = x.dim(0)?;
+    if rows > 1 && rows <= SMALL && x.device().is_cpu() {
+        w.matmul(&x.t()?.contiguous()?)?.t()?.contiguous()
+    } else {
+        x.matmul(&w.t()?)
+    }
+}
+
 /// A LoRA adapter: `delta(x) = scale * (x A^T) B^T`, `A: (r, in)`, `B: (out, r)` (B starts at 0).
 #[derive(Clone)]
 pub struct Lora {
@@ -148,7 +161,7 @@ impl Linear {
             x2.contiguous()?
                 .apply_op1(FrozenMatmul { w: self.w.clone() })?
         } else {
-            x2.matmul(&self.w.t()?)?
+            small_rows_matmul(&x2, &self.w)?
         };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
