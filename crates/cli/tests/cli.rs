@@ -191,7 +191,7 @@ fn bad_input_classes_get_named_errors() {
         2,
         "empty prompt",
     );
-    let long = vec!["w1"; 300].join(" ");
+    let long = vec!["w1"; 1100].join(" ");
     fails_with(
         &safegeo(
             &["generate", "-m", dir.to_str().unwrap(), "--chat", &long],
@@ -594,4 +594,69 @@ fn geometry_pipeline_on_a_tiny_model_then_eval_with_ablation() {
         h,
     );
     fails_with(&out, 1, "no carrier at layer 9");
+}
+
+#[test]
+fn eval_with_local_llm_judges_records_their_raw_output() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let model = h.join("tiny");
+    write_tiny_hf(Arch::Llama, 6, &model).unwrap();
+    let suite = h.join("s.jsonl");
+    std::fs::write(&suite, "{\"id\": \"a\", \"prompt\": \"w1 w2\", \"label\": \"harmful\"}\n{\"id\": \"b\", \"prompt\": \"w3\", \"label\": \"benign\"}\n").unwrap();
+    let out_dir = h.join("ev");
+    let m = model.to_str().unwrap();
+    let out = safegeo(
+        &[
+            "eval",
+            "-m",
+            m,
+            "--suite",
+            suite.to_str().unwrap(),
+            "--judge",
+            "substring,local",
+            "--judge-model-path",
+            m,
+            "--max-new-tokens",
+            "3",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+        h,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let recs: Vec<serde_json::Value> = std::fs::read_to_string(out_dir.join("records.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let harmful = recs.iter().find(|r| r["id"] == "a").unwrap();
+    assert!(harmful["verdicts"]["harmbench"]["raw"].is_string());
+    assert!(harmful["verdicts"]["xstest"]["raw"].is_string());
+    // The harm classifiers are not asked about benign prompts.
+    let benign = recs.iter().find(|r| r["id"] == "b").unwrap();
+    assert!(
+        benign["verdicts"].get("harmbench").is_none()
+            && benign["verdicts"]["xstest"]["raw"].is_string()
+    );
+    // `--judge endpoint` without an endpoint is a clear error.
+    let out = safegeo(
+        &[
+            "eval",
+            "-m",
+            m,
+            "--suite",
+            suite.to_str().unwrap(),
+            "--judge",
+            "endpoint",
+            "--out",
+            h.join("e2").to_str().unwrap(),
+        ],
+        h,
+    );
+    fails_with(&out, 1, "--judge-endpoint URL");
 }

@@ -25,7 +25,7 @@ pub fn tiny_config(arch: Arch) -> ModelConfig {
         rope_local_theta: (arch == Arch::Gemma3).then_some(100.0),
         rope_scale: 1.0,
         rope_interleaved: arch == Arch::Llama,
-        context_length: 256,
+        context_length: 1024,
         sliding_window: (arch == Arch::Gemma3).then_some(4),
         sliding_pattern: if arch == Arch::Gemma3 { 2 } else { 1 },
         scale_embeddings: arch == Arch::Gemma3,

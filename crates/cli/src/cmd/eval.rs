@@ -21,7 +21,8 @@ pub struct EvalArgs {
     /// Judges, comma-separated: substring (Arditi's list), xstest-prefix (XSTest's matcher), and the
     /// LLM judges harmbench, strongreject, xstest (these need --judge-endpoint or
     /// --judge-model-path), and refusal-score (the logit-based score of each prompt, no reply
-    /// needed). Without LLM judges, ASR is the string-match proxy (said in results).
+    /// needed). `endpoint` / `local` = the three LLM judges through --judge-endpoint /
+    /// --judge-model-path. Without LLM judges, ASR is the string-match proxy (said in results).
     #[arg(long, value_delimiter = ',', default_value = "substring,xstest-prefix")]
     pub judge: Vec<String>,
     /// OpenAI-compatible endpoint for LLM judges (e.g. http://localhost:8000/v1).
@@ -126,7 +127,24 @@ fn judges(a: &EvalArgs) -> Result<Vec<Box<dyn Judge>>> {
         shared = Some(c.clone());
         Ok(c)
     };
-    for j in &a.judge {
+    // `endpoint` and `local` name the backend: all three LLM judges through it.
+    let expanded: Vec<String> = a
+        .judge
+        .iter()
+        .flat_map(|j| match j.as_str() {
+            "endpoint" | "local" => {
+                vec!["harmbench".into(), "strongreject".into(), "xstest".into()]
+            }
+            other => vec![other.to_string()],
+        })
+        .collect();
+    if a.judge.iter().any(|j| j == "endpoint") && a.judge_endpoint.is_none() {
+        bail!("--judge endpoint has no endpoint\n  fix: add --judge-endpoint URL --judge-model NAME (any OpenAI-compatible server)");
+    }
+    if a.judge.iter().any(|j| j == "local") && a.judge_model_path.is_none() {
+        bail!("--judge local has no model\n  fix: add --judge-model-path MODEL (.gguf or Hugging Face folder)");
+    }
+    for j in &expanded {
         match j.as_str() {
             "substring" => out.push(Box::new(SubstringMatcher::new(a.substring_list.as_deref())?)),
             "xstest-prefix" => out.push(Box::new(PrefixMatcher::new(a.prefix_list.as_deref())?)),
