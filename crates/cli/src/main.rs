@@ -4,8 +4,8 @@ mod common;
 
 use clap::{Parser, Subcommand};
 
-/// safegeo: audit, attack and safety-train a language model's refusal mechanism, and watch its
-/// refusal geometry move.
+/// safegeo: measure and change how a language model refuses: evaluate its behaviour, find its
+/// refusal carriers, test them causally, and edit them out.
 ///
 /// Every command that takes --model uses the embedded default (SmolLM2-135M-Instruct, Q4_1 GGUF)
 /// when it is omitted, fetching it into the cache ($SAFEGEO_HOME, default ~/.cache/safegeo) the
