@@ -189,9 +189,7 @@ pub fn check_or_write_config(out: &std::path::Path, config: &serde_json::Value) 
         }
         return Ok(());
     }
-    let tmp = out.join("config.json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(config)?)?;
-    std::fs::rename(&tmp, &path)?;
+    safegeo_data::eval::write_atomic(&path, serde_json::to_string_pretty(config)?.as_bytes())?;
     Ok(())
 }
 

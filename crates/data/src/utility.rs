@@ -2,7 +2,7 @@
 //! log-likelihood per token of a reference reply given its chat prompt. References are typically
 //! the base model's own greedy replies to harmless prompts (`safegeo generate --input ... --output`).
 use crate::{Error, Result};
-use candle_core::{DType, D};
+use candle_core::DType;
 use safegeo_runtime::{Message, Model, NoHooks, Observer, Phase};
 use std::path::Path;
 
@@ -80,10 +80,7 @@ pub fn completion_cross_entropy(
             )?
             .expect("logits requested")
             .to_dtype(DType::F64)?;
-        let max = logits.max_keepdim(D::Minus1)?;
-        let shifted = logits.broadcast_sub(&max)?;
-        let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-        let logp = shifted.broadcast_sub(&lse)?; // (b, T, V)
+        let logp = safegeo_runtime::log_softmax_last(&logits)?; // (b, T, V)
         let all_ids: Vec<Vec<u32>> = ids.to_vec2()?;
         for (r, ((p_len, c_len), pad)) in spans.iter().zip(&layout.pad).enumerate() {
             let row = logp.get(r)?;

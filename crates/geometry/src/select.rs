@@ -82,15 +82,9 @@ pub fn last_logprobs(
     let mut out = Vec::new();
     for chunk in ids.chunks(batch.max(1)) {
         let logits = model.last_logits(chunk, obs)?.to_dtype(DType::F64)?;
-        out.push(candle_nn_free_log_softmax(&logits)?);
+        out.push(safegeo_runtime::log_softmax_last(&logits)?);
     }
     Ok(out)
-}
-
-pub(crate) fn candle_nn_free_log_softmax(x: &Tensor) -> candle_core::Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
-    let s = x.broadcast_sub(&max)?;
-    s.broadcast_sub(&s.exp()?.sum_keepdim(D::Minus1)?.log()?)
 }
 
 fn mean(v: &[f64]) -> f64 {

@@ -21,6 +21,13 @@ pub fn softmax_last(x: &Tensor, grad: bool) -> Result<Tensor> {
     }
 }
 
+/// `log_softmax` over the last dimension as a composite of exact ops (any dtype, f64 included).
+pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let shifted = x.broadcast_sub(&max)?;
+    shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)
+}
+
 /// Rotary embedding of `x: (b, h, t, hd)` with per-row tables `cos, sin: (b, t, hd/2)`.
 /// `interleaved` rotates adjacent pairs (GGUF Llama layout); otherwise the two halves (HF layout).
 pub fn rope(

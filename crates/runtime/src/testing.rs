@@ -118,59 +118,13 @@ pub fn tiny_model(arch: Arch, seed: u64, dtype: DType) -> Result<Model> {
     )
 }
 
-/// Write a tiny random model as a Hugging Face folder (`config.json`, `model.safetensors`,
-/// `tokenizer.json`, `tokenizer_config.json`) holding the same function as [`tiny_model`]:
-/// Llama q/k rows are un-permuted to the HF rotate-half layout and Gemma norms stored as `w - 1`.
+/// Write [`tiny_model`] as a Hugging Face folder through [`crate::export_hf`] (so the export's
+/// layouts — un-permuted Llama q/k rows, Gemma norms stored as `w - 1` — are exercised), with a
+/// small chat template that appends `w0` as the generation prompt.
 pub fn write_tiny_hf(arch: Arch, seed: u64, dir: &std::path::Path) -> Result<()> {
-    use crate::Error;
-    let cfg = tiny_config(arch);
-    let w = tiny_weights(&cfg, seed, DType::F32)?;
-    let mut out = HashMap::new();
-    for (name, t) in &w {
-        let hf = crate::weights::hf_name(arch, name);
-        let mut t = t.clone();
-        let is_qk = name.ends_with("attn_q.weight") || name.ends_with("attn_k.weight");
-        if arch == Arch::Llama && is_qk {
-            t = crate::export::unpermute_qk(&t, cfg.head_dim)?;
-        }
-        if arch == Arch::Gemma3 && name.ends_with("norm.weight") {
-            t = (t - 1.0)?;
-        }
-        out.insert(hf, t);
-    }
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    candle_core::safetensors::save(&out, dir.join("model.safetensors"))?;
-    let model_type = match arch {
-        Arch::Llama => "llama",
-        Arch::Qwen2 => "qwen2",
-        Arch::Gemma3 => "gemma3_text",
-    };
-    let config = serde_json::json!({
-        "model_type": model_type,
-        "hidden_size": cfg.hidden, "num_attention_heads": cfg.n_head,
-        "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
-        "num_hidden_layers": cfg.n_layer, "intermediate_size": cfg.intermediate,
-        "vocab_size": cfg.vocab, "rms_norm_eps": cfg.rms_eps, "rope_theta": cfg.rope_theta,
-        "max_position_embeddings": cfg.context_length, "tie_word_embeddings": true,
-        "sliding_window": cfg.sliding_window, "sliding_window_pattern": cfg.sliding_pattern,
-        "rope_local_base_freq": cfg.rope_local_theta, "query_pre_attn_scalar": cfg.head_dim,
-    });
-    let write = |name: &str, text: String| {
-        let p = dir.join(name);
-        std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
-    };
-    write("config.json", config.to_string())?;
-    let tok = tiny_tokenizer(cfg.vocab);
-    tok.inner()
-        .save(dir.join("tokenizer.json"), false)
-        .map_err(|e| Error::Invalid(format!("saving tokenizer: {e}")))?;
-    write(
-        "tokenizer_config.json",
-        serde_json::json!({
-            "eos_token": "<eos>",
-            "chat_template": "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w0{% endif %}",
-        })
-        .to_string(),
-    )?;
-    Ok(())
+    let mut m = tiny_model(arch, seed, DType::F32)?;
+    m.tok.chat_template = Some(
+        "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w0{% endif %}".into(),
+    );
+    crate::export_hf(&mut m, dir)
 }

@@ -2,7 +2,7 @@
 //! `P_R = sum_{t in R} softmax(logits)_t`, `s = log(P_R + 1e-8) - log(1 - P_R + 1e-8)`, in f64.
 //! `R` holds the first token ids of the model's typical refusal openings.
 use crate::Result;
-use candle_core::{DType, D};
+use candle_core::DType;
 use safegeo_runtime::{Model, Observer, Tok};
 
 /// Refusal openings whose first tokens form `R` (configurable by callers).
@@ -43,19 +43,12 @@ pub fn refusal_scores(
     for chunk in prompts.chunks(batch.max(1)) {
         // A template's shared system prompt is computed once per chunk.
         let logits = model.last_logits(chunk, obs)?.to_dtype(DType::F64)?;
-        let lp = candle_nn_log_softmax(&logits)?;
+        let lp = safegeo_runtime::log_softmax_last(&logits)?;
         for row in lp.to_vec2::<f64>()? {
             out.push(score_from_logprobs(&row, refusal_ids));
         }
     }
     Ok(out)
-}
-
-fn candle_nn_log_softmax(x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
-    let shifted = x.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    shifted.broadcast_sub(&lse)
 }
 
 #[cfg(test)]
