@@ -217,63 +217,55 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.json {
         return common::print_json(&r);
     }
-    let opt =
-        |v: Option<f64>, unit: &str| v.map_or("skipped".to_string(), |x| format!("{x:.1} {unit}"));
+    let rows: [(&str, Option<f64>, &str); 11] = [
+        ("sgemm 1024^3 (f32)", Some(r.sgemm_gflops), "GFLOP/s"),
+        (
+            "prefill 32x64, all resid_pre captured",
+            Some(r.prefill_capture_tok_s),
+            "tok/s",
+        ),
+        (
+            "  MFU vs measured sgemm",
+            Some(100.0 * r.prefill_capture_mfu),
+            "%",
+        ),
+        (
+            "decode batch 1 (f32 weights)",
+            Some(r.decode_b1_tok_s),
+            "tok/s",
+        ),
+        (
+            "decode batch 32 (f32 weights)",
+            Some(r.decode_b32_tok_s),
+            "tok/s",
+        ),
+        (
+            "decode batch 1 (quantized weights)",
+            r.decode_b1_quantized_tok_s,
+            "tok/s",
+        ),
+        (
+            "decode batch 32 (quantized weights)",
+            r.decode_b32_quantized_tok_s,
+            "tok/s",
+        ),
+        (
+            "forward+backward 256 tok, LoRA r=8",
+            r.fwd_bwd_lora_r8_tok_s,
+            "tok/s",
+        ),
+        (
+            "forward+backward 256 tok, full",
+            r.fwd_bwd_full_tok_s,
+            "tok/s",
+        ),
+        ("AdamW step, all parameters", r.adamw_step_s, "s"),
+        ("peak RSS", Some(r.peak_rss_mb), "MB"),
+    ];
     println!("model: {}  threads: {}", r.model, r.threads);
-    println!(
-        "{:<44} {:>14}",
-        "sgemm 1024^3 (f32)",
-        format!("{:.1} GFLOP/s", r.sgemm_gflops)
-    );
-    println!(
-        "{:<44} {:>14}",
-        "prefill 32x64, all resid_pre captured",
-        format!("{:.1} tok/s", r.prefill_capture_tok_s)
-    );
-    println!(
-        "{:<44} {:>14}",
-        "  MFU vs measured sgemm",
-        format!("{:.1} %", 100.0 * r.prefill_capture_mfu)
-    );
-    println!(
-        "{:<44} {:>14}",
-        "decode batch 1 (f32 weights)",
-        format!("{:.1} tok/s", r.decode_b1_tok_s)
-    );
-    println!(
-        "{:<44} {:>14}",
-        "decode batch 32 (f32 weights)",
-        format!("{:.1} tok/s", r.decode_b32_tok_s)
-    );
-    println!(
-        "{:<44} {:>14}",
-        "decode batch 1 (quantized weights)",
-        opt(r.decode_b1_quantized_tok_s, "tok/s")
-    );
-    println!(
-        "{:<44} {:>14}",
-        "decode batch 32 (quantized weights)",
-        opt(r.decode_b32_quantized_tok_s, "tok/s")
-    );
-    println!(
-        "{:<44} {:>14}",
-        "forward+backward 256 tok, LoRA r=8",
-        opt(r.fwd_bwd_lora_r8_tok_s, "tok/s")
-    );
-    println!(
-        "{:<44} {:>14}",
-        "forward+backward 256 tok, full",
-        opt(r.fwd_bwd_full_tok_s, "tok/s")
-    );
-    println!(
-        "{:<44} {:>14}",
-        "AdamW step (135M params)",
-        opt(r.adamw_step_s, "s")
-    );
-    println!(
-        "{:<44} {:>14}",
-        "peak RSS",
-        format!("{:.0} MB", r.peak_rss_mb)
-    );
+    for (label, value, unit) in rows {
+        let shown = value.map_or("skipped".to_string(), |x| format!("{x:.1} {unit}"));
+        println!("{label:<44} {shown:>14}");
+    }
     Ok(())
 }
