@@ -39,6 +39,8 @@ pub struct EvalSpec {
     pub refusal_score: bool,
     /// Column of user files holding the prompt.
     pub prompt_column: Option<String>,
+    /// Keep only items of this category / kind (e.g. HarmBench `contextual`, a semantic category).
+    pub category: Option<String>,
 }
 
 /// One judged reply (a line of `records.jsonl`).
@@ -164,7 +166,7 @@ pub fn run_eval(
                 s,
                 &LoadSpec {
                     data_dir: spec.data_dir.as_deref(),
-                    category: None,
+                    category: spec.category.as_deref(),
                     limit: spec.limit,
                     seed: spec.seed,
                     prompt_column: spec.prompt_column.as_deref(),

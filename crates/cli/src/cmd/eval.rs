@@ -74,6 +74,10 @@ pub struct EvalArgs {
     /// evaluated as one more suite.
     #[arg(long)]
     pub test_cases: Option<PathBuf>,
+    /// Keep only items of this category or kind in every suite (e.g. `contextual`, `copyright` or
+    /// a HarmBench semantic category; an XSTest type; a JBB category).
+    #[arg(long)]
+    pub category: Option<String>,
     /// Column of user suite files that holds the prompt.
     #[arg(long)]
     pub prompt_column: Option<String>,
@@ -254,6 +258,7 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
             data_dir: a.data_dir.as_deref(),
             limit: Some(1),
             prompt_column: a.prompt_column.as_deref(),
+            category: a.category.as_deref(),
             ..Default::default()
         };
         safegeo_data::load_dataset(s, &spec)?;
@@ -277,19 +282,21 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
         reference: a.reference.clone(),
         refusal_score: a.judge.iter().any(|j| j == "refusal-score"),
         prompt_column: a.prompt_column.clone(),
+        category: a.category.clone(),
     };
     let config = serde_json::json!({
         "safegeo_version": env!("CARGO_PKG_VERSION"),
         "model": model.source,
         "model_sha256": common::model_hash(&model.source)?,
         "datasets": a.suite.iter().map(|s| {
-            let spec = safegeo_data::LoadSpec { data_dir: a.data_dir.as_deref(), limit: a.limit, seed: a.seed, prompt_column: a.prompt_column.as_deref(), ..Default::default() };
+            let spec = safegeo_data::LoadSpec { data_dir: a.data_dir.as_deref(), limit: a.limit, seed: a.seed, prompt_column: a.prompt_column.as_deref(), category: a.category.as_deref() };
             let d = safegeo_data::load_dataset(s, &spec)?;
             Ok(serde_json::json!({"name": d.name, "path": d.path, "sha256": d.sha256, "total": d.total,
                 "sampled_ids": d.items.iter().map(|i| i.id.clone()).collect::<Vec<_>>()}))
         }).collect::<Result<Vec<_>>>()?,
         "judges": a.judge,
         "interventions": iv_described,
+        "category": a.category,
         "judge_backend": a.judge_endpoint.as_ref().map(|u| format!("endpoint {u} model {}", a.judge_model.clone().unwrap_or_default()))
             .or(a.judge_model_path.as_ref().map(|p| format!("local {}", p.display()))),
         "generation": spec.generation, "batch_size": a.batch_size, "system": a.system, "seed": a.seed,
