@@ -43,6 +43,8 @@ enum Command {
     Sweep(cmd::geometry::SweepArgs),
     /// Write a copy of the model with a carrier orthogonalized out of its weights (HF folder).
     Abliterate(cmd::geometry::AbliterateArgs),
+    /// Adversarial test cases: prefill, random/worst insertion, GCG, AutoDAN.
+    Attack(cmd::attack::AttackArgs),
     /// Measure this machine and the runtime: sgemm peak, capture prefill, decode, backward.
     Bench(cmd::bench::BenchArgs),
 }
@@ -66,6 +68,7 @@ fn main() {
         Command::Forward(a) => cmd::forward::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::Attack(a) => cmd::attack::run(a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Carriers(a) => cmd::geometry::carriers(a),
         Command::Select(a) => cmd::geometry::run_select(a),

@@ -31,6 +31,13 @@ pub struct Item {
     /// An affirmative target reply (AdvBench, JBB), for attacks.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
+    /// A whole conversation to send instead of `prompt` alone (attack test cases).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<safegeo_runtime::Message>>,
+    /// Text forced at the start of the reply (prefill and insertion attacks); the judged reply
+    /// includes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill: Option<String>,
 }
 
 /// A loaded dataset with its provenance.
@@ -178,7 +185,7 @@ pub fn data_dir(explicit: Option<&Path>, name: &str, file: &str) -> Result<PathB
     })
 }
 
-fn sha256(bytes: &[u8]) -> String {
+pub(crate) fn sha256(bytes: &[u8]) -> String {
     format!("{:x}", Sha256::digest(bytes))
 }
 
@@ -244,6 +251,8 @@ fn parse(name: DatasetName, path: &Path, bytes: &[u8]) -> Result<Vec<Item>> {
         kind: None,
         label: label.to_string(),
         target: None,
+        messages: None,
+        prefill: None,
     };
     match name {
         AdvBench => read_csv(path, bytes)?
@@ -477,6 +486,8 @@ fn parse_user_file(path: &Path, bytes: &[u8], prompt_column: Option<&str>) -> Re
                 kind: s("kind"),
                 label: s("label").unwrap_or_else(|| "unknown".into()),
                 target: s("target"),
+                messages: None,
+                prefill: None,
             })
         })
         .collect()

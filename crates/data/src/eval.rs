@@ -41,6 +41,8 @@ pub struct EvalSpec {
     pub prompt_column: Option<String>,
     /// Keep only items of this category / kind (e.g. HarmBench `contextual`, a semantic category).
     pub category: Option<String>,
+    /// Attack test cases (`safegeo attack` output) replayed as the suite `test-cases`.
+    pub test_cases: Option<PathBuf>,
 }
 
 /// One judged reply (a line of `records.jsonl`).
@@ -136,11 +138,27 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 fn messages(item: &Item, system: Option<&str>) -> Vec<Message> {
     let mut m = Vec::new();
-    if let Some(s) = system {
+    let has_system = item
+        .messages
+        .as_ref()
+        .is_some_and(|ms| ms.iter().any(|x| x.role == "system"));
+    if let (Some(s), false) = (system, has_system) {
         m.push(Message::new("system", s));
     }
-    m.push(Message::new("user", item.prompt.clone()));
+    match &item.messages {
+        Some(ms) => m.extend(ms.iter().cloned()),
+        None => m.push(Message::new("user", item.prompt.clone())),
+    }
     m
+}
+
+/// Prompt ids of an item: the chat prompt, then any forced reply prefix.
+fn prompt_ids(model: &Model, item: &Item, system: Option<&str>) -> Result<Vec<u32>> {
+    let mut ids = model.tok.encode_chat(&messages(item, system), false)?;
+    if let Some(p) = &item.prefill {
+        ids.extend(model.tok.encode(p, false)?);
+    }
+    Ok(ids)
 }
 
 /// Run (or resume) an evaluation; `progress(done, total)` is called after every batch.
@@ -174,6 +192,10 @@ pub fn run_eval(
             )
         })
         .collect::<Result<_>>()?;
+    let mut datasets = datasets;
+    if let Some(p) = &spec.test_cases {
+        datasets.push(crate::test_cases::test_case_dataset(p)?);
+    }
     let records_path = spec.out.join("records.jsonl");
     let mut records = read_records(&records_path)?;
     let done: HashSet<(String, String)> = records
@@ -184,10 +206,7 @@ pub fn run_eval(
     for d in &datasets {
         for it in &d.items {
             if !done.contains(&(d.name.clone(), it.id.clone())) {
-                let ids = model
-                    .tok
-                    .encode_chat(&messages(it, spec.system.as_deref()), false)?;
-                todo.push((d, it, ids));
+                todo.push((d, it, prompt_ids(model, it, spec.system.as_deref())?));
             }
         }
     }
@@ -228,8 +247,12 @@ pub fn run_eval(
         gen_secs += secs;
         let responses: Vec<String> = outs
             .iter()
-            .map(|o| model.tok.decode(&o.ids, true))
-            .collect::<std::result::Result<_, _>>()?;
+            .zip(chunk)
+            .map(|(o, (_, it, _))| {
+                let reply = model.tok.decode(&o.ids, true)?;
+                Ok(format!("{}{reply}", it.prefill.as_deref().unwrap_or("")))
+            })
+            .collect::<Result<_>>()?;
         let mut verdicts: Vec<BTreeMap<String, Verdict>> = vec![BTreeMap::new(); chunk.len()];
         for j in judges {
             let idx: Vec<usize> = (0..chunk.len())
@@ -281,7 +304,8 @@ pub fn run_eval(
         progress(finished, total);
     }
     let judge_names: Vec<String> = judges.iter().map(|j| j.name()).collect();
-    let mut summary = summarise(&records, &spec.suites, &judge_names);
+    let suite_names: Vec<String> = datasets.iter().map(|d| d.name.clone()).collect();
+    let mut summary = summarise(&records, &suite_names, &judge_names);
     summary.generated_tokens_per_s = (gen_secs > 0.0).then(|| gen_tokens as f64 / gen_secs);
     if let Some(path) = &spec.reference {
         let refs = crate::utility::read_references(path)?;

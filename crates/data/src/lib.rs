@@ -7,6 +7,7 @@ mod error;
 pub mod eval;
 pub mod judges;
 pub mod metrics;
+pub mod test_cases;
 pub mod utility;
 
 pub use datasets::{data_dir, load_dataset, Dataset, DatasetName, Item, LoadSpec, DATASET_NAMES};

@@ -54,6 +54,7 @@ pub trait Block: Send + Sync {
 pub struct LayerCache {
     buf: Option<(Tensor, Tensor)>,
     len: usize,
+    frozen: bool,
 }
 
 impl LayerCache {
@@ -78,6 +79,32 @@ impl LayerCache {
         self.len = need;
         Ok((kb.narrow(3, 0, need)?, vb.narrow(2, 0, need)?))
     }
+
+    /// The cached keys and values followed by `k_t` and `v`, leaving the cache untouched: the
+    /// differentiable path reads a cached prefix through `cat`, which autograd follows (writing
+    /// into the buffer in place would cut the gradient of the new tokens).
+    fn read_with(&self, k_t: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        match &self.buf {
+            None => Ok((k_t.clone(), v.clone())),
+            Some((kb, vb)) => {
+                let b = k_t.dim(0)?;
+                let (ck, cv) = (kb.narrow(3, 0, self.len)?, vb.narrow(2, 0, self.len)?);
+                let (ck, cv) = if ck.dim(0)? == 1 && b > 1 {
+                    let (_, kvh, hd, n) = ck.dims4()?;
+                    (
+                        ck.broadcast_as((b, kvh, hd, n))?,
+                        cv.broadcast_as((b, kvh, n, hd))?,
+                    )
+                } else {
+                    (ck, cv)
+                };
+                Ok((
+                    Tensor::cat(&[&ck, k_t], 3)?.contiguous()?,
+                    Tensor::cat(&[&cv, v], 2)?.contiguous()?,
+                ))
+            }
+        }
+    }
 }
 
 /// Keys and values of every layer, for incremental decoding.
@@ -86,6 +113,7 @@ pub struct KvCache {
     layers: Vec<LayerCache>,
     len: usize,
     reserve: usize,
+    frozen: bool,
 }
 
 impl KvCache {
@@ -105,6 +133,28 @@ impl KvCache {
         Ok(out)
     }
 
+    /// Make this cache a read-only prefix: later forwards attend to it (one cached row serves a
+    /// whole batch) but do not extend it, so it can be reused across calls (GCG candidates).
+    pub fn freeze(mut self) -> Self {
+        for l in self.layers.iter_mut() {
+            l.frozen = true;
+        }
+        self.frozen = true;
+        self
+    }
+
+    /// A frozen view of the first `len` cached tokens, sharing this cache's buffers (candidates
+    /// that agree with a sequence up to some position reuse its keys and values).
+    pub fn prefix(&self, len: usize) -> Self {
+        let len = len.min(self.len);
+        let mut out = self.clone();
+        for l in out.layers.iter_mut() {
+            l.len = len;
+        }
+        out.len = len;
+        out.freeze()
+    }
+
     /// An empty cache for `n_layer` blocks.
     pub fn new(n_layer: usize) -> Self {
         Self::with_capacity(n_layer, 0)
@@ -116,6 +166,7 @@ impl KvCache {
             layers: vec![LayerCache::default(); n_layer],
             len: 0,
             reserve: tokens,
+            frozen: false,
         }
     }
 
@@ -149,6 +200,7 @@ pub fn attend(
     let q = ops::rope(q, cos, sin, cfg.rope_interleaved, grad)?;
     let k = ops::rope(k, cos, sin, cfg.rope_interleaved, grad)?;
     let (k_t, v) = match cache {
+        Some((c, _)) if grad || c.frozen => c.read_with(&k.transpose(2, 3)?, v)?,
         Some((c, reserve)) => c.append(&k.transpose(2, 3)?, v, reserve)?,
         None => (k.t()?, v.clone()),
     };
@@ -156,7 +208,7 @@ pub fn attend(
     let n_rep = h / kvh;
     // Query heads sharing a kv head are stacked along the token axis, so no kv copy is needed.
     let q = q.reshape((b, kvh, n_rep * t, hd))?;
-    let att = (q.matmul(&k_t)? * cfg.attn_scale)?;
+    let att = (ops::batched_matmul(&q, &k_t, grad)? * cfg.attn_scale)?;
     let att = match mask {
         Some(m) => att
             .reshape((b, kvh, n_rep, t, total))?
@@ -165,7 +217,7 @@ pub fn attend(
         None => att,
     };
     let p = ops::softmax_last(&att, grad)?;
-    let y = p.matmul(&v)?; // (b, kvh, n_rep*t, hd)
+    let y = ops::batched_matmul(&p, &v, grad)?; // (b, kvh, n_rep*t, hd)
     y.reshape((b, h, t, hd))?
         .transpose(1, 2)?
         .reshape((b, t, h * hd))
@@ -214,6 +266,8 @@ pub enum LogitsAt {
     Last,
     /// Every token (training).
     All,
+    /// The chunk's last `n` tokens (target scoring in attacks).
+    Tail(usize),
 }
 
 /// A causal language model: a family's blocks around the shared engine.
@@ -312,7 +366,9 @@ impl Model {
     }
 
     /// Run the model on embeddings `x: (b, t, d)` that follow `cache.len()` cached tokens.
-    /// Observers see every site; logits are computed only at `logits`.
+    /// Observers see every site; logits are computed only at `logits`. With `grad` a cache is a
+    /// read-only prefix (as a [`KvCache::freeze`]d one always is): it may hold one row for the
+    /// whole batch, and it is not extended.
     #[allow(clippy::too_many_arguments)]
     pub fn forward_embeds(
         &self,
@@ -373,7 +429,9 @@ impl Model {
             x = block.forward(&x, l, &ctx, layer_cache, &mut site_fn)?;
         }
         if let Some(c) = cache {
-            c.len += t;
+            if !grad && !c.frozen {
+                c.len += t;
+            }
         }
         let at = SiteInfo {
             layer: cfg.n_layer,
@@ -386,6 +444,7 @@ impl Model {
             LogitsAt::None => return Ok(None),
             LogitsAt::Last => x.narrow(1, t - 1, 1)?,
             LogitsAt::All => x,
+            LogitsAt::Tail(n) => x.narrow(1, t - n.min(t), n.min(t))?,
         };
         let x = ops::rms_norm(&x, &self.final_norm, cfg.rms_eps, grad)?;
         Ok(Some(self.lm_head.forward(&x, grad)?))

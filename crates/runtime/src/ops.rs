@@ -5,7 +5,8 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, T
 
 /// RMSNorm: `x / sqrt(mean(x^2) + eps) * w`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, grad: bool) -> Result<Tensor> {
-    if grad {
+    // The fused kernel has no f64 form (f64 is for gradient checks).
+    if grad || x.dtype() == DType::F64 {
         candle_nn::ops::rms_norm_slow(x, w, eps as f32)
     } else {
         candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)
@@ -97,6 +98,112 @@ impl CustomOp1 for FrozenMatmul {
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(grad.matmul(&self.w)?))
+    }
+}
+
+/// Batched matmul of many small matrices (attention scores and mixes): candle calls gemm once
+/// per batch element with thread-pool parallelism inside each call, a fixed ~0.3 ms per call on
+/// this CPU; 500 GCG candidates x 3 kv heads x 2 products x 30 layers made that 28 s per step.
+/// Here the batch elements are spread over rayon and each gemm runs single-threaded.
+struct ManySmallMatmuls;
+
+/// The stride of a flattened batch when the batch dims collapse into one, else `None`.
+fn flat_batch_stride(stride: &[usize], dims: &[usize]) -> Option<usize> {
+    let nb = dims.len();
+    if nb == 0 {
+        return Some(0);
+    }
+    for i in 0..nb - 1 {
+        if dims[i + 1] > 1 && stride[i] != stride[i + 1] * dims[i + 1] {
+            return None;
+        }
+    }
+    Some(stride[nb - 1])
+}
+
+impl candle_core::CustomOp2 for ManySmallMatmuls {
+    fn name(&self) -> &'static str {
+        "many-small-matmuls"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (a, b) = (s1.as_slice::<f32>()?, s2.as_slice::<f32>()?);
+        let (da, db) = (l1.dims(), l2.dims());
+        let r = da.len();
+        let (m, k, n) = (da[r - 2], da[r - 1], db[r - 1]);
+        let batch: usize = da[..r - 2].iter().product();
+        let (sa, sb) = (l1.stride(), l2.stride());
+        let (Some(ba), Some(bb)) = (
+            flat_batch_stride(&sa[..r - 2], &da[..r - 2]),
+            flat_batch_stride(&sb[..r - 2], &db[..r - 2]),
+        ) else {
+            candle_core::bail!("many-small-matmuls: batch dims do not flatten");
+        };
+        let (a_ptr, b_ptr) = (
+            a[l1.start_offset()..].as_ptr() as usize,
+            b[l2.start_offset()..].as_ptr() as usize,
+        );
+        let mut out = vec![0f32; batch * m * n];
+        out.par_chunks_mut((m * n).max(1))
+            .enumerate()
+            .for_each(|(i, dst)| {
+                // SAFETY: the layouts were checked above; element (i, row, col) of each input
+                // lies inside its storage, and each task writes only its own output chunk.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        n,
+                        k,
+                        dst.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        (a_ptr as *const f32).add(i * ba),
+                        sa[r - 1] as isize,
+                        sa[r - 2] as isize,
+                        (b_ptr as *const f32).add(i * bb),
+                        sb[r - 1] as isize,
+                        sb[r - 2] as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    )
+                }
+            });
+        let mut shape = da.to_vec();
+        shape[r - 1] = n;
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+/// `a @ b` over leading batch dims. Inference on CPU/f32 with many batch elements takes the
+/// rayon-over-batch path; everything else (gradients, other devices) is candle's matmul.
+pub fn batched_matmul(a: &Tensor, b: &Tensor, grad: bool) -> Result<Tensor> {
+    let dims = a.dims();
+    let batch: usize = dims[..dims.len().saturating_sub(2)].iter().product();
+    let fast = !grad
+        && a.device().is_cpu()
+        && a.dtype() == DType::F32
+        && b.dtype() == DType::F32
+        && dims.len() >= 3
+        && batch >= 2 * rayon::current_num_threads()
+        && a.dims()[..dims.len() - 2] == b.dims()[..dims.len() - 2]
+        && flat_batch_stride(&a.stride()[..dims.len() - 2], &dims[..dims.len() - 2]).is_some()
+        && flat_batch_stride(&b.stride()[..dims.len() - 2], &b.dims()[..dims.len() - 2]).is_some();
+    if fast {
+        a.apply_op2_no_bwd(b, &ManySmallMatmuls)
+    } else {
+        a.matmul(b)
     }
 }
 

@@ -70,10 +70,16 @@ pub struct EvalArgs {
     /// Output folder: records.jsonl, summary.json, summary.csv, config.json. Re-running resumes.
     #[arg(long)]
     pub out: PathBuf,
-    /// Pre-built adversarial test cases to replay (JSONL with `prompt`, e.g. from an attack run);
-    /// evaluated as one more suite.
+    /// Attack test cases to replay unchanged (`safegeo attack ... --out DIR` writes
+    /// DIR/test_cases.jsonl): fixed-source evaluation, reported as the suite `test-cases`.
+    /// Use `--suite ''` to evaluate only them.
     #[arg(long)]
     pub test_cases: Option<PathBuf>,
+    /// With --test-cases: re-run the attack recorded in them (same configuration, same
+    /// behaviours) against the evaluated model into OUT/adaptive/, and evaluate those cases
+    /// instead (adaptive evaluation).
+    #[arg(long, requires = "test_cases")]
+    pub adaptive: bool,
     /// Keep only items of this category or kind in every suite (e.g. `contextual`, `copyright` or
     /// a HarmBench semantic category; an XSTest type; a JBB category).
     #[arg(long)]
@@ -81,13 +87,8 @@ pub struct EvalArgs {
     /// Column of user suite files that holds the prompt.
     #[arg(long)]
     pub prompt_column: Option<String>,
-    /// Ablate a carrier while generating: DIR (the selected carrier in DIR/selection.json) or
-    /// DIR:LAYER:POS, DIR being a `safegeo carriers` folder.
-    #[arg(long)]
-    pub ablate: Option<String>,
-    /// Add a carrier at its layer while generating: DIR:COEF or DIR:LAYER:POS:COEF.
-    #[arg(long, allow_hyphen_values = true)]
-    pub add: Option<String>,
+    #[command(flatten)]
+    pub steer: InterventionArgs,
     /// Reference completions of harmless prompts (JSONL with prompt/chat and completion/response,
     /// e.g. `safegeo generate` output from the base model): reports utility cross-entropy.
     #[arg(long)]
@@ -95,6 +96,18 @@ pub struct EvalArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--ablate` / `--add`: interventions active while the model runs (evaluation or attack).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct InterventionArgs {
+    /// Ablate a carrier while the model runs: DIR (the selected carrier in DIR/selection.json)
+    /// or DIR:LAYER:POS, DIR being a `safegeo carriers` folder.
+    #[arg(long)]
+    pub ablate: Option<String>,
+    /// Add a carrier at its layer while the model runs: DIR:COEF or DIR:LAYER:POS:COEF.
+    #[arg(long, allow_hyphen_values = true)]
+    pub add: Option<String>,
 }
 
 fn judges(a: &EvalArgs) -> Result<Vec<Box<dyn Judge>>> {
@@ -211,8 +224,8 @@ pub fn carrier(spec: &str) -> Result<(Vec<f64>, usize, usize, String)> {
     ))
 }
 
-fn interventions(
-    a: &EvalArgs,
+pub fn interventions(
+    a: &InterventionArgs,
     dev: &candle_core::Device,
 ) -> Result<(Vec<safegeo_runtime::Intervention>, Vec<String>)> {
     use safegeo_runtime::{Intervention, Scope};
@@ -249,8 +262,14 @@ fn interventions(
 
 pub fn run(mut a: EvalArgs) -> Result<()> {
     // Check everything cheap before loading the model.
-    if let Some(tc) = &a.test_cases {
-        a.suite.push(tc.display().to_string());
+    a.suite.retain(|s| !s.trim().is_empty());
+    let test_cases = a
+        .test_cases
+        .as_ref()
+        .map(|p| safegeo_data::test_cases::test_case_dataset(p))
+        .transpose()?;
+    if a.suite.is_empty() && test_cases.is_none() {
+        bail!("nothing to evaluate: give --suite NAMES and/or --test-cases FILE");
     }
     let judges = judges(&a)?;
     for s in &a.suite {
@@ -263,8 +282,30 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
         };
         safegeo_data::load_dataset(s, &spec)?;
     }
-    let (ivs, iv_described) = interventions(&a, &common::device(&a.model.device)?)?;
+    let (ivs, iv_described) = interventions(&a.steer, &common::device(&a.model.device)?)?;
     let model = common::load(&a.model)?;
+    let mut hooks = safegeo_runtime::Hooks::with_interventions(ivs);
+    if a.adaptive {
+        let source = a.test_cases.clone().expect("clap requires --test-cases");
+        let cases = safegeo_data::test_cases::read_test_cases(&source)?;
+        let spec = safegeo_attacks::run::AttackSpec::from_case(&cases[0])?;
+        let items = safegeo_attacks::run::items_from_cases(&cases);
+        let out = a.out.join("adaptive");
+        let run = safegeo_attacks::run::RunSpec {
+            out: &out,
+            system: a.system.as_deref(),
+            batch_size: a.batch_size,
+        };
+        crate::cmd::attack::attack_with_progress(
+            &model,
+            &spec,
+            &cases[0].dataset,
+            &items,
+            &run,
+            &mut hooks,
+        )?;
+        a.test_cases = Some(out.join("test_cases.jsonl"));
+    }
     let spec = EvalSpec {
         suites: a.suite.clone(),
         data_dir: a.data_dir.clone(),
@@ -283,6 +324,7 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
         refusal_score: a.judge.iter().any(|j| j == "refusal-score"),
         prompt_column: a.prompt_column.clone(),
         category: a.category.clone(),
+        test_cases: a.test_cases.clone(),
     };
     let config = serde_json::json!({
         "safegeo_version": env!("CARGO_PKG_VERSION"),
@@ -294,6 +336,8 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
             Ok(serde_json::json!({"name": d.name, "path": d.path, "sha256": d.sha256, "total": d.total,
                 "sampled_ids": d.items.iter().map(|i| i.id.clone()).collect::<Vec<_>>()}))
         }).collect::<Result<Vec<_>>>()?,
+        "test_cases": test_cases.as_ref().map(|d| serde_json::json!({"path": d.path, "sha256": d.sha256, "total": d.total})),
+        "adaptive": a.adaptive,
         "judges": a.judge,
         "interventions": iv_described,
         "category": a.category,
@@ -304,7 +348,6 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
     });
     common::check_or_write_config(&a.out, &config)?;
     let mut bar = common::Progress::new("replies");
-    let mut hooks = safegeo_runtime::Hooks::with_interventions(ivs);
     let summary = run_eval(&model, &judges, &spec, &mut hooks, &mut |done, total| {
         bar.set(done, total)
     })

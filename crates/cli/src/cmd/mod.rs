@@ -1,3 +1,4 @@
+pub mod attack;
 pub mod bench;
 pub mod eval;
 pub mod forward;
