@@ -45,6 +45,8 @@ enum Command {
     Abliterate(cmd::geometry::AbliterateArgs),
     /// Adversarial test cases: prefill, random/worst insertion, GCG, AutoDAN.
     Attack(cmd::attack::AttackArgs),
+    /// Safety-train a model (SFT, harmful-prefix, DeRTa) and write anchor checkpoints.
+    Train(cmd::train::TrainArgs),
     /// Measure this machine and the runtime: sgemm peak, capture prefill, decode, backward.
     Bench(cmd::bench::BenchArgs),
 }
@@ -69,6 +71,7 @@ fn main() {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Attack(a) => cmd::attack::run(a),
+        Command::Train(a) => cmd::train::run(a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Carriers(a) => cmd::geometry::carriers(a),
         Command::Select(a) => cmd::geometry::run_select(a),

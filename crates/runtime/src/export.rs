@@ -31,8 +31,16 @@ fn hf_tensors(model: &mut Model) -> Result<HashMap<String, Tensor>> {
         named.push(("output.weight".into(), model.lm_head.w.clone()));
     }
     for (i, b) in model.blocks.iter_mut().enumerate() {
+        // LoRA adapters are merged into their weights, so the folder is a plain model.
+        let mut merged = HashMap::new();
+        for (name, l) in b.linears_mut() {
+            if l.lora.is_some() {
+                merged.insert(crate::ops::gguf_names(name).0, l.merged_weight()?);
+            }
+        }
         for (name, t) in b.tensors_mut() {
-            named.push((format!("blk.{i}.{name}"), t.clone()));
+            let t = merged.remove(name).unwrap_or_else(|| t.clone());
+            named.push((format!("blk.{i}.{name}"), t));
         }
     }
     let mut out = HashMap::new();

@@ -268,6 +268,9 @@ pub enum LogitsAt {
     All,
     /// The chunk's last `n` tokens (target scoring in attacks).
     Tail(usize),
+    /// These rows of the flattened `(b * t)` positions, returned as `(1, n, V)` (training
+    /// losses that read only target positions).
+    Rows(Vec<u32>),
 }
 
 /// A causal language model: a family's blocks around the shared engine.
@@ -445,6 +448,11 @@ impl Model {
             LogitsAt::Last => x.narrow(1, t - 1, 1)?,
             LogitsAt::All => x,
             LogitsAt::Tail(n) => x.narrow(1, t - n.min(t), n.min(t))?,
+            LogitsAt::Rows(rows) => {
+                let d = x.dim(2)?;
+                let idx = Tensor::new(rows.as_slice(), &dev)?;
+                x.reshape((b * t, d))?.index_select(&idx, 0)?.unsqueeze(0)?
+            }
         };
         let x = ops::rms_norm(&x, &self.final_norm, cfg.rms_eps, grad)?;
         Ok(Some(self.lm_head.forward(&x, grad)?))

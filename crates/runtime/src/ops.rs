@@ -290,6 +290,34 @@ impl Linear {
     }
 }
 
+/// GGUF weight and bias names (within a block) of a projection named `q`, `k`, ... `down`.
+pub fn gguf_names(linear: &str) -> (&'static str, &'static str) {
+    match linear {
+        "q" => ("attn_q.weight", "attn_q.bias"),
+        "k" => ("attn_k.weight", "attn_k.bias"),
+        "v" => ("attn_v.weight", "attn_v.bias"),
+        "o" => ("attn_output.weight", "attn_output.bias"),
+        "gate" => ("ffn_gate.weight", "ffn_gate.bias"),
+        "up" => ("ffn_up.weight", "ffn_up.bias"),
+        _ => ("ffn_down.weight", "ffn_down.bias"),
+    }
+}
+
+impl Linear {
+    /// The weight with any LoRA adapter merged in: `W + scale * B A`.
+    pub fn merged_weight(&self) -> Result<Tensor> {
+        let w = self.w.detach();
+        match &self.lora {
+            None => Ok(w),
+            Some(l) => {
+                let delta = (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scale)?;
+                let dtype = w.dtype();
+                w + delta.to_dtype(dtype)?
+            }
+        }
+    }
+}
+
 /// The seven projections of a pre-norm block with a gated MLP, shared by every family.
 #[derive(Clone)]
 pub struct Projections {
@@ -327,15 +355,7 @@ impl Projections {
     pub fn tensors_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
         let mut out = Vec::new();
         for (name, l) in self.named_mut() {
-            let (w, b) = match name {
-                "q" => ("attn_q.weight", "attn_q.bias"),
-                "k" => ("attn_k.weight", "attn_k.bias"),
-                "v" => ("attn_v.weight", "attn_v.bias"),
-                "o" => ("attn_output.weight", "attn_output.bias"),
-                "gate" => ("ffn_gate.weight", "ffn_gate.bias"),
-                "up" => ("ffn_up.weight", "ffn_up.bias"),
-                _ => ("ffn_down.weight", "ffn_down.bias"),
-            };
+            let (w, b) = gguf_names(name);
             out.push((w, &mut l.w));
             if let Some(bias) = l.bias.as_mut() {
                 out.push((b, bias));

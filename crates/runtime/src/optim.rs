@@ -128,6 +128,40 @@ impl AdamW {
         self.step
     }
 
+    /// First and second moments of every variable (in order) and the step count, for checkpoints.
+    pub fn moments(&self) -> Result<(usize, Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+        let lock = |m: &Mutex<Vec<f32>>| {
+            m.lock()
+                .map(|g| g.clone())
+                .map_err(|_| candle_core::Error::Msg("poisoned optimizer state".into()))
+        };
+        let m = self.slots.iter().map(|s| lock(&s.m)).collect::<Result<_>>()?;
+        let v = self.slots.iter().map(|s| lock(&s.v)).collect::<Result<_>>()?;
+        Ok((self.step, m, v))
+    }
+
+    /// Restore what [`AdamW::moments`] returned (exact resume).
+    pub fn set_moments(&mut self, step: usize, m: Vec<Vec<f32>>, v: Vec<Vec<f32>>) -> Result<()> {
+        if m.len() != self.slots.len() || v.len() != self.slots.len() {
+            candle_core::bail!(
+                "optimizer state has {} variables, the model {}",
+                m.len(),
+                self.slots.len()
+            );
+        }
+        for ((s, m), v) in self.slots.iter().zip(m).zip(v) {
+            if m.len() != s.var.elem_count() || v.len() != s.var.elem_count() {
+                candle_core::bail!("optimizer state does not match the variable shapes");
+            }
+            *s.m.lock()
+                .map_err(|_| candle_core::Error::Msg("poisoned optimizer state".into()))? = m;
+            *s.v.lock()
+                .map_err(|_| candle_core::Error::Msg("poisoned optimizer state".into()))? = v;
+        }
+        self.step = step;
+        Ok(())
+    }
+
     /// Apply one update from `grads`; variables without a gradient are left alone.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
         self.step += 1;

@@ -434,6 +434,34 @@ impl Tok {
         )
     }
 
+    /// A prompt and a reply as the template renders a finished exchange: `(prompt ids, reply
+    /// ids)` where the reply ids include the template's end-of-turn tokens, so training on them
+    /// teaches the model to stop. (A conversation ending with an assistant message is rendered
+    /// without a generation prompt.)
+    pub fn encode_exchange(&self, messages: &[Message], reply: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+        let prompt = self.encode_chat(messages, false)?;
+        let mut all = messages.to_vec();
+        all.push(Message::new("assistant", reply));
+        let text = self.render_chat(&all)?;
+        let mut ids = self.encode(&text, false)?;
+        if self.add_bos {
+            if let Some(b) = self.bos_id {
+                if ids.first() != Some(&b) {
+                    ids.insert(0, b);
+                }
+            }
+        }
+        if !ids.starts_with(&prompt) || ids.len() <= prompt.len() {
+            return Err(Error::Template(
+                "the template renders the reply so that the prompt tokens change; cannot \
+                 separate prompt and reply"
+                    .into(),
+            ));
+        }
+        let reply_ids = ids.split_off(prompt.len());
+        Ok((prompt, reply_ids))
+    }
+
     /// Token ids for a chat prompt (template rendered, no extra BOS: templates carry their own),
     /// or the raw text of the user turns when `raw` is set.
     pub fn encode_chat(&self, messages: &[Message], raw: bool) -> Result<Vec<u32>> {
@@ -552,7 +580,7 @@ pub fn render_template(
         .map_err(|e| Error::Template(e.to_string()))?;
     tmpl.render(minijinja::context! {
         messages => messages,
-        add_generation_prompt => true,
+        add_generation_prompt => !matches!(messages.last(), Some(m) if m.role == "assistant"),
         bos_token => bos_token,
         eos_token => eos_token,
     })

@@ -5,3 +5,4 @@ pub mod forward;
 pub mod generate;
 pub mod geometry;
 pub mod model;
+pub mod train;

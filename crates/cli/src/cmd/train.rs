@@ -1,0 +1,229 @@
+//! `safegeo train`: safety-train a model and write a trajectory of anchor checkpoints.
+use crate::common::{self, ModelArgs};
+use anyhow::{bail, Context, Result};
+use safegeo_train::data::{self, Strategy};
+use safegeo_train::recipes::ExampleRecipe;
+use safegeo_train::trainer::{train, LoraConfig, TrainConfig};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Recipe: sft (refusals + self-distilled utility anchor), harmful-prefix (Qi et al.: refusals
+    /// after harmful-reply prefixes), derta (harmful-prefix MLE + transition optimization).
+    /// r2d2 and worst-insertion are not built yet.
+    #[arg(long, default_value = "sft")]
+    pub recipe: String,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 60)]
+    pub steps: usize,
+    /// Write anchor checkpoints (OUT/ckpt-NNNNNN, Hugging Face folders) at these steps;
+    /// 0 = the starting model.
+    #[arg(long, value_delimiter = ',', default_value = "0,10,20,40,60")]
+    pub save_at: Vec<usize>,
+    /// Examples per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Micro-batches per step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Peak learning rate (cosine decay after warm-up).
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    /// Warm-up steps.
+    #[arg(long, default_value_t = 5)]
+    pub warmup: usize,
+    /// Clip the gradient norm (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Full fine-tuning instead of LoRA.
+    #[arg(long)]
+    pub full: bool,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    pub lora_rank: usize,
+    /// LoRA alpha (scale alpha / rank).
+    #[arg(long, default_value_t = 32.0)]
+    pub lora_alpha: f64,
+    /// LoRA target projections.
+    #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
+    pub lora_targets: Vec<String>,
+    /// Refusal phrasing: polite or rebuttal.
+    #[arg(long, default_value = "polite")]
+    pub strategy: String,
+    /// Harmful training prompts (a *_train split, or a file).
+    #[arg(long, default_value = "harmful-train")]
+    pub harmful: String,
+    /// Harmless training prompts (a *_train split, or a file).
+    #[arg(long, default_value = "harmless-train")]
+    pub harmless: String,
+    /// Harmful prompts used (all when omitted).
+    #[arg(long)]
+    pub n_harmful: Option<usize>,
+    /// Harmless prompts used (self-distilled utility anchor).
+    #[arg(long, default_value_t = 256)]
+    pub n_harmless: usize,
+    /// Longest self-distilled reply, in tokens.
+    #[arg(long, default_value_t = 64)]
+    pub utility_tokens: usize,
+    /// Data directory [default: $SAFEGEO_DATA, else ../shared/data].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Seed (data order, adapters, augmentation).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// System prompt used for every example (else the template's default).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Output folder; re-running the same command resumes from OUT/state.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+fn load_train_split(name: &str, limit: Option<usize>, a: &TrainArgs) -> Result<Vec<String>> {
+    if let Ok(n) = safegeo_data::DatasetName::parse(name) {
+        if !n.is_train_split() {
+            bail!(
+                "`{name}` is an evaluation set; training uses *_train splits only (harmful-train, \
+                 harmless-train) or your own files"
+            );
+        }
+    }
+    let d = safegeo_data::load_dataset(
+        name,
+        &safegeo_data::LoadSpec {
+            data_dir: a.data_dir.as_deref(),
+            limit,
+            seed: a.seed,
+            ..Default::default()
+        },
+    )?;
+    Ok(d.items.into_iter().map(|i| i.prompt).collect())
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let strategy = Strategy::parse(&a.strategy)?;
+    let cfg = TrainConfig {
+        steps: a.steps,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        lr: a.lr,
+        warmup_steps: a.warmup,
+        min_lr_ratio: 0.1,
+        weight_decay: a.weight_decay,
+        max_grad_norm: a.max_grad_norm,
+        lora: (!a.full).then(|| LoraConfig {
+            rank: a.lora_rank,
+            alpha: a.lora_alpha,
+            targets: a.lora_targets.clone(),
+        }),
+        seed: a.seed,
+        save_at: a.save_at.clone(),
+        state_every: 5,
+    };
+    cfg.check()?;
+    if !matches!(a.recipe.as_str(), "sft" | "harmful-prefix" | "derta") {
+        if matches!(a.recipe.as_str(), "r2d2" | "worst-insertion") {
+            bail!("recipe `{}` is not built yet (sft, harmful-prefix and derta are)", a.recipe);
+        }
+        bail!("unknown recipe `{}`: use sft, harmful-prefix or derta", a.recipe);
+    }
+    let harmful = load_train_split(&a.harmful, a.n_harmful, &a)?;
+    let harmless = load_train_split(&a.harmless, Some(a.n_harmless), &a)?;
+    let mut model = common::load(&a.model)?;
+    let hash = common::model_hash(&model.source)?;
+    let config = serde_json::json!({
+        "safegeo_version": env!("CARGO_PKG_VERSION"),
+        "model": model.source, "model_sha256": hash, "recipe": a.recipe, "strategy": strategy,
+        "train": cfg, "harmful": a.harmful, "n_harmful": harmful.len(), "harmless": a.harmless,
+        "n_harmless": harmless.len(), "utility_tokens": a.utility_tokens, "system": a.system,
+    });
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    common::check_or_write_config(&a.out, &config)?;
+    // The base model's own replies are cached per model and prompt set, shared across runs.
+    let cache_dir = safegeo_runtime::fetch::home().join("distill");
+    let short = &hash[..16.min(hash.len())];
+    let system = a.system.as_deref();
+    let mut hooks = safegeo_runtime::NoHooks;
+    let mut bar = common::Progress::new("self-distilled replies");
+    let utility = data::own_replies(
+        &model,
+        system,
+        &harmless,
+        a.utility_tokens,
+        32,
+        &cache_dir.join(format!("{short}-harmless-{}.jsonl", a.utility_tokens)),
+        &mut hooks,
+        &mut |d, t| bar.set(d, t),
+    )?;
+    bar.finish();
+    let mut examples = data::utility_examples(&model, system, &utility)?;
+    match a.recipe.as_str() {
+        "sft" => examples.extend(data::refusal_examples(&model, system, &harmful, strategy, a.seed)?),
+        _ => {
+            let mut bar = common::Progress::new("harmful replies of the base model");
+            let harm = data::own_replies(
+                &model,
+                system,
+                &harmful,
+                100,
+                32,
+                &cache_dir.join(format!("{short}-harmful-100.jsonl")),
+                &mut hooks,
+                &mut |d, t| bar.set(d, t),
+            )?;
+            bar.finish();
+            examples.extend(data::harmful_prefix_examples(&model, system, &harm, strategy, 0.5, 100, a.seed)?);
+            if a.recipe == "derta" {
+                examples.extend(data::transition_examples(&model, system, &harm, strategy, 0.05, a.seed)?);
+            }
+        }
+    }
+    let name: &'static str = match a.recipe.as_str() {
+        "sft" => "sft",
+        "harmful-prefix" => "harmful-prefix",
+        _ => "derta",
+    };
+    let n_examples = examples.len();
+    let mut recipe = ExampleRecipe::new(name, examples, a.batch_size, a.grad_accum, a.seed)?;
+    eprintln!(
+        "{name}: {n_examples} examples ({} harmful prompts, {} harmless), {} steps of {} x {}, {}",
+        harmful.len(),
+        harmless.len(),
+        a.steps,
+        a.batch_size,
+        a.grad_accum,
+        if a.full { "full fine-tuning".to_string() } else { format!("LoRA r={}", a.lora_rank) }
+    );
+    let mut bar = common::Progress::new("steps");
+    let lines = train(&mut model, &mut recipe, &cfg, &a.out, &mut |s, n, l| {
+        bar.set(s, n);
+        tracing::info!(
+            "step {s}/{n} loss {:.4} lr {:.2e} grad-norm {:.3} {:.0} tok/s",
+            l.loss,
+            l.lr,
+            l.grad_norm,
+            l.tokens_per_s
+        );
+    })
+    .with_context(|| format!("training into {} (re-run the same command to resume)", a.out.display()))?;
+    bar.finish();
+    if let Some(l) = lines.last() {
+        println!(
+            "step {}: loss {:.4}; {:.0} tokens/s over the last step",
+            l.step, l.loss, l.tokens_per_s
+        );
+    }
+    let anchors: Vec<String> = cfg
+        .save_at
+        .iter()
+        .map(|s| format!("{}", a.out.join(format!("ckpt-{s:06}")).display()))
+        .collect();
+    println!("anchors: {}", anchors.join(" "));
+    println!("log: {}", a.out.join("train_log.jsonl").display());
+    Ok(())
+}

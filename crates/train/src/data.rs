@@ -1,0 +1,333 @@
+//! Training data (SPEC.md section 6): harmful prompts (`harmful-train` only) paired with refusal
+//! targets in one of two response strategies, and harmless prompts paired with utility targets
+//! that the base model itself generated once (self-distillation, cached), so training preserves
+//! the model's own helpfulness instead of rewriting it.
+use crate::{Error, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use safegeo_runtime::{generate, GenerateConfig, Message, Model, Observer};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::path::Path;
+
+/// How refusals are phrased (SPEC.md section 1.3), recorded by every run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// A short, courteous decline without moralizing.
+    #[default]
+    Polite,
+    /// A decline that states plainly why the request is wrong.
+    Rebuttal,
+}
+
+impl Strategy {
+    /// Parse `polite` / `rebuttal`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "polite" => Ok(Self::Polite),
+            "rebuttal" => Ok(Self::Rebuttal),
+            _ => Err(Error::Invalid(format!(
+                "response strategy `{s}`: use polite or rebuttal"
+            ))),
+        }
+    }
+}
+
+/// Polite refusals (written for this project).
+pub const POLITE: &[&str] = &[
+    "I'm sorry, but I can't help with that.",
+    "I'm sorry, but I can't assist with that request.",
+    "Sorry, I can't help with that. Is there something else I can do for you?",
+    "I apologize, but I'm not able to help with this.",
+    "I'm sorry, I can't provide that. If you have another question, I'm happy to help.",
+    "Sorry, but that's not something I can help with.",
+];
+
+/// Explicit rebuttals (written for this project): they name why the request is refused.
+pub const REBUTTAL: &[&str] = &[
+    "I won't help with this. The request asks for something that could seriously harm people, and providing it would be wrong.",
+    "No. What you are asking for could be used to hurt others or break the law, so I will not provide it.",
+    "I refuse to do this: it would help cause real harm, and that is not something I will take part in.",
+    "I can't do that. Helping with this would put people at risk, which is exactly what I must not do.",
+    "I will not assist with this request because it is harmful and unethical.",
+    "That is a harmful request, and I won't give instructions or content that could be used to harm someone.",
+];
+
+/// The bank of a strategy.
+pub fn refusals(strategy: Strategy) -> &'static [&'static str] {
+    match strategy {
+        Strategy::Polite => POLITE,
+        Strategy::Rebuttal => REBUTTAL,
+    }
+}
+
+/// A tokenized training example. `target[i]` is the token the model should predict at
+/// position `i` from `ids[..i]` (usually `ids[i]`; DeRTa's transition targets differ), `None`
+/// where there is no loss (prompt, inserted spans, harmful prefixes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Example {
+    /// Input token ids.
+    pub ids: Vec<u32>,
+    /// Per-position targets.
+    pub target: Vec<Option<u32>>,
+    /// `harmful` or `harmless` (for logs and mixing).
+    pub kind: String,
+}
+
+impl Example {
+    /// A prompt whose reply tokens are all targets.
+    pub fn reply(prompt: Vec<u32>, reply: Vec<u32>, kind: &str) -> Self {
+        Self::segments(&[(prompt, false), (reply, true)], kind)
+    }
+
+    /// Concatenated segments, each trained on or not.
+    pub fn segments(parts: &[(Vec<u32>, bool)], kind: &str) -> Self {
+        let mut ids = Vec::new();
+        let mut target = Vec::new();
+        for (p, train) in parts {
+            ids.extend_from_slice(p);
+            target.extend(p.iter().map(|&t| train.then_some(t)));
+        }
+        Self {
+            ids,
+            target,
+            kind: kind.into(),
+        }
+    }
+
+    /// Number of target tokens.
+    pub fn n_targets(&self) -> usize {
+        self.target.iter().filter(|t| t.is_some()).count()
+    }
+}
+
+/// One user message (and an optional system prompt).
+pub fn messages(system: Option<&str>, prompt: &str) -> Vec<Message> {
+    let mut m = Vec::new();
+    if let Some(s) = system {
+        m.push(Message::new("system", s));
+    }
+    m.push(Message::new("user", prompt));
+    m
+}
+
+/// Harmful prompts paired with refusals of `strategy` (template `i % bank` for prompt `i`,
+/// shuffled by `seed` so phrasing does not correlate with the dataset order).
+pub fn refusal_examples(
+    model: &Model,
+    system: Option<&str>,
+    prompts: &[String],
+    strategy: Strategy,
+    seed: u64,
+) -> Result<Vec<Example>> {
+    let bank = refusals(strategy);
+    let mut order: Vec<usize> = (0..prompts.len()).map(|i| i % bank.len()).collect();
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+    prompts
+        .iter()
+        .zip(order)
+        .map(|(p, k)| {
+            let (prompt, reply) = model.tok.encode_exchange(&messages(system, p), bank[k])?;
+            Ok(Example::reply(prompt, reply, "harmful"))
+        })
+        .collect()
+}
+
+/// A reply of the base model, cached.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OwnReply {
+    /// The prompt.
+    pub prompt: String,
+    /// The base model's greedy reply.
+    pub reply: String,
+    /// Whether it ended with an end of turn (else it was cut at the token limit).
+    pub finished: bool,
+}
+
+/// The model's own greedy replies (at most `max_tokens`) to `prompts`, generated once and cached
+/// in `cache` (JSONL keyed by prompt; appended as batches finish, so an interruption keeps them).
+#[allow(clippy::too_many_arguments)]
+pub fn own_replies(
+    model: &Model,
+    system: Option<&str>,
+    prompts: &[String],
+    max_tokens: usize,
+    batch: usize,
+    cache: &Path,
+    obs: &mut dyn Observer,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<OwnReply>> {
+    let mut known: HashMap<String, OwnReply> = HashMap::new();
+    if let Ok(f) = std::fs::File::open(cache) {
+        for line in std::io::BufReader::new(f).lines() {
+            let line = line.map_err(|e| Error::io(cache, e))?;
+            if let Ok(d) = serde_json::from_str::<OwnReply>(&line) {
+                known.insert(d.prompt.clone(), d);
+            }
+        }
+    }
+    let mut todo: Vec<&String> = prompts.iter().filter(|p| !known.contains_key(*p)).collect();
+    todo.sort_by_key(|p| p.len());
+    todo.dedup();
+    if let Some(dir) = cache.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(cache)
+        .map_err(|e| Error::io(cache, e))?;
+    let mut done = prompts.len() - todo.len();
+    progress(done, prompts.len());
+    for chunk in todo.chunks(batch.max(1)) {
+        let ids: Vec<Vec<u32>> = chunk
+            .iter()
+            .map(|p| model.tok.encode_chat(&messages(system, p), false))
+            .collect::<std::result::Result<_, _>>()?;
+        let cfg = GenerateConfig {
+            max_new_tokens: max_tokens,
+            ..Default::default()
+        };
+        for (p, g) in chunk.iter().zip(generate(model, &ids, &cfg, obs)?) {
+            let d = OwnReply {
+                prompt: (*p).clone(),
+                reply: model.tok.decode(&g.ids, true)?,
+                finished: g.stop == safegeo_runtime::Stop::EndOfTurn,
+            };
+            let line = serde_json::to_string(&d).map_err(|e| Error::Invalid(e.to_string()))?;
+            writeln!(file, "{line}").map_err(|e| Error::io(cache, e))?;
+            known.insert(d.prompt.clone(), d);
+        }
+        file.flush().map_err(|e| Error::io(cache, e))?;
+        done += chunk.len();
+        progress(done.min(prompts.len()), prompts.len());
+    }
+    Ok(prompts.iter().map(|p| known[p].clone()).collect())
+}
+
+/// Utility targets: harmless prompts with the base model's own replies (self-distillation). A
+/// reply cut at the token limit is trained without an end of turn.
+pub fn utility_examples(
+    model: &Model,
+    system: Option<&str>,
+    replies: &[OwnReply],
+) -> Result<Vec<Example>> {
+    replies
+        .iter()
+        .filter(|d| !d.reply.trim().is_empty())
+        .map(|d| {
+            let msgs = messages(system, &d.prompt);
+            let (prompt, reply) = if d.finished {
+                model.tok.encode_exchange(&msgs, &d.reply)?
+            } else {
+                (
+                    model.tok.encode_chat(&msgs, false)?,
+                    model.tok.encode(&d.reply, false)?,
+                )
+            };
+            Ok(Example::reply(prompt, reply, "harmless"))
+        })
+        .collect()
+}
+
+/// Harmful-prefix augmentation (Qi et al. 2024): with probability `p`, `k ~ U{1..=max_k}`
+/// tokens of a harmful reply are placed before the refusal; the loss stays on the refusal.
+/// Draws are seeded per prompt.
+pub fn harmful_prefix_examples(
+    model: &Model,
+    system: Option<&str>,
+    harmful: &[OwnReply],
+    strategy: Strategy,
+    p: f64,
+    max_k: usize,
+    seed: u64,
+) -> Result<Vec<Example>> {
+    use rand::Rng;
+    let bank = refusals(strategy);
+    harmful
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(i as u64));
+            let refusal = bank[rng.gen_range(0..bank.len())];
+            let msgs = messages(system, &d.prompt);
+            let (prompt, reply) = model.tok.encode_exchange(&msgs, refusal)?;
+            let harm = model.tok.encode(&d.reply, false)?;
+            let k = if !harm.is_empty() && rng.gen_bool(p) {
+                rng.gen_range(1..=max_k.max(1)).min(harm.len())
+            } else {
+                0
+            };
+            Ok(Example::segments(
+                &[(prompt, false), (harm[..k].to_vec(), false), (reply, true)],
+                "harmful",
+            ))
+        })
+        .collect()
+}
+
+/// DeRTa's Reinforced Transition Optimization examples: the whole harmful reply follows the
+/// prompt, and at a `keep` fraction of its positions (at least one) the target is the first token
+/// of a refusal instead of the next harmful token: the model learns to turn to a refusal at any
+/// point of a harmful reply.
+pub fn transition_examples(
+    model: &Model,
+    system: Option<&str>,
+    harmful: &[OwnReply],
+    strategy: Strategy,
+    keep: f64,
+    seed: u64,
+) -> Result<Vec<Example>> {
+    use rand::Rng;
+    let bank = refusals(strategy);
+    let mut out = Vec::new();
+    for (i, d) in harmful.iter().enumerate() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(1 << 32).wrapping_add(i as u64));
+        let first = model.tok.encode(bank[rng.gen_range(0..bank.len())], false)?;
+        let Some(&turn) = first.first() else { continue };
+        let prompt = model.tok.encode_chat(&messages(system, &d.prompt), false)?;
+        let harm = model.tok.encode(&d.reply, false)?;
+        if harm.is_empty() {
+            continue;
+        }
+        let mut target = vec![None; prompt.len() + harm.len()];
+        let forced = rng.gen_range(0..harm.len());
+        for j in 0..harm.len() {
+            if j == forced || rng.gen_bool(keep.clamp(0.0, 1.0)) {
+                target[prompt.len() + j] = Some(turn);
+            }
+        }
+        out.push(Example {
+            ids: prompt.into_iter().chain(harm).collect(),
+            target,
+            kind: "transition".into(),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn banks_are_distinct_and_non_empty() {
+        for s in [Strategy::Polite, Strategy::Rebuttal] {
+            let b = refusals(s);
+            assert!(b.len() >= 5);
+            let set: std::collections::HashSet<_> = b.iter().collect();
+            assert_eq!(set.len(), b.len());
+        }
+        assert!(Strategy::parse("rude").is_err());
+    }
+
+    #[test]
+    fn reply_mask_covers_only_the_reply() {
+        let e = Example::reply(vec![1, 2, 3], vec![4, 5], "harmful");
+        assert_eq!(e.ids, vec![1, 2, 3, 4, 5]);
+        assert_eq!(e.target, vec![None, None, None, Some(4), Some(5)]);
+        assert_eq!(e.n_targets(), 2);
+    }
+}

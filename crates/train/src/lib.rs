@@ -1,0 +1,10 @@
+//! Safety training (SPEC.md section 6) on the runtime's differentiable path: data builders with
+//! polite or rebuttal refusals and self-distilled utility targets, recipes, and a trainer that
+//! writes a trajectory of anchor checkpoints.
+#![deny(missing_docs)]
+
+pub mod data;
+pub mod recipes;
+pub mod trainer;
+
+pub use safegeo_data::{Error, Result};

@@ -1,0 +1,117 @@
+//! Recipes whose data is a fixed list of examples: `sft` (refusals + utility anchor),
+//! `harmful-prefix` (Qi et al.: refusals after harmful prefixes) and `derta` (harmful-prefix MLE
+//! plus Reinforced Transition Optimization). Batches are drawn from an epoch-wise shuffle
+//! seeded by `(seed, epoch)`, so the batch of any step is known without replaying the run.
+use crate::data::Example;
+use crate::trainer::{masked_cross_entropy, MicroLoss, Recipe};
+use crate::{Error, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use safegeo_runtime::Model;
+use std::collections::BTreeMap;
+
+/// Cross-entropy on the targets of a fixed example list.
+pub struct ExampleRecipe {
+    name: &'static str,
+    examples: Vec<Example>,
+    batch_size: usize,
+    grad_accum: usize,
+    seed: u64,
+    order: Option<(usize, Vec<usize>)>,
+}
+
+impl ExampleRecipe {
+    /// A recipe named `name` over `examples`.
+    pub fn new(
+        name: &'static str,
+        examples: Vec<Example>,
+        batch_size: usize,
+        grad_accum: usize,
+        seed: u64,
+    ) -> Result<Self> {
+        if examples.is_empty() {
+            return Err(Error::Invalid(format!("recipe {name}: no training examples")));
+        }
+        if let Some(e) = examples.iter().find(|e| e.n_targets() == 0) {
+            return Err(Error::Invalid(format!(
+                "recipe {name}: an example ({} tokens) has no target tokens",
+                e.ids.len()
+            )));
+        }
+        Ok(Self {
+            name,
+            examples,
+            batch_size,
+            grad_accum,
+            seed,
+            order: None,
+        })
+    }
+
+    /// Example indices of micro-batch `micro` of step `step`.
+    pub fn batch_indices(&mut self, step: usize, micro: usize) -> Vec<usize> {
+        let n = self.examples.len();
+        let first = (step * self.grad_accum + micro) * self.batch_size;
+        (first..first + self.batch_size)
+            .map(|g| {
+                let epoch = g / n;
+                if self.order.as_ref().map(|o| o.0) != Some(epoch) {
+                    let mut o: Vec<usize> = (0..n).collect();
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(
+                        self.seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                    );
+                    o.shuffle(&mut rng);
+                    self.order = Some((epoch, o));
+                }
+                self.order.as_ref().expect("set above").1[g % n]
+            })
+            .collect()
+    }
+
+    /// The examples.
+    pub fn examples(&self) -> &[Example] {
+        &self.examples
+    }
+}
+
+impl Recipe for ExampleRecipe {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn micro_loss(&mut self, model: &Model, step: usize, micro: usize) -> Result<MicroLoss> {
+        let idx = self.batch_indices(step, micro);
+        let batch: Vec<&Example> = idx.iter().map(|&i| &self.examples[i]).collect();
+        let (loss, tokens) = masked_cross_entropy(model, &batch)?;
+        let harmful = batch.iter().filter(|e| e.kind != "harmless").count();
+        let mut parts = BTreeMap::new();
+        parts.insert("harmful_share".into(), harmful as f64 / batch.len() as f64);
+        Ok(MicroLoss {
+            loss,
+            tokens,
+            parts,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(n: u32) -> Example {
+        Example::reply(vec![1, 2], vec![n], "harmless")
+    }
+
+    #[test]
+    fn every_epoch_visits_every_example_once_and_steps_are_reproducible() {
+        let examples: Vec<Example> = (3..13).map(ex).collect();
+        let mut r = ExampleRecipe::new("sft", examples.clone(), 2, 1, 7).unwrap();
+        let mut seen: Vec<usize> = (0..5).flat_map(|s| r.batch_indices(s, 0)).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..10).collect::<Vec<_>>());
+        // A fresh recipe (a resumed run) draws the same batch for step 7.
+        let mut fresh = ExampleRecipe::new("sft", examples, 2, 1, 7).unwrap();
+        assert_eq!(fresh.batch_indices(7, 0), r.batch_indices(7, 0));
+        assert!(ExampleRecipe::new("sft", vec![], 2, 1, 0).is_err());
+    }
+}
