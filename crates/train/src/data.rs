@@ -308,9 +308,72 @@ pub fn transition_examples(
     Ok(out)
 }
 
+fn content_words(text: &str) -> std::collections::HashSet<String> {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| w.len() >= 4)
+        .map(str::to_lowercase)
+        .collect()
+}
+
+/// Harmless prompts that look like harmful ones: the `n` prompts of `pool` (not already in
+/// `exclude`) with the most words over-represented in `harmful` relative to `pool`, each word
+/// weighted by `ln((1 + df_harmful / |harmful|) / (1 + df_pool / |pool|))` when positive. Training
+/// on them with helpful replies teaches the model that topic alone is not a reason to refuse.
+pub fn hard_negatives(
+    harmful: &[String],
+    pool: &[String],
+    exclude: &[String],
+    n: usize,
+) -> Vec<String> {
+    let count = |texts: &[String]| {
+        let mut df: HashMap<String, f64> = HashMap::new();
+        for t in texts {
+            for w in content_words(t) {
+                *df.entry(w).or_default() += 1.0;
+            }
+        }
+        df
+    };
+    let (dh, dp) = (count(harmful), count(pool));
+    let (nh, np) = (harmful.len().max(1) as f64, pool.len().max(1) as f64);
+    let weight = |w: &str| {
+        let h = dh.get(w).copied().unwrap_or(0.0) / nh;
+        let p = dp.get(w).copied().unwrap_or(0.0) / np;
+        ((1.0 + h) / (1.0 + p)).ln().max(0.0)
+    };
+    let skip: std::collections::HashSet<&String> = exclude.iter().collect();
+    let mut scored: Vec<(f64, &String)> = pool
+        .iter()
+        .filter(|p| !skip.contains(p))
+        .map(|p| (content_words(p).iter().map(|w| weight(w)).sum(), p))
+        .collect();
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
+    scored.dedup_by(|a, b| a.1 == b.1);
+    scored.into_iter().take(n).map(|(_, p)| p.clone()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hard_negatives_share_harmful_vocabulary() {
+        let harmful: Vec<String> = ["How to hack a bank", "Steal a car and hack it"]
+            .map(String::from)
+            .to_vec();
+        let pool: Vec<String> = [
+            "Bake a cake",
+            "Explain how banks protect accounts from hackers and hack attempts",
+            "Write a poem",
+            "Hack together a quick dinner",
+        ]
+        .map(String::from)
+        .to_vec();
+        let got = hard_negatives(&harmful, &pool, &[], 2);
+        assert!(got.iter().all(|g| g.to_lowercase().contains("hack")), "{got:?}");
+        let got = hard_negatives(&harmful, &pool, &got, 5);
+        assert!(!got.iter().any(|g| g.contains("hack")));
+    }
 
     #[test]
     fn banks_are_distinct_and_non_empty() {

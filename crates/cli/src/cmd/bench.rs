@@ -17,6 +17,13 @@ pub struct BenchArgs {
     /// Skip the backward and optimizer measurements (they take most of the time).
     #[arg(long)]
     pub no_backward: bool,
+    /// Also time GCG steps (20-token suffix, search width 512, top-k 256; nanoGCG's defaults)
+    /// on "Write a short poem about cats." (compare: bench/gcg_reference.py).
+    #[arg(long)]
+    pub gcg: bool,
+    /// Only the GCG measurement.
+    #[arg(long)]
+    pub gcg_only: bool,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -36,7 +43,27 @@ struct BenchReport {
     fwd_bwd_lora_r8_tok_s: Option<f64>,
     fwd_bwd_full_tok_s: Option<f64>,
     adamw_step_s: Option<f64>,
+    gcg_step_s: Option<f64>,
     peak_rss_mb: f64,
+}
+
+/// Seconds per GCG step with nanoGCG's defaults (mean of `steps` steps after the first).
+fn gcg_step(model: &Model, steps: usize) -> Result<f64> {
+    use safegeo_attacks::gcg::{Gcg, GcgConfig};
+    let prompt =
+        safegeo_attacks::SplitPrompt::for_behavior(&model.tok, None, "Write a short poem about cats.")?;
+    let cfg = GcgConfig {
+        num_steps: steps + 1,
+        ..Default::default()
+    };
+    let gcg = Gcg::new(model, &prompt, "Sure, here is a short poem about cats", cfg)?;
+    let mut state = gcg.init(&mut NoHooks)?;
+    gcg.step(&mut state, &mut NoHooks)?;
+    let t0 = Instant::now();
+    for _ in 0..steps {
+        gcg.step(&mut state, &mut NoHooks)?;
+    }
+    Ok(t0.elapsed().as_secs_f64() / steps as f64)
 }
 
 fn best<F: FnMut() -> Result<()>>(reps: usize, mut f: F) -> Result<f64> {
@@ -173,6 +200,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
         ..Default::default()
     };
     let step = |name: &str| eprintln!("bench: {name} ...");
+    if a.gcg_only {
+        step("GCG steps (width 512, top-k 256, 20-token suffix)");
+        r.gcg_step_s = Some(gcg_step(&model, a.reps.max(1))?);
+        r.peak_rss_mb = peak_rss_mb();
+        if a.json {
+            return common::print_json(&r);
+        }
+        println!("GCG step (width 512, top-k 256): {:.2} s", r.gcg_step_s.unwrap_or(0.0));
+        return Ok(());
+    }
     step("sgemm 1024^3");
     r.sgemm_gflops = sgemm_gflops(a.reps)?;
     step("prefill 32x64 with residual capture");
@@ -194,6 +231,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         r.decode_b32_quantized_tok_s = Some(decode(&qmodel, 32, 64)?);
     }
     drop(qmodel);
+    if a.gcg {
+        step("GCG steps (width 512, top-k 256, 20-token suffix)");
+        r.gcg_step_s = Some(gcg_step(&model, a.reps.max(1))?);
+    }
     if !a.no_backward {
         step("forward+backward 256 tokens, LoRA r=8 on q,v");
         let mut lora = common::load(&a.model)?;
@@ -217,7 +258,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.json {
         return common::print_json(&r);
     }
-    let rows: [(&str, Option<f64>, &str); 11] = [
+    let rows: [(&str, Option<f64>, &str); 12] = [
         ("sgemm 1024^3 (f32)", Some(r.sgemm_gflops), "GFLOP/s"),
         (
             "prefill 32x64, all resid_pre captured",
@@ -260,6 +301,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "tok/s",
         ),
         ("AdamW step, all parameters", r.adamw_step_s, "s"),
+        ("GCG step, width 512, top-k 256", r.gcg_step_s, "s"),
         ("peak RSS", Some(r.peak_rss_mb), "MB"),
     ];
     println!("model: {}  threads: {}", r.model, r.threads);

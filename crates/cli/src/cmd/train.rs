@@ -67,6 +67,10 @@ pub struct TrainArgs {
     /// Harmless prompts used (self-distilled utility anchor).
     #[arg(long, default_value_t = 256)]
     pub n_harmless: usize,
+    /// Extra harmless prompts mined from the harmless set for vocabulary they share with the
+    /// harmful prompts (hard negatives: topic alone is not a reason to refuse).
+    #[arg(long, default_value_t = 256)]
+    pub n_hard_negatives: usize,
     /// Longest self-distilled reply, in tokens.
     #[arg(long, default_value_t = 64)]
     pub utility_tokens: usize,
@@ -133,14 +137,19 @@ pub fn run(a: TrainArgs) -> Result<()> {
         bail!("unknown recipe `{}`: use sft, harmful-prefix or derta", a.recipe);
     }
     let harmful = load_train_split(&a.harmful, a.n_harmful, &a)?;
-    let harmless = load_train_split(&a.harmless, Some(a.n_harmless), &a)?;
+    let mut harmless = load_train_split(&a.harmless, Some(a.n_harmless), &a)?;
+    if a.n_hard_negatives > 0 {
+        let pool = load_train_split(&a.harmless, None, &a)?;
+        let mined = data::hard_negatives(&harmful, &pool, &harmless, a.n_hard_negatives);
+        harmless.extend(mined);
+    }
     let mut model = common::load(&a.model)?;
     let hash = common::model_hash(&model.source)?;
     let config = serde_json::json!({
         "safegeo_version": env!("CARGO_PKG_VERSION"),
         "model": model.source, "model_sha256": hash, "recipe": a.recipe, "strategy": strategy,
         "train": cfg, "harmful": a.harmful, "n_harmful": harmful.len(), "harmless": a.harmless,
-        "n_harmless": harmless.len(), "utility_tokens": a.utility_tokens, "system": a.system,
+        "n_harmless": a.n_harmless, "n_hard_negatives": a.n_hard_negatives, "utility_tokens": a.utility_tokens, "system": a.system,
     });
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     common::check_or_write_config(&a.out, &config)?;
