@@ -36,7 +36,10 @@ pub const SYNONYMS: &[(&str, &[&str])] = &[
     ("instructions", &["directions", "guidelines", "rules"]),
     ("unrestricted", &["unfiltered", "unlimited", "uncensored"]),
     ("assistant", &["helper", "aide", "companion"]),
-    ("never", &["not once", "at no point", "under no circumstances"]),
+    (
+        "never",
+        &["not once", "at no point", "under no circumstances"],
+    ),
     ("refuses", &["declines", "rejects", "turns down"]),
     ("request", &["question", "query", "task"]),
     ("answers", &["responds to", "addresses", "replies to"]),
@@ -198,7 +201,10 @@ pub fn crossover(a: &str, b: &str, points: usize, rng: &mut impl Rng) -> (String
     for &cut in cuts.iter().chain(std::iter::once(&usize::MAX)) {
         let end_a = cut.min(sa.len());
         let end_b = cut.min(sb.len());
-        let (seg_a, seg_b) = (sa[prev.min(sa.len())..end_a].concat(), sb[prev.min(sb.len())..end_b].concat());
+        let (seg_a, seg_b) = (
+            sa[prev.min(sa.len())..end_a].concat(),
+            sb[prev.min(sb.len())..end_b].concat(),
+        );
         if swap {
             ca.push_str(&seg_b);
             cb.push_str(&seg_a);

@@ -15,7 +15,9 @@
 //! grouped by that position and each group starts from the current suffix's keys and values
 //! there (exact: the same losses as a full forward, about a third fewer tokens per step). Logits
 //! are computed only at the target positions.
-use crate::{prefix_cache, target_loss_tensor, target_losses, Error, Result, SplitPrompt, TargetLoss};
+use crate::{
+    prefix_cache, target_loss_tensor, target_losses, Error, Result, SplitPrompt, TargetLoss,
+};
 use candle_core::{DType, Tensor, Var, D};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -24,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// Every knob of the attack; defaults are nanoGCG's (`GCGConfig`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct GcgConfig {
     /// Optimization steps.
@@ -179,7 +181,10 @@ pub fn disallowed_tokens(tok: &Tok, vocab: usize, allow_non_ascii: bool) -> Resu
             bad[id as usize] = true;
         }
     }
-    for id in [tok.bos_id, tok.eos_id, Some(tok.pad_id)].into_iter().flatten() {
+    for id in [tok.bos_id, tok.eos_id, Some(tok.pad_id)]
+        .into_iter()
+        .flatten()
+    {
         if (id as usize) < vocab {
             bad[id as usize] = true;
         }
@@ -240,7 +245,7 @@ impl<'a> Gcg<'a> {
         if ids.is_empty() {
             return Err(Error::Invalid("GCG: optim_str_init is empty".into()));
         }
-        let loss = self.losses(&[ids.clone()], &ids, obs)?.0[0];
+        let loss = self.losses(std::slice::from_ref(&ids), &ids, obs)?.0[0];
         let mut st = GcgState::default();
         st.add(loss, ids, self.cfg.buffer_size);
         Ok(st)
@@ -303,7 +308,12 @@ impl<'a> Gcg<'a> {
     }
 
     /// `search_width` candidates from the gradient (nanoGCG's `sample_ids_from_grad`).
-    pub fn sample_candidates(&self, ids: &[u32], grad: &Tensor, step: usize) -> Result<Vec<Vec<u32>>> {
+    pub fn sample_candidates(
+        &self,
+        ids: &[u32],
+        grad: &Tensor,
+        step: usize,
+    ) -> Result<Vec<Vec<u32>>> {
         let n = ids.len();
         let grad = grad.to_vec2::<f32>()?;
         let mut topk: Vec<Vec<u32>> = Vec::with_capacity(n);
@@ -372,7 +382,11 @@ impl<'a> Gcg<'a> {
         let mut losses = vec![0.0; cands.len()];
         let mut hits = vec![false; cands.len()];
         let tail = |c: &[u32], from: usize| -> Vec<u32> {
-            c[from..].iter().chain(&self.prompt.after).copied().collect()
+            c[from..]
+                .iter()
+                .chain(&self.prompt.after)
+                .copied()
+                .collect()
         };
         if !self.cfg.use_prefix_cache {
             let empty = safegeo_runtime::KvCache::new(m.cfg.n_layer).freeze();
@@ -397,32 +411,24 @@ impl<'a> Gcg<'a> {
             if c.len() != current.len() {
                 return 0;
             }
-            c.iter().zip(current).take_while(|(a, b)| a == b).count().min(c.len() - 1)
+            c.iter()
+                .zip(current)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(c.len() - 1)
         };
         let mut groups: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
         for (i, c) in cands.iter().enumerate() {
             groups.entry(first_diff(c)).or_default().push(i);
         }
-        // Neighbouring groups merge into buckets of at least `min_rows` candidates that start at
-        // the bucket's first position: a few more tokens, much larger (faster) batches.
-        let min_rows: usize = std::env::var("SAFEGEO_GCG_MIN_ROWS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(MIN_BUCKET_ROWS);
-        let mut buckets: Vec<(usize, Vec<usize>)> = Vec::new();
+        // Merging neighbouring groups into larger batches was measured slower (28 s vs 32 s
+        // per step at 128-row buckets): the extra tokens cost more than the batching saves.
         for (p, members) in groups {
-            match buckets.last_mut() {
-                Some((_, b)) if b.len() < min_rows => b.extend(members),
-                _ => buckets.push((p, members)),
-            }
-        }
-        for (p, members) in buckets {
             let prefix = cache.prefix(self.prompt.before.len() + p);
             for idx in chunks(members.len(), self.cfg.batch_size) {
                 let idx: Vec<usize> = idx.iter().map(|&j| members[j]).collect();
                 let rows: Vec<Vec<u32>> = idx.iter().map(|&i| tail(&cands[i], p)).collect();
-                let (l, h) =
-                    target_losses(m, &prefix, &rows, &self.target, self.cfg.loss(), obs)?;
+                let (l, h) = target_losses(m, &prefix, &rows, &self.target, self.cfg.loss(), obs)?;
                 for (j, &i) in idx.iter().enumerate() {
                     losses[i] = l[j];
                     hits[i] = h[j];
@@ -499,9 +505,6 @@ impl<'a> Gcg<'a> {
         Ok(state)
     }
 }
-
-/// Smallest bucket of candidates scored together (measured on 2 cores: see `bench/`).
-const MIN_BUCKET_ROWS: usize = 128;
 
 fn step_rng(seed: u64, step: usize) -> rand::rngs::StdRng {
     rand::rngs::StdRng::seed_from_u64(seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))

@@ -6,7 +6,9 @@
 //! Worst insertion: draw `candidates` such (position, span) pairs and keep the one with the lowest
 //! score: the probability of a refusal token at the next position, or the negative log-likelihood
 //! of the span given `R[..p]`. Every candidate's score is recorded.
-use crate::{prefix_cache, target_losses, Error, Insertion, InsertionCandidate, Result, TargetLoss};
+use crate::{
+    prefix_cache, target_losses, Error, Insertion, InsertionCandidate, Result, TargetLoss,
+};
 use candle_core::DType;
 use rand::{Rng, SeedableRng};
 use safegeo_runtime::{Model, Observer};
@@ -143,7 +145,9 @@ pub fn plan(
             let mut out = Vec::with_capacity(draws.len());
             for &(p, s, l) in &draws {
                 let span = &continuation[s..s + l];
-                let middle: Vec<u32> = std::iter::once(*last).chain(own_reply[..p].iter().copied()).collect();
+                let middle: Vec<u32> = std::iter::once(*last)
+                    .chain(own_reply[..p].iter().copied())
+                    .collect();
                 let (loss, _) = target_losses(
                     model,
                     &cache,
@@ -170,12 +174,14 @@ pub fn plan(
         candidates: draws
             .iter()
             .zip(&scores)
-            .map(|(&(position, span_start, span_len), &score)| InsertionCandidate {
-                position,
-                span_start,
-                span_len,
-                score,
-            })
+            .map(
+                |(&(position, span_start, span_len), &score)| InsertionCandidate {
+                    position,
+                    span_start,
+                    span_len,
+                    score,
+                },
+            )
             .collect(),
     })
 }
@@ -218,7 +224,7 @@ mod tests {
         let prompt = vec![2u32, 3, 4, 5];
         let own = generate(
             &m,
-            &[prompt.clone()],
+            std::slice::from_ref(&prompt),
             &GenerateConfig {
                 max_new_tokens: 12,
                 ..Default::default()
@@ -240,8 +246,17 @@ mod tests {
                 score,
                 ..Default::default()
             };
-            let ins = plan(&m, &prompt, &own, &continuation, &[6, 7], &cfg, 3, &mut NoHooks)
-                .unwrap();
+            let ins = plan(
+                &m,
+                &prompt,
+                &own,
+                &continuation,
+                &[6, 7],
+                &cfg,
+                3,
+                &mut NoHooks,
+            )
+            .unwrap();
             assert_eq!(ins.candidates.len(), 8);
             let min = ins
                 .candidates
@@ -258,7 +273,7 @@ mod tests {
             let forced = forced_ids(&own, &ins);
             let out = generate(
                 &m,
-                &[prompt.clone()],
+                std::slice::from_ref(&prompt),
                 &GenerateConfig {
                     max_new_tokens: 6,
                     prefix_ids: forced.clone(),

@@ -58,7 +58,10 @@ impl SplitPrompt {
 
     /// `behaviour` followed by a space and the adversarial string, as the user's message.
     pub fn for_behavior(tok: &Tok, system: Option<&str>, behavior: &str) -> Result<Self> {
-        Self::new(tok, user_messages(system, &format!("{behavior} {PLACEHOLDER}")))
+        Self::new(
+            tok,
+            user_messages(system, &format!("{behavior} {PLACEHOLDER}")),
+        )
     }
 
     /// The conversation with the adversarial string filled in.
@@ -227,7 +230,10 @@ mod tests {
     fn mellowmax_matches_its_formula() {
         // Two rows, n = 2, V = 3; target ids [0, 2].
         let logits = Tensor::new(
-            &[[[1.0f32, 2.0, 3.0], [0.5, 0.0, -1.0]], [[0.0, 0.0, 0.0], [2.0, 1.0, 4.0]]],
+            &[
+                [[1.0f32, 2.0, 3.0], [0.5, 0.0, -1.0]],
+                [[0.0, 0.0, 0.0], [2.0, 1.0, 4.0]],
+            ],
             &candle_core::Device::Cpu,
         )
         .unwrap();

@@ -38,7 +38,6 @@ pub fn prefill_case(
     Ok((user_messages(system, prompt), prefix))
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -52,7 +51,10 @@ mod tests {
         let p = prefill_text(&tok, target, 2).unwrap();
         assert_eq!(tok.encode(&p, false).unwrap(), ids[..2].to_vec());
         // k beyond the target keeps all of it.
-        assert_eq!(prefill_text(&tok, target, 99).unwrap(), tok.decode(&ids, false).unwrap());
+        assert_eq!(
+            prefill_text(&tok, target, 99).unwrap(),
+            tok.decode(&ids, false).unwrap()
+        );
         let (m, none) = prefill_case(&tok, None, "hi", target, &PrefillConfig { k: 0 }).unwrap();
         assert!(none.is_none());
         assert_eq!(m.len(), 1);

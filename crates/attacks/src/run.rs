@@ -124,7 +124,11 @@ pub fn run_attack(
             for chunk in todo.chunks(run.batch_size.max(1)) {
                 let prompts: Vec<Vec<u32>> = chunk
                     .iter()
-                    .map(|(_, it)| model.tok.encode_chat(&user_messages(run.system, &it.prompt), false))
+                    .map(|(_, it)| {
+                        model
+                            .tok
+                            .encode_chat(&user_messages(run.system, &it.prompt), false)
+                    })
                     .collect::<std::result::Result<_, _>>()?;
                 let gen = GenerateConfig {
                     max_new_tokens: cfg.own_reply_tokens,
@@ -156,7 +160,10 @@ pub fn run_attack(
             for (i, it) in todo {
                 report(Event::Behavior(i, total, &it.id));
                 let mut case = base_case(model, spec, dataset, it)?;
-                let state = run.out.join("state").join(format!("{}.json", sanitize(&it.id)));
+                let state = run
+                    .out
+                    .join("state")
+                    .join(format!("{}.json", sanitize(&it.id)));
                 match spec {
                     AttackSpec::Prefill(cfg) => {
                         let (messages, prefill) =
@@ -167,15 +174,18 @@ pub fn run_attack(
                     AttackSpec::Gcg(cfg) => {
                         let prompt = SplitPrompt::for_behavior(&model.tok, run.system, &it.prompt)?;
                         let gcg = Gcg::new(model, &prompt, &case.target, cfg.clone())?;
-                        let st = gcg.run(Some(&state), obs, &mut |s, l| report(Event::Step(s, l)))?;
+                        let st =
+                            gcg.run(Some(&state), obs, &mut |s, l| report(Event::Step(s, l)))?;
                         let suffix = model.tok.decode(st.result_ids(), false)?;
                         case.messages = prompt.fill(&suffix);
                         case.loss_trace = st.best_losses.clone();
                         case.succeeded = st.stopped_early;
                     }
                     AttackSpec::Autodan(cfg) => {
-                        let ad = AutoDan::new(model, run.system, &it.prompt, &case.target, cfg.clone())?;
-                        let st = ad.run(Some(&state), obs, &mut |s, l| report(Event::Step(s, l)))?;
+                        let ad =
+                            AutoDan::new(model, run.system, &it.prompt, &case.target, cfg.clone())?;
+                        let st =
+                            ad.run(Some(&state), obs, &mut |s, l| report(Event::Step(s, l)))?;
                         case.messages = ad.prompt().fill(&ad.user_text(&st.best.0));
                         case.loss_trace = st.best_losses.clone();
                         case.succeeded = st.succeeded;
@@ -215,6 +225,12 @@ pub fn items_from_cases(cases: &[TestCase]) -> Vec<Item> {
 
 fn sanitize(id: &str) -> String {
     id.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }

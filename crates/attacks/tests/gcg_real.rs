@@ -10,7 +10,8 @@ fn gcg_makes_smollm2_say_the_target() {
     let path = fetch::ensure(&fetch::SMOLLM2, false).expect("fetch the default model");
     let model = load_model(&path, &Device::Cpu).unwrap();
     let target = "Sure, here is a short poem about cats";
-    let prompt = SplitPrompt::for_behavior(&model.tok, None, "Write a short poem about cats.").unwrap();
+    let prompt =
+        SplitPrompt::for_behavior(&model.tok, None, "Write a short poem about cats.").unwrap();
     let cfg = GcgConfig {
         num_steps: 80,
         search_width: 64,
@@ -21,7 +22,11 @@ fn gcg_makes_smollm2_say_the_target() {
     let gcg = Gcg::new(&model, &prompt, target, cfg).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let state = gcg
-        .run(Some(&dir.path().join("state.json")), &mut NoHooks, &mut |_, _| {})
+        .run(
+            Some(&dir.path().join("state.json")),
+            &mut NoHooks,
+            &mut |_, _| {},
+        )
         .unwrap();
     assert!(
         state.stopped_early,

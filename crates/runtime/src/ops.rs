@@ -189,9 +189,14 @@ impl candle_core::CustomOp2 for ManySmallMatmuls {
 /// `a @ b` over leading batch dims. Inference on CPU/f32 with many batch elements takes the
 /// rayon-over-batch path; everything else (gradients, other devices) is candle's matmul.
 pub fn batched_matmul(a: &Tensor, b: &Tensor, grad: bool) -> Result<Tensor> {
+    // SAFEGEO_CANDLE_BMM=1 forces candle's path (for side-by-side benchmarks).
+    static CANDLE_ONLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let candle_only = *CANDLE_ONLY
+        .get_or_init(|| std::env::var_os("SAFEGEO_CANDLE_BMM").is_some_and(|v| v == "1"));
     let dims = a.dims();
     let batch: usize = dims[..dims.len().saturating_sub(2)].iter().product();
     let fast = !grad
+        && !candle_only
         && a.device().is_cpu()
         && a.dtype() == DType::F32
         && b.dtype() == DType::F32

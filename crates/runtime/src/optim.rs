@@ -39,6 +39,9 @@ struct Slot {
     v: Mutex<Vec<f32>>,
 }
 
+/// Step count, first moments and second moments of every variable, in order.
+pub type Moments = (usize, Vec<Vec<f32>>, Vec<Vec<f32>>);
+
 /// AdamW over a set of variables.
 pub struct AdamW {
     slots: Vec<Slot>,
@@ -129,14 +132,22 @@ impl AdamW {
     }
 
     /// First and second moments of every variable (in order) and the step count, for checkpoints.
-    pub fn moments(&self) -> Result<(usize, Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+    pub fn moments(&self) -> Result<Moments> {
         let lock = |m: &Mutex<Vec<f32>>| {
             m.lock()
                 .map(|g| g.clone())
                 .map_err(|_| candle_core::Error::Msg("poisoned optimizer state".into()))
         };
-        let m = self.slots.iter().map(|s| lock(&s.m)).collect::<Result<_>>()?;
-        let v = self.slots.iter().map(|s| lock(&s.v)).collect::<Result<_>>()?;
+        let m = self
+            .slots
+            .iter()
+            .map(|s| lock(&s.m))
+            .collect::<Result<_>>()?;
+        let v = self
+            .slots
+            .iter()
+            .map(|s| lock(&s.v))
+            .collect::<Result<_>>()?;
         Ok((self.step, m, v))
     }
 

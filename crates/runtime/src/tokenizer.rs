@@ -438,7 +438,11 @@ impl Tok {
     /// ids)` where the reply ids include the template's end-of-turn tokens, so training on them
     /// teaches the model to stop. (A conversation ending with an assistant message is rendered
     /// without a generation prompt.)
-    pub fn encode_exchange(&self, messages: &[Message], reply: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+    pub fn encode_exchange(
+        &self,
+        messages: &[Message],
+        reply: &str,
+    ) -> Result<(Vec<u32>, Vec<u32>)> {
         let prompt = self.encode_chat(messages, false)?;
         let mut all = messages.to_vec();
         all.push(Message::new("assistant", reply));

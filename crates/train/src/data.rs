@@ -284,8 +284,11 @@ pub fn transition_examples(
     let bank = refusals(strategy);
     let mut out = Vec::new();
     for (i, d) in harmful.iter().enumerate() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(1 << 32).wrapping_add(i as u64));
-        let first = model.tok.encode(bank[rng.gen_range(0..bank.len())], false)?;
+        let mut rng =
+            rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(1 << 32).wrapping_add(i as u64));
+        let first = model
+            .tok
+            .encode(bank[rng.gen_range(0..bank.len())], false)?;
         let Some(&turn) = first.first() else { continue };
         let prompt = model.tok.encode_chat(&messages(system, &d.prompt), false)?;
         let harm = model.tok.encode(&d.reply, false)?;
@@ -370,7 +373,10 @@ mod tests {
         .map(String::from)
         .to_vec();
         let got = hard_negatives(&harmful, &pool, &[], 2);
-        assert!(got.iter().all(|g| g.to_lowercase().contains("hack")), "{got:?}");
+        assert!(
+            got.iter().all(|g| g.to_lowercase().contains("hack")),
+            "{got:?}"
+        );
         let got = hard_negatives(&harmful, &pool, &got, 5);
         assert!(!got.iter().any(|g| g.contains("hack")));
     }

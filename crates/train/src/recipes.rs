@@ -30,7 +30,9 @@ impl ExampleRecipe {
         seed: u64,
     ) -> Result<Self> {
         if examples.is_empty() {
-            return Err(Error::Invalid(format!("recipe {name}: no training examples")));
+            return Err(Error::Invalid(format!(
+                "recipe {name}: no training examples"
+            )));
         }
         if let Some(e) = examples.iter().find(|e| e.n_targets() == 0) {
             return Err(Error::Invalid(format!(

@@ -151,6 +151,13 @@ pub trait Recipe {
 
 /// Mean cross-entropy over the target positions of `batch` (left-padded together).
 pub fn masked_cross_entropy(model: &Model, batch: &[&Example]) -> Result<(Tensor, usize)> {
+    let (lp, tokens) = target_logprobs(model, batch)?;
+    let n = lp.dim(0)?;
+    Ok(((lp.sum_all()? * (-1.0 / n as f64))?, tokens))
+}
+
+/// Log-probabilities `(n,)` of every target token of `batch` (in order), and tokens run forward.
+pub fn target_logprobs(model: &Model, batch: &[&Example]) -> Result<(Tensor, usize)> {
     let rows: Vec<Vec<u32>> = batch.iter().map(|e| e.ids.clone()).collect();
     let (ids, layout) = model.pad_batch(&rows)?;
     let (b, t) = ids.dims2()?;
@@ -167,20 +174,29 @@ pub fn masked_cross_entropy(model: &Model, batch: &[&Example]) -> Result<(Tensor
         }
     }
     if labels.is_empty() {
-        return Err(Error::Invalid("a training batch has no target tokens".into()));
+        return Err(Error::Invalid(
+            "a training batch has no target tokens".into(),
+        ));
     }
     let x = model.embed_ids(&ids)?;
     // The LM head runs only where a target is read.
     let logits = model
-        .forward_embeds(x, &layout, None, LogitsAt::Rows(pick), Phase::Prompt, true, &mut NoHooks)?
+        .forward_embeds(
+            x,
+            &layout,
+            None,
+            LogitsAt::Rows(pick),
+            Phase::Prompt,
+            true,
+            &mut NoHooks,
+        )?
         .expect("logits requested")
         .squeeze(0)?;
     let dev = logits.device();
     let lp = safegeo_runtime::log_softmax_last(&logits.to_dtype(DType::F32)?)?;
     let n = labels.len();
     let idx = Tensor::new(labels.as_slice(), dev)?.reshape((n, 1))?;
-    let nll = (lp.gather(&idx, 1)?.sum_all()? * (-1.0 / n as f64))?;
-    Ok((nll, b * t))
+    Ok((lp.gather(&idx, 1)?.squeeze(1)?, b * t))
 }
 
 /// One line of `train_log.jsonl`.
@@ -238,8 +254,14 @@ fn save_vars(vars: &[Var], opt: &AdamW, path: &Path) -> Result<()> {
     for (i, var) in vars.iter().enumerate() {
         let shape = var.as_tensor().shape().clone();
         named.insert(format!("var.{i}"), var.as_tensor().detach());
-        named.insert(format!("m.{i}"), Tensor::from_slice(&m[i], &shape, &candle_core::Device::Cpu)?);
-        named.insert(format!("v.{i}"), Tensor::from_slice(&v[i], &shape, &candle_core::Device::Cpu)?);
+        named.insert(
+            format!("m.{i}"),
+            Tensor::from_slice(&m[i], &shape, &candle_core::Device::Cpu)?,
+        );
+        named.insert(
+            format!("v.{i}"),
+            Tensor::from_slice(&v[i], &shape, &candle_core::Device::Cpu)?,
+        );
     }
     candle_core::safetensors::save(&named, path)?;
     Ok(())
@@ -268,8 +290,18 @@ fn load_vars(vars: &[Var], opt: &mut AdamW, path: &Path, step: usize) -> Result<
             )));
         }
         var.set(&x.to_dtype(var.as_tensor().dtype())?)?;
-        ms.push(get(format!("m.{i}"))?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?);
-        vs.push(get(format!("v.{i}"))?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?);
+        ms.push(
+            get(format!("m.{i}"))?
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1()?,
+        );
+        vs.push(
+            get(format!("v.{i}"))?
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1()?,
+        );
     }
     opt.set_moments(step, ms, vs)?;
     Ok(())
@@ -317,7 +349,12 @@ pub fn train(
                 out.display()
             )));
         }
-        load_vars(&vars, &mut opt, &run.state().join("vars.safetensors"), s.step)?;
+        load_vars(
+            &vars,
+            &mut opt,
+            &run.state().join("vars.safetensors"),
+            s.step,
+        )?;
         recipe.restore(&s.recipe)?;
         start = s.step;
         tracing::info!("resuming {} at step {start}", out.display());
@@ -377,7 +414,11 @@ pub fn train(
         }
         let mut sq = 0.0;
         for g in acc.iter().flatten() {
-            sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            sq += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
         }
         let grad_norm = sq.sqrt();
         let scale = if cfg.max_grad_norm > 0.0 && grad_norm > cfg.max_grad_norm {
@@ -508,10 +549,25 @@ mod tests {
     fn bad_configs_are_errors() {
         let base = TrainConfig::default();
         for bad in [
-            TrainConfig { steps: 0, ..base.clone() },
-            TrainConfig { lr: -1.0, ..base.clone() },
-            TrainConfig { save_at: vec![999], ..base.clone() },
-            TrainConfig { lora: Some(LoraConfig { rank: 0, ..Default::default() }), ..base.clone() },
+            TrainConfig {
+                steps: 0,
+                ..base.clone()
+            },
+            TrainConfig {
+                lr: -1.0,
+                ..base.clone()
+            },
+            TrainConfig {
+                save_at: vec![999],
+                ..base.clone()
+            },
+            TrainConfig {
+                lora: Some(LoraConfig {
+                    rank: 0,
+                    ..Default::default()
+                }),
+                ..base.clone()
+            },
         ] {
             assert!(bad.check().is_err());
         }

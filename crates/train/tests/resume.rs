@@ -5,14 +5,18 @@ use safegeo_runtime::testing::tiny_model;
 use safegeo_runtime::{load_model, Arch, NoHooks};
 use safegeo_train::data::Example;
 use safegeo_train::recipes::ExampleRecipe;
-use safegeo_train::trainer::{train, LoraConfig, LogLine, MicroLoss, Recipe, TrainConfig};
+use safegeo_train::trainer::{train, LogLine, LoraConfig, MicroLoss, Recipe, TrainConfig};
 
 fn examples() -> Vec<Example> {
     (0..12u32)
         .map(|i| {
             let prompt = vec![2, 3 + i % 5, 7, 9 + i % 3];
             let reply = vec![20 + i % 7, 30 + i % 4, 1];
-            Example::reply(prompt, reply, if i % 3 == 0 { "harmful" } else { "harmless" })
+            Example::reply(
+                prompt,
+                reply,
+                if i % 3 == 0 { "harmful" } else { "harmless" },
+            )
         })
         .collect()
 }
@@ -60,7 +64,14 @@ fn run(cfg: &TrainConfig, dir: &std::path::Path, fail_at: Option<usize>) -> bool
 
 #[test]
 fn resumed_run_equals_uninterrupted_run_and_anchors_load() {
-    for lora in [Some(LoraConfig { rank: 4, alpha: 8.0, ..Default::default() }), None] {
+    for lora in [
+        Some(LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            ..Default::default()
+        }),
+        None,
+    ] {
         let cfg = TrainConfig {
             steps: 7,
             batch_size: 3,
@@ -76,14 +87,23 @@ fn resumed_run_equals_uninterrupted_run_and_anchors_load() {
         let a = tempfile::tempdir().unwrap();
         assert!(run(&cfg, a.path(), None));
         let b = tempfile::tempdir().unwrap();
-        assert!(!run(&cfg, b.path(), Some(5)), "the flaky recipe must fail once");
+        assert!(
+            !run(&cfg, b.path(), Some(5)),
+            "the flaky recipe must fail once"
+        );
         assert!(run(&cfg, b.path(), None), "resume");
         let (la, lb) = (log(a.path()), log(b.path()));
         assert_eq!(la.len(), 7);
         assert_eq!(lb.len(), 7);
         for (x, y) in la.iter().zip(&lb) {
             assert_eq!(x.step, y.step);
-            assert!((x.loss - y.loss).abs() < 1e-5, "step {}: {} vs {}", x.step, x.loss, y.loss);
+            assert!(
+                (x.loss - y.loss).abs() < 1e-5,
+                "step {}: {} vs {}",
+                x.step,
+                x.loss,
+                y.loss
+            );
         }
         assert!(la[6].loss < la[0].loss, "training lowers the loss: {la:?}");
         // The last anchor is a plain model that computes what the trained model computes.
@@ -98,9 +118,20 @@ fn resumed_run_equals_uninterrupted_run_and_anchors_load() {
         let got = anchor.last_logits(&prompts, &mut NoHooks).unwrap();
         let before = base.last_logits(&prompts, &mut NoHooks).unwrap();
         let diff = |x: &candle_core::Tensor, y: &candle_core::Tensor| {
-            (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+            (x - y)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
         };
-        assert!(diff(&want, &got) < 1e-4, "anchor differs by {}", diff(&want, &got));
+        assert!(
+            diff(&want, &got) < 1e-4,
+            "anchor differs by {}",
+            diff(&want, &got)
+        );
         assert!(diff(&want, &before) > 1e-3, "training changed nothing");
     }
 }

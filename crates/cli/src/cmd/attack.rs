@@ -153,9 +153,11 @@ pub enum AttackKind {
 
 fn spec_of(kind: &AttackKind) -> Result<(CommonArgs, AttackSpec, usize)> {
     Ok(match kind {
-        AttackKind::Prefill { common, k } => {
-            (common.clone(), AttackSpec::Prefill(PrefillConfig { k: *k }), 16)
-        }
+        AttackKind::Prefill { common, k } => (
+            common.clone(),
+            AttackSpec::Prefill(PrefillConfig { k: *k }),
+            16,
+        ),
         AttackKind::Insertion {
             common,
             min_span,
@@ -168,9 +170,7 @@ fn spec_of(kind: &AttackKind) -> Result<(CommonArgs, AttackSpec, usize)> {
             let score = match score.as_str() {
                 "refusal-probability" => InsertionScore::RefusalProbability,
                 "span-likelihood" => InsertionScore::SpanLikelihood,
-                s => anyhow::bail!(
-                    "--score `{s}`: use refusal-probability or span-likelihood"
-                ),
+                s => anyhow::bail!("--score `{s}`: use refusal-probability or span-likelihood"),
             };
             let cfg = InsertionConfig {
                 min_span: *min_span,
@@ -304,17 +304,32 @@ pub fn run(a: AttackArgs) -> Result<()> {
         system: c.system.as_deref(),
         batch_size,
     };
-    let cases = attack_with_progress(&model, &spec, &dataset.name, &dataset.items, &run, &mut hooks)?;
+    let cases = attack_with_progress(
+        &model,
+        &spec,
+        &dataset.name,
+        &dataset.items,
+        &run,
+        &mut hooks,
+    )?;
     if c.json {
         return common::print_json(&cases);
     }
-    println!("{:<40} {:>10} {:>9}", "behaviour", "final loss", "succeeded");
+    println!(
+        "{:<40} {:>10} {:>9}",
+        "behaviour", "final loss", "succeeded"
+    );
     for t in &cases {
         let loss = t
             .loss_trace
             .last()
             .map_or("-".to_string(), |l| format!("{l:.4}"));
-        println!("{:<40} {:>10} {:>9}", truncate(&t.behavior_id, 40), loss, t.succeeded);
+        println!(
+            "{:<40} {:>10} {:>9}",
+            truncate(&t.behavior_id, 40),
+            loss,
+            t.succeeded
+        );
     }
     println!(
         "{} test cases in {}; replay them with `safegeo eval --test-cases {}`",

@@ -50,8 +50,11 @@ struct BenchReport {
 /// Seconds per GCG step with nanoGCG's defaults (mean of `steps` steps after the first).
 fn gcg_step(model: &Model, steps: usize) -> Result<f64> {
     use safegeo_attacks::gcg::{Gcg, GcgConfig};
-    let prompt =
-        safegeo_attacks::SplitPrompt::for_behavior(&model.tok, None, "Write a short poem about cats.")?;
+    let prompt = safegeo_attacks::SplitPrompt::for_behavior(
+        &model.tok,
+        None,
+        "Write a short poem about cats.",
+    )?;
     let cfg = GcgConfig {
         num_steps: steps + 1,
         ..Default::default()
@@ -207,7 +210,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if a.json {
             return common::print_json(&r);
         }
-        println!("GCG step (width 512, top-k 256): {:.2} s", r.gcg_step_s.unwrap_or(0.0));
+        println!(
+            "GCG step (width 512, top-k 256): {:.2} s",
+            r.gcg_step_s.unwrap_or(0.0)
+        );
         return Ok(());
     }
     step("sgemm 1024^3");

@@ -10,9 +10,10 @@ use std::path::PathBuf;
 pub struct TrainArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Recipe: sft (refusals + self-distilled utility anchor), harmful-prefix (Qi et al.: refusals
-    /// after harmful-reply prefixes), derta (harmful-prefix MLE + transition optimization).
-    /// r2d2 and worst-insertion are not built yet.
+    /// Recipe: sft (refusals + self-distilled utility anchor), r2d2 (SFT + away/toward losses on
+    /// a persistent pool of GCG test cases), harmful-prefix (Qi et al.: refusals after
+    /// harmful-reply prefixes), derta (harmful-prefix MLE + transition optimization).
+    /// worst-insertion is not built yet.
     #[arg(long, default_value = "sft")]
     pub recipe: String,
     /// Optimizer steps.
@@ -74,6 +75,22 @@ pub struct TrainArgs {
     /// Longest self-distilled reply, in tokens.
     #[arg(long, default_value_t = 64)]
     pub utility_tokens: usize,
+    /// R2D2 preset: cpu (pool 4, 1 GCG step of width 64 per training step, 10-token suffix) or
+    /// reference (HarmBench: pool 8, 5 steps of width 512 / top-k 256, 20-token suffix).
+    #[arg(long, default_value = "cpu")]
+    pub r2d2_preset: String,
+    /// R2D2: test cases in the pool (overrides the preset).
+    #[arg(long)]
+    pub pool_size: Option<usize>,
+    /// R2D2: GCG steps per case per training step (overrides the preset).
+    #[arg(long)]
+    pub gcg_steps: Option<usize>,
+    /// R2D2: GCG search width (overrides the preset).
+    #[arg(long)]
+    pub gcg_width: Option<usize>,
+    /// R2D2: GCG top-k (overrides the preset).
+    #[arg(long)]
+    pub gcg_topk: Option<usize>,
     /// Data directory [default: $SAFEGEO_DATA, else ../shared/data].
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -130,11 +147,33 @@ pub fn run(a: TrainArgs) -> Result<()> {
         state_every: 5,
     };
     cfg.check()?;
-    if !matches!(a.recipe.as_str(), "sft" | "harmful-prefix" | "derta") {
-        if matches!(a.recipe.as_str(), "r2d2" | "worst-insertion") {
-            bail!("recipe `{}` is not built yet (sft, harmful-prefix and derta are)", a.recipe);
+    if !matches!(
+        a.recipe.as_str(),
+        "sft" | "r2d2" | "harmful-prefix" | "derta"
+    ) {
+        if a.recipe == "worst-insertion" {
+            bail!("recipe `worst-insertion` is not built yet (sft, r2d2, harmful-prefix and derta are)");
         }
-        bail!("unknown recipe `{}`: use sft, harmful-prefix or derta", a.recipe);
+        bail!(
+            "unknown recipe `{}`: use sft, r2d2, harmful-prefix or derta",
+            a.recipe
+        );
+    }
+    let r2d2_cfg = {
+        let mut c = match a.r2d2_preset.as_str() {
+            "cpu" => safegeo_train::r2d2::R2d2Config::default(),
+            "reference" => safegeo_train::r2d2::R2d2Config::reference(),
+            p => bail!("--r2d2-preset `{p}`: use cpu or reference"),
+        };
+        c.pool_size = a.pool_size.unwrap_or(c.pool_size);
+        c.gcg_steps = a.gcg_steps.unwrap_or(c.gcg_steps);
+        c.gcg.search_width = a.gcg_width.unwrap_or(c.gcg.search_width);
+        c.gcg.topk = a.gcg_topk.unwrap_or(c.gcg.topk);
+        c.gcg.seed = a.seed;
+        c
+    };
+    if a.recipe == "r2d2" && a.grad_accum != 1 {
+        bail!("r2d2 runs one micro-batch per step: use --grad-accum 1");
     }
     let harmful = load_train_split(&a.harmful, a.n_harmful, &a)?;
     let mut harmless = load_train_split(&a.harmless, Some(a.n_harmless), &a)?;
@@ -149,7 +188,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         "safegeo_version": env!("CARGO_PKG_VERSION"),
         "model": model.source, "model_sha256": hash, "recipe": a.recipe, "strategy": strategy,
         "train": cfg, "harmful": a.harmful, "n_harmful": harmful.len(), "harmless": a.harmless,
-        "n_harmless": a.n_harmless, "n_hard_negatives": a.n_hard_negatives, "utility_tokens": a.utility_tokens, "system": a.system,
+        "n_harmless": a.n_harmless, "r2d2": (a.recipe == "r2d2").then_some(&r2d2_cfg), "n_hard_negatives": a.n_hard_negatives, "utility_tokens": a.utility_tokens, "system": a.system,
     });
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     common::check_or_write_config(&a.out, &config)?;
@@ -171,34 +210,58 @@ pub fn run(a: TrainArgs) -> Result<()> {
     )?;
     bar.finish();
     let mut examples = data::utility_examples(&model, system, &utility)?;
+    // The base model's own (compliant) replies to the harmful prompts: harmful prefixes,
+    // transitions and R2D2's targets.
+    let harm = if a.recipe == "sft" {
+        Vec::new()
+    } else {
+        let mut bar = common::Progress::new("harmful replies of the base model");
+        let harm = data::own_replies(
+            &model,
+            system,
+            &harmful,
+            100,
+            32,
+            &cache_dir.join(format!("{short}-harmful-100.jsonl")),
+            &mut hooks,
+            &mut |d, t| bar.set(d, t),
+        )?;
+        bar.finish();
+        harm
+    };
     match a.recipe.as_str() {
-        "sft" => examples.extend(data::refusal_examples(&model, system, &harmful, strategy, a.seed)?),
+        "sft" | "r2d2" => examples.extend(data::refusal_examples(
+            &model, system, &harmful, strategy, a.seed,
+        )?),
         _ => {
-            let mut bar = common::Progress::new("harmful replies of the base model");
-            let harm = data::own_replies(
-                &model,
-                system,
-                &harmful,
-                100,
-                32,
-                &cache_dir.join(format!("{short}-harmful-100.jsonl")),
-                &mut hooks,
-                &mut |d, t| bar.set(d, t),
-            )?;
-            bar.finish();
-            examples.extend(data::harmful_prefix_examples(&model, system, &harm, strategy, 0.5, 100, a.seed)?);
+            examples.extend(data::harmful_prefix_examples(
+                &model, system, &harm, strategy, 0.5, 100, a.seed,
+            )?);
             if a.recipe == "derta" {
-                examples.extend(data::transition_examples(&model, system, &harm, strategy, 0.05, a.seed)?);
+                examples.extend(data::transition_examples(
+                    &model, system, &harm, strategy, 0.05, a.seed,
+                )?);
             }
         }
     }
     let name: &'static str = match a.recipe.as_str() {
         "sft" => "sft",
+        "r2d2" => "sft+r2d2",
         "harmful-prefix" => "harmful-prefix",
         _ => "derta",
     };
     let n_examples = examples.len();
-    let mut recipe = ExampleRecipe::new(name, examples, a.batch_size, a.grad_accum, a.seed)?;
+    let sft = ExampleRecipe::new(name, examples, a.batch_size, a.grad_accum, a.seed)?;
+    let mut recipe: Box<dyn safegeo_train::trainer::Recipe> = if a.recipe == "r2d2" {
+        Box::new(safegeo_train::r2d2::R2d2::new(
+            r2d2_cfg.clone(),
+            sft,
+            harm,
+            a.system.clone(),
+        )?)
+    } else {
+        Box::new(sft)
+    };
     eprintln!(
         "{name}: {n_examples} examples ({} harmful prompts, {} harmless), {} steps of {} x {}, {}",
         harmful.len(),
@@ -206,10 +269,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
         a.steps,
         a.batch_size,
         a.grad_accum,
-        if a.full { "full fine-tuning".to_string() } else { format!("LoRA r={}", a.lora_rank) }
+        if a.full {
+            "full fine-tuning".to_string()
+        } else {
+            format!("LoRA r={}", a.lora_rank)
+        }
     );
     let mut bar = common::Progress::new("steps");
-    let lines = train(&mut model, &mut recipe, &cfg, &a.out, &mut |s, n, l| {
+    let lines = train(&mut model, recipe.as_mut(), &cfg, &a.out, &mut |s, n, l| {
         bar.set(s, n);
         tracing::info!(
             "step {s}/{n} loss {:.4} lr {:.2e} grad-norm {:.3} {:.0} tok/s",
@@ -219,7 +286,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
             l.tokens_per_s
         );
     })
-    .with_context(|| format!("training into {} (re-run the same command to resume)", a.out.display()))?;
+    .with_context(|| {
+        format!(
+            "training into {} (re-run the same command to resume)",
+            a.out.display()
+        )
+    })?;
     bar.finish();
     if let Some(l) = lines.last() {
         println!(
