@@ -384,22 +384,13 @@ impl<'a> AutoDan<'a> {
         obs: &mut dyn Observer,
         progress: &mut dyn FnMut(usize, f64),
     ) -> Result<AutoDanState> {
-        let mut st = match state_file.filter(|p| p.exists()) {
-            Some(p) => serde_json::from_slice(&std::fs::read(p).map_err(|e| Error::io(p, e))?)
-                .map_err(|e| {
-                    Error::Invalid(format!(
-                        "{}: unreadable AutoDAN state ({e}); delete it to restart",
-                        p.display()
-                    ))
-                })?,
+        let mut st = match crate::load_state(state_file, "AutoDAN")? {
+            Some(s) => s,
             None => self.init(),
         };
         while st.step < self.cfg.num_steps && st.stale < self.cfg.patience && !st.succeeded {
             self.step(&mut st, obs)?;
-            if let Some(p) = state_file {
-                let json = serde_json::to_vec(&st).map_err(|e| Error::Invalid(e.to_string()))?;
-                safegeo_data::eval::write_atomic(p, &json)?;
-            }
+            crate::save_state(state_file, &st)?;
             progress(st.step, st.best.1);
         }
         Ok(st)

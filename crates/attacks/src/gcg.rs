@@ -482,24 +482,13 @@ impl<'a> Gcg<'a> {
         obs: &mut dyn Observer,
         progress: &mut dyn FnMut(usize, f64),
     ) -> Result<GcgState> {
-        let mut state = match state_file.filter(|p| p.exists()) {
-            Some(p) => {
-                let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
-                serde_json::from_slice(&bytes).map_err(|e| {
-                    Error::Invalid(format!(
-                        "{}: unreadable GCG state ({e}); delete it to restart this behaviour",
-                        p.display()
-                    ))
-                })?
-            }
+        let mut state = match crate::load_state(state_file, "GCG")? {
+            Some(s) => s,
             None => self.init(obs)?,
         };
         while state.step < self.cfg.num_steps && !state.stopped_early {
             self.step(&mut state, obs)?;
-            if let Some(p) = state_file {
-                let json = serde_json::to_vec(&state).map_err(|e| Error::Invalid(e.to_string()))?;
-                safegeo_data::eval::write_atomic(p, &json)?;
-            }
+            crate::save_state(state_file, &state)?;
             progress(state.step, state.best_loss());
         }
         Ok(state)

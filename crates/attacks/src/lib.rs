@@ -160,6 +160,32 @@ pub fn target_losses(
     Ok((losses, hits))
 }
 
+/// Read an attack's resumable state from `path` if it exists (`what` names the attack in errors).
+pub fn load_state<T: serde::de::DeserializeOwned>(
+    path: Option<&std::path::Path>,
+    what: &str,
+) -> Result<Option<T>> {
+    let Some(p) = path.filter(|p| p.exists()) else {
+        return Ok(None);
+    };
+    let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+        Error::Invalid(format!(
+            "{}: unreadable {what} state ({e}); delete it to restart this behaviour",
+            p.display()
+        ))
+    })
+}
+
+/// Write an attack's state atomically (after every step).
+pub fn save_state<T: serde::Serialize>(path: Option<&std::path::Path>, state: &T) -> Result<()> {
+    if let Some(p) = path {
+        let json = serde_json::to_vec(state).map_err(|e| Error::Invalid(e.to_string()))?;
+        safegeo_data::eval::write_atomic(p, &json)?;
+    }
+    Ok(())
+}
+
 /// A frozen cache of `ids` (one row), the prefix every candidate shares.
 pub fn prefix_cache(model: &Model, ids: &[u32], obs: &mut dyn Observer) -> Result<KvCache> {
     let mut cache = KvCache::with_capacity(model.cfg.n_layer, ids.len());
