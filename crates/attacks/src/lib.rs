@@ -14,7 +14,7 @@ pub mod run;
 use candle_core::{DType, Tensor, D};
 pub use safegeo_data::test_cases::{Insertion, InsertionCandidate, TestCase};
 pub use safegeo_data::{Error, Item, Result};
-use safegeo_runtime::{KvCache, Layout, LogitsAt, Message, Model, Observer, Phase, Tok};
+use safegeo_runtime::{KvCache, LogitsAt, Message, Model, Observer, Phase, Tok};
 
 /// Where the adversarial string goes in the user message.
 pub const PLACEHOLDER: &str = "{optim_str}";
@@ -188,19 +188,7 @@ pub fn save_state<T: serde::Serialize>(path: Option<&std::path::Path>, state: &T
 
 /// A frozen cache of `ids` (one row), the prefix every candidate shares.
 pub fn prefix_cache(model: &Model, ids: &[u32], obs: &mut dyn Observer) -> Result<KvCache> {
-    let mut cache = KvCache::with_capacity(model.cfg.n_layer, ids.len());
-    if !ids.is_empty() {
-        let t = Tensor::new(ids, &model.device)?.unsqueeze(0)?;
-        model.forward_ids(
-            &t,
-            &Layout::dense(1),
-            Some(&mut cache),
-            LogitsAt::None,
-            Phase::Prompt,
-            obs,
-        )?;
-    }
-    Ok(cache.freeze())
+    Ok(model.cache_prefix(ids, obs)?.freeze())
 }
 
 #[cfg(test)]

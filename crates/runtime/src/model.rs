@@ -494,17 +494,9 @@ impl Model {
             return l.expect("logits requested").squeeze(1);
         }
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        let mut cache = KvCache::with_capacity(self.cfg.n_layer, shared);
-        let prefix = Tensor::new(&first[..shared], &self.device)?.unsqueeze(0)?;
-        self.forward_ids(
-            &prefix,
-            &Layout::dense(1),
-            Some(&mut cache),
-            LogitsAt::None,
-            Phase::Prompt,
-            obs,
-        )?;
-        let mut cache = cache.expand(prompts.len())?;
+        let mut cache = self
+            .cache_prefix(&first[..shared], obs)?
+            .expand(prompts.len())?;
         cache.reserve = longest;
         let suffixes: Vec<Vec<u32>> = prompts.iter().map(|p| p[shared..].to_vec()).collect();
         let (ids, mut layout) = self.pad_batch(&suffixes)?;
@@ -518,6 +510,24 @@ impl Model {
             obs,
         )?;
         l.expect("logits requested").squeeze(1)
+    }
+
+    /// Keys and values of one row of `ids` (a prefix that later chunks continue from).
+    pub fn cache_prefix(&self, ids: &[u32], obs: &mut dyn Observer) -> Result<KvCache> {
+        let mut cache = KvCache::with_capacity(self.cfg.n_layer, ids.len());
+        if !ids.is_empty() {
+            let t = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+            let layout = Layout::dense(1);
+            self.forward_ids(
+                &t,
+                &layout,
+                Some(&mut cache),
+                LogitsAt::None,
+                Phase::Prompt,
+                obs,
+            )?;
+        }
+        Ok(cache)
     }
 
     /// Left-pad prompts into one `(b, T)` id tensor.

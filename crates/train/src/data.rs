@@ -311,6 +311,68 @@ pub fn transition_examples(
     Ok(out)
 }
 
+/// Random worst-insertion training states (seed study D): the refusal R of a harmful prompt
+/// with a span of the base model's own harmful reply inserted at the worst of
+/// `cfg.candidates` random (position, span) draws (lowest refusal probability after the span,
+/// scored by `model`). The example trains `R[..p]`, masks the span, and trains a full refusal
+/// after it (recovery). Draws are seeded per prompt.
+pub fn worst_insertion_examples(
+    model: &Model,
+    system: Option<&str>,
+    harmful: &[OwnReply],
+    strategy: Strategy,
+    cfg: &safegeo_attacks::insertion::InsertionConfig,
+    obs: &mut dyn Observer,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<Example>> {
+    use rand::Rng;
+    let bank = refusals(strategy);
+    let refusal_ids = safegeo_data::judges::refusal_score::refusal_token_ids(
+        &model.tok,
+        safegeo_data::judges::refusal_score::REFUSAL_OPENINGS,
+    )?;
+    let mut out = Vec::new();
+    for (i, d) in harmful.iter().enumerate() {
+        progress(i, harmful.len());
+        let seed = cfg.seed.wrapping_add(i as u64);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5EED);
+        let msgs = messages(system, &d.prompt);
+        let (prompt, reply) = model
+            .tok
+            .encode_exchange(&msgs, bank[rng.gen_range(0..bank.len())])?;
+        let (_, recovery) = model
+            .tok
+            .encode_exchange(&msgs, bank[rng.gen_range(0..bank.len())])?;
+        let harm = model.tok.encode(&d.reply, false)?;
+        if harm.is_empty() {
+            continue;
+        }
+        // The refusal without its end-of-turn tokens is the reply the span goes into.
+        let body = model.tok.encode(&model.tok.decode(&reply, true)?, false)?;
+        let ins = safegeo_attacks::insertion::plan(
+            model,
+            &prompt,
+            &body,
+            &harm,
+            &refusal_ids,
+            cfg,
+            seed,
+            obs,
+        )?;
+        out.push(Example::segments(
+            &[
+                (prompt, false),
+                (body[..ins.position].to_vec(), true),
+                (ins.span_ids.clone(), false),
+                (recovery, true),
+            ],
+            "harmful",
+        ));
+    }
+    progress(harmful.len(), harmful.len());
+    Ok(out)
+}
+
 fn content_words(text: &str) -> std::collections::HashSet<String> {
     text.split(|c: char| !c.is_alphanumeric())
         .filter(|w| w.len() >= 4)

@@ -13,7 +13,8 @@ pub struct TrainArgs {
     /// Recipe: sft (refusals + self-distilled utility anchor), r2d2 (SFT + away/toward losses on
     /// a persistent pool of GCG test cases), harmful-prefix (Qi et al.: refusals after
     /// harmful-reply prefixes), derta (harmful-prefix MLE + transition optimization).
-    /// worst-insertion is not built yet.
+    /// worst-insertion (refusal / recovery after a harmful span inserted at the worst of 8
+    /// random places, plus the SFT data).
     #[arg(long, default_value = "sft")]
     pub recipe: String,
     /// Optimizer steps.
@@ -149,13 +150,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
     cfg.check()?;
     if !matches!(
         a.recipe.as_str(),
-        "sft" | "r2d2" | "harmful-prefix" | "derta"
+        "sft" | "r2d2" | "worst-insertion" | "harmful-prefix" | "derta"
     ) {
-        if a.recipe == "worst-insertion" {
-            bail!("recipe `worst-insertion` is not built yet (sft, r2d2, harmful-prefix and derta are)");
-        }
         bail!(
-            "unknown recipe `{}`: use sft, r2d2, harmful-prefix or derta",
+            "unknown recipe `{}`: use sft, r2d2, worst-insertion, harmful-prefix or derta",
             a.recipe
         );
     }
@@ -233,6 +231,27 @@ pub fn run(a: TrainArgs) -> Result<()> {
         "sft" | "r2d2" => examples.extend(data::refusal_examples(
             &model, system, &harmful, strategy, a.seed,
         )?),
+        "worst-insertion" => {
+            examples.extend(data::refusal_examples(
+                &model, system, &harmful, strategy, a.seed,
+            )?);
+            let cfg = safegeo_attacks::insertion::InsertionConfig {
+                candidates: 8,
+                seed: a.seed,
+                ..Default::default()
+            };
+            let mut bar = common::Progress::new("worst-insertion states");
+            examples.extend(data::worst_insertion_examples(
+                &model,
+                system,
+                &harm,
+                strategy,
+                &cfg,
+                &mut hooks,
+                &mut |d, t| bar.set(d, t),
+            )?);
+            bar.finish();
+        }
         _ => {
             examples.extend(data::harmful_prefix_examples(
                 &model, system, &harm, strategy, 0.5, 100, a.seed,
@@ -247,6 +266,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let name: &'static str = match a.recipe.as_str() {
         "sft" => "sft",
         "r2d2" => "sft+r2d2",
+        "worst-insertion" => "worst-insertion",
         "harmful-prefix" => "harmful-prefix",
         _ => "derta",
     };
