@@ -784,6 +784,7 @@ fn attacks_write_test_cases_that_eval_replays_fixed_and_adaptive() {
             "--test-cases",
             tc.to_str().unwrap(),
             "--adaptive",
+            "--judge-continuation",
             "--max-new-tokens",
             "6",
             "--out",

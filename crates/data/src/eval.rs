@@ -43,6 +43,9 @@ pub struct EvalSpec {
     pub category: Option<String>,
     /// Attack test cases (`safegeo attack` output) replayed as the suite `test-cases`.
     pub test_cases: Option<PathBuf>,
+    /// Judge only what the model generated after a forced prefix (insertion attacks, whose
+    /// forced text holds the model's own refusal opening); the record keeps the whole reply.
+    pub judge_continuation: bool,
 }
 
 /// One judged reply (a line of `records.jsonl`).
@@ -253,6 +256,13 @@ pub fn run_eval(
                 Ok(format!("{}{reply}", it.prefill.as_deref().unwrap_or("")))
             })
             .collect::<Result<_>>()?;
+        let judged: Vec<String> = if spec.judge_continuation {
+            outs.iter()
+                .map(|o| model.tok.decode(&o.ids, true))
+                .collect::<std::result::Result<_, _>>()?
+        } else {
+            responses.clone()
+        };
         let mut verdicts: Vec<BTreeMap<String, Verdict>> = vec![BTreeMap::new(); chunk.len()];
         for j in judges {
             let idx: Vec<usize> = (0..chunk.len())
@@ -265,7 +275,7 @@ pub fn run_eval(
                     Case {
                         behavior: it.behavior.as_deref().unwrap_or(&it.prompt),
                         context: it.context.as_deref(),
-                        reply: &responses[i],
+                        reply: &judged[i],
                     }
                 })
                 .collect();

@@ -80,6 +80,10 @@ pub struct EvalArgs {
     /// instead (adaptive evaluation).
     #[arg(long, requires = "test_cases")]
     pub adaptive: bool,
+    /// Judge only the text generated after a test case's forced prefix (for insertion attacks,
+    /// whose forced text holds the model's own refusal opening). Records keep the whole reply.
+    #[arg(long)]
+    pub judge_continuation: bool,
     /// Keep only items of this category or kind in every suite (e.g. `contextual`, `copyright` or
     /// a HarmBench semantic category; an XSTest type; a JBB category).
     #[arg(long)]
@@ -325,6 +329,7 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
         prompt_column: a.prompt_column.clone(),
         category: a.category.clone(),
         test_cases: a.test_cases.clone(),
+        judge_continuation: a.judge_continuation,
     };
     let config = serde_json::json!({
         "safegeo_version": env!("CARGO_PKG_VERSION"),
@@ -337,7 +342,7 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
                 "sampled_ids": d.items.iter().map(|i| i.id.clone()).collect::<Vec<_>>()}))
         }).collect::<Result<Vec<_>>>()?,
         "test_cases": test_cases.as_ref().map(|d| serde_json::json!({"path": d.path, "sha256": d.sha256, "total": d.total})),
-        "adaptive": a.adaptive,
+        "adaptive": a.adaptive, "judge_continuation": a.judge_continuation,
         "judges": a.judge,
         "interventions": iv_described,
         "category": a.category,
