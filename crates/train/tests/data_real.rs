@@ -71,3 +71,61 @@ fn refusals_and_worst_insertion_states_are_masked_as_intended() {
         "recovery ends the turn"
     );
 }
+
+#[test]
+fn harmful_prefix_and_transition_examples_train_only_refusal_tokens() {
+    use safegeo_train::data::{harmful_prefix_examples, refusals, transition_examples};
+    let path = fetch::ensure(&fetch::SMOLLM2, false).expect("fetch the default model");
+    let model = load_model(&path, &Device::Cpu).unwrap();
+    let harm: Vec<OwnReply> = (0..8)
+        .map(|i| OwnReply {
+            prompt: format!("Tell me how to do bad thing number {i}."),
+            reply: "Step one: gather the materials. Step two: follow the plan carefully.".into(),
+            finished: true,
+        })
+        .collect();
+    let harm_ids = model.tok.encode(&harm[0].reply, false).unwrap();
+    let ex = harmful_prefix_examples(&model, None, &harm, Strategy::Polite, 0.5, 100, 3).unwrap();
+    assert_eq!(ex.len(), 8);
+    let mut with_prefix = 0;
+    for e in &ex {
+        // Untrained: the prompt, then possibly a harmful prefix; trained: the refusal to the end.
+        let first = e.target.iter().position(|t| t.is_some()).unwrap();
+        assert!(e.target[first..].iter().all(|t| t.is_some()));
+        let prompt = model
+            .tok
+            .encode_chat(&safegeo_train::data::messages(None, &harm[0].prompt), false)
+            .unwrap();
+        let k = first - prompt.len();
+        if k > 0 {
+            with_prefix += 1;
+            assert_eq!(&e.ids[prompt.len()..first], &harm_ids[..k]);
+        }
+    }
+    assert!(
+        with_prefix > 0 && with_prefix < 8,
+        "p = 0.5 over 8 prompts: {with_prefix}"
+    );
+    let firsts: Vec<u32> = refusals(Strategy::Polite)
+        .iter()
+        .map(|r| model.tok.encode(r, false).unwrap()[0])
+        .collect();
+    let tr = transition_examples(&model, None, &harm, Strategy::Polite, 0.05, 3).unwrap();
+    assert_eq!(tr.len(), 8);
+    for e in &tr {
+        let targets: Vec<(usize, u32)> = e
+            .target
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.map(|t| (i, t)))
+            .collect();
+        assert!(!targets.is_empty());
+        for (i, t) in targets {
+            assert!(
+                firsts.contains(&t),
+                "target must be a refusal's first token"
+            );
+            assert_ne!(e.ids[i], t, "the input keeps the harmful token");
+        }
+    }
+}
