@@ -21,7 +21,7 @@ use crate::{
 use candle_core::{DType, Tensor, Var, D};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use safegeo_runtime::{Layout, LogitsAt, Model, Observer, Phase, Tok};
+use safegeo_runtime::{KvCache, Layout, LogitsAt, Model, Observer, Phase, Tok};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -203,7 +203,7 @@ pub struct Gcg<'a> {
     prompt: &'a SplitPrompt,
     target: Vec<u32>,
     cfg: GcgConfig,
-    disallowed: Vec<bool>,
+    disallowed: std::sync::Arc<[bool]>,
 }
 
 impl<'a> Gcg<'a> {
@@ -213,6 +213,19 @@ impl<'a> Gcg<'a> {
         prompt: &'a SplitPrompt,
         target: &str,
         cfg: GcgConfig,
+    ) -> Result<Self> {
+        let disallowed = disallowed_tokens(&model.tok, model.cfg.vocab, cfg.allow_non_ascii)?;
+        Self::with_disallowed(model, prompt, target, cfg, disallowed.into())
+    }
+
+    /// [`Gcg::new`] with the disallowed-token mask already computed (it decodes the whole
+    /// vocabulary, so callers that start many attacks, like R2D2, compute it once).
+    pub fn with_disallowed(
+        model: &'a Model,
+        prompt: &'a SplitPrompt,
+        target: &str,
+        cfg: GcgConfig,
+        disallowed: std::sync::Arc<[bool]>,
     ) -> Result<Self> {
         cfg.check()?;
         let text = if cfg.add_space_before_target {
@@ -224,7 +237,13 @@ impl<'a> Gcg<'a> {
         if target.is_empty() {
             return Err(Error::Invalid("GCG: the target is empty".into()));
         }
-        let disallowed = disallowed_tokens(&model.tok, model.cfg.vocab, cfg.allow_non_ascii)?;
+        if disallowed.len() != model.cfg.vocab {
+            return Err(Error::Invalid(format!(
+                "GCG: the disallowed-token mask has {} entries, the vocabulary {}",
+                disallowed.len(),
+                model.cfg.vocab
+            )));
+        }
         Ok(Self {
             model,
             prompt,
@@ -379,55 +398,45 @@ impl<'a> Gcg<'a> {
         obs: &mut dyn Observer,
     ) -> Result<(Vec<f64>, Vec<bool>)> {
         let m = self.model;
+        let before = &self.prompt.before;
+        // Jobs of (cached prefix, ids to lead each row with, first suffix position, candidates).
+        let jobs: Vec<(KvCache, &[u32], usize, Vec<usize>)> = if self.cfg.use_prefix_cache {
+            // Keys and values of `before ++ current`, viewed at every prefix length.
+            let whole: Vec<u32> = before.iter().chain(current).copied().collect();
+            let cache = prefix_cache(m, &whole, obs)?;
+            let first_diff = |c: &Vec<u32>| -> usize {
+                if c.len() != current.len() {
+                    return 0;
+                }
+                let same = c.iter().zip(current).take_while(|(a, b)| a == b).count();
+                same.min(c.len() - 1)
+            };
+            let mut groups: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+            for (i, c) in cands.iter().enumerate() {
+                groups.entry(first_diff(c)).or_default().push(i);
+            }
+            // Merging neighbouring groups into larger batches was measured slower (28 s vs 32 s
+            // per step at 128-row buckets): the extra tokens cost more than the batching saves.
+            groups
+                .into_iter()
+                .map(|(p, members)| (cache.prefix(before.len() + p), &[][..], p, members))
+                .collect()
+        } else {
+            let empty = KvCache::new(m.cfg.n_layer).freeze();
+            vec![(empty, before.as_slice(), 0, (0..cands.len()).collect())]
+        };
         let mut losses = vec![0.0; cands.len()];
         let mut hits = vec![false; cands.len()];
-        let tail = |c: &[u32], from: usize| -> Vec<u32> {
-            c[from..]
-                .iter()
-                .chain(&self.prompt.after)
-                .copied()
-                .collect()
-        };
-        if !self.cfg.use_prefix_cache {
-            let empty = safegeo_runtime::KvCache::new(m.cfg.n_layer).freeze();
-            let before = &self.prompt.before;
-            for idx in chunks(cands.len(), self.cfg.batch_size) {
-                let rows: Vec<Vec<u32>> = idx
-                    .iter()
-                    .map(|&i| before.iter().copied().chain(tail(&cands[i], 0)).collect())
-                    .collect();
-                let (l, h) = target_losses(m, &empty, &rows, &self.target, self.cfg.loss(), obs)?;
-                for (j, &i) in idx.iter().enumerate() {
-                    losses[i] = l[j];
-                    hits[i] = h[j];
-                }
-            }
-            return Ok((losses, hits));
-        }
-        // Keys and values of `before ++ current`, viewed at every prefix length.
-        let whole: Vec<u32> = self.prompt.before.iter().chain(current).copied().collect();
-        let cache = prefix_cache(m, &whole, obs)?;
-        let first_diff = |c: &Vec<u32>| -> usize {
-            if c.len() != current.len() {
-                return 0;
-            }
-            c.iter()
-                .zip(current)
-                .take_while(|(a, b)| a == b)
-                .count()
-                .min(c.len() - 1)
-        };
-        let mut groups: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
-        for (i, c) in cands.iter().enumerate() {
-            groups.entry(first_diff(c)).or_default().push(i);
-        }
-        // Merging neighbouring groups into larger batches was measured slower (28 s vs 32 s
-        // per step at 128-row buckets): the extra tokens cost more than the batching saves.
-        for (p, members) in groups {
-            let prefix = cache.prefix(self.prompt.before.len() + p);
+        for (prefix, lead, from, members) in jobs {
             for idx in chunks(members.len(), self.cfg.batch_size) {
                 let idx: Vec<usize> = idx.iter().map(|&j| members[j]).collect();
-                let rows: Vec<Vec<u32>> = idx.iter().map(|&i| tail(&cands[i], p)).collect();
+                let rows: Vec<Vec<u32>> = idx
+                    .iter()
+                    .map(|&i| {
+                        let tail = cands[i][from..].iter().chain(&self.prompt.after);
+                        lead.iter().chain(tail).copied().collect()
+                    })
+                    .collect();
                 let (l, h) = target_losses(m, &prefix, &rows, &self.target, self.cfg.loss(), obs)?;
                 for (j, &i) in idx.iter().enumerate() {
                     losses[i] = l[j];
@@ -541,7 +550,7 @@ mod tests {
             model: &m,
             prompt: &p,
             target: vec![40, 41, 42],
-            disallowed: vec![false; m.cfg.vocab],
+            disallowed: vec![false; m.cfg.vocab].into(),
             cfg: cfg.clone(),
         };
         let current = vec![5u32, 6, 7, 8, 9, 10];
@@ -579,7 +588,7 @@ mod tests {
             model: &m,
             prompt: &p,
             target: vec![40, 41],
-            disallowed: vec![false; m.cfg.vocab],
+            disallowed: vec![false; m.cfg.vocab].into(),
             cfg: GcgConfig::default(),
         };
         let ids = [5u32, 6, 7];

@@ -41,16 +41,8 @@ impl SplitPrompt {
                 "the prompt must contain {PLACEHOLDER} exactly once in its last user message"
             ))
         })?;
-        let mut before_ids = tok.encode(before, false)?;
-        if tok.add_bos {
-            if let Some(b) = tok.bos_id {
-                if before_ids.first() != Some(&b) {
-                    before_ids.insert(0, b);
-                }
-            }
-        }
         Ok(Self {
-            before: before_ids,
+            before: tok.encode_rendered(before)?,
             after: tok.encode(after, false)?,
             messages,
         })

@@ -256,13 +256,15 @@ pub fn run_eval(
                 Ok(format!("{}{reply}", it.prefill.as_deref().unwrap_or("")))
             })
             .collect::<Result<_>>()?;
-        let judged: Vec<String> = if spec.judge_continuation {
-            outs.iter()
-                .map(|o| model.tok.decode(&o.ids, true))
-                .collect::<std::result::Result<_, _>>()?
-        } else {
-            responses.clone()
-        };
+        let continuations: Option<Vec<String>> = spec
+            .judge_continuation
+            .then(|| {
+                outs.iter()
+                    .map(|o| model.tok.decode(&o.ids, true))
+                    .collect()
+            })
+            .transpose()?;
+        let judged = continuations.as_ref().unwrap_or(&responses);
         let mut verdicts: Vec<BTreeMap<String, Verdict>> = vec![BTreeMap::new(); chunk.len()];
         for j in judges {
             let idx: Vec<usize> = (0..chunk.len())

@@ -113,7 +113,6 @@ pub struct KvCache {
     layers: Vec<LayerCache>,
     len: usize,
     reserve: usize,
-    frozen: bool,
 }
 
 impl KvCache {
@@ -139,7 +138,6 @@ impl KvCache {
         for l in self.layers.iter_mut() {
             l.frozen = true;
         }
-        self.frozen = true;
         self
     }
 
@@ -166,7 +164,6 @@ impl KvCache {
             layers: vec![LayerCache::default(); n_layer],
             len: 0,
             reserve: tokens,
-            frozen: false,
         }
     }
 
@@ -432,7 +429,8 @@ impl Model {
             x = block.forward(&x, l, &ctx, layer_cache, &mut site_fn)?;
         }
         if let Some(c) = cache {
-            if !grad && !c.frozen {
+            // A frozen cache (every layer frozen by `freeze`) is never extended.
+            if !grad && !c.layers.iter().any(|l| l.frozen) {
                 c.len += t;
             }
         }

@@ -446,15 +446,7 @@ impl Tok {
         let prompt = self.encode_chat(messages, false)?;
         let mut all = messages.to_vec();
         all.push(Message::new("assistant", reply));
-        let text = self.render_chat(&all)?;
-        let mut ids = self.encode(&text, false)?;
-        if self.add_bos {
-            if let Some(b) = self.bos_id {
-                if ids.first() != Some(&b) {
-                    ids.insert(0, b);
-                }
-            }
-        }
+        let mut ids = self.encode_rendered(&self.render_chat(&all)?)?;
         if !ids.starts_with(&prompt) || ids.len() <= prompt.len() {
             return Err(Error::Template(
                 "the template renders the reply so that the prompt tokens change; cannot \
@@ -476,14 +468,17 @@ impl Tok {
             let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
             return self.encode(&text.join("\n"), true);
         }
-        let text = self.render_chat(messages)?;
-        let mut ids = self.encode(&text, false)?;
-        // A template that does not write BOS itself gets it from the tokenizer (Llama 2 style).
-        if self.add_bos {
-            if let Some(b) = self.bos_id {
-                if ids.first() != Some(&b) {
-                    ids.insert(0, b);
-                }
+        self.encode_rendered(&self.render_chat(messages)?)
+    }
+
+    /// Ids of text rendered by the chat template (or a piece of it that starts the prompt):
+    /// special-token strings recognised, and BOS prepended when the tokenizer wants one and the
+    /// template did not write it (Llama 2 style).
+    pub fn encode_rendered(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.encode(text, false)?;
+        if let (true, Some(b)) = (self.add_bos, self.bos_id) {
+            if ids.first() != Some(&b) {
+                ids.insert(0, b);
             }
         }
         Ok(ids)

@@ -169,7 +169,8 @@ pub fn own_replies(
         }
     }
     let mut todo: Vec<&String> = prompts.iter().filter(|p| !known.contains_key(*p)).collect();
-    todo.sort_by_key(|p| p.len());
+    // Similar lengths decode together; sorting by text too puts repeats side by side.
+    todo.sort_by(|a, b| a.len().cmp(&b.len()).then(a.cmp(b)));
     todo.dedup();
     if let Some(dir) = cache.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;

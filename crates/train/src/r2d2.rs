@@ -110,6 +110,8 @@ pub struct R2d2 {
     behaviors: Vec<OwnReply>,
     system: Option<String>,
     pool: PoolState,
+    /// GCG's token mask, computed once (it decodes the whole vocabulary).
+    disallowed: Option<std::sync::Arc<[bool]>>,
 }
 
 impl R2d2 {
@@ -131,6 +133,7 @@ impl R2d2 {
             behaviors,
             system,
             pool: PoolState::default(),
+            disallowed: None,
         })
     }
 
@@ -154,6 +157,18 @@ impl R2d2 {
         })
     }
 
+    fn disallowed(&mut self, model: &Model) -> Result<std::sync::Arc<[bool]>> {
+        if self.disallowed.is_none() {
+            let mask = safegeo_attacks::gcg::disallowed_tokens(
+                &model.tok,
+                model.cfg.vocab,
+                self.cfg.gcg.allow_non_ascii,
+            )?;
+            self.disallowed = Some(mask.into());
+        }
+        Ok(self.disallowed.clone().expect("set above"))
+    }
+
     fn gcg_cfg(&self, step: usize, case: usize) -> GcgConfig {
         GcgConfig {
             optim_str_init: self.cfg.suffix_init.clone(),
@@ -168,7 +183,8 @@ impl R2d2 {
         self.pool.next_behavior += 1;
         let prompt = self.split(model, behavior)?;
         let target = self.target(model, behavior)?;
-        let gcg = Gcg::new(model, &prompt, &target, self.gcg_cfg(step, slot))?;
+        let mask = self.disallowed(model)?;
+        let gcg = Gcg::with_disallowed(model, &prompt, &target, self.gcg_cfg(step, slot), mask)?;
         Ok(PoolCase {
             behavior,
             gcg: gcg.init(&mut NoHooks)?,
@@ -196,7 +212,8 @@ impl R2d2 {
             let behavior = self.pool.cases[i].behavior;
             let prompt = self.split(model, behavior)?;
             let target = self.target(model, behavior)?;
-            let gcg = Gcg::new(model, &prompt, &target, self.gcg_cfg(step, i))?;
+            let mask = self.disallowed(model)?;
+            let gcg = Gcg::with_disallowed(model, &prompt, &target, self.gcg_cfg(step, i), mask)?;
             for _ in 0..self.cfg.gcg_steps {
                 gcg.step(&mut self.pool.cases[i].gcg, &mut NoHooks)?;
             }
