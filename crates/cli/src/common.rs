@@ -21,6 +21,69 @@ pub struct ModelArgs {
     pub quantized: bool,
 }
 
+/// Where LLM judges get their answers: an OpenAI-compatible endpoint or a local model.
+#[derive(clap::Args, Debug, Clone)]
+pub struct JudgeBackendArgs {
+    /// OpenAI-compatible endpoint for LLM judges (e.g. http://localhost:8000/v1).
+    #[arg(long)]
+    pub judge_endpoint: Option<String>,
+    /// Judge model name sent to the endpoint.
+    #[arg(long)]
+    pub judge_model: Option<String>,
+    /// Environment variable holding the endpoint's API key (never logged or written).
+    #[arg(long, default_value = "SAFEGEO_JUDGE_API_KEY")]
+    pub judge_key_env: String,
+    /// Answer LLM-judge prompts with this local model (.gguf or HF folder) instead of an endpoint.
+    #[arg(long, conflicts_with = "judge_endpoint")]
+    pub judge_model_path: Option<PathBuf>,
+    /// Seconds before a judge request times out (then retried with backoff, 4 times).
+    #[arg(long, default_value_t = 120)]
+    pub judge_timeout: u64,
+}
+
+impl JudgeBackendArgs {
+    /// The configured backend, or `None` when neither an endpoint nor a local model is given.
+    pub fn completer(
+        &self,
+        device_name: &str,
+    ) -> Result<Option<std::sync::Arc<dyn safegeo_data::judges::llm::Completer>>> {
+        use safegeo_data::judges::llm::{EndpointCompleter, EndpointConfig, LocalCompleter};
+        if let Some(url) = &self.judge_endpoint {
+            let cfg = EndpointConfig {
+                url: url.clone(),
+                model: self.judge_model.clone().unwrap_or_default(),
+                api_key_env: self.judge_key_env.clone(),
+                timeout: std::time::Duration::from_secs(self.judge_timeout),
+                ..Default::default()
+            };
+            return Ok(Some(std::sync::Arc::new(EndpointCompleter::new(cfg)?)));
+        }
+        if let Some(p) = &self.judge_model_path {
+            let dev = device(device_name)?;
+            return Ok(Some(std::sync::Arc::new(LocalCompleter::new(
+                safegeo_runtime::load_model(p, &dev)?,
+            ))));
+        }
+        Ok(None)
+    }
+
+    /// How results name the backend (no secrets).
+    pub fn describe(&self) -> Option<String> {
+        self.judge_endpoint
+            .as_ref()
+            .map(|u| {
+                format!(
+                    "endpoint {u} model {}",
+                    self.judge_model.clone().unwrap_or_default()
+                )
+            })
+            .or(self
+                .judge_model_path
+                .as_ref()
+                .map(|p| format!("local {}", p.display())))
+    }
+}
+
 /// `--chat`/`--system`/`--no-template`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct PromptArgs {

@@ -47,6 +47,8 @@ enum Command {
     Attack(cmd::attack::AttackArgs),
     /// Safety-train a model (SFT, harmful-prefix, DeRTa) and write anchor checkpoints.
     Train(cmd::train::TrainArgs),
+    /// Reason-based deception in multi-turn role-play: polite refusal vs explicit rebuttal.
+    Deception(cmd::deception::DeceptionArgs),
     /// Measure this machine and the runtime: sgemm peak, capture prefill, decode, backward.
     Bench(cmd::bench::BenchArgs),
 }
@@ -73,6 +75,7 @@ fn main() {
         Command::Attack(a) => cmd::attack::run(a),
         Command::Train(a) => cmd::train::run(a),
         Command::Eval(a) => cmd::eval::run(a),
+        Command::Deception(a) => cmd::deception::run(a),
         Command::Carriers(a) => cmd::geometry::carriers(a),
         Command::Select(a) => cmd::geometry::run_select(a),
         Command::Drift(a) => cmd::geometry::drift(a),

@@ -3,9 +3,11 @@
 #![deny(missing_docs)]
 
 mod datasets;
+pub mod deception;
 mod error;
 pub mod eval;
 pub mod judges;
+pub mod jsonl;
 pub mod metrics;
 pub mod test_cases;
 pub mod utility;

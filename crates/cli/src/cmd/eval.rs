@@ -25,24 +25,11 @@ pub struct EvalArgs {
     /// --judge-model-path. Without LLM judges, ASR is the string-match proxy (said in results).
     #[arg(long, value_delimiter = ',', default_value = "substring,xstest-prefix")]
     pub judge: Vec<String>,
-    /// OpenAI-compatible endpoint for LLM judges (e.g. http://localhost:8000/v1).
-    #[arg(long)]
-    pub judge_endpoint: Option<String>,
-    /// Judge model name sent to the endpoint.
-    #[arg(long)]
-    pub judge_model: Option<String>,
-    /// Environment variable holding the endpoint's API key (never logged or written).
-    #[arg(long, default_value = "SAFEGEO_JUDGE_API_KEY")]
-    pub judge_key_env: String,
-    /// Answer LLM-judge prompts with this local model (.gguf or HF folder) instead of an endpoint.
-    #[arg(long, conflicts_with = "judge_endpoint")]
-    pub judge_model_path: Option<PathBuf>,
+    #[command(flatten)]
+    pub backend: common::JudgeBackendArgs,
     /// Concurrent requests per LLM judge.
     #[arg(long, default_value_t = 4)]
     pub judge_concurrency: usize,
-    /// Seconds before a judge request times out (then retried with backoff, 4 times).
-    #[arg(long, default_value_t = 120)]
-    pub judge_timeout: u64,
     /// Replace the substring judge's list (JSON array or one per line).
     #[arg(long)]
     pub substring_list: Option<PathBuf>,
@@ -115,29 +102,11 @@ pub struct InterventionArgs {
 }
 
 fn judges(a: &EvalArgs) -> Result<Vec<Box<dyn Judge>>> {
-    use safegeo_data::judges::llm::{
-        Completer, EndpointCompleter, EndpointConfig, LlmJudge, LlmJudgeKind, LocalCompleter,
-    };
+    use safegeo_data::judges::llm::{Completer, LlmJudge, LlmJudgeKind};
     let mut out: Vec<Box<dyn Judge>> = Vec::new();
     let cache = Some(safegeo_runtime::fetch::home().join("judge-cache"));
     let make_completer = || -> Result<std::sync::Arc<dyn Completer>> {
-        if let Some(url) = &a.judge_endpoint {
-            let cfg = EndpointConfig {
-                url: url.clone(),
-                model: a.judge_model.clone().unwrap_or_default(),
-                api_key_env: a.judge_key_env.clone(),
-                timeout: std::time::Duration::from_secs(a.judge_timeout),
-                ..Default::default()
-            };
-            return Ok(std::sync::Arc::new(EndpointCompleter::new(cfg)?));
-        }
-        if let Some(p) = &a.judge_model_path {
-            let dev = common::device(&a.model.device)?;
-            return Ok(std::sync::Arc::new(LocalCompleter::new(
-                safegeo_runtime::load_model(p, &dev)?,
-            )));
-        }
-        bail!("LLM judges need a judge model\n  fix: pass --judge-endpoint URL --judge-model NAME, or --judge-model-path MODEL, or use --judge substring,xstest-prefix")
+        a.backend.completer(&a.model.device)?.ok_or_else(|| anyhow::anyhow!("LLM judges need a judge model\n  fix: pass --judge-endpoint URL --judge-model NAME, or --judge-model-path MODEL, or use --judge substring,xstest-prefix"))
     };
     let mut shared: Option<std::sync::Arc<dyn Completer>> = None;
     let mut completer = || -> Result<std::sync::Arc<dyn Completer>> {
@@ -159,10 +128,10 @@ fn judges(a: &EvalArgs) -> Result<Vec<Box<dyn Judge>>> {
             other => vec![other.to_string()],
         })
         .collect();
-    if a.judge.iter().any(|j| j == "endpoint") && a.judge_endpoint.is_none() {
+    if a.judge.iter().any(|j| j == "endpoint") && a.backend.judge_endpoint.is_none() {
         bail!("--judge endpoint has no endpoint\n  fix: add --judge-endpoint URL --judge-model NAME (any OpenAI-compatible server)");
     }
-    if a.judge.iter().any(|j| j == "local") && a.judge_model_path.is_none() {
+    if a.judge.iter().any(|j| j == "local") && a.backend.judge_model_path.is_none() {
         bail!("--judge local has no model\n  fix: add --judge-model-path MODEL (.gguf or Hugging Face folder)");
     }
     for j in &expanded {
@@ -346,8 +315,7 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
         "judges": a.judge,
         "interventions": iv_described,
         "category": a.category,
-        "judge_backend": a.judge_endpoint.as_ref().map(|u| format!("endpoint {u} model {}", a.judge_model.clone().unwrap_or_default()))
-            .or(a.judge_model_path.as_ref().map(|p| format!("local {}", p.display()))),
+        "judge_backend": a.backend.describe(),
         "generation": spec.generation, "batch_size": a.batch_size, "system": a.system, "seed": a.seed,
         "reference": a.reference.as_ref().map(|p| -> Result<_> { Ok(serde_json::json!({"path": p, "sha256": safegeo_runtime::fetch::sha256_file(p)?})) }).transpose()?,
     });

@@ -1,5 +1,6 @@
 pub mod attack;
 pub mod bench;
+pub mod deception;
 pub mod eval;
 pub mod forward;
 pub mod generate;
