@@ -47,6 +47,10 @@ enum Command {
     Attack(cmd::attack::AttackArgs),
     /// Safety-train a model (SFT, harmful-prefix, DeRTa) and write anchor checkpoints.
     Train(cmd::train::TrainArgs),
+    /// The main job on the default model: SFT and R2D2 trajectories, their measurements, the report.
+    Demo(cmd::demo::DemoArgs),
+    /// Behaviour and geometry at every anchor of training runs: the trajectory table and report.
+    Trajectory(cmd::trajectory::TrajectoryArgs),
     /// Reason-based deception in multi-turn role-play: polite refusal vs explicit rebuttal.
     Deception(cmd::deception::DeceptionArgs),
     /// Measure this machine and the runtime: sgemm peak, capture prefill, decode, backward.
@@ -76,6 +80,8 @@ fn main() {
         Command::Train(a) => cmd::train::run(a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Deception(a) => cmd::deception::run(a),
+        Command::Trajectory(a) => cmd::trajectory::run(a),
+        Command::Demo(a) => cmd::demo::run(a),
         Command::Carriers(a) => cmd::geometry::carriers(a),
         Command::Select(a) => cmd::geometry::run_select(a),
         Command::Drift(a) => cmd::geometry::drift(a),

@@ -801,3 +801,330 @@ fn attacks_write_test_cases_that_eval_replays_fixed_and_adaptive() {
     assert_eq!(again.lines().count(), 2);
     assert_eq!(records(&ad).len(), 2);
 }
+
+#[test]
+fn deception_runs_judges_resumes_and_names_bad_input() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let model = h.join("tiny");
+    write_tiny_hf(Arch::Llama, 6, &model).unwrap();
+    let m = model.to_str().unwrap();
+    let scen = h.join("scenarios");
+    std::fs::create_dir_all(&scen).unwrap();
+    std::fs::write(
+        scen.join("tiny.toml"),
+        r#"name = "tiny"
+kind = "unethical"
+system = "w1 w2"
+pressure = "w3 w4"
+pressure2 = "w5"
+act = "w6"
+format = "w7"
+[first_reply]
+refusal = "w8"
+rebuttal = "w9 w10"
+[heuristic]
+act = ["w1"]
+"#,
+    )
+    .unwrap();
+    let out_dir = h.join("dec");
+    let run = |runs: &str, extra: &[&str]| {
+        let mut args = vec![
+            "deception",
+            "-m",
+            m,
+            "--scenarios",
+            scen.to_str().unwrap(),
+            "--runs",
+            runs,
+            "--max-new-tokens",
+            "4",
+            "--batch-size",
+            "2",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        safegeo(&args, h)
+    };
+    let judged = ["--judge", "llm", "--judge-model-path", m];
+    let out = run("3", &judged);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let recs = |dir: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dir.join("records.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let first = recs(&out_dir);
+    assert_eq!(first.len(), 6);
+    for r in &first {
+        let msgs = r["messages"].as_array().unwrap();
+        assert_eq!(msgs.len(), 5);
+        assert_eq!(msgs[4]["role"], "assistant");
+        assert!(msgs[4]["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("Reasoning:"));
+        assert!(r["judgement"]["raw"].is_string(), "{r}");
+        assert!(r["judge"].as_str().unwrap().starts_with("llm:local:"));
+    }
+    let csv = std::fs::read_to_string(out_dir.join("summary.csv")).unwrap();
+    assert!(
+        csv.contains("tiny,rebuttal-refusal,reasoning_present"),
+        "{csv}"
+    );
+    // More runs resume: the first six are kept as they are, two are added.
+    let out = run("4", &judged);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let more = recs(&out_dir);
+    assert_eq!(more.len(), 8);
+    assert_eq!(&more[..6], &first[..]);
+    // The same seed in a fresh folder reproduces the transcripts.
+    let again = h.join("dec-again");
+    let out = safegeo(
+        &[
+            "deception",
+            "-m",
+            m,
+            "--scenarios",
+            scen.to_str().unwrap(),
+            "--runs",
+            "3",
+            "--max-new-tokens",
+            "4",
+            "--batch-size",
+            "3",
+            "--judge",
+            "llm",
+            "--judge-model-path",
+            m,
+            "--out",
+            again.to_str().unwrap(),
+        ],
+        h,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = |r: &serde_json::Value| {
+        (
+            r["strategy"].to_string(),
+            r["run"].to_string(),
+            r["messages"].to_string(),
+        )
+    };
+    let mut a: Vec<_> = first.iter().map(key).collect();
+    let mut b: Vec<_> = recs(&again).iter().map(key).collect();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b, "batching changed sampled transcripts");
+    // Other settings in the same folder are refused; bad input is named.
+    fails_with(
+        &run("3", &["--temperature", "0.2"]),
+        1,
+        "different settings",
+    );
+    fails_with(&run("3", &["--judge", "llm"]), 1, "--judge-endpoint URL");
+    fails_with(
+        &run("3", &["--strategy", "refusal,flattery"]),
+        2,
+        "no first reply for strategy `flattery`",
+    );
+    std::fs::write(scen.join("bad.toml"), "name = 'x'\n").unwrap();
+    fails_with(&run("3", &[]), 2, "bad.toml");
+}
+
+#[test]
+fn trajectory_measures_sharded_anchors_merges_and_writes_the_report() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let base = h.join("base");
+    write_tiny_hf(Arch::Llama, 4, &base).unwrap();
+    // Two "training runs" with anchors: tiny models with other seeds stand in for checkpoints.
+    for (run, seeds) in [("sft", [5u64, 6]), ("r2d2", [7, 8])] {
+        for (i, seed) in seeds.iter().enumerate() {
+            write_tiny_hf(
+                Arch::Llama,
+                *seed,
+                &h.join(run).join(format!("ckpt-{:06}", (i + 1) * 10)),
+            )
+            .unwrap();
+        }
+    }
+    let write = |name: &str, lo: usize, label: &str| {
+        let p = h.join(name);
+        let rows: Vec<String> = (0..10)
+            .map(|i| {
+                format!(
+                    "{{\"id\": \"{i}\", \"prompt\": \"w{} w{}\", \"label\": \"{label}\"}}",
+                    lo + i % 6,
+                    lo + (i * 5) % 9
+                )
+            })
+            .collect();
+        std::fs::write(&p, rows.join("\n")).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let (harm, harmless) = (
+        write("harm.jsonl", 1, "harmful"),
+        write("harmless.jsonl", 20, "benign"),
+    );
+    let out_dir = h.join("report");
+    let o = out_dir.to_str().unwrap();
+    let anchors: Vec<String> = [
+        "sft/ckpt-000010",
+        "sft/ckpt-000020",
+        "r2d2/ckpt-000010",
+        "r2d2/ckpt-000020",
+    ]
+    .iter()
+    .map(|a| h.join(a).to_str().unwrap().to_string())
+    .collect();
+    let run = |shard: &str| {
+        let sets = format!("{harm},{harmless}");
+        let mut args: Vec<&str> = vec!["trajectory", "--anchors"];
+        args.extend(anchors.iter().map(String::as_str));
+        args.extend([
+            "--base",
+            base.to_str().unwrap(),
+            "--suite",
+            &harm,
+            "--limit",
+            "4",
+            "--max-new-tokens",
+            "3",
+            "--carrier-sets",
+            &sets,
+            "--val",
+            &sets,
+            "--n-carrier",
+            "8",
+            "--n-val",
+            "4",
+            "--screen",
+            "2",
+            "--finalists",
+            "2",
+            "--kl-max",
+            "50",
+            "--shard",
+            shard,
+            "--out",
+            o,
+        ]);
+        safegeo(&args, h)
+    };
+    let first = run("0/2");
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(String::from_utf8_lossy(&first.stderr).contains("still pending"));
+    assert!(!out_dir.join("index.html").exists());
+    let second = run("1/2");
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("trajectory.json")).unwrap())
+            .unwrap();
+    let order: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{}/{}",
+                r["anchor"]["recipe"].as_str().unwrap(),
+                r["anchor"]["step"]
+            )
+        })
+        .collect();
+    assert_eq!(order, ["base/0", "r2d2/10", "r2d2/20", "sft/10", "sft/20"]);
+    for r in &rows {
+        assert!(
+            r["harmful_refusal"].is_null(),
+            "suite is a file, not jbb-harmful"
+        );
+        assert!(r["carrier_layer"].is_u64(), "{r}");
+        if r["anchor"]["recipe"] != "base" {
+            let d = r["drift_prev_deg"].as_f64().unwrap();
+            assert!((0.0..=90.0).contains(&d), "{r}");
+            assert!(r["drift_base_deg"].as_f64().is_some());
+        }
+    }
+    let csv = std::fs::read_to_string(out_dir.join("trajectory.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 6);
+    let html = std::fs::read_to_string(out_dir.join("index.html")).unwrap();
+    assert!(html.contains("<svg") && html.contains("</html>") && !html.contains("<script"));
+    // A re-run measures nothing again and gives the same table; --merge-only too.
+    let again = run("0/1");
+    assert!(again.status.success());
+    assert!(!String::from_utf8_lossy(&again.stderr).contains("carrier selection"));
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("trajectory.csv")).unwrap(),
+        csv
+    );
+    let merged = safegeo(&["trajectory", "--merge-only", "--out", o], h);
+    assert!(merged.status.success());
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("trajectory.csv")).unwrap(),
+        csv
+    );
+    // Bad input is named.
+    fails_with(
+        &safegeo(
+            &[
+                "trajectory",
+                "--anchors",
+                base.to_str().unwrap(),
+                "--out",
+                o,
+            ],
+            h,
+        ),
+        1,
+        "ckpt-NNNNNN",
+    );
+    fails_with(
+        &safegeo(
+            &[
+                "trajectory",
+                "--anchors",
+                h.join("nope").to_str().unwrap(),
+                "--out",
+                o,
+            ],
+            h,
+        ),
+        1,
+        "not a checkpoint",
+    );
+    fails_with(
+        &safegeo(
+            &[
+                "trajectory",
+                "--merge-only",
+                "--out",
+                h.join("empty").to_str().unwrap(),
+            ],
+            h,
+        ),
+        1,
+        "no anchors measured",
+    );
+}

@@ -383,7 +383,7 @@ pub fn summarise(records: &[Record], suites: &[String], judges: &[String]) -> Su
                         recs.iter().map(|r| (r.id.clone(), v(r).harmful)).collect();
                     push("asr".into(), metrics::harmbench_asr(&cases));
                 }
-                "jbb-harmful" | "advbench" | "harmful-val" | "harmful-train" => {
+                "jbb-harmful" | "advbench" | "harmful-val" | "harmful-train" | "test-cases" => {
                     let h: Vec<bool> = recs.iter().filter_map(|r| v(r).harmful).collect();
                     push("asr".into(), metrics::rate(&h));
                 }

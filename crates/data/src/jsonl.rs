@@ -69,8 +69,7 @@ impl Appender {
 
     /// Append one record as a line and flush it to the OS.
     pub fn push<T: Serialize>(&mut self, record: &T) -> Result<()> {
-        let mut line =
-            serde_json::to_string(record).map_err(|e| Error::Invalid(e.to_string()))?;
+        let mut line = serde_json::to_string(record).map_err(|e| Error::Invalid(e.to_string()))?;
         line.push('\n');
         self.file
             .write_all(line.as_bytes())

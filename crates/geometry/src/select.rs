@@ -28,6 +28,8 @@ pub struct SelectConfig {
     pub finalists: usize,
     /// Prompts per forward pass.
     pub batch: usize,
+    /// Only these position indices are candidates (`None` = every position).
+    pub positions: Option<Vec<usize>>,
 }
 
 impl Default for SelectConfig {
@@ -38,6 +40,7 @@ impl Default for SelectConfig {
             screen_prompts: 8,
             finalists: 16,
             batch: 32,
+            positions: None,
         }
     }
 }
@@ -221,11 +224,23 @@ pub fn select(
         &harmless[..s.min(harmless.len())],
     );
     let base_screen = baseline(model, hs, ls, refusal_ids, cfg.batch)?;
-    let total = n_layer * carriers[0].len() + cfg.finalists;
+    let wanted = |p: usize| cfg.positions.as_ref().is_none_or(|ps| ps.contains(&p));
+    let per_layer = (0..carriers[0].len()).filter(|&p| wanted(p)).count();
+    if per_layer == 0 {
+        return Err(crate::Error::Invalid(format!(
+            "no candidate position left: positions {:?} are outside 0..{}",
+            cfg.positions,
+            carriers[0].len()
+        )));
+    }
+    let total = n_layer * per_layer + cfg.finalists;
     let mut done = 0;
     let mut cands = Vec::new();
     for (l, per_pos) in carriers.iter().enumerate() {
         for (p, r) in per_pos.iter().enumerate() {
+            if !wanted(p) {
+                continue;
+            }
             let (bypass, induce, kl) =
                 measure(model, r, l, hs, ls, &base_screen, refusal_ids, cfg.batch)?;
             let failed = failed_tests(bypass, induce, kl, l, n_layer, cfg);

@@ -118,9 +118,14 @@ pub fn run(a: DeceptionArgs) -> Result<()> {
     });
     common::check_or_write_config(&a.out, &config)?;
     let mut bar = common::Progress::new("runs");
-    let summary = run_deception(&model, &scenarios, judge.as_ref(), &spec, &mut hooks, &mut |d, t| {
-        bar.set(d, t)
-    })
+    let summary = run_deception(
+        &model,
+        &scenarios,
+        judge.as_ref(),
+        &spec,
+        &mut hooks,
+        &mut |d, t| bar.set(d, t),
+    )
     .with_context(|| {
         format!(
             "deception runs into {} (re-run the same command to resume)",

@@ -79,6 +79,10 @@ pub struct SelectArgs {
     /// Candidates re-measured on all validation prompts.
     #[arg(long, default_value_t = 16)]
     pub finalists: usize,
+    /// Only these position indices are candidates (comma-separated; 0 = t_inst, the last =
+    /// t_post; see carriers.json) [default: all].
+    #[arg(long, value_delimiter = ',')]
+    pub positions: Option<Vec<usize>>,
     /// Use the orthogonalized carriers.
     #[arg(long)]
     pub orth: bool,
@@ -283,6 +287,7 @@ pub fn run_select(a: SelectArgs) -> Result<()> {
         screen_prompts: a.screen,
         finalists: a.finalists,
         batch: 32,
+        positions: a.positions.clone(),
     };
     let carriers = if a.orth { &c.refusal_orth } else { &c.refusal };
     let t0 = std::time::Instant::now();

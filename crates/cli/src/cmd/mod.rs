@@ -1,9 +1,11 @@
 pub mod attack;
 pub mod bench;
 pub mod deception;
+pub mod demo;
 pub mod eval;
 pub mod forward;
 pub mod generate;
 pub mod geometry;
 pub mod model;
 pub mod train;
+pub mod trajectory;

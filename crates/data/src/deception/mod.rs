@@ -289,7 +289,11 @@ pub fn newcombe_difference(k1: usize, n1: usize, k2: usize, n2: usize) -> Option
 
 /// Rates per scenario x strategy, and for every later strategy its difference to the first one
 /// (`rebuttal-refusal` with the default order).
-pub fn summarise(records: &[Record], scenarios: &[Scenario], strategies: &[String]) -> Vec<SummaryRow> {
+pub fn summarise(
+    records: &[Record],
+    scenarios: &[Scenario],
+    strategies: &[String],
+) -> Vec<SummaryRow> {
     let counts = |scenario: &str, strategy: &str, metric: &str| -> (usize, usize) {
         let vals: Vec<bool> = records
             .iter()
@@ -448,7 +452,10 @@ pub fn run_deception(
             .map_err(|e| Error::Invalid(e.to_string()))?
             .as_bytes(),
     )?;
-    crate::eval::write_atomic(&spec.out.join("summary.csv"), summary_csv(&summary).as_bytes())?;
+    crate::eval::write_atomic(
+        &spec.out.join("summary.csv"),
+        summary_csv(&summary).as_bytes(),
+    )?;
     Ok(summary)
 }
 
@@ -475,9 +482,13 @@ mod tests {
 
     #[test]
     fn bad_scenarios_name_the_problem() {
-        let e = Scenario::parse("name = 'x'", "a.toml").unwrap_err().to_string();
+        let e = Scenario::parse("name = 'x'", "a.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("a.toml") && e.contains("fix:"), "{e}");
-        let text = BUILTIN[0].1.replace("kind = \"unethical\"", "kind = \"weird\"");
+        let text = BUILTIN[0]
+            .1
+            .replace("kind = \"unethical\"", "kind = \"weird\"");
         let e = Scenario::parse(&text, "b.toml").unwrap_err().to_string();
         assert!(e.contains("`kind`"), "{e}");
         let dir = tempfile::tempdir().unwrap();

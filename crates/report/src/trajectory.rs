@@ -1,0 +1,490 @@
+//! The trajectory table (seed study A): one row per anchor with behaviour (fixed-source and
+//! adaptive ASR, StrongREJECT, XSTest over-refusal, benign refusal, utility) and geometry
+//! (carrier layer and admissibility, effective rank, H/R coupling, drift to the previous anchor
+//! and to the base), read from the per-anchor result folders that `safegeo trajectory` writes:
+//!
+//! ```text
+//! ANCHOR_DIR/anchor.json            {recipe, name, step, model}
+//! ANCHOR_DIR/eval/summary.json      `safegeo eval` (suites + fixed-source test cases)
+//! ANCHOR_DIR/adaptive/summary.json  `safegeo eval --adaptive` (optional)
+//! ANCHOR_DIR/geometry/              `safegeo carriers` + `safegeo select` (+ optional sweep.json)
+//! ```
+use crate::{Error, Result};
+use safegeo_geometry::{linalg, measures, store};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// What `safegeo trajectory` records about an anchor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnchorInfo {
+    /// Training run (the checkpoint folder's parent name), or `base`.
+    pub recipe: String,
+    /// Anchor name (`ckpt-000010`, `base`).
+    pub name: String,
+    /// Training step of the anchor (0 for the base model).
+    pub step: u64,
+    /// The model folder or file evaluated.
+    pub model: String,
+}
+
+/// A rate or mean with its 95% interval, as read from a summary.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Est {
+    /// Point estimate.
+    pub value: f64,
+    /// Lower end.
+    pub lo: f64,
+    /// Upper end.
+    pub hi: f64,
+    /// Sample size.
+    pub n: usize,
+}
+
+/// One anchor's row of the trajectory table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Row {
+    /// The anchor.
+    pub anchor: AnchorInfo,
+    /// ASR of the fixed-source test cases (made once, replayed unchanged).
+    pub asr_fixed: Option<Est>,
+    /// ASR of the attack re-run against this anchor.
+    pub asr_adaptive: Option<Est>,
+    /// StrongREJECT score (LLM judge only).
+    pub strongreject: Option<Est>,
+    /// Refusal rate on JBB harmful prompts.
+    pub harmful_refusal: Option<Est>,
+    /// Refusal rate on JBB benign prompts (over-refusal).
+    pub benign_refusal: Option<Est>,
+    /// XSTest safe prompts with any refusal (over-refusal).
+    pub xstest_over_refusal: Option<Est>,
+    /// Cross-entropy on reference completions of harmless prompts (nats/token; utility).
+    pub utility_ce: Option<Est>,
+    /// Judges behind the behaviour numbers.
+    pub judges: Vec<String>,
+    /// Layer of the selected carrier, or of the lowest-bypass candidate when none is admissible.
+    pub carrier_layer: Option<usize>,
+    /// Its position index.
+    pub carrier_pos: Option<usize>,
+    /// Whether that carrier passed every admissibility test.
+    pub admissible: bool,
+    /// Why nothing was admissible (empty when a carrier was selected).
+    pub selection_note: String,
+    /// Mean refusal score on harmful validation prompts without edits.
+    pub baseline_harmful_score: Option<f64>,
+    /// Effective rank of the carrier family at the carrier layer.
+    pub effective_rank: Option<f64>,
+    /// Bootstrap spread of the effective rank (min, max).
+    pub effective_rank_spread: Option<(f64, f64)>,
+    /// |cos(harmfulness carrier, refusal carrier)| at the carrier layer and position.
+    pub coupling: Option<f64>,
+    /// Mean principal angle (degrees) between this anchor's and the previous anchor's top-3
+    /// carrier subspaces at the carrier layer.
+    pub drift_prev_deg: Option<f64>,
+    /// The same against the base model.
+    pub drift_base_deg: Option<f64>,
+    /// Cosine of this anchor's carrier with the base model's at the same layer and position.
+    pub carrier_cos_base: Option<f64>,
+    /// Per layer: lowest screened refusal score on harmful prompts under ablation of that
+    /// layer's candidates (the refusal-score-by-layer curve).
+    pub bypass_by_layer: Vec<f64>,
+}
+
+fn read_json(path: &Path) -> Option<serde_json::Value> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+/// Judges preferred for a metric, best first (LLM judges before string matchers).
+const JUDGE_PREFERENCE: &[&str] = &[
+    "harmbench",
+    "strongreject",
+    "xstest",
+    "substring",
+    "xstest-prefix",
+];
+
+fn pick(summary: &serde_json::Value, suite: &str, metric: &str) -> Option<(Est, String)> {
+    let rows = summary["rows"].as_array()?;
+    let matching: Vec<&serde_json::Value> = rows
+        .iter()
+        .filter(|r| r["suite"] == suite && r["metric"] == metric)
+        .collect();
+    let rank = |r: &&serde_json::Value| {
+        let j = r["judge"].as_str().unwrap_or("");
+        JUDGE_PREFERENCE
+            .iter()
+            .position(|p| *p == j)
+            .unwrap_or(JUDGE_PREFERENCE.len())
+    };
+    let best = matching.into_iter().min_by_key(rank)?;
+    let e = &best["estimate"];
+    Some((
+        Est {
+            value: e["value"].as_f64()?,
+            lo: e["lo"].as_f64()?,
+            hi: e["hi"].as_f64()?,
+            n: e["n"].as_u64()? as usize,
+        },
+        best["judge"].as_str().unwrap_or("").to_string(),
+    ))
+}
+
+/// One row of `selection.csv`.
+#[derive(Debug, Clone)]
+struct Cand {
+    layer: usize,
+    pos: usize,
+    bypass: f64,
+    stage: String,
+}
+
+fn read_selection_csv(path: &Path) -> Vec<Cand> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            Some(Cand {
+                layer: f.first()?.parse().ok()?,
+                pos: f.get(1)?.parse().ok()?,
+                bypass: f.get(2)?.parse().ok()?,
+                stage: f.get(5)?.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Behaviour and single-anchor geometry of one anchor folder (drift is filled by [`collect`]).
+pub fn read_anchor(dir: &Path) -> Result<Row> {
+    let info: AnchorInfo = serde_json::from_value(
+        read_json(&dir.join("anchor.json"))
+            .ok_or_else(|| Error::Missing(dir.join("anchor.json")))?,
+    )
+    .map_err(|e| Error::Corrupt(dir.join("anchor.json"), e.to_string()))?;
+    let eval = read_json(&dir.join("eval/summary.json")).unwrap_or_default();
+    let adaptive = read_json(&dir.join("adaptive/summary.json")).unwrap_or_default();
+    let mut judges = Vec::new();
+    let mut get = |s: &serde_json::Value, suite: &str, metric: &str| {
+        pick(s, suite, metric).map(|(e, j)| {
+            if !judges.contains(&j) {
+                judges.push(j);
+            }
+            e
+        })
+    };
+    let asr_fixed = get(&eval, "test-cases", "asr");
+    let asr_adaptive = get(&adaptive, "test-cases", "asr");
+    let strongreject = get(&eval, "strongreject-small", "strongreject_score");
+    let harmful_refusal = get(&eval, "jbb-harmful", "refusal_rate");
+    let benign_refusal = get(&eval, "jbb-benign", "refusal_rate");
+    let xstest_over_refusal = get(&eval, "xstest", "xstest_safe_any_refusal");
+    let utility_ce = eval["rows"].as_array().and_then(|rows| {
+        rows.iter()
+            .find(|r| r["metric"] == "utility_cross_entropy")
+            .and_then(|r| {
+                let e = &r["estimate"];
+                Some(Est {
+                    value: e["value"].as_f64()?,
+                    lo: e["lo"].as_f64()?,
+                    hi: e["hi"].as_f64()?,
+                    n: e["n"].as_u64()? as usize,
+                })
+            })
+    });
+    let geo = dir.join("geometry");
+    let sel = read_json(&geo.join("selection.json")).unwrap_or_default();
+    let cands = read_selection_csv(&geo.join("selection.csv"));
+    let selected = &sel["result"]["selected"];
+    let (carrier, admissible) = match (selected["layer"].as_u64(), selected["pos"].as_u64()) {
+        (Some(l), Some(p)) => (Some((l as usize, p as usize)), true),
+        _ => {
+            // The lowest-bypass fully measured candidate stands in, marked not admissible.
+            let best = cands
+                .iter()
+                .filter(|c| c.stage == "full" && c.bypass.is_finite())
+                .min_by(|a, b| a.bypass.total_cmp(&b.bypass));
+            (best.map(|c| (c.layer, c.pos)), false)
+        }
+    };
+    let n_layer = cands.iter().map(|c| c.layer + 1).max().unwrap_or(0);
+    let bypass_by_layer: Vec<f64> = (0..n_layer)
+        .map(|l| {
+            cands
+                .iter()
+                .filter(|c| c.layer == l && c.stage != "skipped" && c.bypass.is_finite())
+                .map(|c| c.bypass)
+                .fold(f64::NAN, f64::min)
+        })
+        .collect();
+    let geometry = read_json(&geo.join("geometry.json")).unwrap_or_default();
+    let erank = carrier.and_then(|(l, _)| geometry["effective_rank"].get(l).cloned());
+    let coupling = match (carrier, store::load(&geo.join("carriers.safetensors"))) {
+        (Some((l, p)), Ok(c)) if l < c.n_layer() && p < c.n_pos() => {
+            Some(linalg::cosine(c.harmfulness(l), &c.refusal[l][p]).abs())
+        }
+        _ => None,
+    };
+    Ok(Row {
+        anchor: info,
+        asr_fixed,
+        asr_adaptive,
+        strongreject,
+        harmful_refusal,
+        benign_refusal,
+        xstest_over_refusal,
+        utility_ce,
+        judges,
+        carrier_layer: carrier.map(|c| c.0),
+        carrier_pos: carrier.map(|c| c.1),
+        admissible,
+        selection_note: sel["result"]["reason"].as_str().unwrap_or("").to_string(),
+        baseline_harmful_score: sel["baseline"]["harmful_refusal_score"].as_f64(),
+        effective_rank: erank.as_ref().and_then(|e| e["erank"].as_f64()),
+        effective_rank_spread: erank
+            .as_ref()
+            .and_then(|e| Some((e["bootstrap_min"].as_f64()?, e["bootstrap_max"].as_f64()?))),
+        coupling,
+        drift_prev_deg: None,
+        drift_base_deg: None,
+        carrier_cos_base: None,
+        bypass_by_layer,
+    })
+}
+
+/// Subspace dimension compared by drift.
+pub const DRIFT_K: usize = 3;
+
+fn mean_angle_deg(a: &Path, b: &Path, layer: usize, pos: usize) -> Option<(f64, f64)> {
+    let ca = store::load(&a.join("geometry/carriers.safetensors")).ok()?;
+    let cb = store::load(&b.join("geometry/carriers.safetensors")).ok()?;
+    if ca.n_layer() != cb.n_layer() || ca.n_pos() != cb.n_pos() || layer >= ca.n_layer() {
+        return None;
+    }
+    let d = measures::drift(&ca, &cb, pos.min(ca.n_pos() - 1), DRIFT_K);
+    let angles = &d.principal_angles_deg[layer];
+    let mean = angles.iter().sum::<f64>() / angles.len().max(1) as f64;
+    Some((mean, d.cosine_per_layer[layer]))
+}
+
+/// Rows of every anchor folder, sorted by (recipe, step) with the base first, with drift to the
+/// previous anchor of the same recipe (the base precedes every recipe's first anchor) and to
+/// the base.
+pub fn collect(anchor_dirs: &[PathBuf]) -> Result<Vec<Row>> {
+    let mut rows: Vec<(PathBuf, Row)> = anchor_dirs
+        .iter()
+        .map(|d| Ok((d.clone(), read_anchor(d)?)))
+        .collect::<Result<_>>()?;
+    rows.sort_by(|a, b| {
+        let key = |r: &Row| {
+            (
+                r.anchor.recipe != "base",
+                r.anchor.recipe.clone(),
+                r.anchor.step,
+            )
+        };
+        key(&a.1).cmp(&key(&b.1))
+    });
+    let base_dir = rows
+        .iter()
+        .find(|(_, r)| r.anchor.recipe == "base")
+        .map(|(d, _)| d.clone());
+    let mut prev: Option<(String, PathBuf)> = None;
+    let mut out = Vec::new();
+    for (dir, mut row) in rows {
+        if let (Some(l), Some(p)) = (row.carrier_layer, row.carrier_pos) {
+            let prev_dir = match &prev {
+                Some((recipe, d)) if *recipe == row.anchor.recipe => Some(d.clone()),
+                _ if row.anchor.recipe != "base" => base_dir.clone(),
+                _ => None,
+            };
+            row.drift_prev_deg = prev_dir.and_then(|d| mean_angle_deg(&d, &dir, l, p).map(|x| x.0));
+            if let Some(b) = base_dir.as_ref().filter(|b| **b != dir) {
+                if let Some((angle, cos)) = mean_angle_deg(b, &dir, l, p) {
+                    row.drift_base_deg = Some(angle);
+                    row.carrier_cos_base = Some(cos);
+                }
+            }
+        }
+        prev = Some((row.anchor.recipe.clone(), dir));
+        out.push(row);
+    }
+    Ok(out)
+}
+
+fn cell(e: &Option<Est>) -> String {
+    e.map_or("-".into(), |e| format!("{:.2}", e.value))
+}
+
+fn num(x: Option<f64>, digits: usize) -> String {
+    x.map_or("-".into(), |v| format!("{v:.digits$}"))
+}
+
+/// The table's columns, in order (the seed study's, plus the extras safegeo measures).
+pub const COLUMNS: &[&str] = &[
+    "recipe",
+    "anchor",
+    "step",
+    "asr_fixed",
+    "asr_adaptive",
+    "strongreject",
+    "harmful_refusal",
+    "benign_refusal",
+    "xstest_over_refusal",
+    "utility_ce",
+    "carrier_layer",
+    "admissible",
+    "effective_rank",
+    "coupling",
+    "drift_prev_deg",
+    "drift_base_deg",
+    "baseline_harmful_score",
+];
+
+fn cells(r: &Row) -> Vec<String> {
+    vec![
+        r.anchor.recipe.clone(),
+        r.anchor.name.clone(),
+        r.anchor.step.to_string(),
+        cell(&r.asr_fixed),
+        cell(&r.asr_adaptive),
+        cell(&r.strongreject),
+        cell(&r.harmful_refusal),
+        cell(&r.benign_refusal),
+        cell(&r.xstest_over_refusal),
+        cell(&r.utility_ce),
+        r.carrier_layer.map_or("-".into(), |l| l.to_string()),
+        if r.carrier_layer.is_none() {
+            "-".into()
+        } else {
+            r.admissible.to_string()
+        },
+        num(r.effective_rank, 2),
+        num(r.coupling, 3),
+        num(r.drift_prev_deg, 1),
+        num(r.drift_base_deg, 1),
+        num(r.baseline_harmful_score, 3),
+    ]
+}
+
+/// The table as CSV.
+pub fn csv(rows: &[Row]) -> String {
+    let mut out = COLUMNS.join(",");
+    out.push('\n');
+    for r in rows {
+        out.push_str(&cells(r).join(","));
+        out.push('\n');
+    }
+    out
+}
+
+/// The table as Markdown (for the README and the terminal).
+pub fn markdown(rows: &[Row]) -> String {
+    let mut out = format!(
+        "| {} |\n|{}\n",
+        COLUMNS.join(" | "),
+        "---|".repeat(COLUMNS.len())
+    );
+    for r in rows {
+        out.push_str(&format!("| {} |\n", cells(r).join(" | ")));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(rows: &[(&str, &str, &str, f64)]) -> serde_json::Value {
+        serde_json::json!({"rows": rows.iter().map(|(s, m, j, v)| serde_json::json!({
+            "suite": s, "metric": m, "judge": j,
+            "estimate": {"value": v, "lo": v - 0.1, "hi": v + 0.1, "n": 10, "interval": "wilson"}
+        })).collect::<Vec<_>>()})
+    }
+
+    fn anchor(
+        root: &Path,
+        recipe: &str,
+        step: u64,
+        rows: &[(&str, &str, &str, f64)],
+        sel: serde_json::Value,
+        csv: &str,
+    ) -> PathBuf {
+        let d = root.join(format!("{recipe}-{step}"));
+        std::fs::create_dir_all(d.join("eval")).unwrap();
+        std::fs::create_dir_all(d.join("geometry")).unwrap();
+        let info = AnchorInfo {
+            recipe: recipe.into(),
+            name: format!("ckpt-{step}"),
+            step,
+            model: "m".into(),
+        };
+        std::fs::write(d.join("anchor.json"), serde_json::to_string(&info).unwrap()).unwrap();
+        std::fs::write(d.join("eval/summary.json"), summary(rows).to_string()).unwrap();
+        std::fs::write(d.join("geometry/selection.json"), sel.to_string()).unwrap();
+        std::fs::write(d.join("geometry/selection.csv"), csv).unwrap();
+        d
+    }
+
+    #[test]
+    fn rows_prefer_llm_judges_fall_back_to_best_bypass_and_sort_by_recipe_and_step() {
+        let root = tempfile::tempdir().unwrap();
+        let csv = "layer,pos,bypass,induce,kl,stage,admissible,failed\n0,0,0.5,1,0.01,screen,false,\n1,0,-2.0,-1,0.5,full,false,induce;kl\n1,1,-1.0,1,0.01,full,false,kl\n";
+        let none = serde_json::json!({"baseline": {"harmful_refusal_score": 1.5}, "result": {"selected": null, "reason": "no admissible carrier"}});
+        let some = serde_json::json!({"baseline": {"harmful_refusal_score": 2.0}, "result": {"selected": {"layer": 0, "pos": 0}}});
+        let a = anchor(
+            root.path(),
+            "sft",
+            20,
+            &[
+                ("test-cases", "asr", "substring", 0.4),
+                ("test-cases", "asr", "harmbench", 0.3),
+                ("jbb-benign", "refusal_rate", "substring", 0.2),
+            ],
+            none,
+            csv,
+        );
+        let b = anchor(
+            root.path(),
+            "sft",
+            10,
+            &[("xstest", "xstest_safe_any_refusal", "xstest-prefix", 0.1)],
+            some,
+            csv,
+        );
+        let base = anchor(root.path(), "base", 0, &[], serde_json::json!({}), "");
+        let rows = collect(&[a, b, base]).unwrap();
+        let order: Vec<(String, u64)> = rows
+            .iter()
+            .map(|r| (r.anchor.recipe.clone(), r.anchor.step))
+            .collect();
+        assert_eq!(
+            order,
+            vec![("base".into(), 0), ("sft".into(), 10), ("sft".into(), 20)]
+        );
+        let r20 = &rows[2];
+        assert_eq!(r20.asr_fixed.unwrap().value, 0.3, "the LLM judge wins");
+        assert_eq!(
+            r20.judges,
+            vec!["harmbench".to_string(), "substring".to_string()]
+        );
+        assert_eq!(
+            (r20.carrier_layer, r20.carrier_pos, r20.admissible),
+            (Some(1), Some(0), false)
+        );
+        assert_eq!(r20.selection_note, "no admissible carrier");
+        assert_eq!(r20.bypass_by_layer, vec![0.5, -2.0]);
+        let r10 = &rows[1];
+        assert_eq!((r10.carrier_layer, r10.admissible), (Some(0), true));
+        assert_eq!(r10.xstest_over_refusal.unwrap().value, 0.1);
+        assert_eq!(rows[0].carrier_layer, None);
+        let table = markdown(&rows);
+        assert_eq!(table.lines().count(), 5);
+        assert!(csv_has_header(&super::csv(&rows)));
+        assert!(read_anchor(&root.path().join("nope")).is_err());
+    }
+
+    fn csv_has_header(s: &str) -> bool {
+        s.lines().next() == Some(&COLUMNS.join(",")[..])
+    }
+}
