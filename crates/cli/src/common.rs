@@ -318,3 +318,24 @@ impl Progress {
         }
     }
 }
+
+/// Parse a subcommand's arguments exactly as its command line would, so commands that drive
+/// other commands (trajectory, demo) share their defaults and checks.
+pub fn args_of<T: clap::Args>(argv: &[String]) -> Result<T> {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Wrap<U: clap::Args> {
+        #[command(flatten)]
+        inner: U,
+    }
+    let mut full = vec!["safegeo".to_string()];
+    full.extend_from_slice(argv);
+    Ok(Wrap::<T>::try_parse_from(full)
+        .map_err(|e| anyhow::anyhow!("internal argument error: {e}"))?
+        .inner)
+}
+
+/// A path as a command-line argument.
+pub fn display(p: &std::path::Path) -> String {
+    p.display().to_string()
+}

@@ -23,6 +23,22 @@ fn fails_with(out: &Output, code: i32, needle: &str) {
     assert!(err.contains("fix:") || code == 2, "no fix given: {err}");
 }
 
+/// A JSONL suite of `n` two-word prompts of the tiny vocabulary, starting at word `lo`.
+fn prompt_file(dir: &Path, name: &str, lo: usize, label: &str, n: usize) -> String {
+    let p = dir.join(name);
+    let rows: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                "{{\"id\": \"{i}\", \"prompt\": \"w{} w{}\", \"label\": \"{label}\"}}",
+                lo + i % 6,
+                lo + (i * 5) % 9
+            )
+        })
+        .collect();
+    std::fs::write(&p, rows.join("\n")).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
 fn write_gguf(path: &Path, arch: &str) {
     let mut f = std::fs::File::create(path).unwrap();
     let arch = Value::String(arch.into());
@@ -368,23 +384,9 @@ fn geometry_pipeline_on_a_tiny_model_then_eval_with_ablation() {
     let model = h.join("tiny");
     write_tiny_hf(Arch::Llama, 4, &model).unwrap();
     let m = model.to_str().unwrap();
-    let write = |name: &str, lo: usize, label: &str| {
-        let p = h.join(name);
-        let rows: Vec<String> = (0..12)
-            .map(|i| {
-                format!(
-                    "{{\"id\": \"{i}\", \"prompt\": \"w{} w{}\", \"label\": \"{label}\"}}",
-                    lo + i % 6,
-                    lo + (i * 5) % 9
-                )
-            })
-            .collect();
-        std::fs::write(&p, rows.join("\n")).unwrap();
-        p.to_str().unwrap().to_string()
-    };
     let (harm, harmless) = (
-        write("harm.jsonl", 1, "harmful"),
-        write("harmless.jsonl", 20, "benign"),
+        prompt_file(h, "harm.jsonl", 1, "harmful", 12),
+        prompt_file(h, "harmless.jsonl", 20, "benign", 12),
     );
     let geo = h.join("geo");
     let g = geo.to_str().unwrap();
@@ -964,23 +966,9 @@ fn trajectory_measures_sharded_anchors_merges_and_writes_the_report() {
             .unwrap();
         }
     }
-    let write = |name: &str, lo: usize, label: &str| {
-        let p = h.join(name);
-        let rows: Vec<String> = (0..10)
-            .map(|i| {
-                format!(
-                    "{{\"id\": \"{i}\", \"prompt\": \"w{} w{}\", \"label\": \"{label}\"}}",
-                    lo + i % 6,
-                    lo + (i * 5) % 9
-                )
-            })
-            .collect();
-        std::fs::write(&p, rows.join("\n")).unwrap();
-        p.to_str().unwrap().to_string()
-    };
     let (harm, harmless) = (
-        write("harm.jsonl", 1, "harmful"),
-        write("harmless.jsonl", 20, "benign"),
+        prompt_file(h, "harm.jsonl", 1, "harmful", 10),
+        prompt_file(h, "harmless.jsonl", 20, "benign", 10),
     );
     let out_dir = h.join("report");
     let o = out_dir.to_str().unwrap();

@@ -9,7 +9,7 @@ use crate::{Error, Result};
 use safegeo_runtime::{generate_seeded, GenerateConfig, Message, Model, Observer};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// What to evaluate and how.
@@ -103,31 +103,6 @@ pub struct Summary {
     pub notes: Vec<String>,
 }
 
-fn read_records(path: &Path) -> Result<Vec<Record>> {
-    let f = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io(path, e)),
-    };
-    let mut out = Vec::new();
-    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let line = line.map_err(|e| Error::io(path, e))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str(&line) {
-            Ok(r) => out.push(r),
-            // A torn last line from a kill -9: drop it, the item is redone.
-            Err(e) => tracing::warn!(
-                "{} line {}: unreadable record dropped ({e})",
-                path.display(),
-                i + 1
-            ),
-        }
-    }
-    Ok(out)
-}
-
 /// Write `path` atomically (temp file, fsync, rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
@@ -163,6 +138,11 @@ fn prompt_ids(model: &Model, item: &Item, system: Option<&str>) -> Result<Vec<u3
     }
     Ok(ids)
 }
+
+/// Padded prompt tokens per batch: long prompts (HarmBench contextual behaviours run to ~1,500
+/// tokens) decode in smaller batches, because the prefill's attention scores grow with batch x
+/// length^2 (measured: 16 such rows took 122 s in one batch).
+pub const PREFILL_TOKEN_BUDGET: usize = 6144;
 
 /// Run (or resume) an evaluation; `progress(done, total)` is called after every batch.
 pub fn run_eval(
@@ -200,7 +180,7 @@ pub fn run_eval(
         datasets.push(crate::test_cases::test_case_dataset(p)?);
     }
     let records_path = spec.out.join("records.jsonl");
-    let mut records = read_records(&records_path)?;
+    let mut records: Vec<Record> = crate::jsonl::read(&records_path)?;
     let done: HashSet<(String, String)> = records
         .iter()
         .map(|r| (r.dataset.clone(), r.id.clone()))
@@ -218,15 +198,14 @@ pub fn run_eval(
     // Similar lengths decode together; the seed of an item depends only on its position in its
     // dataset, so results do not depend on batching or on what was resumed.
     todo.sort_by_key(|t| t.2.len());
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&records_path)
-        .map_err(|e| Error::io(&records_path, e))?;
+    let mut file = crate::jsonl::Appender::open(&records_path)?;
     let mut gen_tokens = 0usize;
     let mut gen_secs = 0.0f64;
     let mut finished = done.len();
-    for chunk in todo.chunks(spec.batch_size) {
+    let lens: Vec<usize> = todo.iter().map(|t| t.2.len()).collect();
+    for range in safegeo_runtime::token_budget_batches(&lens, spec.batch_size, PREFILL_TOKEN_BUDGET)
+    {
+        let chunk = &todo[range];
         let prompts: Vec<Vec<u32>> = chunk.iter().map(|t| t.2.clone()).collect();
         let seeds: Vec<u64> = chunk
             .iter()
@@ -306,12 +285,10 @@ pub fn run_eval(
                 refusal_score,
                 seconds: secs / chunk.len() as f64,
             };
-            let line = serde_json::to_string(&rec).map_err(|e| Error::Invalid(e.to_string()))?;
-            writeln!(file, "{line}").map_err(|e| Error::io(&records_path, e))?;
-            file.flush().map_err(|e| Error::io(&records_path, e))?;
+            file.push(&rec)?;
             records.push(rec);
         }
-        file.sync_data().map_err(|e| Error::io(&records_path, e))?;
+        file.sync()?;
         finished += chunk.len();
         progress(finished, total);
     }

@@ -3,7 +3,7 @@
 use crate::{Dataset, Error, Item, Result};
 use safegeo_runtime::Message;
 use serde::{Deserialize, Serialize};
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::path::Path;
 
 /// Where an insertion attack put its span in the model's own reply.
@@ -152,14 +152,9 @@ pub fn test_case_dataset(path: &Path) -> Result<Dataset> {
 
 /// Append one test case as a JSON line and flush it to disk (attacks resume from this file).
 pub fn append_test_case(path: &Path, case: &TestCase) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| Error::io(path, e))?;
-    let line = serde_json::to_string(case).map_err(|e| Error::Invalid(e.to_string()))?;
-    writeln!(f, "{line}").map_err(|e| Error::io(path, e))?;
-    f.sync_data().map_err(|e| Error::io(path, e))
+    let mut f = crate::jsonl::Appender::open(path)?;
+    f.push(case)?;
+    f.sync()
 }
 
 #[cfg(test)]

@@ -280,7 +280,7 @@ pub fn page(rows: &[Row], sweeps: &[SweepFigure], notes: &[String]) -> Result<St
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>safegeo trajectory report</title>\n<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f3f3f3}figure{display:inline-block;margin:0 1em 1em 0;vertical-align:top;max-width:560px}figcaption{font-size:13px;color:#444}.no{color:#b00}</style></head><body>\n<h1>safegeo trajectory report</h1>\n",
     );
     html.push_str("<p>One row per anchor. Rates are shares of prompts (95% intervals in trajectory.json). The carrier layer is the selected admissible carrier's; when none is admissible, the lowest-bypass candidate stands in and <span class=\"no\">admissible</span> is false.</p>\n");
-    html.push_str("<table><tr>");
+    html.push_str("<div style=\"overflow-x:auto\"><table><tr>");
     for c in COLUMNS {
         html.push_str(&format!("<th>{}</th>", escape(c)));
     }
@@ -299,7 +299,7 @@ pub fn page(rows: &[Row], sweeps: &[SweepFigure], notes: &[String]) -> Result<St
         html.push_str("</tr>\n");
         let _ = r;
     }
-    html.push_str("</table>\n");
+    html.push_str("</table></div>\n");
     let judges: Vec<String> = rows
         .iter()
         .flat_map(|r| r.judges.clone())

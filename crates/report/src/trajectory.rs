@@ -116,16 +116,18 @@ fn pick(summary: &serde_json::Value, suite: &str, metric: &str) -> Option<(Est, 
             .unwrap_or(JUDGE_PREFERENCE.len())
     };
     let best = matching.into_iter().min_by_key(rank)?;
-    let e = &best["estimate"];
-    Some((
-        Est {
-            value: e["value"].as_f64()?,
-            lo: e["lo"].as_f64()?,
-            hi: e["hi"].as_f64()?,
-            n: e["n"].as_u64()? as usize,
-        },
-        best["judge"].as_str().unwrap_or("").to_string(),
-    ))
+    Some((est(best)?, best["judge"].as_str().unwrap_or("").to_string()))
+}
+
+/// The estimate of a summary row (`safegeo eval` flattens it into the row).
+fn est(row: &serde_json::Value) -> Option<Est> {
+    let e = row.get("estimate").unwrap_or(row);
+    Some(Est {
+        value: e["value"].as_f64()?,
+        lo: e["lo"].as_f64()?,
+        hi: e["hi"].as_f64()?,
+        n: e["n"].as_u64()? as usize,
+    })
 }
 
 /// One row of `selection.csv`.
@@ -182,15 +184,7 @@ pub fn read_anchor(dir: &Path) -> Result<Row> {
     let utility_ce = eval["rows"].as_array().and_then(|rows| {
         rows.iter()
             .find(|r| r["metric"] == "utility_cross_entropy")
-            .and_then(|r| {
-                let e = &r["estimate"];
-                Some(Est {
-                    value: e["value"].as_f64()?,
-                    lo: e["lo"].as_f64()?,
-                    hi: e["hi"].as_f64()?,
-                    n: e["n"].as_u64()? as usize,
-                })
-            })
+            .and_then(est)
     });
     let geo = dir.join("geometry");
     let sel = read_json(&geo.join("selection.json")).unwrap_or_default();
@@ -396,10 +390,23 @@ mod tests {
     use super::*;
 
     fn summary(rows: &[(&str, &str, &str, f64)]) -> serde_json::Value {
-        serde_json::json!({"rows": rows.iter().map(|(s, m, j, v)| serde_json::json!({
-            "suite": s, "metric": m, "judge": j,
-            "estimate": {"value": v, "lo": v - 0.1, "hi": v + 0.1, "n": 10, "interval": "wilson"}
-        })).collect::<Vec<_>>()})
+        // The shape `safegeo eval` writes: the estimate flattened into the row.
+        let rows: Vec<safegeo_data::eval::SummaryRow> = rows
+            .iter()
+            .map(|(s, m, j, v)| safegeo_data::eval::SummaryRow {
+                suite: s.to_string(),
+                metric: m.to_string(),
+                judge: j.to_string(),
+                estimate: safegeo_data::metrics::Estimate {
+                    value: *v,
+                    n: 10,
+                    lo: v - 0.1,
+                    hi: v + 0.1,
+                    interval: "wilson",
+                },
+            })
+            .collect();
+        serde_json::json!({ "rows": rows })
     }
 
     fn anchor(

@@ -214,3 +214,56 @@ pub fn generate_seeded(
     }
     Ok(out)
 }
+
+/// Split prompts of lengths `lens` (in order) into consecutive batches of at most `max_batch`
+/// rows whose padded size `rows x longest` stays within `token_budget` (a row longer than the
+/// budget gets a batch of its own). Sort by length first so that batches pad little.
+pub fn token_budget_batches(
+    lens: &[usize],
+    max_batch: usize,
+    token_budget: usize,
+) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < lens.len() {
+        let mut end = start + 1;
+        let mut longest = lens[start];
+        while end < lens.len() && end - start < max_batch.max(1) {
+            let l = longest.max(lens[end]);
+            if l * (end - start + 1) > token_budget {
+                break;
+            }
+            longest = l;
+            end += 1;
+        }
+        out.push(start..end);
+        start = end;
+    }
+    out
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::token_budget_batches;
+
+    #[test]
+    fn batches_respect_rows_and_padded_tokens() {
+        assert!(token_budget_batches(&[], 4, 100).is_empty());
+        assert_eq!(
+            token_budget_batches(&[10; 10], 4, 1000),
+            vec![0..4, 4..8, 8..10]
+        );
+        // 30 x 3 = 90 fits, a fourth row of 40 would pad to 160.
+        assert_eq!(
+            token_budget_batches(&[10, 20, 30, 40, 200], 8, 100),
+            vec![0..3, 3..4, 4..5]
+        );
+        let lens = [5, 7, 9, 50, 51, 300];
+        let b = token_budget_batches(&lens, 3, 120);
+        assert_eq!(b.iter().map(|r| r.len()).sum::<usize>(), lens.len());
+        for r in &b {
+            let longest = lens[r.clone()].iter().max().unwrap();
+            assert!(r.len() <= 3 && (r.len() == 1 || longest * r.len() <= 120));
+        }
+    }
+}

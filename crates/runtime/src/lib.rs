@@ -20,7 +20,9 @@ mod weights;
 pub use config::{Arch, ModelConfig, SUPPORTED_ARCHS};
 pub use error::{Error, Result};
 pub use export::export_hf;
-pub use generate::{generate, generate_seeded, GenerateConfig, Generation, Stop};
+pub use generate::{
+    generate, generate_seeded, token_budget_batches, GenerateConfig, Generation, Stop,
+};
 pub use hooks::{
     unit, Captured, Hooks, Intervention, NoHooks, Observer, Phase, Positions, Scope, Site, SiteInfo,
 };

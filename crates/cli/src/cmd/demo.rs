@@ -2,9 +2,9 @@
 //! and R2D2) with the CPU recipe, make fixed-source attack test cases once on the base model,
 //! measure every anchor (behaviour + geometry) and write the report. Every stage resumes or is
 //! skipped when its results exist, so a re-run is quick.
+use crate::common::{args_of as parse, display as s};
 use anyhow::{Context, Result};
-use clap::Parser;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
@@ -12,40 +12,23 @@ pub struct DemoArgs {
     #[arg(long, default_value = "safegeo-demo")]
     pub out: PathBuf,
     /// SFT steps (anchors at the middle and the end).
-    #[arg(long, default_value_t = 24)]
+    #[arg(long, default_value_t = 16)]
     pub sft_steps: usize,
     /// R2D2 steps (anchors at the middle and the end; each step runs GCG on its pool).
     #[arg(long, default_value_t = 4)]
     pub r2d2_steps: usize,
     /// Harmful training prompts (harmful-train) per recipe.
-    #[arg(long, default_value_t = 96)]
+    #[arg(long, default_value_t = 64)]
     pub n_harmful: usize,
     /// Harmless training prompts (harmless-train, self-distilled once and cached).
-    #[arg(long, default_value_t = 96)]
+    #[arg(long, default_value_t = 64)]
     pub n_harmless: usize,
     /// Prompts per evaluation suite at every anchor.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 16)]
     pub limit: usize,
     /// Data directory [default: $SAFEGEO_DATA, else ../shared/data].
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-}
-
-fn parse<T: clap::Args>(argv: Vec<String>) -> Result<T> {
-    #[derive(Parser)]
-    struct Wrap<U: clap::Args> {
-        #[command(flatten)]
-        inner: U,
-    }
-    let mut full = vec!["safegeo".to_string()];
-    full.extend(argv);
-    Ok(Wrap::<T>::try_parse_from(full)
-        .map_err(|e| anyhow::anyhow!("internal argument error: {e}"))?
-        .inner)
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
 }
 
 pub fn run(a: DemoArgs) -> Result<()> {
@@ -105,7 +88,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         ];
         v.extend(extra.iter().map(|x| x.to_string()));
         v.extend(data.clone());
-        crate::cmd::train::run(parse(v)?)
+        crate::cmd::train::run(parse(&v)?)
     };
     stage("SFT");
     train("sft", a.sft_steps, &[])?;
@@ -113,10 +96,16 @@ pub fn run(a: DemoArgs) -> Result<()> {
     train("r2d2", a.r2d2_steps, &[])?;
     let attack = a.out.join("attack");
     if !attack.join("test_cases.jsonl").is_file() || !attack.join("done").is_file() {
-        stage("fixed-source test cases (prefill attack on the base model)");
+        stage(
+            "fixed-source test cases (prefill attack on standard HarmBench behaviours, base model)",
+        );
         let mut v: Vec<String> = vec![
             "--behaviors".into(),
             "harmbench-val".into(),
+            // Standard behaviours: the contextual ones carry ~1,000-token contexts that would
+            // dominate the demo's evaluation time.
+            "--category".into(),
+            "standard".into(),
             "--limit".into(),
             a.limit.to_string(),
             "--out".into(),
@@ -151,11 +140,23 @@ pub fn run(a: DemoArgs) -> Result<()> {
         s(&attack.join("test_cases.jsonl")),
         "--limit".into(),
         a.limit.to_string(),
+        // CPU budget: short replies, 32+32 carrier prompts, t_post candidates screened on 2
+        // prompts per set, 2 finalists on 8.
+        "--max-new-tokens".into(),
+        "48".into(),
+        "--n-carrier".into(),
+        "32".into(),
+        "--n-val".into(),
+        "8".into(),
+        "--screen".into(),
+        "2".into(),
+        "--finalists".into(),
+        "2".into(),
         "--out".into(),
         s(&a.out.join("report")),
     ]);
     v.extend(data);
-    crate::cmd::trajectory::run(parse(v)?)?;
+    crate::cmd::trajectory::run(parse(&v)?)?;
     eprintln!(
         "== demo: done in {:.0}s; open {}",
         t0.elapsed().as_secs_f64(),
@@ -167,5 +168,5 @@ pub fn run(a: DemoArgs) -> Result<()> {
 fn parse_attack(argv: Vec<String>) -> Result<crate::cmd::attack::AttackArgs> {
     let mut full = vec!["prefill".to_string()];
     full.extend(argv);
-    parse(full)
+    parse(&full)
 }

@@ -4,7 +4,7 @@
 //! interrupted run resumes and shards merge by running `--merge-only` once all are done.
 use crate::common::{self, JudgeBackendArgs};
 use anyhow::{bail, Context, Result};
-use clap::Parser;
+use common::display as s;
 use safegeo_report::trajectory::{self, AnchorInfo};
 use std::path::{Path, PathBuf};
 
@@ -182,24 +182,6 @@ fn parse_shard(s: &str) -> Result<(usize, usize)> {
     Ok((i, n))
 }
 
-/// Parse a subcommand's arguments exactly as the command line would (one source of defaults).
-fn args_of<T: clap::Args>(argv: &[String]) -> Result<T> {
-    #[derive(Parser)]
-    struct Wrap<U: clap::Args> {
-        #[command(flatten)]
-        inner: U,
-    }
-    let mut full = vec!["safegeo".to_string()];
-    full.extend_from_slice(argv);
-    Ok(Wrap::<T>::try_parse_from(full)
-        .map_err(|e| anyhow::anyhow!("internal argument error: {e}"))?
-        .inner)
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
-
 fn judge_argv(a: &TrajectoryArgs) -> Vec<String> {
     let mut v = vec!["--judge".into(), a.judge.join(",")];
     let b = &a.backend;
@@ -272,7 +254,7 @@ fn measure(a: &TrajectoryArgs, anchor: &Anchor, dir: &Path) -> Result<()> {
         if let Some(tc) = &a.test_cases {
             v.extend(["--test-cases".into(), s(tc)]);
         }
-        crate::cmd::eval::run(args_of(&v)?)?;
+        crate::cmd::eval::run(common::args_of(&v)?)?;
     }
     if a.adaptive {
         let adaptive_dir = dir.join("adaptive");
@@ -286,7 +268,7 @@ fn measure(a: &TrajectoryArgs, anchor: &Anchor, dir: &Path) -> Result<()> {
                 s(a.test_cases.as_ref().expect("clap requires it")),
                 "--adaptive".into(),
             ]);
-            crate::cmd::eval::run(args_of(&v)?)?;
+            crate::cmd::eval::run(common::args_of(&v)?)?;
         }
     }
     let geo = dir.join("geometry");
@@ -307,7 +289,7 @@ fn measure(a: &TrajectoryArgs, anchor: &Anchor, dir: &Path) -> Result<()> {
             a.carrier_sets[1].clone(),
         ];
         v.extend(data_argv(a));
-        crate::cmd::geometry::carriers(args_of(&v)?)?;
+        crate::cmd::geometry::carriers(common::args_of(&v)?)?;
     }
     if !geo.join("selection.json").is_file() {
         eprintln!("[{}] carrier selection", anchor.id);
@@ -337,7 +319,7 @@ fn measure(a: &TrajectoryArgs, anchor: &Anchor, dir: &Path) -> Result<()> {
             v.extend(["--positions".into(), (n_pos - 1).to_string()]);
         }
         v.extend(data_argv(a));
-        crate::cmd::geometry::run_select(args_of(&v)?)?;
+        crate::cmd::geometry::run_select(common::args_of(&v)?)?;
     }
     Ok(())
 }

@@ -383,7 +383,9 @@ pub fn run_deception(
         .map(|r| (r.scenario.clone(), r.strategy.clone(), r.run))
         .collect();
     // Every (scenario, strategy) conversation is checked before any sampling starts.
-    let mut todo: Vec<(&Scenario, &str, usize, Vec<Message>, Vec<u32>)> = Vec::new();
+    // (scenario, strategy, run, conversation, its token ids)
+    type Todo<'a> = (&'a Scenario, &'a str, usize, Vec<Message>, Vec<u32>);
+    let mut todo: Vec<Todo> = Vec::new();
     for s in scenarios {
         for strategy in &spec.strategies {
             let messages = s.messages(strategy)?;
