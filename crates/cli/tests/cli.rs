@@ -1116,3 +1116,175 @@ fn trajectory_measures_sharded_anchors_merges_and_writes_the_report() {
         "no anchors measured",
     );
 }
+
+/// Start `safegeo args`, SIGKILL it once `ready()` holds (or after 20 s), and wait for it.
+fn kill_when(args: &[&str], home: &Path, ready: impl Fn() -> bool) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_safegeo"))
+        .args(args)
+        .env("SAFEGEO_HOME", home)
+        .env_remove("SAFEGEO_MODEL")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < std::time::Duration::from_secs(20) && !ready() {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn deception_and_trajectory_resume_after_kill_9_to_the_uninterrupted_result() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let model = h.join("tiny");
+    write_tiny_hf(Arch::Llama, 6, &model).unwrap();
+    let m = model.to_str().unwrap();
+    let scen = h.join("scenarios");
+    std::fs::create_dir_all(&scen).unwrap();
+    std::fs::write(
+        scen.join("tiny.toml"),
+        "name = \"tiny\"\nkind = \"unethical\"\nsystem = \"w1 w2\"\npressure = \"w3 w4\"\npressure2 = \"w5\"\nact = \"w6\"\n[first_reply]\nrefusal = \"w8\"\nrebuttal = \"w9 w10\"\n[heuristic]\nact = [\"w1\"]\n",
+    )
+    .unwrap();
+    let deception = |out: &Path| -> Vec<String> {
+        [
+            "deception",
+            "-m",
+            m,
+            "--scenarios",
+            scen.to_str().unwrap(),
+            "--runs",
+            "12",
+            "--max-new-tokens",
+            "24",
+            "--batch-size",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let sorted_records = |out: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_to_string(out.join("records.jsonl"))
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect();
+        v.sort();
+        v
+    };
+    let full = h.join("dec-full");
+    let args = deception(&full);
+    let out = safegeo(&args.iter().map(String::as_str).collect::<Vec<_>>(), h);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cut = h.join("dec-cut");
+    let args = deception(&cut);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let records_file = cut.join("records.jsonl");
+    kill_when(&argv, h, || {
+        std::fs::read_to_string(&records_file).map_or(0, |s| s.lines().count()) >= 5
+    });
+    let partial = std::fs::read_to_string(&records_file).map_or(0, |s| s.lines().count());
+    assert!(partial < 24, "the run was not interrupted");
+    assert!(safegeo(&argv, h).status.success());
+    assert_eq!(
+        sorted_records(&cut),
+        sorted_records(&full),
+        "killed after {partial} records"
+    );
+    assert_eq!(
+        std::fs::read_to_string(cut.join("summary.csv")).unwrap(),
+        std::fs::read_to_string(full.join("summary.csv")).unwrap()
+    );
+
+    // Trajectory: kill while the second anchor is being measured, resume, same table.
+    for (i, seed) in [7u64, 8].iter().enumerate() {
+        write_tiny_hf(
+            Arch::Llama,
+            *seed,
+            &h.join("run").join(format!("ckpt-{:06}", i + 1)),
+        )
+        .unwrap();
+    }
+    let (harm, harmless) = (
+        prompt_file(h, "harm.jsonl", 1, "harmful", 10),
+        prompt_file(h, "harmless.jsonl", 20, "benign", 10),
+    );
+    let sets = format!("{harm},{harmless}");
+    let a1 = h.join("run/ckpt-000001").to_str().unwrap().to_string();
+    let a2 = h.join("run/ckpt-000002").to_str().unwrap().to_string();
+    let trajectory = |out: &Path| -> Vec<String> {
+        [
+            "trajectory",
+            "--anchors",
+            &a1,
+            &a2,
+            "--base",
+            m,
+            "--suite",
+            &harm,
+            "--limit",
+            "6",
+            "--max-new-tokens",
+            "16",
+            "--carrier-sets",
+            &sets,
+            "--val",
+            &sets,
+            "--n-carrier",
+            "8",
+            "--n-val",
+            "4",
+            "--screen",
+            "2",
+            "--finalists",
+            "2",
+            "--kl-max",
+            "50",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let full = h.join("traj-full");
+    let args = trajectory(&full);
+    let out = safegeo(&args.iter().map(String::as_str).collect::<Vec<_>>(), h);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cut = h.join("traj-cut");
+    let args = trajectory(&cut);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let second = cut.join("anchors/run__ckpt-000001/eval/records.jsonl");
+    kill_when(&argv, h, || second.is_file());
+    assert!(
+        !cut.join("trajectory.csv").exists(),
+        "the run was not interrupted"
+    );
+    let out = safegeo(&argv, h);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(cut.join("trajectory.csv")).unwrap(),
+        std::fs::read_to_string(full.join("trajectory.csv")).unwrap()
+    );
+}
