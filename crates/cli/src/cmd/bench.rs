@@ -43,6 +43,9 @@ struct BenchReport {
     fwd_bwd_lora_r8_tok_s: Option<f64>,
     fwd_bwd_full_tok_s: Option<f64>,
     adamw_step_s: Option<f64>,
+    /// The SFT recipe's training step: batch 8 x 96 tokens, LoRA r=16 on all seven
+    /// projections, forward + backward + AdamW.
+    sft_step_lora_r16_b8_tok_s: Option<f64>,
     gcg_step_s: Option<f64>,
     peak_rss_mb: f64,
 }
@@ -155,12 +158,12 @@ fn decode(model: &Model, batch: usize, steps: usize) -> Result<f64> {
 }
 
 fn loss(model: &Model, ids: &Tensor) -> Result<Tensor> {
-    let t = ids.dim(1)?;
+    let (b, t) = ids.dims2()?;
     let x = model.embed_ids(&ids.narrow(1, 0, t - 1)?)?;
     let logits = model
         .forward_embeds(
             x,
-            &Layout::dense(1),
+            &Layout::dense(b),
             None,
             LogitsAt::All,
             Phase::Prompt,
@@ -182,6 +185,28 @@ fn fwd_bwd(model: &Model, reps: usize, tokens: usize) -> Result<f64> {
         Ok(())
     })?;
     Ok(tokens as f64 / s)
+}
+
+/// Tokens/s of the SFT recipe's step shape (see `sft_step_lora_r16_b8_tok_s`).
+fn sft_step(a: &BenchArgs, reps: usize) -> Result<f64> {
+    let (batch, tokens) = (8, 96);
+    let mut model = common::load(&a.model)?;
+    let vars = model.attach_lora(16, 32.0, &["q", "k", "v", "o", "gate", "up", "down"], 0)?;
+    let ids = Tensor::new(
+        random_ids(batch, tokens + 1, model.cfg.vocab, 5),
+        &Device::Cpu,
+    )?;
+    let cfg = safegeo_runtime::AdamWConfig {
+        lr: 1e-4,
+        ..Default::default()
+    };
+    let mut opt = safegeo_runtime::AdamW::new(vars, cfg)?;
+    let s = best(reps, || {
+        let grads = loss(&model, &ids)?.backward()?;
+        opt.step(&grads)?;
+        Ok(())
+    })?;
+    Ok((batch * tokens) as f64 / s)
 }
 
 fn peak_rss_mb() -> f64 {
@@ -242,6 +267,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         r.gcg_step_s = Some(gcg_step(&model, a.reps.max(1))?);
     }
     if !a.no_backward {
+        step("SFT training step: batch 8 x 96 tokens, LoRA r=16 on all projections, AdamW");
+        r.sft_step_lora_r16_b8_tok_s = Some(sft_step(&a, a.reps)?);
         step("forward+backward 256 tokens, LoRA r=8 on q,v");
         let mut lora = common::load(&a.model)?;
         lora.attach_lora(8, 16.0, &["q", "v"], 0)?;
@@ -264,7 +291,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.json {
         return common::print_json(&r);
     }
-    let rows: [(&str, Option<f64>, &str); 12] = [
+    let rows: [(&str, Option<f64>, &str); 13] = [
         ("sgemm 1024^3 (f32)", Some(r.sgemm_gflops), "GFLOP/s"),
         (
             "prefill 32x64, all resid_pre captured",
@@ -307,6 +334,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "tok/s",
         ),
         ("AdamW step, all parameters", r.adamw_step_s, "s"),
+        (
+            "SFT step 8x96 tok, LoRA r=16 all, +AdamW",
+            r.sft_step_lora_r16_b8_tok_s,
+            "tok/s",
+        ),
         ("GCG step, width 512, top-k 256", r.gcg_step_s, "s"),
         ("peak RSS", Some(r.peak_rss_mb), "MB"),
     ];
