@@ -1364,3 +1364,49 @@ fn same_seed_gives_bit_identical_outputs_across_runs_and_thread_counts() {
     assert_eq!(one, run("b", "1"), "two runs with one thread differ");
     assert_eq!(one, run("c", "2"), "one vs two threads differ");
 }
+
+#[test]
+fn absurd_gguf_headers_are_refused_before_allocation() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let header = |tensors: u64, kvs: u64, rest: &[u8]| {
+        let mut v = b"GGUF".to_vec();
+        v.extend(3u32.to_le_bytes());
+        v.extend(tensors.to_le_bytes());
+        v.extend(kvs.to_le_bytes());
+        v.extend_from_slice(rest);
+        v.extend([0u8; 64]);
+        v
+    };
+    let mut huge_string = (1u64 << 60).to_le_bytes().to_vec();
+    huge_string.extend(b"general.architecture");
+    let mut huge_tensor = 1u64.to_le_bytes().to_vec();
+    huge_tensor.extend(b"t");
+    huge_tensor.extend(2u32.to_le_bytes());
+    huge_tensor.extend((1u64 << 32).to_le_bytes());
+    huge_tensor.extend((1u64 << 32).to_le_bytes());
+    huge_tensor.extend(0u32.to_le_bytes());
+    huge_tensor.extend(0u64.to_le_bytes());
+    for (name, bytes, needle) in [
+        (
+            "kvs.gguf",
+            header(0, 1_000_000_000, &[]),
+            "metadata entries cannot fit",
+        ),
+        (
+            "string.gguf",
+            header(0, 1, &huge_string),
+            "declares 1152921504606846976 bytes",
+        ),
+        (
+            "tensor.gguf",
+            header(1, 0, &huge_tensor),
+            "refusing to allocate",
+        ),
+    ] {
+        let p = h.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let out = safegeo(&["forward", "-m", p.to_str().unwrap(), "--chat", "hi"], h);
+        fails_with(&out, 3, needle);
+    }
+}

@@ -544,56 +544,14 @@ impl Tok {
     }
 }
 
-/// Instructions a chat template may execute (real templates need a few thousand).
-const TEMPLATE_FUEL: u64 = 2_000_000;
-/// Longest rendered prompt accepted, in bytes.
-const TEMPLATE_MAX_BYTES: usize = 16 << 20;
-
-/// Render a HF-style Jinja chat template.
+/// Render a HF-style Jinja chat template (bounded: see [`crate::template`]).
 pub fn render_template(
     template: &str,
     messages: &[Message],
     bos_token: &str,
     eos_token: &str,
 ) -> Result<String> {
-    let mut env = minijinja::Environment::new();
-    // Templates come with untrusted model files: bound the work (a template that loops forever
-    // runs out of fuel) and never touch the filesystem (no loader is set).
-    env.set_fuel(Some(TEMPLATE_FUEL));
-    env.set_recursion_limit(64);
-    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function(
-        "raise_exception",
-        |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(
-                minijinja::ErrorKind::InvalidOperation,
-                msg,
-            ))
-        },
-    );
-    env.add_function("strftime_now", |_fmt: String| "26 Jul 2024".to_string());
-    env.add_template("chat", template)
-        .map_err(|e| Error::Template(format!("{e:#}")))?;
-    let tmpl = env
-        .get_template("chat")
-        .map_err(|e| Error::Template(e.to_string()))?;
-    tmpl.render(minijinja::context! {
-        messages => messages,
-        add_generation_prompt => !matches!(messages.last(), Some(m) if m.role == "assistant"),
-        bos_token => bos_token,
-        eos_token => eos_token,
-    })
-    .map_err(|e| Error::Template(format!("{e:#}")))
-    .and_then(|out| {
-        if out.len() > TEMPLATE_MAX_BYTES {
-            Err(Error::Template(format!(
-                "rendered prompt is {} bytes (limit {TEMPLATE_MAX_BYTES})",
-                out.len()
-            )))
-        } else {
-            Ok(out)
-        }
-    })
+    crate::template::render(template, messages, bos_token, eos_token).map_err(Error::Template)
 }
 
 fn read_json_opt(path: &Path) -> Result<serde_json::Value> {

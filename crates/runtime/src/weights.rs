@@ -54,11 +54,13 @@ pub fn open_gguf(path: &Path) -> Result<(Content, BufReader<File>)> {
         return Err(bad(format!("bad magic {magic:02x?} (expected \"GGUF\")")));
     }
     use std::io::Seek;
-    reader.rewind().map_err(|e| Error::io(path, e))?;
-    let content = Content::read(&mut reader).map_err(|e| bad(e.to_string()))?;
     let file_len = std::fs::metadata(path)
         .map_err(|e| Error::io(path, e))?
         .len();
+    reader.rewind().map_err(|e| Error::io(path, e))?;
+    crate::gguf_check::check_header(&mut reader, file_len).map_err(bad)?;
+    reader.rewind().map_err(|e| Error::io(path, e))?;
+    let content = Content::read(&mut reader).map_err(|e| bad(e.to_string()))?;
     for (name, info) in &content.tensor_infos {
         let bytes =
             info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();

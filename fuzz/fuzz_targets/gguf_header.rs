@@ -1,0 +1,12 @@
+//! The GGUF header bounds check (`crates/runtime/src/gguf_check.rs`) on arbitrary bytes: it must
+//! return Ok or Err, never panic, and never read or allocate past the declared file size.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+#[path = "../../crates/runtime/src/gguf_check.rs"]
+#[allow(dead_code)]
+mod gguf_check;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = gguf_check::check_header(data, data.len() as u64);
+});
