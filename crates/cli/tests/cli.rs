@@ -1410,3 +1410,159 @@ fn absurd_gguf_headers_are_refused_before_allocation() {
         fails_with(&out, 3, needle);
     }
 }
+
+/// A minimal OpenAI-compatible endpoint on localhost that answers every request with `answer`
+/// and records the Authorization headers it saw.
+fn judge_server(answer: &'static str) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let auth = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = auth.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                let lower = line.to_ascii_lowercase();
+                if let Some(v) = lower.strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+                if lower.starts_with("authorization:") {
+                    seen.lock().unwrap().push(line.trim().to_string());
+                }
+            }
+            let mut body = vec![0u8; len];
+            let _ = reader.read_exact(&mut body);
+            let reply =
+                serde_json::json!({"choices": [{"message": {"content": answer}}]}).to_string();
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reply}",
+                reply.len()
+            );
+        }
+    });
+    (url, auth)
+}
+
+#[test]
+fn judge_api_keys_never_reach_outputs_or_logs() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let model = h.join("tiny");
+    write_tiny_hf(Arch::Llama, 6, &model).unwrap();
+    let m = model.to_str().unwrap();
+    let key = "sk-test-5ecret-key-9876";
+    let (url, auth) = judge_server("Yes");
+    let suite = h.join("s.jsonl");
+    std::fs::write(
+        &suite,
+        "{\"id\": \"a\", \"prompt\": \"w1 w2\", \"label\": \"harmful\"}\n",
+    )
+    .unwrap();
+    let scen = h.join("scenarios");
+    std::fs::create_dir_all(&scen).unwrap();
+    std::fs::write(
+        scen.join("t.toml"),
+        "name = \"t\"\nkind = \"unethical\"\nsystem = \"w1\"\npressure = \"w2\"\npressure2 = \"w3\"\nact = \"w4\"\n[first_reply]\nrefusal = \"w5\"\n",
+    )
+    .unwrap();
+    let (ev_dir, dec_dir) = (h.join("ev"), h.join("dec"));
+    let runs: Vec<Vec<&str>> = vec![
+        vec![
+            "-vv",
+            "eval",
+            "-m",
+            m,
+            "--suite",
+            suite.to_str().unwrap(),
+            "--judge",
+            "harmbench,xstest",
+            "--judge-endpoint",
+            &url,
+            "--judge-model",
+            "judge",
+            "--max-new-tokens",
+            "3",
+            "--out",
+            ev_dir.to_str().unwrap(),
+        ],
+        vec![
+            "-vv",
+            "deception",
+            "-m",
+            m,
+            "--scenarios",
+            scen.to_str().unwrap(),
+            "--strategy",
+            "refusal",
+            "--runs",
+            "2",
+            "--max-new-tokens",
+            "3",
+            "--judge",
+            "llm",
+            "--judge-endpoint",
+            &url,
+            "--judge-model",
+            "judge",
+            "--out",
+            dec_dir.to_str().unwrap(),
+        ],
+    ];
+    for args in runs {
+        let out = Command::new(env!("CARGO_BIN_EXE_safegeo"))
+            .args(&args)
+            .env("SAFEGEO_HOME", h)
+            .env("SAFEGEO_JUDGE_API_KEY", key)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for stream in [&out.stdout, &out.stderr] {
+            assert!(
+                !String::from_utf8_lossy(stream).contains(key),
+                "key in the console output"
+            );
+        }
+    }
+    assert!(
+        !auth.lock().unwrap().is_empty(),
+        "the judge was never called"
+    );
+    assert!(
+        auth.lock().unwrap().iter().all(|a| a.ends_with(key)),
+        "the key went out as the bearer token"
+    );
+    // Every file written anywhere under SAFEGEO_HOME and the output folders.
+    fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(h, &mut files);
+    assert!(files.len() > 5);
+    for f in files {
+        let bytes = std::fs::read(&f).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(key),
+            "key written to {}",
+            f.display()
+        );
+    }
+}
