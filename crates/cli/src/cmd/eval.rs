@@ -87,6 +87,9 @@ pub struct EvalArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Print nothing on success (results are in --out).
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
 }
 
 /// `--ablate` / `--add`: interventions active while the model runs (evaluation or attack).
@@ -331,6 +334,9 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
         )
     })?;
     bar.finish();
+    if a.quiet {
+        return Ok(());
+    }
     if a.json {
         return common::print_json(&summary);
     }

@@ -241,6 +241,7 @@ fn measure(a: &TrajectoryArgs, anchor: &Anchor, dir: &Path) -> Result<()> {
             a.batch_size.to_string(),
             "--out".into(),
             s(out),
+            "--quiet".into(),
         ];
         v.extend(judge_argv(a));
         v.extend(data_argv(a));
