@@ -4,8 +4,9 @@ mod common;
 
 use clap::{Parser, Subcommand};
 
-/// safegeo: measure and change how a language model refuses: evaluate its behaviour, find its
-/// refusal carriers, test them causally, and edit them out.
+/// safegeo: measure and change how a language model refuses: evaluate its behaviour, attack it,
+/// safety-train it, find its refusal carriers, test them causally, edit them out, and follow how
+/// they move along a training run.
 ///
 /// Every command that takes --model uses the embedded default (SmolLM2-135M-Instruct, Q4_1 GGUF)
 /// when it is omitted, fetching it into the cache ($SAFEGEO_HOME, default ~/.cache/safegeo) the
@@ -45,7 +46,7 @@ enum Command {
     Abliterate(cmd::geometry::AbliterateArgs),
     /// Adversarial test cases: prefill, random/worst insertion, GCG, AutoDAN.
     Attack(cmd::attack::AttackArgs),
-    /// Safety-train a model (SFT, harmful-prefix, DeRTa) and write anchor checkpoints.
+    /// Safety-train a model (SFT, R2D2, worst-insertion, harmful-prefix, DeRTa) into anchor checkpoints.
     Train(cmd::train::TrainArgs),
     /// The main job on the default model: SFT and R2D2 trajectories, their measurements, the report.
     Demo(cmd::demo::DemoArgs),
