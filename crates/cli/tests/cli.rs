@@ -39,6 +39,31 @@ fn prompt_file(dir: &Path, name: &str, lo: usize, label: &str, n: usize) -> Stri
     p.to_str().unwrap().to_string()
 }
 
+/// `dir/scenarios/` with one deception scenario in the tiny vocabulary (strategies refusal and
+/// rebuttal).
+fn tiny_scenarios(dir: &Path) -> std::path::PathBuf {
+    let scen = dir.join("scenarios");
+    std::fs::create_dir_all(&scen).unwrap();
+    std::fs::write(
+        scen.join("tiny.toml"),
+        r#"name = "tiny"
+kind = "unethical"
+system = "w1 w2"
+pressure = "w3 w4"
+pressure2 = "w5"
+act = "w6"
+format = "w7"
+[first_reply]
+refusal = "w8"
+rebuttal = "w9 w10"
+[heuristic]
+act = ["w1"]
+"#,
+    )
+    .unwrap();
+    scen
+}
+
 fn write_gguf(path: &Path, arch: &str) {
     let mut f = std::fs::File::create(path).unwrap();
     let arch = Value::String(arch.into());
@@ -811,25 +836,7 @@ fn deception_runs_judges_resumes_and_names_bad_input() {
     let model = h.join("tiny");
     write_tiny_hf(Arch::Llama, 6, &model).unwrap();
     let m = model.to_str().unwrap();
-    let scen = h.join("scenarios");
-    std::fs::create_dir_all(&scen).unwrap();
-    std::fs::write(
-        scen.join("tiny.toml"),
-        r#"name = "tiny"
-kind = "unethical"
-system = "w1 w2"
-pressure = "w3 w4"
-pressure2 = "w5"
-act = "w6"
-format = "w7"
-[first_reply]
-refusal = "w8"
-rebuttal = "w9 w10"
-[heuristic]
-act = ["w1"]
-"#,
-    )
-    .unwrap();
+    let scen = tiny_scenarios(h);
     let out_dir = h.join("dec");
     let run = |runs: &str, extra: &[&str]| {
         let mut args = vec![
@@ -1145,13 +1152,7 @@ fn deception_and_trajectory_resume_after_kill_9_to_the_uninterrupted_result() {
     let model = h.join("tiny");
     write_tiny_hf(Arch::Llama, 6, &model).unwrap();
     let m = model.to_str().unwrap();
-    let scen = h.join("scenarios");
-    std::fs::create_dir_all(&scen).unwrap();
-    std::fs::write(
-        scen.join("tiny.toml"),
-        "name = \"tiny\"\nkind = \"unethical\"\nsystem = \"w1 w2\"\npressure = \"w3 w4\"\npressure2 = \"w5\"\nact = \"w6\"\n[first_reply]\nrefusal = \"w8\"\nrebuttal = \"w9 w10\"\n[heuristic]\nact = [\"w1\"]\n",
-    )
-    .unwrap();
+    let scen = tiny_scenarios(h);
     let deception = |out: &Path| -> Vec<String> {
         [
             "deception",
@@ -1466,13 +1467,7 @@ fn judge_api_keys_never_reach_outputs_or_logs() {
         "{\"id\": \"a\", \"prompt\": \"w1 w2\", \"label\": \"harmful\"}\n",
     )
     .unwrap();
-    let scen = h.join("scenarios");
-    std::fs::create_dir_all(&scen).unwrap();
-    std::fs::write(
-        scen.join("t.toml"),
-        "name = \"t\"\nkind = \"unethical\"\nsystem = \"w1\"\npressure = \"w2\"\npressure2 = \"w3\"\nact = \"w4\"\n[first_reply]\nrefusal = \"w5\"\n",
-    )
-    .unwrap();
+    let scen = tiny_scenarios(h);
     let (ev_dir, dec_dir) = (h.join("ev"), h.join("dec"));
     let runs: Vec<Vec<&str>> = vec![
         vec![

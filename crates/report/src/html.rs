@@ -285,10 +285,9 @@ pub fn page(rows: &[Row], sweeps: &[SweepFigure], notes: &[String]) -> Result<St
         html.push_str(&format!("<th>{}</th>", escape(c)));
     }
     html.push_str("</tr>\n");
-    let csv = crate::trajectory::csv(rows);
-    for (line, r) in csv.lines().skip(1).zip(rows) {
+    for r in rows {
         html.push_str("<tr>");
-        for (i, cell) in line.split(',').enumerate() {
+        for (i, cell) in crate::trajectory::cells(r).iter().enumerate() {
             let class = if COLUMNS[i] == "admissible" && cell == "false" {
                 " class=\"no\""
             } else {
@@ -297,7 +296,6 @@ pub fn page(rows: &[Row], sweeps: &[SweepFigure], notes: &[String]) -> Result<St
             html.push_str(&format!("<td{class}>{}</td>", escape(cell)));
         }
         html.push_str("</tr>\n");
-        let _ = r;
     }
     html.push_str("</table></div>\n");
     let judges: Vec<String> = rows

@@ -10,7 +10,8 @@
 //! ANCHOR_DIR/geometry/              `safegeo carriers` + `safegeo select` (+ optional sweep.json)
 //! ```
 use crate::{Error, Result};
-use safegeo_geometry::{linalg, measures, store};
+use safegeo_geometry::carriers::Carriers;
+use safegeo_geometry::{linalg, store};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -157,8 +158,17 @@ fn read_selection_csv(path: &Path) -> Vec<Cand> {
         .collect()
 }
 
+fn load_carriers(dir: &Path) -> Option<Carriers> {
+    store::load(&dir.join("geometry/carriers.safetensors")).ok()
+}
+
 /// Behaviour and single-anchor geometry of one anchor folder (drift is filled by [`collect`]).
 pub fn read_anchor(dir: &Path) -> Result<Row> {
+    read_anchor_with(dir, load_carriers(dir).as_ref())
+}
+
+/// [`read_anchor`] with the anchor's carriers already loaded.
+fn read_anchor_with(dir: &Path, carriers: Option<&Carriers>) -> Result<Row> {
     let info: AnchorInfo = serde_json::from_value(
         read_json(&dir.join("anchor.json"))
             .ok_or_else(|| Error::Missing(dir.join("anchor.json")))?,
@@ -213,8 +223,8 @@ pub fn read_anchor(dir: &Path) -> Result<Row> {
         .collect();
     let geometry = read_json(&geo.join("geometry.json")).unwrap_or_default();
     let erank = carrier.and_then(|(l, _)| geometry["effective_rank"].get(l).cloned());
-    let coupling = match (carrier, store::load(&geo.join("carriers.safetensors"))) {
-        (Some((l, p)), Ok(c)) if l < c.n_layer() && p < c.n_pos() => {
+    let coupling = match (carrier, carriers) {
+        (Some((l, p)), Some(c)) if l < c.n_layer() && p < c.n_pos() => {
             Some(linalg::cosine(c.harmfulness(l), &c.refusal[l][p]).abs())
         }
         _ => None,
@@ -249,25 +259,37 @@ pub fn read_anchor(dir: &Path) -> Result<Row> {
 /// Subspace dimension compared by drift.
 pub const DRIFT_K: usize = 3;
 
-fn mean_angle_deg(a: &Path, b: &Path, layer: usize, pos: usize) -> Option<(f64, f64)> {
-    let ca = store::load(&a.join("geometry/carriers.safetensors")).ok()?;
-    let cb = store::load(&b.join("geometry/carriers.safetensors")).ok()?;
-    if ca.n_layer() != cb.n_layer() || ca.n_pos() != cb.n_pos() || layer >= ca.n_layer() {
+/// Mean principal angle (degrees) between the top-[`DRIFT_K`] carrier subspaces of two anchors
+/// at `layer`, and the cosine of their carriers at `(layer, pos)`.
+fn drift_at(a: &Carriers, b: &Carriers, layer: usize, pos: usize) -> Option<(f64, f64)> {
+    use linalg::top_right_singular_vectors as top;
+    if a.n_layer() != b.n_layer() || a.n_pos() != b.n_pos() || layer >= a.n_layer() {
         return None;
     }
-    let d = measures::drift(&ca, &cb, pos.min(ca.n_pos() - 1), DRIFT_K);
-    let angles = &d.principal_angles_deg[layer];
-    let mean = angles.iter().sum::<f64>() / angles.len().max(1) as f64;
-    Some((mean, d.cosine_per_layer[layer]))
+    let angles = linalg::principal_angles(
+        &top(&a.refusal[layer], DRIFT_K),
+        &top(&b.refusal[layer], DRIFT_K),
+    );
+    let mean = angles.iter().map(|x| x.to_degrees()).sum::<f64>() / angles.len().max(1) as f64;
+    let pos = pos.min(a.n_pos() - 1);
+    Some((
+        mean,
+        linalg::cosine(&a.refusal[layer][pos], &b.refusal[layer][pos]),
+    ))
 }
 
 /// Rows of every anchor folder, sorted by (recipe, step) with the base first, with drift to the
 /// previous anchor of the same recipe (the base precedes every recipe's first anchor) and to
 /// the base.
 pub fn collect(anchor_dirs: &[PathBuf]) -> Result<Vec<Row>> {
-    let mut rows: Vec<(PathBuf, Row)> = anchor_dirs
+    // Each anchor's carriers are read once and serve its coupling and every drift it enters.
+    let mut rows: Vec<(Option<Carriers>, Row)> = anchor_dirs
         .iter()
-        .map(|d| Ok((d.clone(), read_anchor(d)?)))
+        .map(|d| {
+            let c = load_carriers(d);
+            let row = read_anchor_with(d, c.as_ref())?;
+            Ok((c, row))
+        })
         .collect::<Result<_>>()?;
     rows.sort_by(|a, b| {
         let key = |r: &Row| {
@@ -279,28 +301,26 @@ pub fn collect(anchor_dirs: &[PathBuf]) -> Result<Vec<Row>> {
         };
         key(&a.1).cmp(&key(&b.1))
     });
-    let base_dir = rows
-        .iter()
-        .find(|(_, r)| r.anchor.recipe == "base")
-        .map(|(d, _)| d.clone());
-    let mut prev: Option<(String, PathBuf)> = None;
-    let mut out = Vec::new();
-    for (dir, mut row) in rows {
-        if let (Some(l), Some(p)) = (row.carrier_layer, row.carrier_pos) {
-            let prev_dir = match &prev {
-                Some((recipe, d)) if *recipe == row.anchor.recipe => Some(d.clone()),
-                _ if row.anchor.recipe != "base" => base_dir.clone(),
+    let base = rows.iter().position(|(_, r)| r.anchor.recipe == "base");
+    let mut out: Vec<Row> = Vec::new();
+    for (i, (carriers, row)) in rows.iter().enumerate() {
+        let mut row = row.clone();
+        if let (Some(l), Some(p), Some(c)) = (row.carrier_layer, row.carrier_pos, carriers) {
+            let prev = match i.checked_sub(1) {
+                Some(j) if rows[j].1.anchor.recipe == row.anchor.recipe => Some(j),
+                _ if row.anchor.recipe != "base" => base,
                 _ => None,
             };
-            row.drift_prev_deg = prev_dir.and_then(|d| mean_angle_deg(&d, &dir, l, p).map(|x| x.0));
-            if let Some(b) = base_dir.as_ref().filter(|b| **b != dir) {
-                if let Some((angle, cos)) = mean_angle_deg(b, &dir, l, p) {
-                    row.drift_base_deg = Some(angle);
-                    row.carrier_cos_base = Some(cos);
-                }
+            let against = |j: Option<usize>| {
+                j.and_then(|j| rows[j].0.as_ref())
+                    .and_then(|other| drift_at(other, c, l, p))
+            };
+            row.drift_prev_deg = against(prev).map(|x| x.0);
+            if let Some((angle, cos)) = against(base.filter(|&b| b != i)) {
+                row.drift_base_deg = Some(angle);
+                row.carrier_cos_base = Some(cos);
             }
         }
-        prev = Some((row.anchor.recipe.clone(), dir));
         out.push(row);
     }
     Ok(out)
@@ -335,7 +355,8 @@ pub const COLUMNS: &[&str] = &[
     "baseline_harmful_score",
 ];
 
-fn cells(r: &Row) -> Vec<String> {
+/// One row's cells, in [`COLUMNS`] order.
+pub fn cells(r: &Row) -> Vec<String> {
     vec![
         r.anchor.recipe.clone(),
         r.anchor.name.clone(),

@@ -8,7 +8,6 @@ use rand::SeedableRng;
 use safegeo_runtime::{generate, GenerateConfig, Message, Model, Observer};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::io::{BufRead, Write};
 use std::path::Path;
 
 /// How refusals are phrased (SPEC.md section 1.3), recorded by every run.
@@ -159,15 +158,10 @@ pub fn own_replies(
     obs: &mut dyn Observer,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<OwnReply>> {
-    let mut known: HashMap<String, OwnReply> = HashMap::new();
-    if let Ok(f) = std::fs::File::open(cache) {
-        for line in std::io::BufReader::new(f).lines() {
-            let line = line.map_err(|e| Error::io(cache, e))?;
-            if let Ok(d) = serde_json::from_str::<OwnReply>(&line) {
-                known.insert(d.prompt.clone(), d);
-            }
-        }
-    }
+    let mut known: HashMap<String, OwnReply> = safegeo_data::jsonl::read::<OwnReply>(cache)?
+        .into_iter()
+        .map(|d| (d.prompt.clone(), d))
+        .collect();
     let mut todo: Vec<&String> = prompts.iter().filter(|p| !known.contains_key(*p)).collect();
     // Similar lengths decode together; sorting by text too puts repeats side by side.
     todo.sort_by(|a, b| a.len().cmp(&b.len()).then(a.cmp(b)));
@@ -175,11 +169,7 @@ pub fn own_replies(
     if let Some(dir) = cache.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(cache)
-        .map_err(|e| Error::io(cache, e))?;
+    let mut file = safegeo_data::jsonl::Appender::open(cache)?;
     let mut done = prompts.len() - todo.len();
     progress(done, prompts.len());
     for chunk in todo.chunks(batch.max(1)) {
@@ -197,11 +187,9 @@ pub fn own_replies(
                 reply: model.tok.decode(&g.ids, true)?,
                 finished: g.stop == safegeo_runtime::Stop::EndOfTurn,
             };
-            let line = serde_json::to_string(&d).map_err(|e| Error::Invalid(e.to_string()))?;
-            writeln!(file, "{line}").map_err(|e| Error::io(cache, e))?;
+            file.push(&d)?;
             known.insert(d.prompt.clone(), d);
         }
-        file.flush().map_err(|e| Error::io(cache, e))?;
         done += chunk.len();
         progress(done.min(prompts.len()), prompts.len());
     }

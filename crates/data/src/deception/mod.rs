@@ -382,19 +382,31 @@ pub fn run_deception(
         .iter()
         .map(|r| (r.scenario.clone(), r.strategy.clone(), r.run))
         .collect();
-    // Every (scenario, strategy) conversation is checked before any sampling starts.
-    // (scenario, strategy, run, conversation, its token ids)
-    type Todo<'a> = (&'a Scenario, &'a str, usize, Vec<Message>, Vec<u32>);
-    let mut todo: Vec<Todo> = Vec::new();
+    /// One (scenario, strategy) pair: its conversation up to the scored reply and its ids.
+    struct Conversation<'a> {
+        scenario: &'a Scenario,
+        strategy: &'a str,
+        messages: Vec<Message>,
+        ids: Vec<u32>,
+    }
+    // Every conversation is built and checked before any sampling starts; runs refer to it.
+    let mut conversations = Vec::new();
+    let mut todo: Vec<(usize, usize)> = Vec::new(); // (conversation, run)
     for s in scenarios {
         for strategy in &spec.strategies {
             let messages = s.messages(strategy)?;
             let ids = model.tok.encode_chat(&messages, false)?;
             for run in 0..spec.runs {
                 if !done.contains(&(s.name.clone(), strategy.clone(), run)) {
-                    todo.push((s, strategy, run, messages.clone(), ids.clone()));
+                    todo.push((conversations.len(), run));
                 }
             }
+            conversations.push(Conversation {
+                scenario: s,
+                strategy,
+                messages,
+                ids,
+            });
         }
     }
     let total = done.len() + todo.len();
@@ -409,13 +421,22 @@ pub fn run_deception(
     };
     let mut out = jsonl::Appender::open(&path)?;
     for chunk in todo.chunks(spec.batch_size) {
-        let prompts: Vec<Vec<u32>> = chunk.iter().map(|t| t.4.clone()).collect();
+        let prompts: Vec<Vec<u32>> = chunk
+            .iter()
+            .map(|&(c, _)| conversations[c].ids.clone())
+            .collect();
         let seeds: Vec<u64> = chunk
             .iter()
-            .map(|t| spec.generation.seed.wrapping_add(t.2 as u64))
+            .map(|&(_, run)| spec.generation.seed.wrapping_add(run as u64))
             .collect();
         let gens = generate_seeded(model, &prompts, &seeds, &generation, obs)?;
-        for ((s, strategy, run, messages, _), g) in chunk.iter().zip(gens) {
+        for ((&(c, run), g), &seed) in chunk.iter().zip(gens).zip(&seeds) {
+            let Conversation {
+                scenario: s,
+                strategy,
+                messages,
+                ..
+            } = &conversations[c];
             // `g.ids` starts with the forced prefix; decode the generated part after it.
             let generated = &g.ids[generation.prefix_ids.len().min(g.ids.len())..];
             let text = format!("{forced}{}", model.tok.decode(generated, true)?);
@@ -428,8 +449,8 @@ pub fn run_deception(
                 scenario: s.name.clone(),
                 kind: s.kind.clone(),
                 strategy: strategy.to_string(),
-                run: *run,
-                seed: spec.generation.seed.wrapping_add(*run as u64),
+                run,
+                seed,
                 messages,
                 parsed,
                 response_tokens: generated.len(),
