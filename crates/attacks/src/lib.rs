@@ -173,7 +173,7 @@ pub fn load_state<T: serde::de::DeserializeOwned>(
 pub fn save_state<T: serde::Serialize>(path: Option<&std::path::Path>, state: &T) -> Result<()> {
     if let Some(p) = path {
         let json = serde_json::to_vec(state).map_err(|e| Error::Invalid(e.to_string()))?;
-        safegeo_data::eval::write_atomic(p, &json)?;
+        safegeo_runtime::files::write_atomic(p, &json)?;
     }
     Ok(())
 }

@@ -252,7 +252,7 @@ pub fn check_or_write_config(out: &std::path::Path, config: &serde_json::Value) 
         }
         return Ok(());
     }
-    safegeo_data::eval::write_atomic(&path, serde_json::to_string_pretty(config)?.as_bytes())?;
+    safegeo_runtime::files::write_atomic(&path, serde_json::to_string_pretty(config)?.as_bytes())?;
     Ok(())
 }
 

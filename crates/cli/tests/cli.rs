@@ -1125,7 +1125,8 @@ fn trajectory_measures_sharded_anchors_merges_and_writes_the_report() {
 }
 
 /// Start `safegeo args`, SIGKILL it once `ready()` holds (or after 20 s), and wait for it.
-fn kill_when(args: &[&str], home: &Path, ready: impl Fn() -> bool) {
+/// Run `args` and SIGKILL it once `ready()`; true when it was killed before it finished.
+fn kill_when(args: &[&str], home: &Path, ready: impl Fn() -> bool) -> bool {
     let mut child = Command::new(env!("CARGO_BIN_EXE_safegeo"))
         .args(args)
         .env("SAFEGEO_HOME", home)
@@ -1141,8 +1142,10 @@ fn kill_when(args: &[&str], home: &Path, ready: impl Fn() -> bool) {
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
+    let finished = child.try_wait().unwrap().is_some();
     let _ = child.kill();
     let _ = child.wait();
+    !finished
 }
 
 #[test]
@@ -1560,4 +1563,319 @@ fn judge_api_keys_never_reach_outputs_or_logs() {
             f.display()
         );
     }
+}
+
+/// A point in `lo..=hi` that differs from run to run (printed by the assertions that use it).
+fn random_point(lo: usize, hi: usize) -> usize {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as usize;
+    lo + nanos % (hi - lo + 1)
+}
+
+fn lines_in(path: &Path) -> usize {
+    std::fs::read_to_string(path).map_or(0, |s| s.lines().count())
+}
+
+/// `args` run whole into `full/`, and run into `cut/` killed with SIGKILL once `ready(cut)`, then
+/// resumed. Returns the two folders for the caller to compare and the resumed run's stderr.
+fn full_and_resumed(
+    h: &Path,
+    name: &str,
+    args: &dyn Fn(&Path) -> Vec<String>,
+    ready: &dyn Fn(&Path, std::time::Duration) -> bool,
+) -> (std::path::PathBuf, std::path::PathBuf, String) {
+    let run = |out: &Path| {
+        let a = args(out);
+        let out = safegeo(&a.iter().map(String::as_str).collect::<Vec<_>>(), h);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let (full, cut) = (
+        h.join(format!("{name}-full")),
+        h.join(format!("{name}-cut")),
+    );
+    let t0 = std::time::Instant::now();
+    run(&full);
+    let took = t0.elapsed();
+    let a = args(&cut);
+    assert!(
+        kill_when(&a.iter().map(String::as_str).collect::<Vec<_>>(), h, || {
+            ready(&cut, took)
+        }),
+        "{name}: the run finished before the kill point"
+    );
+    let log = run(&cut);
+    (full, cut, log)
+}
+
+fn same_file(a: &Path, b: &Path, what: &str) {
+    assert_eq!(
+        std::fs::read(a).unwrap_or_else(|e| panic!("{}: {e}", a.display())),
+        std::fs::read(b).unwrap_or_else(|e| panic!("{}: {e}", b.display())),
+        "{what}: {} differs from the uninterrupted run",
+        b.display()
+    );
+}
+
+/// A JSON file without its wall-clock time and the path of its own folder.
+fn json_without_seconds(path: &Path) -> String {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("seconds");
+    let dir = path.parent().unwrap().to_str().unwrap();
+    v.to_string().replace(dir, "DIR")
+}
+
+#[test]
+fn carriers_select_sweep_attack_and_train_resume_after_kill_9_to_the_uninterrupted_result() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let model = h.join("tiny");
+    write_tiny_hf(Arch::Llama, 12, &model).unwrap();
+    let m = model.to_str().unwrap().to_string();
+    let (harm, harmless) = (
+        prompt_file(h, "harm.jsonl", 1, "harmful", 24),
+        prompt_file(h, "harmless.jsonl", 30, "benign", 24),
+    );
+    let sets = format!("{harm},{harmless}");
+    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<String>>();
+
+    // carriers: one pass, written atomically; a kill anywhere leaves nothing torn. Killed at a
+    // random share of the uninterrupted run's wall time.
+    let point = random_point(5, 60);
+    let started = std::cell::Cell::new(None::<std::time::Instant>);
+    let (full, cut, _) = full_and_resumed(
+        h,
+        "carriers",
+        &|out| {
+            strings(&[
+                "carriers",
+                "-m",
+                &m,
+                "--harmful",
+                &harm,
+                "--harmless",
+                &harmless,
+                "--n",
+                "24",
+                "--bootstrap",
+                "400",
+                "--out",
+                out.to_str().unwrap(),
+            ])
+        },
+        &|_, took| {
+            let t0 = started.get().unwrap_or_else(std::time::Instant::now);
+            started.set(Some(t0));
+            t0.elapsed() >= took * point as u32 / 100
+        },
+    );
+    for f in ["carriers.safetensors", "carriers.json", "geometry.json"] {
+        same_file(
+            &full.join(f),
+            &cut.join(f),
+            &format!("carriers killed at {point}% of its time"),
+        );
+    }
+
+    // select and sweep resume from their journals; both start from the same carriers.
+    let point = random_point(2, 6);
+    let (full, cut, log) = full_and_resumed(
+        h,
+        "select",
+        &|out| {
+            std::fs::create_dir_all(out).unwrap();
+            for f in ["carriers.safetensors", "carriers.json"] {
+                std::fs::copy(h.join("carriers-full").join(f), out.join(f)).unwrap();
+            }
+            strings(&[
+                "select",
+                out.to_str().unwrap(),
+                "--val",
+                &sets,
+                "--n-val",
+                "12",
+                "--screen",
+                "4",
+                "--finalists",
+                "4",
+                "--kl-max",
+                "50",
+            ])
+        },
+        &|out, _| lines_in(&out.join("select.journal.jsonl")) > point,
+    );
+    assert!(log.contains("measurements already made"), "{log}");
+    same_file(
+        &full.join("selection.csv"),
+        &cut.join("selection.csv"),
+        &format!("select killed after {point} measurements"),
+    );
+    assert_eq!(
+        json_without_seconds(&full.join("selection.json")),
+        json_without_seconds(&cut.join("selection.json"))
+    );
+    let point = random_point(2, 12);
+    let (full, cut, log) = full_and_resumed(
+        h,
+        "sweep",
+        &|out| {
+            std::fs::create_dir_all(out).unwrap();
+            for f in ["carriers.safetensors", "carriers.json"] {
+                std::fs::copy(h.join("carriers-full").join(f), out.join(f)).unwrap();
+            }
+            strings(&[
+                "sweep",
+                out.to_str().unwrap(),
+                "--carrier",
+                "1:0",
+                "--val",
+                &sets,
+                "--n",
+                "8",
+                "--coefs",
+                "-1,0,1",
+                "--controls",
+                "8",
+                "--continuation-tokens",
+                "4",
+            ])
+        },
+        &|out, _| lines_in(&out.join("sweep.journal.jsonl")) > point,
+    );
+    assert!(log.contains("conditions already measured"), "{log}");
+    same_file(
+        &full.join("sweep.csv"),
+        &cut.join("sweep.csv"),
+        &format!("sweep killed after {point} conditions"),
+    );
+    assert_eq!(
+        json_without_seconds(&full.join("sweep.json")),
+        json_without_seconds(&cut.join("sweep.json"))
+    );
+
+    // attack: GCG writes its state after every step and a test case per behaviour.
+    let behaviors = h.join("behaviors.jsonl");
+    std::fs::write(
+        &behaviors,
+        (0..3)
+            .map(|i| {
+                format!(
+                    "{{\"id\": \"b{i}\", \"prompt\": \"w{} w{} w{}\", \"target\": \"w{} w{}\"}}\n",
+                    3 + i,
+                    5 + i,
+                    7 + i,
+                    11 + i,
+                    13 + i
+                )
+            })
+            .collect::<String>(),
+    )
+    .unwrap();
+    let point = random_point(0, 2);
+    let (full, cut, _) = full_and_resumed(
+        h,
+        "gcg",
+        &|out| {
+            strings(&[
+                "attack",
+                "gcg",
+                "-m",
+                &m,
+                "--behaviors",
+                behaviors.to_str().unwrap(),
+                "--steps",
+                "12",
+                "--search-width",
+                "32",
+                "--topk",
+                "16",
+                "--optim-str-init",
+                "w1 w1 w1 w1",
+                "--out",
+                out.to_str().unwrap(),
+            ])
+        },
+        &|out, _| {
+            lines_in(&out.join("test_cases.jsonl")) >= point
+                && std::fs::read_dir(out.join("state")).is_ok_and(|d| d.count() > 0)
+        },
+    );
+    same_file(
+        &full.join("test_cases.jsonl"),
+        &cut.join("test_cases.jsonl"),
+        &format!("gcg killed in behaviour {point}"),
+    );
+
+    // train: exact resume from the last saved state; the log keeps exactly the steps before it.
+    // Training needs a template that renders the prompt as a prefix of prompt + reply.
+    let config = model.join("tokenizer_config.json");
+    let mut tc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    tc["chat_template"] = "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }} w2 {% else %}{{ m['content'] }} w0 {% endif %}{% endfor %}".into();
+    std::fs::write(&config, tc.to_string()).unwrap();
+    let point = random_point(2, 9);
+    let (full, cut, _) = full_and_resumed(
+        h,
+        "train",
+        &|out| {
+            strings(&[
+                "train",
+                "-m",
+                &m,
+                "--recipe",
+                "sft",
+                "--steps",
+                "12",
+                "--save-at",
+                "0,6,12",
+                "--batch-size",
+                "2",
+                "--warmup",
+                "2",
+                "--harmful",
+                &harm,
+                "--harmless",
+                &harmless,
+                "--n-harmless",
+                "8",
+                "--n-hard-negatives",
+                "0",
+                "--utility-tokens",
+                "6",
+                "--out",
+                out.to_str().unwrap(),
+            ])
+        },
+        &|out, _| lines_in(&out.join("train_log.jsonl")) > point,
+    );
+    let losses = |dir: &Path| -> Vec<(u64, String)> {
+        std::fs::read_to_string(dir.join("train_log.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["step"].as_u64().unwrap(),
+                    format!("{} {} {}", v["loss"], v["grad_norm"], v["parts"]),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        losses(&full),
+        losses(&cut),
+        "train killed after step {point}"
+    );
+    same_file(
+        &full.join("ckpt-000012/model.safetensors"),
+        &cut.join("ckpt-000012/model.safetensors"),
+        &format!("train killed after step {point}"),
+    );
 }

@@ -9,8 +9,7 @@ use crate::{Error, Result};
 use safegeo_runtime::{generate_seeded, GenerateConfig, Message, Model, Observer};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// What to evaluate and how.
 #[derive(Debug, Clone, Serialize)]
@@ -101,17 +100,6 @@ pub struct Summary {
     pub records: usize,
     /// Notes a reader needs (judge caveats).
     pub notes: Vec<String>,
-}
-
-/// Write `path` atomically (temp file, fsync, rename).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 fn messages(item: &Item, system: Option<&str>) -> Vec<Message> {
@@ -308,13 +296,13 @@ pub fn run_eval(
             });
         }
     }
-    write_atomic(
+    safegeo_runtime::files::write_atomic(
         &spec.out.join("summary.json"),
         serde_json::to_string_pretty(&summary)
             .unwrap_or_default()
             .as_bytes(),
     )?;
-    write_atomic(
+    safegeo_runtime::files::write_atomic(
         &spec.out.join("summary.csv"),
         summary_csv(&summary).as_bytes(),
     )?;

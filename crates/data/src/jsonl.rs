@@ -83,9 +83,100 @@ impl Appender {
     }
 }
 
+/// A resumable measurement log: a header line with the run's fingerprint (a digest of everything
+/// the measurements depend on), then one `{"key", "value"}` line per finished measurement. Opened
+/// with the same fingerprint it hands back what was measured; with another, it starts afresh, so a
+/// stale log can never leak into a different run.
+pub struct Journal<V> {
+    done: std::collections::HashMap<String, V>,
+    out: Appender,
+}
+
+impl<V: Serialize + DeserializeOwned> Journal<V> {
+    /// Open (or start) the journal at `path` for a run identified by `fingerprint`.
+    pub fn open(path: &Path, fingerprint: &str) -> Result<Self> {
+        let lines: Vec<serde_json::Value> = read(path)?;
+        let same = lines.first().and_then(|h| h["fingerprint"].as_str()) == Some(fingerprint);
+        let mut done = std::collections::HashMap::new();
+        if same {
+            for l in &lines[1..] {
+                if let (Some(k), Ok(v)) = (
+                    l["key"].as_str(),
+                    serde_json::from_value::<V>(l["value"].clone()),
+                ) {
+                    done.insert(k.to_string(), v);
+                }
+            }
+        } else if path.exists() {
+            tracing::info!("{}: another run's journal, starting afresh", path.display());
+            std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
+        }
+        let mut out = Appender::open(path)?;
+        if !same {
+            out.push(&serde_json::json!({ "fingerprint": fingerprint }))?;
+        }
+        Ok(Self { done, out })
+    }
+
+    /// The measurement recorded under `key`, if any.
+    pub fn get(&self, key: &str) -> Option<&V> {
+        self.done.get(key)
+    }
+
+    /// Record a finished measurement (flushed before this returns).
+    pub fn put(&mut self, key: &str, value: V) -> Result<()> {
+        self.out
+            .push(&serde_json::json!({ "key": key, "value": &value }))?;
+        self.done.insert(key.to_string(), value);
+        Ok(())
+    }
+
+    /// Measurements recorded so far.
+    pub fn len(&self) -> usize {
+        self.done.len()
+    }
+
+    /// No measurement recorded yet.
+    pub fn is_empty(&self) -> bool {
+        self.done.is_empty()
+    }
+}
+
+/// Lowercase hex SHA-256 of `bytes` (journal fingerprints).
+pub fn fingerprint(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("{:x}", sha2::Sha256::digest(bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn journal_resumes_with_the_same_fingerprint_and_restarts_with_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j.jsonl");
+        let mut j = Journal::<(f64, f64)>::open(&p, "run-a").unwrap();
+        j.put("0/1", (0.1 + 0.2, -1e-300)).unwrap();
+        j.put("0/2", (f64::MAX, 1.0 / 3.0)).unwrap();
+        drop(j);
+        // A torn record from a kill is dropped; whole ones come back bit for bit.
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes.extend_from_slice(b"{\"key\":\"0/3\",\"val");
+        std::fs::write(&p, bytes).unwrap();
+        let mut j = Journal::<(f64, f64)>::open(&p, "run-a").unwrap();
+        assert_eq!(j.len(), 2);
+        assert_eq!(j.get("0/1"), Some(&(0.1 + 0.2, -1e-300)));
+        assert_eq!(j.get("0/2"), Some(&(f64::MAX, 1.0 / 3.0)));
+        assert_eq!(j.get("0/3"), None);
+        j.put("0/3", (3.0, 3.0)).unwrap();
+        drop(j);
+        assert_eq!(Journal::<(f64, f64)>::open(&p, "run-a").unwrap().len(), 3);
+        let j = Journal::<(f64, f64)>::open(&p, "run-b").unwrap();
+        assert!(j.is_empty());
+        drop(j);
+        assert!(Journal::<(f64, f64)>::open(&p, "run-a").unwrap().is_empty());
+    }
 
     #[test]
     fn torn_last_line_is_dropped_and_cut_before_appending() {

@@ -11,6 +11,7 @@
 use crate::linalg;
 use crate::Result;
 use candle_core::{DType, Device, Tensor, D};
+use safegeo_data::jsonl::Journal;
 use safegeo_data::judges::refusal_score::refusal_scores;
 use safegeo_runtime::{Hooks, Intervention, Model, NoHooks, Observer, Scope};
 use serde::Serialize;
@@ -206,7 +207,9 @@ pub fn failed_tests(
 }
 
 /// Screen every candidate, re-measure finalists on all prompts, and pick the admissible one with
-/// the lowest bypass. `progress(done, total)` after every measurement.
+/// the lowest bypass. `progress(done, total)` after every measurement. With a `journal`, every
+/// measurement is recorded as it finishes and measurements already in it are not redone, so a
+/// killed selection resumes where it stopped (and gives the same result).
 #[allow(clippy::too_many_arguments)]
 pub fn select(
     model: &Model,
@@ -215,6 +218,7 @@ pub fn select(
     harmless: &[Vec<u32>],
     refusal_ids: &[u32],
     cfg: &SelectConfig,
+    mut journal: Option<&mut Journal<[f64; 3]>>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(Vec<Candidate>, Option<usize>, Baseline)> {
     let n_layer = carriers.len();
@@ -241,8 +245,10 @@ pub fn select(
             if !wanted(p) {
                 continue;
             }
-            let (bypass, induce, kl) =
-                measure(model, r, l, hs, ls, &base_screen, refusal_ids, cfg.batch)?;
+            let [bypass, induce, kl] = journaled(&mut journal, &format!("screen/{l}/{p}"), || {
+                let (b, i, k) = measure(model, r, l, hs, ls, &base_screen, refusal_ids, cfg.batch)?;
+                Ok([b, i, k])
+            })?;
             let failed = failed_tests(bypass, induce, kl, l, n_layer, cfg);
             cands.push(Candidate {
                 layer: l,
@@ -273,16 +279,19 @@ pub fn select(
         .collect();
     for i in finalists {
         let (l, p) = (cands[i].layer, cands[i].pos);
-        let (bypass, induce, kl) = measure(
-            model,
-            &carriers[l][p],
-            l,
-            harmful,
-            harmless,
-            &base,
-            refusal_ids,
-            cfg.batch,
-        )?;
+        let [bypass, induce, kl] = journaled(&mut journal, &format!("full/{l}/{p}"), || {
+            let (b, i, k) = measure(
+                model,
+                &carriers[l][p],
+                l,
+                harmful,
+                harmless,
+                &base,
+                refusal_ids,
+                cfg.batch,
+            )?;
+            Ok([b, i, k])
+        })?;
         let failed = failed_tests(bypass, induce, kl, l, n_layer, cfg);
         cands[i] = Candidate {
             layer: l,
@@ -301,4 +310,20 @@ pub fn select(
         .filter(|&i| cands[i].admissible)
         .min_by(|&a, &b| cands[a].bypass.total_cmp(&cands[b].bypass));
     Ok((cands, best, base))
+}
+
+/// The journal's value for `key`, or `measure()` recorded under it.
+fn journaled(
+    journal: &mut Option<&mut Journal<[f64; 3]>>,
+    key: &str,
+    measure: impl FnOnce() -> Result<[f64; 3]>,
+) -> Result<[f64; 3]> {
+    if let Some(v) = journal.as_deref().and_then(|j| j.get(key)) {
+        return Ok(*v);
+    }
+    let v = measure()?;
+    if let Some(j) = journal.as_deref_mut() {
+        j.put(key, v)?;
+    }
+    Ok(v)
 }

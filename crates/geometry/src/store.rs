@@ -42,9 +42,10 @@ pub fn to_tensors(c: &Carriers) -> Result<HashMap<String, Tensor>> {
 
 /// Write `carriers.safetensors` atomically.
 pub fn save(c: &Carriers, path: &Path) -> Result<()> {
-    let tmp = path.with_extension("safetensors.tmp");
-    candle_core::safetensors::save(&to_tensors(c)?, &tmp)?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
+    Ok(safegeo_runtime::files::save_tensors_atomic(
+        &to_tensors(c)?,
+        path,
+    )?)
 }
 
 /// Read a carrier set written by [`save`].
@@ -91,7 +92,7 @@ pub fn write_npy(t: &Tensor, path: &Path) -> Result<()> {
     {
         out.extend_from_slice(&x.to_le_bytes());
     }
-    std::fs::write(path, out).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
+    Ok(safegeo_runtime::files::write_atomic(path, &out)?)
 }
 
 #[cfg(test)]

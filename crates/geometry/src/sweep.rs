@@ -11,6 +11,7 @@ use crate::select::last_logprobs;
 use crate::Result;
 use candle_core::{Tensor, D};
 use rand::{Rng, SeedableRng};
+use safegeo_data::jsonl::Journal;
 use safegeo_data::judges::refusal_score::score_from_logprobs;
 use safegeo_data::utility::{completion_cross_entropy, Reference};
 use safegeo_runtime::{Hooks, Intervention, Model, NoHooks, Scope};
@@ -44,7 +45,7 @@ impl Default for SweepConfig {
 }
 
 /// Per-prompt measurements of one condition.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Condition {
     /// `refusal`, `harmfulness` or `control_k`.
     pub direction: String,
@@ -121,7 +122,9 @@ pub fn random_controls(d: usize, n: usize, scale: f64, seed: u64) -> Vec<Vec<f64
         .collect()
 }
 
-/// Run every condition. `refs` are the base model's continuations of the harmless prompts.
+/// Run every condition. `refs` are the base model's continuations of the harmless prompts. With
+/// a `journal`, each condition is recorded as it finishes and conditions already in it are not
+/// rerun, so a killed sweep resumes where it stopped.
 #[allow(clippy::too_many_arguments)]
 pub fn sweep(
     model: &Model,
@@ -133,6 +136,7 @@ pub fn sweep(
     refs: &[Reference],
     refusal_ids: &[u32],
     cfg: &SweepConfig,
+    mut journal: Option<&mut Journal<Condition>>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<Condition>> {
     let mut dirs: Vec<(String, Vec<f64>)> = vec![
@@ -151,6 +155,12 @@ pub fn sweep(
     let mut out = Vec::with_capacity(total);
     for (name, v) in &dirs {
         for &coef in &coefs {
+            let key = format!("{name}/{}", coef.map_or("ablate".into(), |c| c.to_string()));
+            if let Some(c) = journal.as_deref().and_then(|j| j.get(&key)) {
+                out.push(c.clone());
+                progress(out.len(), total);
+                continue;
+            }
             let mut hooks = interventions(v, layer, coef, &model.device)?;
             // One pass per prompt set: scores and KL come from the same last-position log-probs.
             let harmful_scores = scores_of(
@@ -164,14 +174,18 @@ pub fn sweep(
                 harmless_kl.extend((b.exp()? * (b - a)?)?.sum(D::Minus1)?.to_vec1::<f64>()?);
             }
             let harmless_ce = completion_cross_entropy(model, refs, cfg.batch, &mut hooks)?;
-            out.push(Condition {
+            let c = Condition {
                 direction: name.clone(),
                 coef,
                 harmful_scores,
                 harmless_scores,
                 harmless_kl,
                 harmless_ce,
-            });
+            };
+            if let Some(j) = journal.as_deref_mut() {
+                j.put(&key, c.clone())?;
+            }
+            out.push(c);
             progress(out.len(), total);
         }
     }

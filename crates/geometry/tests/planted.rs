@@ -3,6 +3,7 @@
 //! method must recover `u`, and selection must pick a candidate along `u` whose ablation removes
 //! the planted refusal.
 use candle_core::{DType, Device, Tensor};
+use safegeo_data::jsonl::Journal;
 use safegeo_geometry::carriers::{capture, difference_of_means};
 use safegeo_geometry::linalg::cosine;
 use safegeo_geometry::select::{select, SelectConfig};
@@ -88,9 +89,43 @@ fn selection_picks_a_carrier_along_the_plant_whose_ablation_removes_refusal() {
         &val_l,
         &[REFUSAL_TOKEN],
         &cfg,
+        None,
         &mut |_, _| {},
     )
     .unwrap();
+    // A journaled selection cut short (a kill after the first few measurements, the last record
+    // torn) resumes to exactly the uninterrupted result.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("select.journal.jsonl");
+    let run = |journal: &mut Journal<[f64; 3]>| {
+        let (k, b, _) = select(
+            &m,
+            &c.refusal,
+            &val_h,
+            &val_l,
+            &[REFUSAL_TOKEN],
+            &cfg,
+            Some(journal),
+            &mut |_, _| {},
+        )
+        .unwrap();
+        (serde_json::to_string(&k).unwrap(), b)
+    };
+    run(&mut Journal::open(&path, "planted").unwrap());
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1 + cands.len() + cands.len().min(cfg.finalists)
+    );
+    let torn = format!("{}\n{}", lines[..4].join("\n"), &lines[4][..10]);
+    std::fs::write(&path, torn).unwrap();
+    let mut journal = Journal::open(&path, "planted").unwrap();
+    assert_eq!(journal.len(), 3);
+    assert_eq!(
+        run(&mut journal),
+        (serde_json::to_string(&cands).unwrap(), best)
+    );
     let best = &cands[best.expect("an admissible carrier")];
     let u64: Vec<f64> = u.iter().map(|&x| x as f64).collect();
     assert!(

@@ -95,13 +95,14 @@ fn config_json(model: &Model) -> serde_json::Value {
 pub fn export_hf(model: &mut Model, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let tensors = hf_tensors(model)?;
-    let tmp = dir.join("model.safetensors.tmp");
-    candle_core::safetensors::save(&tensors, &tmp)?;
-    std::fs::rename(&tmp, dir.join("model.safetensors")).map_err(|e| Error::io(dir, e))?;
+    crate::files::save_tensors_atomic(&tensors, &dir.join("model.safetensors"))?;
     let write = |name: &str, v: &serde_json::Value| {
-        let p = dir.join(name);
-        std::fs::write(&p, serde_json::to_string_pretty(v).unwrap_or_default())
-            .map_err(|e| Error::io(&p, e))
+        crate::files::write_atomic(
+            &dir.join(name),
+            serde_json::to_string_pretty(v)
+                .unwrap_or_default()
+                .as_bytes(),
+        )
     };
     write("config.json", &config_json(model))?;
     model

@@ -6,6 +6,7 @@ mod config;
 mod error;
 mod export;
 pub mod fetch;
+pub mod files;
 mod generate;
 pub mod gguf_check;
 mod hooks;

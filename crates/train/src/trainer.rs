@@ -263,8 +263,7 @@ fn save_vars(vars: &[Var], opt: &AdamW, path: &Path) -> Result<()> {
             Tensor::from_slice(&v[i], &shape, &candle_core::Device::Cpu)?,
         );
     }
-    candle_core::safetensors::save(&named, path)?;
-    Ok(())
+    Ok(safegeo_runtime::files::save_tensors_atomic(&named, path)?)
 }
 
 fn load_vars(vars: &[Var], opt: &mut AdamW, path: &Path, step: usize) -> Result<()> {
@@ -337,6 +336,11 @@ pub fn train(
         },
     )?;
     let mut start = 0;
+    // A kill between the two renames of `save_state` leaves only the previous state, whole.
+    let old_state = run.dir.join("state.old");
+    if !run.state().exists() && old_state.join("trainer.json").exists() {
+        std::fs::rename(&old_state, run.state()).map_err(|e| Error::io(&old_state, e))?;
+    }
     let state_json = run.state().join("trainer.json");
     if state_json.exists() {
         let s: ResumeState = serde_json::from_slice(
@@ -371,7 +375,7 @@ pub fn train(
             }
         }
     }
-    safegeo_data::eval::write_atomic(&run.log(), kept.as_bytes())?;
+    safegeo_runtime::files::write_atomic(&run.log(), kept.as_bytes())?;
     let mut log = std::fs::OpenOptions::new()
         .append(true)
         .open(run.log())
@@ -482,7 +486,7 @@ fn save_state(
         recipe: recipe.state(),
         config: cfg.clone(),
     };
-    safegeo_data::eval::write_atomic(
+    safegeo_runtime::files::write_atomic(
         &tmp.join("trainer.json"),
         &serde_json::to_vec_pretty(&s).map_err(|e| Error::Invalid(e.to_string()))?,
     )?;
@@ -507,7 +511,7 @@ fn write_checkpoint(
     let tmp = run.dir.join(format!("ckpt-{step:06}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
     safegeo_runtime::export_hf(model, &tmp)?;
-    safegeo_data::eval::write_atomic(
+    safegeo_runtime::files::write_atomic(
         &tmp.join("checkpoint.json"),
         &serde_json::to_vec_pretty(&serde_json::json!({
             "step": step, "recipe": recipe, "base_model": model.source,

@@ -1,6 +1,7 @@
 //! `safegeo carriers` and `safegeo select`: refusal geometry of a model.
 use crate::common::{self, ModelArgs};
 use anyhow::{bail, Context, Result};
+use safegeo_data::jsonl::{self, Journal};
 use safegeo_data::judges::refusal_score::{refusal_scores, refusal_token_ids, REFUSAL_OPENINGS};
 use safegeo_data::{load_dataset, LoadSpec};
 use safegeo_geometry::carriers::{capture, difference_of_means, prompt_ids};
@@ -98,7 +99,7 @@ pub struct SelectArgs {
 }
 
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
-    safegeo_data::eval::write_atomic(path, serde_json::to_string_pretty(v)?.as_bytes())?;
+    safegeo_runtime::files::write_atomic(path, serde_json::to_string_pretty(v)?.as_bytes())?;
     Ok(())
 }
 
@@ -290,6 +291,22 @@ pub fn run_select(a: SelectArgs) -> Result<()> {
         positions: a.positions.clone(),
     };
     let carriers = if a.orth { &c.refusal_orth } else { &c.refusal };
+    // Every measurement lands in a journal, so a killed selection resumes where it stopped.
+    let fingerprint = serde_json::json!({
+        "carriers": safegeo_runtime::fetch::sha256_file(&a.dir.join("carriers.safetensors"))?,
+        "model": common::model_hash(&model.source)?, "orth": a.orth, "config": &cfg,
+        "harmful": &h_ids, "harmless": &l_ids, "refusal_ids": &refusal_ids,
+    });
+    let mut journal = Journal::open(
+        &a.dir.join("select.journal.jsonl"),
+        &jsonl::fingerprint(fingerprint.to_string().as_bytes()),
+    )?;
+    if !journal.is_empty() {
+        eprintln!(
+            "select: resuming, {} measurements already made",
+            journal.len()
+        );
+    }
     let t0 = std::time::Instant::now();
     let mut bar = common::Progress::new("candidate measurements");
     let (cands, best, base) = select(
@@ -299,6 +316,7 @@ pub fn run_select(a: SelectArgs) -> Result<()> {
         &l_ids,
         &refusal_ids,
         &cfg,
+        Some(&mut journal),
         &mut |d, t| bar.set(d, t),
     )?;
     bar.finish();
@@ -316,7 +334,7 @@ pub fn run_select(a: SelectArgs) -> Result<()> {
             k.failed.join(";")
         ));
     }
-    safegeo_data::eval::write_atomic(&a.dir.join("selection.csv"), csv.as_bytes())?;
+    safegeo_runtime::files::write_atomic(&a.dir.join("selection.csv"), csv.as_bytes())?;
     let full: Vec<_> = cands.iter().filter(|k| k.stage == "full").collect();
     let count = |t: &str| full.iter().filter(|k| k.failed.contains(&t)).count();
     let verdict = match best {
@@ -562,6 +580,22 @@ pub fn run_sweep(a: SweepArgs) -> Result<()> {
         seed: a.seed,
         ..Default::default()
     };
+    let fingerprint = serde_json::json!({
+        "carriers": safegeo_runtime::fetch::sha256_file(&a.dir.join("carriers.safetensors"))?,
+        "model": common::model_hash(&model.source)?, "config": &cfg, "layer": layer,
+        "refusal": &r, "harmfulness": &h, "harmful": &h_ids, "harmless": &keep,
+        "refs": refs.iter().map(|x| &x.completion).collect::<Vec<_>>(), "refusal_ids": &refusal_ids,
+    });
+    let mut journal = Journal::open(
+        &a.dir.join("sweep.journal.jsonl"),
+        &jsonl::fingerprint(fingerprint.to_string().as_bytes()),
+    )?;
+    if !journal.is_empty() {
+        eprintln!(
+            "sweep: resuming, {} conditions already measured",
+            journal.len()
+        );
+    }
     let t0 = std::time::Instant::now();
     let mut bar = common::Progress::new("conditions");
     let conds = sweep(
@@ -574,6 +608,7 @@ pub fn run_sweep(a: SweepArgs) -> Result<()> {
         &refs,
         &refusal_ids,
         &cfg,
+        Some(&mut journal),
         &mut |d, t| bar.set(d, t),
     )?;
     bar.finish();
@@ -611,7 +646,7 @@ pub fn run_sweep(a: SweepArgs) -> Result<()> {
             csv.push_str(&format!("{},{coef},{metric},{value:.6}\n", cnd.direction));
         }
     }
-    safegeo_data::eval::write_atomic(&a.dir.join("sweep.csv"), csv.as_bytes())?;
+    safegeo_runtime::files::write_atomic(&a.dir.join("sweep.csv"), csv.as_bytes())?;
     let out = serde_json::json!({
         "carrier": name, "layer": layer, "pos": pos, "config": cfg, "seconds": t0.elapsed().as_secs_f64(),
         "prompts": {"harmful": {"name": hv.name, "sha256": hv.sha256, "n": h_ids.len()}, "harmless": {"name": lv.name, "sha256": lv.sha256, "n": keep.len()}},

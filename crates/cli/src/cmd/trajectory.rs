@@ -221,7 +221,7 @@ fn measure(a: &TrajectoryArgs, anchor: &Anchor, dir: &Path) -> Result<()> {
             );
         }
     } else {
-        safegeo_data::eval::write_atomic(
+        safegeo_runtime::files::write_atomic(
             &info_path,
             serde_json::to_string_pretty(&anchor.info)?.as_bytes(),
         )?;
@@ -336,7 +336,7 @@ pub fn merge(out: &Path, json: bool) -> Result<Vec<trajectory::Row>> {
     dirs.sort();
     let rows = trajectory::collect(&dirs)?;
     let write = |name: &str, bytes: &[u8]| -> Result<()> {
-        safegeo_data::eval::write_atomic(&out.join(name), bytes)?;
+        safegeo_runtime::files::write_atomic(&out.join(name), bytes)?;
         Ok(())
     };
     write(

@@ -469,13 +469,13 @@ pub fn run_deception(
         judge: judge.name(),
         rows: summarise(&records, scenarios, &spec.strategies),
     };
-    crate::eval::write_atomic(
+    safegeo_runtime::files::write_atomic(
         &spec.out.join("summary.json"),
         serde_json::to_string_pretty(&summary)
             .map_err(|e| Error::Invalid(e.to_string()))?
             .as_bytes(),
     )?;
-    crate::eval::write_atomic(
+    safegeo_runtime::files::write_atomic(
         &spec.out.join("summary.csv"),
         summary_csv(&summary).as_bytes(),
     )?;
