@@ -5,6 +5,10 @@ use libfuzzer_sys::fuzz_target;
 
 #[path = "../../crates/runtime/src/template.rs"]
 mod template;
+// template.rs budgets its memory through this; libFuzzer's own -rss_limit_mb/-malloc_limit_mb
+// stand in for the guarded allocator here (its exit would read as a crash).
+#[path = "../../crates/runtime/src/alloc_guard.rs"]
+mod alloc_guard;
 
 #[derive(serde::Serialize)]
 struct Message<'a> {

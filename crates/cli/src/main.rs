@@ -4,6 +4,10 @@ mod common;
 
 use clap::{Parser, Subcommand};
 
+// Bounds the memory of untrusted chat templates (minijinja has no memory limit of its own).
+#[global_allocator]
+static ALLOC: safegeo_runtime::alloc_guard::Guarded = safegeo_runtime::alloc_guard::Guarded;
+
 /// safegeo: measure and change how a language model refuses: evaluate its behaviour, attack it,
 /// safety-train it, find its refusal carriers, test them causally, edit them out, and follow how
 /// they move along a training run.

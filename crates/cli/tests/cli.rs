@@ -1879,3 +1879,43 @@ fn carriers_select_sweep_attack_and_train_resume_after_kill_9_to_the_uninterrupt
         &format!("train killed after step {point}"),
     );
 }
+
+#[test]
+fn chat_templates_that_blow_up_memory_are_stopped_before_taking_it() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let model = h.join("tiny");
+    write_tiny_hf(Arch::Llama, 13, &model).unwrap();
+    let config = model.join("tokenizer_config.json");
+    let original = std::fs::read_to_string(&config).unwrap();
+    // Each costs little fuel and asks for gigabytes to terabytes.
+    for bomb in [
+        "{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+        "{{ ((['a' * 10000000] * 1000)|join)|length }}",
+        "{{ (('a' * 100000000)|replace('a', 'aaaaaaaaaa'))|length }}",
+    ] {
+        let mut tc: serde_json::Value = serde_json::from_str(&original).unwrap();
+        tc["chat_template"] = bomb.into();
+        std::fs::write(&config, tc.to_string()).unwrap();
+        let out = safegeo(&["forward", "-m", model.to_str().unwrap(), "--chat", "hi"], h);
+        fails_with(&out, 2, "rendering the chat template needs more than 256 MiB");
+        fails_with(&out, 2, "--no-template");
+    }
+    // The raw-text way out works on the same model.
+    let out = safegeo(
+        &[
+            "forward",
+            "-m",
+            model.to_str().unwrap(),
+            "--chat",
+            "w1 w2",
+            "--no-template",
+        ],
+        h,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

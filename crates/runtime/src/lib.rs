@@ -2,6 +2,7 @@
 //! capture and edit the residual stream, generate in batches with a KV cache, and differentiate.
 #![deny(missing_docs)]
 
+pub mod alloc_guard;
 mod config;
 mod error;
 mod export;

@@ -1,17 +1,31 @@
 //! Chat templates are untrusted input that comes with model files. Rendering is bounded: a fixed
 //! instruction budget (a template that loops forever runs out of fuel), a recursion limit, a cap
-//! on the rendered size, and no filesystem access (no loader is set). Self-contained (minijinja
-//! and serde only) so that the fuzz target builds it alone.
+//! on the rendered size, a memory budget (see `alloc_guard`: string doubling costs little fuel),
+//! and no filesystem access (no loader is set). Self-contained (minijinja, serde and
+//! `alloc_guard`) so that the fuzz target builds it alone.
 use serde::Serialize;
 
 /// Instructions a chat template may execute (real templates need a few thousand).
 pub const TEMPLATE_FUEL: u64 = 2_000_000;
 /// Longest rendered prompt accepted, in bytes.
 pub const TEMPLATE_MAX_BYTES: usize = 16 << 20;
+/// Memory a rendering may hold at once (enforced where `alloc_guard::Guarded` is installed).
+pub const TEMPLATE_MAX_MEMORY: usize = 256 << 20;
 
 /// Render `template` for `messages` (anything serializing to a list of {role, content}).
 /// `add_generation_prompt` is true unless the last message is the assistant's.
 pub fn render<M: Serialize>(
+    template: &str,
+    messages: &[M],
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<String, String> {
+    crate::alloc_guard::bounded(TEMPLATE_MAX_MEMORY, "rendering the chat template", || {
+        render_unbounded(template, messages, bos_token, eos_token)
+    })
+}
+
+fn render_unbounded<M: Serialize>(
     template: &str,
     messages: &[M],
     bos_token: &str,
