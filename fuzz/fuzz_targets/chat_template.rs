@@ -1,14 +1,11 @@
 //! The chat-template renderer (`crates/runtime/src/template.rs`) on arbitrary templates and
-//! messages: bounded work (fuel), bounded recursion and output, no panic.
+//! messages: bounded work (fuel), bounded recursion and output, no panic. The memory budget
+//! (`alloc_guard`) is not installed here (its exit would read as a crash); libFuzzer's
+//! `-rss_limit_mb`/`-malloc_limit_mb` stand in for it.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
-#[path = "../../crates/runtime/src/template.rs"]
-mod template;
-// template.rs budgets its memory through this; libFuzzer's own -rss_limit_mb/-malloc_limit_mb
-// stand in for the guarded allocator here (its exit would read as a crash).
-#[path = "../../crates/runtime/src/alloc_guard.rs"]
-mod alloc_guard;
+use safegeo_runtime::template;
 
 #[derive(serde::Serialize)]
 struct Message<'a> {

@@ -3,9 +3,7 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
-#[path = "../../crates/runtime/src/gguf_check.rs"]
-#[allow(dead_code)]
-mod gguf_check;
+use safegeo_runtime::gguf_check;
 
 fuzz_target!(|data: &[u8]| {
     let _ = gguf_check::check_header(data, data.len() as u64);

@@ -240,7 +240,8 @@ fn contextual_prompt(context: &str, behavior: &str) -> String {
     format!("{context}\n\n---\n\n{behavior}")
 }
 
-fn parse(name: DatasetName, path: &Path, bytes: &[u8]) -> Result<Vec<Item>> {
+/// The items of a named dataset's file (`path` only names it in errors).
+pub fn parse_named(name: DatasetName, path: &Path, bytes: &[u8]) -> Result<Vec<Item>> {
     use DatasetName::*;
     let item = |id: String, prompt: String, label: &str| Item {
         id,
@@ -392,7 +393,7 @@ pub fn load_dataset(name: &str, spec: &LoadSpec) -> Result<Dataset> {
         let dir = data_dir(spec.data_dir, name, dn.file())?;
         let path = dir.join(dn.file());
         let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-        let items = parse(dn, &path, &bytes)?;
+        let items = parse_named(dn, &path, &bytes)?;
         (path, (bytes, items))
     };
     let (bytes, mut items) = items;
@@ -425,8 +426,12 @@ pub fn load_dataset(name: &str, spec: &LoadSpec) -> Result<Dataset> {
 }
 
 /// A user file: JSONL objects or CSV rows with `prompt` (or `instruction`/`goal`/`chat`), and
-/// optional `id`, `category`, `label`, `target`.
-fn parse_user_file(path: &Path, bytes: &[u8], prompt_column: Option<&str>) -> Result<Vec<Item>> {
+/// optional `id`, `category`, `label`, `target`. CSV when `path` ends in `.csv`, else JSONL.
+pub fn parse_user_file(
+    path: &Path,
+    bytes: &[u8],
+    prompt_column: Option<&str>,
+) -> Result<Vec<Item>> {
     let rows: Vec<serde_json::Map<String, serde_json::Value>> =
         if path.extension().is_some_and(|e| e == "csv") {
             read_csv(path, bytes)?

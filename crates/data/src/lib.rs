@@ -12,5 +12,8 @@ pub mod metrics;
 pub mod test_cases;
 pub mod utility;
 
-pub use datasets::{data_dir, load_dataset, Dataset, DatasetName, Item, LoadSpec, DATASET_NAMES};
+pub use datasets::{
+    data_dir, load_dataset, parse_named, parse_user_file, Dataset, DatasetName, Item, LoadSpec,
+    DATASET_NAMES,
+};
 pub use error::{Error, Result};

@@ -102,7 +102,24 @@ fn add_specials(tk: &mut Tokenizer, tokens: &[String], types: &[i32], path: &Pat
 
 fn token_types(ct: &Content, path: &Path, n: usize) -> Result<Vec<i32>> {
     match ct.metadata.get("tokenizer.ggml.token_type") {
-        Some(v) => v.to_vec()?.iter().map(|x| Ok(x.to_i32()?)).collect(),
+        Some(v) => {
+            let types: Vec<i32> = v
+                .to_vec()?
+                .iter()
+                .map(|x| Ok(x.to_i32()?))
+                .collect::<Result<_>>()?;
+            // Found by fuzzing: a shorter list indexed past its end.
+            if types.len() != n {
+                return Err(Error::Tokenizer {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "tokenizer.ggml.token_type has {} entries for {n} tokens",
+                        types.len()
+                    ),
+                });
+            }
+            Ok(types)
+        }
         None => {
             tracing::warn!(
                 "{}: no token types; treating all tokens as normal",
@@ -253,6 +270,22 @@ fn spm_from_gguf(ct: &Content, path: &Path) -> Result<Tokenizer> {
     Ok(tk)
 }
 
+/// Parse a `tokenizer.json`. The tokenizers crate panics instead of failing on some malformed
+/// files (found by fuzzing: a decoder that is not an object), so the JSON is checked first and
+/// a panic inside the library becomes an error naming the file.
+fn tokenizer_json(path: &Path) -> Result<Tokenizer> {
+    let bad = |reason: String| Error::Tokenizer {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str::<serde_json::Value>(&text)
+        .map_err(|e| bad(format!("not valid JSON ({e})")))?;
+    std::panic::catch_unwind(|| text.parse::<Tokenizer>())
+        .map_err(|_| bad("malformed tokenizer (the tokenizers library could not read it)".into()))?
+        .map_err(|e| bad(e.to_string()))
+}
+
 /// Token ids that end an assistant turn, found by their text in the vocabulary.
 fn find_stop_ids(tk: &Tokenizer, eos: Option<u32>) -> Vec<u32> {
     let mut ids: Vec<u32> = eos.into_iter().collect();
@@ -301,6 +334,17 @@ impl Tok {
         let pad_id = opt_u32(ct, "tokenizer.ggml.padding_token_id")
             .or(eos_id)
             .unwrap_or(0);
+        let n_vocab = inner.get_vocab_size(true);
+        for (key, id) in [("bos", bos_id), ("eos", eos_id), ("padding", Some(pad_id))] {
+            if let Some(id) = id.filter(|&i| i as usize >= n_vocab) {
+                return Err(Error::Tokenizer {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "tokenizer.ggml.{key}_token_id {id} is outside the vocabulary ({n_vocab} tokens)"
+                    ),
+                });
+            }
+        }
         let stop_ids = find_stop_ids(&inner, eos_id);
         Ok(Self {
             inner,
@@ -322,10 +366,7 @@ impl Tok {
                 reason: "tokenizer.json is missing".into(),
             });
         }
-        let inner = Tokenizer::from_file(&tj).map_err(|e| Error::Tokenizer {
-            path: tj.clone(),
-            reason: e.to_string(),
-        })?;
+        let inner = tokenizer_json(&tj)?;
         let cfg: serde_json::Value = read_json_opt(&dir.join("tokenizer_config.json"))?;
         let token_of = |key: &str| -> Option<u32> {
             let v = cfg.get(key)?;
@@ -566,6 +607,75 @@ fn read_json_opt(path: &Path) -> Result<serde_json::Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn gguf_meta(entries: Vec<(&str, Value)>) -> Content {
+        Content {
+            magic: candle_core::quantized::gguf_file::VersionedMagic::GgufV3,
+            metadata: entries
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            tensor_infos: Default::default(),
+            tensor_data_offset: 0,
+        }
+    }
+
+    #[test]
+    fn malformed_tokenizer_json_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tokenizer.json");
+        let head = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":null,"post_processor":null,"#;
+        let model = r#""model":{"type":"WordLevel","vocab":{"a":0},"unk_token":"a"}}"#;
+        // Broken JSON inside the decoder made the tokenizers crate panic (fuzzer crash); decoders
+        // of the wrong shape are its ordinary errors.
+        for (decoder, needle) in [
+            ("\"decoder\":\u{0}{,", "not valid JSON"),
+            (r#""decoder":5,"#, "did not match any variant"),
+            (r#""decoder":[],"#, "did not match any variant"),
+        ] {
+            std::fs::write(&p, format!("{head}{decoder}{model}")).unwrap();
+            let e = tokenizer_json(&p).err().expect(decoder).to_string();
+            assert!(e.contains(needle), "{decoder}: {e}");
+        }
+        std::fs::write(&p, format!(r#"{head}"decoder":null,{model}"#)).unwrap();
+        assert!(tokenizer_json(&p).is_ok());
+    }
+
+    #[test]
+    fn inconsistent_gguf_tokenizer_metadata_is_an_error_not_a_panic() {
+        let strs =
+            |v: &[&str]| Value::Array(v.iter().map(|s| Value::String(s.to_string())).collect());
+        let base = || {
+            vec![
+                ("tokenizer.ggml.model", Value::String("gpt2".into())),
+                ("tokenizer.ggml.tokens", strs(&["a", "b", "ab"])),
+                ("tokenizer.ggml.merges", strs(&["a b"])),
+            ]
+        };
+        let p = Path::new("m.gguf");
+        assert!(Tok::from_gguf(&gguf_meta(base()), p).is_ok());
+        // Regression (fuzzer crash): fewer token types than tokens indexed past the end.
+        for spm in [false, true] {
+            let mut m = base();
+            if spm {
+                m[0].1 = Value::String("llama".into());
+                m.push((
+                    "tokenizer.ggml.scores",
+                    Value::Array(vec![Value::F32(0.0); 3]),
+                ));
+            }
+            m.push(("tokenizer.ggml.token_type", Value::Array(vec![])));
+            let e = Tok::from_gguf(&gguf_meta(m), p).err().unwrap().to_string();
+            assert!(e.contains("token_type has 0 entries for 3 tokens"), "{e}");
+        }
+        let mut m = base();
+        m.push(("tokenizer.ggml.eos_token_id", Value::U32(7)));
+        let e = Tok::from_gguf(&gguf_meta(m), p).err().unwrap().to_string();
+        assert!(
+            e.contains("eos_token_id 7 is outside the vocabulary (3 tokens)"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn smollm_template_renders_default_system_prompt() {
