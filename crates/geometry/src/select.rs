@@ -223,14 +223,10 @@ pub fn select(
 ) -> Result<(Vec<Candidate>, Option<usize>, Baseline)> {
     let n_layer = carriers.len();
     let s = cfg.screen_prompts.max(1);
-    // Every measurement is a mean over prompts, so prompts may run in any order: sorted by
-    // length, a batch pads little (unsorted, padding was 35-50% of the work on the val sets).
     let (hs, ls) = (
-        by_length(&harmful[..s.min(harmful.len())]),
-        by_length(&harmless[..s.min(harmless.len())]),
+        &harmful[..s.min(harmful.len())],
+        &harmless[..s.min(harmless.len())],
     );
-    let (harmful, harmless) = (&by_length(harmful)[..], &by_length(harmless)[..]);
-    let (hs, ls) = (&hs[..], &ls[..]);
     let base_screen = baseline(model, hs, ls, refusal_ids, cfg.batch)?;
     let wanted = |p: usize| cfg.positions.as_ref().is_none_or(|ps| ps.contains(&p));
     let per_layer = (0..carriers[0].len()).filter(|&p| wanted(p)).count();
@@ -314,13 +310,6 @@ pub fn select(
         .filter(|&i| cands[i].admissible)
         .min_by(|&a, &b| cands[a].bypass.total_cmp(&cands[b].bypass));
     Ok((cands, best, base))
-}
-
-/// `prompts` sorted by length (ties keep their order).
-fn by_length(prompts: &[Vec<u32>]) -> Vec<Vec<u32>> {
-    let mut v = prompts.to_vec();
-    v.sort_by_key(Vec::len);
-    v
 }
 
 /// The journal's value for `key`, or `measure()` recorded under it.

@@ -126,35 +126,6 @@ fn selection_picks_a_carrier_along_the_plant_whose_ablation_removes_refusal() {
         run(&mut journal),
         (serde_json::to_string(&cands).unwrap(), best)
     );
-    // Prompts run in length-sorted batches, so their order does not matter (up to float
-    // rounding of other batch compositions).
-    let (rev_h, rev_l): (Vec<_>, Vec<_>) = (
-        val_h.iter().rev().cloned().collect(),
-        val_l.iter().rev().cloned().collect(),
-    );
-    let mut cfg_all = cfg.clone();
-    cfg_all.screen_prompts = val_h.len();
-    let run_all = |h: &[Vec<u32>], l: &[Vec<u32>]| {
-        select(
-            &m,
-            &c.refusal,
-            h,
-            l,
-            &[REFUSAL_TOKEN],
-            &cfg_all,
-            None,
-            &mut |_, _| {},
-        )
-        .unwrap()
-    };
-    let ((fwd, fwd_best, _), (rev, rev_best, _)) =
-        (run_all(&val_h, &val_l), run_all(&rev_h, &rev_l));
-    assert_eq!(fwd_best, rev_best);
-    for (a, b) in fwd.iter().zip(&rev) {
-        for (x, y) in [(a.bypass, b.bypass), (a.induce, b.induce), (a.kl, b.kl)] {
-            assert!((x - y).abs() <= 1e-4 * (1.0 + x.abs()), "{a:?} vs {b:?}");
-        }
-    }
     let best = &cands[best.expect("an admissible carrier")];
     let u64: Vec<f64> = u.iter().map(|&x| x as f64).collect();
     assert!(

@@ -295,7 +295,6 @@ pub fn run_select(a: SelectArgs) -> Result<()> {
     let fingerprint = serde_json::json!({
         "carriers": safegeo_runtime::fetch::sha256_file(&a.dir.join("carriers.safetensors"))?,
         "model": common::model_hash(&model.source)?, "orth": a.orth, "config": &cfg,
-        "measure": "length-sorted batches", // how the numbers were made (a journal of older ones is not reused)
         "harmful": &h_ids, "harmless": &l_ids, "refusal_ids": &refusal_ids,
     });
     let mut journal = Journal::open(
