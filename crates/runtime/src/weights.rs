@@ -62,13 +62,27 @@ pub fn open_gguf(path: &Path) -> Result<(Content, BufReader<File>)> {
     reader.rewind().map_err(|e| Error::io(path, e))?;
     let content = Content::read(&mut reader).map_err(|e| bad(e.to_string()))?;
     for (name, info) in &content.tensor_infos {
-        let bytes =
-            info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
-        let end = content.tensor_data_offset + info.offset + bytes as u64;
-        if end > file_len {
+        let (n, block) = (info.shape.elem_count(), info.ggml_dtype.block_size());
+        if n % block != 0 {
             return Err(bad(format!(
-                "tensor `{name}` ends at byte {end} but the file has {file_len} bytes (truncated download?)"
+                "tensor `{name}` has {n} elements, not a multiple of its {:?} block of {block}",
+                info.ggml_dtype
             )));
+        }
+        let bytes = (n / block) as u64 * info.ggml_dtype.type_size() as u64;
+        // Checked: a crafted offset near 2^64 must not wrap around to a small `end`.
+        let end = content
+            .tensor_data_offset
+            .checked_add(info.offset)
+            .and_then(|x| x.checked_add(bytes));
+        match end {
+            Some(end) if end <= file_len => {}
+            _ => {
+                return Err(bad(format!(
+                    "tensor `{name}` (offset {}, {bytes} bytes) ends past the file's {file_len} bytes (truncated download?)",
+                    info.offset
+                )))
+            }
         }
     }
     Ok((content, reader))
@@ -372,5 +386,45 @@ mod tests {
             open_gguf(&dir.path().join("none.gguf")),
             Err(Error::ModelNotFound { .. })
         ));
+    }
+
+    /// A GGUF v3 file with one tensor `t` of `dims` and ggml type `dtype` at `offset`, followed
+    /// by `data_len` bytes of tensor data.
+    fn one_tensor_gguf(dims: &[u64], dtype: u32, offset: u64, data_len: usize) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(1u64.to_le_bytes()); // tensors
+        b.extend(0u64.to_le_bytes()); // metadata entries
+        b.extend(1u64.to_le_bytes());
+        b.push(b't');
+        b.extend((dims.len() as u32).to_le_bytes());
+        for d in dims {
+            b.extend(d.to_le_bytes());
+        }
+        b.extend(dtype.to_le_bytes());
+        b.extend(offset.to_le_bytes());
+        b.resize(b.len().div_ceil(32) * 32, 0);
+        b.resize(b.len() + data_len, 1);
+        b
+    }
+
+    #[test]
+    fn tensor_offsets_and_quant_blocks_are_checked_without_wrapping() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.gguf");
+        let open = |bytes: Vec<u8>| {
+            std::fs::write(&p, bytes).unwrap();
+            open_gguf(&p).map(|_| ()).map_err(|e| e.to_string())
+        };
+        // F32 [4] = 16 bytes: fits, then one byte short.
+        assert!(open(one_tensor_gguf(&[4], 0, 0, 16)).is_ok());
+        let e = open(one_tensor_gguf(&[4], 0, 0, 15)).unwrap_err();
+        assert!(e.contains("ends past the file"), "{e}");
+        // An offset near 2^64 used to wrap the end back into the file.
+        let e = open(one_tensor_gguf(&[4], 0, u64::MAX - 8, 64)).unwrap_err();
+        assert!(e.contains("ends past the file"), "{e}");
+        // Q4_0 (type 2) stores blocks of 32 elements: 33 elements cannot be stored.
+        let e = open(one_tensor_gguf(&[33], 2, 0, 64)).unwrap_err();
+        assert!(e.contains("not a multiple of its Q4_0 block of 32"), "{e}");
     }
 }
