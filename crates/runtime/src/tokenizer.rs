@@ -634,7 +634,10 @@ mod tests {
             (r#""decoder":[],"#, "did not match any variant"),
         ] {
             std::fs::write(&p, format!("{head}{decoder}{model}")).unwrap();
-            let e = tokenizer_json(&p).err().expect(decoder).to_string();
+            let e = tokenizer_json(&p)
+                .err()
+                .unwrap_or_else(|| panic!("{decoder} was accepted"))
+                .to_string();
             assert!(e.contains(needle), "{decoder}: {e}");
         }
         std::fs::write(&p, format!(r#"{head}"decoder":null,{model}"#)).unwrap();
