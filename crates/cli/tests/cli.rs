@@ -1645,6 +1645,24 @@ fn carriers_select_sweep_attack_and_train_resume_after_kill_9_to_the_uninterrupt
     );
     let sets = format!("{harm},{harmless}");
     let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<String>>();
+    // select and sweep run in a copy of the uninterrupted carriers folder.
+    let copy_carriers = |out: &Path| {
+        std::fs::create_dir_all(out).unwrap();
+        for f in ["carriers.safetensors", "carriers.json"] {
+            std::fs::copy(h.join("carriers-full").join(f), out.join(f)).unwrap();
+        }
+    };
+    // NAME.csv byte for byte, NAME.json but for its wall time.
+    let same_results = |full: &Path, cut: &Path, name: &str, what: &str| {
+        let csv = format!("{name}.csv");
+        same_file(&full.join(&csv), &cut.join(&csv), what);
+        let json = format!("{name}.json");
+        assert_eq!(
+            json_without_seconds(&full.join(&json)),
+            json_without_seconds(&cut.join(&json)),
+            "{what}"
+        );
+    };
 
     // carriers: one pass, written atomically; a kill anywhere leaves nothing torn. Killed at a
     // random share of the uninterrupted run's wall time.
@@ -1690,10 +1708,7 @@ fn carriers_select_sweep_attack_and_train_resume_after_kill_9_to_the_uninterrupt
         h,
         "select",
         &|out| {
-            std::fs::create_dir_all(out).unwrap();
-            for f in ["carriers.safetensors", "carriers.json"] {
-                std::fs::copy(h.join("carriers-full").join(f), out.join(f)).unwrap();
-            }
+            copy_carriers(out);
             strings(&[
                 "select",
                 out.to_str().unwrap(),
@@ -1712,24 +1727,18 @@ fn carriers_select_sweep_attack_and_train_resume_after_kill_9_to_the_uninterrupt
         &|out, _| lines_in(&out.join("select.journal.jsonl")) > point,
     );
     assert!(log.contains("measurements already made"), "{log}");
-    same_file(
-        &full.join("selection.csv"),
-        &cut.join("selection.csv"),
+    same_results(
+        &full,
+        &cut,
+        "selection",
         &format!("select killed after {point} measurements"),
-    );
-    assert_eq!(
-        json_without_seconds(&full.join("selection.json")),
-        json_without_seconds(&cut.join("selection.json"))
     );
     let point = random_point(2, 12);
     let (full, cut, log) = full_and_resumed(
         h,
         "sweep",
         &|out| {
-            std::fs::create_dir_all(out).unwrap();
-            for f in ["carriers.safetensors", "carriers.json"] {
-                std::fs::copy(h.join("carriers-full").join(f), out.join(f)).unwrap();
-            }
+            copy_carriers(out);
             strings(&[
                 "sweep",
                 out.to_str().unwrap(),
@@ -1750,14 +1759,11 @@ fn carriers_select_sweep_attack_and_train_resume_after_kill_9_to_the_uninterrupt
         &|out, _| lines_in(&out.join("sweep.journal.jsonl")) > point,
     );
     assert!(log.contains("conditions already measured"), "{log}");
-    same_file(
-        &full.join("sweep.csv"),
-        &cut.join("sweep.csv"),
+    same_results(
+        &full,
+        &cut,
+        "sweep",
         &format!("sweep killed after {point} conditions"),
-    );
-    assert_eq!(
-        json_without_seconds(&full.join("sweep.json")),
-        json_without_seconds(&cut.join("sweep.json"))
     );
 
     // attack: GCG writes its state after every step and a test case per behaviour.

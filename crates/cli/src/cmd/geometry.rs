@@ -98,6 +98,24 @@ pub struct SelectArgs {
     pub json: bool,
 }
 
+/// `DIR/COMMAND.journal.jsonl` for a run identified by `fingerprint` (a digest of everything its
+/// measurements depend on); says so when it resumes.
+fn open_journal<V: serde::Serialize + serde::de::DeserializeOwned>(
+    dir: &Path,
+    command: &str,
+    fingerprint: &serde_json::Value,
+    done: &str,
+) -> Result<Journal<V>> {
+    let journal = Journal::open(
+        &dir.join(format!("{command}.journal.jsonl")),
+        &jsonl::fingerprint(fingerprint.to_string().as_bytes()),
+    )?;
+    if !journal.is_empty() {
+        eprintln!("{command}: resuming, {} {done}", journal.len());
+    }
+    Ok(journal)
+}
+
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     safegeo_runtime::files::write_atomic(path, serde_json::to_string_pretty(v)?.as_bytes())?;
     Ok(())
@@ -297,16 +315,7 @@ pub fn run_select(a: SelectArgs) -> Result<()> {
         "model": common::model_hash(&model.source)?, "orth": a.orth, "config": &cfg,
         "harmful": &h_ids, "harmless": &l_ids, "refusal_ids": &refusal_ids,
     });
-    let mut journal = Journal::open(
-        &a.dir.join("select.journal.jsonl"),
-        &jsonl::fingerprint(fingerprint.to_string().as_bytes()),
-    )?;
-    if !journal.is_empty() {
-        eprintln!(
-            "select: resuming, {} measurements already made",
-            journal.len()
-        );
-    }
+    let mut journal = open_journal(&a.dir, "select", &fingerprint, "measurements already made")?;
     let t0 = std::time::Instant::now();
     let mut bar = common::Progress::new("candidate measurements");
     let (cands, best, base) = select(
@@ -586,16 +595,7 @@ pub fn run_sweep(a: SweepArgs) -> Result<()> {
         "refusal": &r, "harmfulness": &h, "harmful": &h_ids, "harmless": &keep,
         "refs": refs.iter().map(|x| &x.completion).collect::<Vec<_>>(), "refusal_ids": &refusal_ids,
     });
-    let mut journal = Journal::open(
-        &a.dir.join("sweep.journal.jsonl"),
-        &jsonl::fingerprint(fingerprint.to_string().as_bytes()),
-    )?;
-    if !journal.is_empty() {
-        eprintln!(
-            "sweep: resuming, {} conditions already measured",
-            journal.len()
-        );
-    }
+    let mut journal = open_journal(&a.dir, "sweep", &fingerprint, "conditions already measured")?;
     let t0 = std::time::Instant::now();
     let mut bar = common::Progress::new("conditions");
     let conds = sweep(
