@@ -37,6 +37,44 @@ def best(f, reps=3):
     return out
 
 
+def sft_step_tok_s(torch, g, V):
+    """safegeo's SFT step shape: batch 8 x 96 tokens, LoRA r=16 (alpha 32) on q, k, v, o, gate,
+    up and down, logits and cross-entropy at every position, backward, AdamW on the adapters.
+    LoRA is written out here (y = W x + (alpha / r) B A x, B = 0 at the start) as safegeo does it."""
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(os.path.dirname(MODEL), gguf_file=os.path.basename(MODEL),
+                                             dtype=torch.float32)
+    m.train()
+    for p in m.parameters():
+        p.requires_grad_(False)
+
+    class Lora(nn.Module):
+        def __init__(self, base, r=16, alpha=32.0):
+            super().__init__()
+            self.base, self.scale = base, alpha / r
+            self.a = nn.Parameter(torch.randn(r, base.in_features, generator=g) / base.in_features ** 0.5)
+            self.b = nn.Parameter(torch.zeros(base.out_features, r))
+
+        def forward(self, x):
+            return self.base(x) + (x @ self.a.t() @ self.b.t()) * self.scale
+
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    for name, mod in list(m.named_modules()):
+        for child, sub in list(mod.named_children()):
+            if child in targets and isinstance(sub, nn.Linear):
+                setattr(mod, child, Lora(sub))
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(100, V, (8, 97), generator=g)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        m(ids[:, :-1], labels=ids[:, :-1]).loss.backward()
+        opt.step()
+    return 8 * 96 / best(step)
+
+
 def torch_side(skip_llamacpp):
     import torch
     from transformers import AutoModelForCausalLM
@@ -71,6 +109,7 @@ def torch_side(skip_llamacpp):
     opt = torch.optim.AdamW(m.parameters(), lr=1e-5)
     fb()
     r["adamw_step_s"] = best(lambda: opt.step())
+    r["sft_step_lora_r16_b8_tok_s"] = sft_step_tok_s(torch, g, V)
     print(json.dumps(r), file=sys.stderr, flush=True)  # partial results survive a crash below
     if not skip_llamacpp:
         from llama_cpp import Llama
@@ -110,6 +149,7 @@ def main():
         ("fwd+bwd 256 tok LoRA r=8 vs torch full, tok/s", "fwd_bwd_lora_r8_tok_s", "fwd_bwd_full_tok_s", True),
         ("fwd+bwd 256 tok full, tok/s", "fwd_bwd_full_tok_s", "fwd_bwd_full_tok_s", True),
         ("AdamW step, s (lower is better)", "adamw_step_s", "adamw_step_s", False),
+        ("SFT step 8x96 LoRA r=16 fwd+bwd+AdamW, tok/s", "sft_step_lora_r16_b8_tok_s", "sft_step_lora_r16_b8_tok_s", True),
         ("decode b1: safegeo f32 vs llama.cpp Q4_1", "decode_b1_tok_s", "llamacpp_q4_1_b1_tok_s", True),
         ("decode b1: safegeo Q4_1 vs llama.cpp Q4_1", "decode_b1_quantized_tok_s", "llamacpp_q4_1_b1_tok_s", True),
     ]
