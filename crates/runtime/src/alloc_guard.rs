@@ -1,6 +1,7 @@
 //! A memory bound for untrusted work. minijinja has no memory limit, and a chat template can
-//! double a string once per loop turn (`{% set ns.s = ns.s ~ ns.s %}`) or per macro call, so fuel
-//! and recursion limits alone do not bound memory: 40 cheap turns ask for a terabyte.
+//! double a string once per loop turn (`{% set ns.s = ns.s ~ ns.s %}`) or grow it with nested
+//! `join`s, so fuel and recursion limits alone do not bound memory: 40 cheap turns ask for a
+//! terabyte.
 //!
 //! A program that installs [`Guarded`] as its global allocator (the `safegeo` binary does) gets a
 //! per-thread budget: inside [`bounded`], an allocation that would take the thread's live
@@ -8,7 +9,6 @@
 //! and exits with code 2 (bad input). Failing one allocation softly is impossible (Rust aborts on
 //! a failed allocation, and an allocator must not unwind), so the exit is the clean way out;
 //! results written so far are on disk already. Without [`Guarded`], [`bounded`] only runs `f`.
-//! Self-contained (std only) so that the fuzz targets can include it.
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
@@ -16,7 +16,7 @@ thread_local! {
     // 0 = no budget on this thread.
     static LIMIT: Cell<usize> = const { Cell::new(0) };
     static USED: Cell<usize> = const { Cell::new(0) };
-    static WHAT: Cell<&'static str> = const { Cell::new("") };
+    static WHAT: Cell<(&'static str, &'static str)> = const { Cell::new(("", "")) };
 }
 
 /// The system allocator with an optional per-thread budget (see the module docs).
@@ -48,9 +48,9 @@ fn refund(n: usize) {
 }
 
 #[cold]
-fn exceeded(what: &str, lim: usize) -> ! {
+fn exceeded((what, fix): (&str, &str), lim: usize) -> ! {
     eprintln!(
-        "error: {what} needs more than {} MiB of memory; stopped before taking it\n  fix: the model's chat template is broken or hostile: pass --no-template to feed raw text, or use a model whose template renders in bounded memory",
+        "error: {what} needs more than {} MiB of memory; stopped before taking it\n  fix: {fix}",
         lim >> 20
     );
     std::process::exit(2)
@@ -80,10 +80,15 @@ unsafe impl GlobalAlloc for Guarded {
 }
 
 /// Run `f` with at most `budget` bytes of live allocations on this thread (enforced only under
-/// [`Guarded`]); `what` names the work in the message. Budgets do not nest: an inner call
-/// replaces the outer budget until it returns.
-pub fn bounded<T>(budget: usize, what: &'static str, f: impl FnOnce() -> T) -> T {
-    struct Restore(usize, usize, &'static str);
+/// [`Guarded`]); `what` names the work and `fix` tells the user what to do, in the message.
+/// Budgets do not nest: an inner call replaces the outer budget until it returns.
+pub fn bounded<T>(
+    budget: usize,
+    what: &'static str,
+    fix: &'static str,
+    f: impl FnOnce() -> T,
+) -> T {
+    struct Restore(usize, usize, (&'static str, &'static str));
     impl Drop for Restore {
         fn drop(&mut self) {
             LIMIT.with(|l| l.set(self.0));
@@ -94,7 +99,7 @@ pub fn bounded<T>(budget: usize, what: &'static str, f: impl FnOnce() -> T) -> T
     let _restore = Restore(limit(), USED.with(Cell::get), WHAT.with(Cell::get));
     // Set the limit last: the bookkeeping above must not count against it.
     USED.with(|u| u.set(0));
-    WHAT.with(|w| w.set(what));
+    WHAT.with(|w| w.set((what, fix)));
     LIMIT.with(|l| l.set(budget.max(1)));
     f()
 }

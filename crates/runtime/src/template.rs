@@ -1,8 +1,7 @@
 //! Chat templates are untrusted input that comes with model files. Rendering is bounded: a fixed
 //! instruction budget (a template that loops forever runs out of fuel), a recursion limit, a cap
 //! on the rendered size, a memory budget (see `alloc_guard`: string doubling costs little fuel),
-//! and no filesystem access (no loader is set). Self-contained (minijinja, serde and
-//! `alloc_guard`) so that the fuzz target builds it alone.
+//! and no filesystem access (no loader is set).
 use serde::Serialize;
 
 /// Instructions a chat template may execute (real templates need a few thousand).
@@ -20,9 +19,12 @@ pub fn render<M: Serialize>(
     bos_token: &str,
     eos_token: &str,
 ) -> Result<String, String> {
-    crate::alloc_guard::bounded(TEMPLATE_MAX_MEMORY, "rendering the chat template", || {
-        render_unbounded(template, messages, bos_token, eos_token)
-    })
+    crate::alloc_guard::bounded(
+        TEMPLATE_MAX_MEMORY,
+        "rendering the chat template",
+        "the model's chat template is broken or hostile: pass --no-template to feed raw text, or use a model whose template renders in bounded memory",
+        || render_unbounded(template, messages, bos_token, eos_token),
+    )
 }
 
 fn render_unbounded<M: Serialize>(

@@ -8,7 +8,7 @@ static ALLOC: Guarded = Guarded;
 #[test]
 fn budgets_count_live_bytes_of_this_thread_only() {
     assert_eq!(used(), 0, "no budget outside `bounded`");
-    bounded(64 << 20, "test", || {
+    bounded(64 << 20, "test", "none", || {
         let before = used();
         let big = vec![7u8; 8 << 20];
         assert!(used() >= before + (8 << 20), "{} after 8 MiB", used());
@@ -26,7 +26,7 @@ fn budgets_count_live_bytes_of_this_thread_only() {
         );
         // Nested budgets replace the outer one and restore it.
         let outer = used();
-        bounded(1 << 20, "inner", || assert!(used() < 1 << 10));
+        bounded(1 << 20, "inner", "none", || assert!(used() < 1 << 10));
         assert_eq!(used(), outer);
     });
     assert_eq!(used(), 0);
