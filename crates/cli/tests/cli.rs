@@ -1001,25 +1001,10 @@ fn trajectory_measures_sharded_anchors_merges_and_writes_the_report() {
             "4",
             "--max-new-tokens",
             "3",
-            "--carrier-sets",
-            &sets,
-            "--val",
-            &sets,
-            "--n-carrier",
-            "8",
-            "--n-val",
-            "4",
-            "--screen",
-            "2",
-            "--finalists",
-            "2",
-            "--kl-max",
-            "50",
-            "--shard",
-            shard,
-            "--out",
-            o,
         ]);
+        let geometry = tiny_geometry_args(&sets);
+        args.extend(geometry.iter().map(String::as_str));
+        args.extend(["--shard", shard, "--out", o]);
         safegeo(&args, h)
     };
     let first = run("0/2");
@@ -1125,6 +1110,29 @@ fn trajectory_measures_sharded_anchors_merges_and_writes_the_report() {
 }
 
 /// Start `safegeo args`, SIGKILL it once `ready()` holds (or after 20 s), and wait for it.
+/// `trajectory`'s carrier and selection options sized for a tiny model (`sets` = harmful,harmless).
+fn tiny_geometry_args(sets: &str) -> Vec<String> {
+    [
+        "--carrier-sets",
+        sets,
+        "--val",
+        sets,
+        "--n-carrier",
+        "8",
+        "--n-val",
+        "4",
+        "--screen",
+        "2",
+        "--finalists",
+        "2",
+        "--kl-max",
+        "50",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// Run `args` and SIGKILL it once `ready()`; true when it was killed before it finished.
 fn kill_when(args: &[&str], home: &Path, ready: impl Fn() -> bool) -> bool {
     let mut child = Command::new(env!("CARGO_BIN_EXE_safegeo"))
@@ -1243,25 +1251,12 @@ fn deception_and_trajectory_resume_after_kill_9_to_the_uninterrupted_result() {
             "6",
             "--max-new-tokens",
             "16",
-            "--carrier-sets",
-            &sets,
-            "--val",
-            &sets,
-            "--n-carrier",
-            "8",
-            "--n-val",
-            "4",
-            "--screen",
-            "2",
-            "--finalists",
-            "2",
-            "--kl-max",
-            "50",
             "--out",
             out.to_str().unwrap(),
         ]
         .iter()
         .map(|s| s.to_string())
+        .chain(tiny_geometry_args(&sets))
         .collect()
     };
     let full = h.join("traj-full");

@@ -83,20 +83,24 @@ impl Appender {
     }
 }
 
-/// A resumable measurement log: a header line with the run's fingerprint (a digest of everything
-/// the measurements depend on), then one `{"key", "value"}` line per finished measurement. Opened
-/// with the same fingerprint it hands back what was measured; with another, it starts afresh, so a
-/// stale log can never leak into a different run.
+/// A resumable measurement log: a header line with the run's fingerprint (the SHA-256 of its
+/// identity: everything the measurements depend on), then one `{"key", "value"}` line per
+/// finished measurement. Opened with the same identity it hands back what was measured; with
+/// another, it starts afresh, so a stale log can never leak into a different run.
 pub struct Journal<V> {
     done: std::collections::HashMap<String, V>,
     out: Appender,
 }
 
 impl<V: Serialize + DeserializeOwned> Journal<V> {
-    /// Open (or start) the journal at `path` for a run identified by `fingerprint`.
-    pub fn open(path: &Path, fingerprint: &str) -> Result<Self> {
+    /// Open (or start) the journal at `path` for a run identified by `identity`.
+    pub fn open(path: &Path, identity: &impl Serialize) -> Result<Self> {
+        let identity =
+            serde_json::to_string(identity).map_err(|e| Error::Invalid(e.to_string()))?;
+        let fingerprint = crate::datasets::sha256(identity.as_bytes());
         let lines: Vec<serde_json::Value> = read(path)?;
-        let same = lines.first().and_then(|h| h["fingerprint"].as_str()) == Some(fingerprint);
+        let same =
+            lines.first().and_then(|h| h["fingerprint"].as_str()) == Some(fingerprint.as_str());
         let mut done = std::collections::HashMap::new();
         if same {
             for l in &lines[1..] {
@@ -142,10 +146,25 @@ impl<V: Serialize + DeserializeOwned> Journal<V> {
     }
 }
 
-/// Lowercase hex SHA-256 of `bytes` (journal fingerprints).
-pub fn fingerprint(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    format!("{:x}", sha2::Sha256::digest(bytes))
+/// The value recorded under `key` in `journal`, or `measure()`, recorded there when there is a
+/// journal: how a resumable computation skips what a killed run already finished.
+pub fn journaled<V, E>(
+    journal: &mut Option<&mut Journal<V>>,
+    key: &str,
+    measure: impl FnOnce() -> std::result::Result<V, E>,
+) -> std::result::Result<V, E>
+where
+    V: Clone + Serialize + DeserializeOwned,
+    E: From<Error>,
+{
+    if let Some(v) = journal.as_deref().and_then(|j| j.get(key)) {
+        return Ok(v.clone());
+    }
+    let v = measure()?;
+    if let Some(j) = journal.as_deref_mut() {
+        j.put(key, v.clone())?;
+    }
+    Ok(v)
 }
 
 #[cfg(test)]
@@ -156,7 +175,7 @@ mod tests {
     fn journal_resumes_with_the_same_fingerprint_and_restarts_with_another() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("j.jsonl");
-        let mut j = Journal::<(f64, f64)>::open(&p, "run-a").unwrap();
+        let mut j = Journal::<(f64, f64)>::open(&p, &"run-a").unwrap();
         j.put("0/1", (0.1 + 0.2, -1e-300)).unwrap();
         j.put("0/2", (f64::MAX, 1.0 / 3.0)).unwrap();
         drop(j);
@@ -164,18 +183,20 @@ mod tests {
         let mut bytes = std::fs::read(&p).unwrap();
         bytes.extend_from_slice(b"{\"key\":\"0/3\",\"val");
         std::fs::write(&p, bytes).unwrap();
-        let mut j = Journal::<(f64, f64)>::open(&p, "run-a").unwrap();
+        let mut j = Journal::<(f64, f64)>::open(&p, &"run-a").unwrap();
         assert_eq!(j.len(), 2);
         assert_eq!(j.get("0/1"), Some(&(0.1 + 0.2, -1e-300)));
         assert_eq!(j.get("0/2"), Some(&(f64::MAX, 1.0 / 3.0)));
         assert_eq!(j.get("0/3"), None);
         j.put("0/3", (3.0, 3.0)).unwrap();
         drop(j);
-        assert_eq!(Journal::<(f64, f64)>::open(&p, "run-a").unwrap().len(), 3);
-        let j = Journal::<(f64, f64)>::open(&p, "run-b").unwrap();
+        assert_eq!(Journal::<(f64, f64)>::open(&p, &"run-a").unwrap().len(), 3);
+        let j = Journal::<(f64, f64)>::open(&p, &"run-b").unwrap();
         assert!(j.is_empty());
         drop(j);
-        assert!(Journal::<(f64, f64)>::open(&p, "run-a").unwrap().is_empty());
+        assert!(Journal::<(f64, f64)>::open(&p, &"run-a")
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

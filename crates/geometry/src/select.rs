@@ -11,7 +11,7 @@
 use crate::linalg;
 use crate::Result;
 use candle_core::{DType, Device, Tensor, D};
-use safegeo_data::jsonl::Journal;
+use safegeo_data::jsonl::{journaled, Journal};
 use safegeo_data::judges::refusal_score::refusal_scores;
 use safegeo_runtime::{Hooks, Intervention, Model, NoHooks, Observer, Scope};
 use serde::Serialize;
@@ -245,10 +245,12 @@ pub fn select(
             if !wanted(p) {
                 continue;
             }
-            let [bypass, induce, kl] = journaled(&mut journal, &format!("screen/{l}/{p}"), || {
-                let (b, i, k) = measure(model, r, l, hs, ls, &base_screen, refusal_ids, cfg.batch)?;
-                Ok([b, i, k])
-            })?;
+            let [bypass, induce, kl] =
+                journaled(&mut journal, &format!("screen/{l}/{p}"), || -> Result<_> {
+                    let (b, i, k) =
+                        measure(model, r, l, hs, ls, &base_screen, refusal_ids, cfg.batch)?;
+                    Ok([b, i, k])
+                })?;
             let failed = failed_tests(bypass, induce, kl, l, n_layer, cfg);
             cands.push(Candidate {
                 layer: l,
@@ -279,19 +281,20 @@ pub fn select(
         .collect();
     for i in finalists {
         let (l, p) = (cands[i].layer, cands[i].pos);
-        let [bypass, induce, kl] = journaled(&mut journal, &format!("full/{l}/{p}"), || {
-            let (b, i, k) = measure(
-                model,
-                &carriers[l][p],
-                l,
-                harmful,
-                harmless,
-                &base,
-                refusal_ids,
-                cfg.batch,
-            )?;
-            Ok([b, i, k])
-        })?;
+        let [bypass, induce, kl] =
+            journaled(&mut journal, &format!("full/{l}/{p}"), || -> Result<_> {
+                let (b, i, k) = measure(
+                    model,
+                    &carriers[l][p],
+                    l,
+                    harmful,
+                    harmless,
+                    &base,
+                    refusal_ids,
+                    cfg.batch,
+                )?;
+                Ok([b, i, k])
+            })?;
         let failed = failed_tests(bypass, induce, kl, l, n_layer, cfg);
         cands[i] = Candidate {
             layer: l,
@@ -310,20 +313,4 @@ pub fn select(
         .filter(|&i| cands[i].admissible)
         .min_by(|&a, &b| cands[a].bypass.total_cmp(&cands[b].bypass));
     Ok((cands, best, base))
-}
-
-/// The journal's value for `key`, or `measure()` recorded under it.
-fn journaled(
-    journal: &mut Option<&mut Journal<[f64; 3]>>,
-    key: &str,
-    measure: impl FnOnce() -> Result<[f64; 3]>,
-) -> Result<[f64; 3]> {
-    if let Some(v) = journal.as_deref().and_then(|j| j.get(key)) {
-        return Ok(*v);
-    }
-    let v = measure()?;
-    if let Some(j) = journal.as_deref_mut() {
-        j.put(key, v)?;
-    }
-    Ok(v)
 }

@@ -11,7 +11,7 @@ use crate::select::last_logprobs;
 use crate::Result;
 use candle_core::{Tensor, D};
 use rand::{Rng, SeedableRng};
-use safegeo_data::jsonl::Journal;
+use safegeo_data::jsonl::{journaled, Journal};
 use safegeo_data::judges::refusal_score::score_from_logprobs;
 use safegeo_data::utility::{completion_cross_entropy, Reference};
 use safegeo_runtime::{Hooks, Intervention, Model, NoHooks, Scope};
@@ -45,7 +45,7 @@ impl Default for SweepConfig {
 }
 
 /// Per-prompt measurements of one condition.
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Condition {
     /// `refusal`, `harmfulness` or `control_k`.
     pub direction: String,
@@ -156,35 +156,28 @@ pub fn sweep(
     for (name, v) in &dirs {
         for &coef in &coefs {
             let key = format!("{name}/{}", coef.map_or("ablate".into(), |c| c.to_string()));
-            if let Some(c) = journal.as_deref().and_then(|j| j.get(&key)) {
-                out.push(c.clone());
-                progress(out.len(), total);
-                continue;
-            }
-            let mut hooks = interventions(v, layer, coef, &model.device)?;
-            // One pass per prompt set: scores and KL come from the same last-position log-probs.
-            let harmful_scores = scores_of(
-                &last_logprobs(model, harmful, cfg.batch, &mut hooks)?,
-                refusal_ids,
-            )?;
-            let logp = last_logprobs(model, harmless, cfg.batch, &mut hooks)?;
-            let harmless_scores = scores_of(&logp, refusal_ids)?;
-            let mut harmless_kl = Vec::new();
-            for (b, a) in base_logp.iter().zip(&logp) {
-                harmless_kl.extend((b.exp()? * (b - a)?)?.sum(D::Minus1)?.to_vec1::<f64>()?);
-            }
-            let harmless_ce = completion_cross_entropy(model, refs, cfg.batch, &mut hooks)?;
-            let c = Condition {
-                direction: name.clone(),
-                coef,
-                harmful_scores,
-                harmless_scores,
-                harmless_kl,
-                harmless_ce,
-            };
-            if let Some(j) = journal.as_deref_mut() {
-                j.put(&key, c.clone())?;
-            }
+            let c = journaled(&mut journal, &key, || -> Result<Condition> {
+                let mut hooks = interventions(v, layer, coef, &model.device)?;
+                // One pass per prompt set: scores and KL come from the same last-position log-probs.
+                let harmful_scores = scores_of(
+                    &last_logprobs(model, harmful, cfg.batch, &mut hooks)?,
+                    refusal_ids,
+                )?;
+                let logp = last_logprobs(model, harmless, cfg.batch, &mut hooks)?;
+                let harmless_scores = scores_of(&logp, refusal_ids)?;
+                let mut harmless_kl = Vec::new();
+                for (b, a) in base_logp.iter().zip(&logp) {
+                    harmless_kl.extend((b.exp()? * (b - a)?)?.sum(D::Minus1)?.to_vec1::<f64>()?);
+                }
+                Ok(Condition {
+                    direction: name.clone(),
+                    coef,
+                    harmful_scores,
+                    harmless_scores,
+                    harmless_kl,
+                    harmless_ce: completion_cross_entropy(model, refs, cfg.batch, &mut hooks)?,
+                })
+            })?;
             out.push(c);
             progress(out.len(), total);
         }

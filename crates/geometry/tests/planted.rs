@@ -82,36 +82,29 @@ fn selection_picks_a_carrier_along_the_plant_whose_ablation_removes_refusal() {
         screen_prompts: 6,
         ..Default::default()
     };
-    let (cands, best, base) = select(
-        &m,
-        &c.refusal,
-        &val_h,
-        &val_l,
-        &[REFUSAL_TOKEN],
-        &cfg,
-        None,
-        &mut |_, _| {},
-    )
-    .unwrap();
-    // A journaled selection cut short (a kill after the first few measurements, the last record
-    // torn) resumes to exactly the uninterrupted result.
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("select.journal.jsonl");
-    let run = |journal: &mut Journal<[f64; 3]>| {
-        let (k, b, _) = select(
+    let run = |journal: Option<&mut Journal<[f64; 3]>>| {
+        select(
             &m,
             &c.refusal,
             &val_h,
             &val_l,
             &[REFUSAL_TOKEN],
             &cfg,
-            Some(journal),
+            journal,
             &mut |_, _| {},
         )
-        .unwrap();
+        .unwrap()
+    };
+    let (cands, best, base) = run(None);
+    // A journaled selection cut short (a kill after the first few measurements, the last record
+    // torn) resumes to exactly the uninterrupted result.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("select.journal.jsonl");
+    let run = |journal: &mut Journal<[f64; 3]>| {
+        let (k, b, _) = run(Some(journal));
         (serde_json::to_string(&k).unwrap(), b)
     };
-    run(&mut Journal::open(&path, "planted").unwrap());
+    run(&mut Journal::open(&path, &"planted").unwrap());
     let text = std::fs::read_to_string(&path).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(
@@ -120,7 +113,7 @@ fn selection_picks_a_carrier_along_the_plant_whose_ablation_removes_refusal() {
     );
     let torn = format!("{}\n{}", lines[..4].join("\n"), &lines[4][..10]);
     std::fs::write(&path, torn).unwrap();
-    let mut journal = Journal::open(&path, "planted").unwrap();
+    let mut journal = Journal::open(&path, &"planted").unwrap();
     assert_eq!(journal.len(), 3);
     assert_eq!(
         run(&mut journal),

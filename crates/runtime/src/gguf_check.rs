@@ -154,11 +154,11 @@ pub fn check_header(reader: impl Read, file_len: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// GGUF bytes by hand, for tests here and in `weights.rs`.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn header(tensors: u64, kvs: u64) -> Vec<u8> {
+pub(crate) mod build {
+    /// Magic, version 3 and the two counts.
+    pub fn header(tensors: u64, kvs: u64) -> Vec<u8> {
         let mut v = b"GGUF".to_vec();
         v.extend(3u32.to_le_bytes());
         v.extend(tensors.to_le_bytes());
@@ -166,19 +166,30 @@ mod tests {
         v
     }
 
-    fn string(v: &mut Vec<u8>, s: &str) {
+    pub fn string(v: &mut Vec<u8>, s: &str) {
         v.extend((s.len() as u64).to_le_bytes());
         v.extend(s.as_bytes());
     }
 
-    fn tensor(v: &mut Vec<u8>, dims: &[u64]) {
+    /// A tensor info `t` of `dims`, ggml type `dtype`, at `offset` in the data section.
+    pub fn tensor_info(v: &mut Vec<u8>, dims: &[u64], dtype: u32, offset: u64) {
         string(v, "t");
         v.extend((dims.len() as u32).to_le_bytes());
         for d in dims {
             v.extend(d.to_le_bytes());
         }
-        v.extend(0u32.to_le_bytes());
-        v.extend(0u64.to_le_bytes());
+        v.extend(dtype.to_le_bytes());
+        v.extend(offset.to_le_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::build::{header, string, tensor_info};
+    use super::*;
+
+    fn tensor(v: &mut Vec<u8>, dims: &[u64]) {
+        tensor_info(v, dims, 0, 0);
     }
 
     fn check(v: &[u8]) -> Result<(), String> {

@@ -388,21 +388,12 @@ mod tests {
         ));
     }
 
-    /// A GGUF v3 file with one tensor `t` of `dims` and ggml type `dtype` at `offset`, followed
-    /// by `data_len` bytes of tensor data.
+    /// A GGUF v3 file with one tensor of `dims` and ggml type `dtype` at `offset`, followed by
+    /// `data_len` bytes of tensor data.
     fn one_tensor_gguf(dims: &[u64], dtype: u32, offset: u64, data_len: usize) -> Vec<u8> {
-        let mut b = b"GGUF".to_vec();
-        b.extend(3u32.to_le_bytes());
-        b.extend(1u64.to_le_bytes()); // tensors
-        b.extend(0u64.to_le_bytes()); // metadata entries
-        b.extend(1u64.to_le_bytes());
-        b.push(b't');
-        b.extend((dims.len() as u32).to_le_bytes());
-        for d in dims {
-            b.extend(d.to_le_bytes());
-        }
-        b.extend(dtype.to_le_bytes());
-        b.extend(offset.to_le_bytes());
+        use crate::gguf_check::build::{header, tensor_info};
+        let mut b = header(1, 0);
+        tensor_info(&mut b, dims, dtype, offset);
         b.resize(b.len().div_ceil(32) * 32, 0);
         b.resize(b.len() + data_len, 1);
         b

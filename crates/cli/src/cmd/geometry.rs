@@ -1,7 +1,7 @@
 //! `safegeo carriers` and `safegeo select`: refusal geometry of a model.
 use crate::common::{self, ModelArgs};
 use anyhow::{bail, Context, Result};
-use safegeo_data::jsonl::{self, Journal};
+use safegeo_data::jsonl::Journal;
 use safegeo_data::judges::refusal_score::{refusal_scores, refusal_token_ids, REFUSAL_OPENINGS};
 use safegeo_data::{load_dataset, LoadSpec};
 use safegeo_geometry::carriers::{capture, difference_of_means, prompt_ids};
@@ -98,7 +98,7 @@ pub struct SelectArgs {
     pub json: bool,
 }
 
-/// `DIR/COMMAND.journal.jsonl` for a run identified by `fingerprint` (a digest of everything its
+/// `DIR/COMMAND.journal.jsonl` for a run identified by `fingerprint` (everything its
 /// measurements depend on); says so when it resumes.
 fn open_journal<V: serde::Serialize + serde::de::DeserializeOwned>(
     dir: &Path,
@@ -106,10 +106,7 @@ fn open_journal<V: serde::Serialize + serde::de::DeserializeOwned>(
     fingerprint: &serde_json::Value,
     done: &str,
 ) -> Result<Journal<V>> {
-    let journal = Journal::open(
-        &dir.join(format!("{command}.journal.jsonl")),
-        &jsonl::fingerprint(fingerprint.to_string().as_bytes()),
-    )?;
+    let journal = Journal::open(&dir.join(format!("{command}.journal.jsonl")), fingerprint)?;
     if !journal.is_empty() {
         eprintln!("{command}: resuming, {} {done}", journal.len());
     }
