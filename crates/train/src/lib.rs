@@ -4,6 +4,7 @@
 #![deny(missing_docs)]
 
 pub mod data;
+pub mod decision;
 pub mod r2d2;
 pub mod recipes;
 pub mod trainer;

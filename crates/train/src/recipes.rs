@@ -3,8 +3,10 @@
 //! plus Reinforced Transition Optimization). Batches are drawn from an epoch-wise shuffle
 //! seeded by `(seed, epoch)`, so the batch of any step is known without replaying the run.
 use crate::data::Example;
-use crate::trainer::{masked_cross_entropy, MicroLoss, Recipe};
+use crate::decision;
+use crate::trainer::{target_rows, MicroLoss, Recipe};
 use crate::{Error, Result};
+use candle_core::Tensor;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use safegeo_runtime::Model;
@@ -18,6 +20,8 @@ pub struct ExampleRecipe {
     grad_accum: usize,
     seed: u64,
     order: Option<(usize, Vec<usize>)>,
+    decision_weight: f64,
+    refusal_ids: Vec<u32>,
 }
 
 impl ExampleRecipe {
@@ -47,7 +51,21 @@ impl ExampleRecipe {
             grad_accum,
             seed,
             order: None,
+            decision_weight: 0.0,
+            refusal_ids: Vec::new(),
         })
+    }
+
+    /// Adds `weight * L_decision` ([`decision`]) over the refusal opening tokens `refusal_ids`.
+    pub fn with_decision(mut self, weight: f64, refusal_ids: Vec<u32>) -> Result<Self> {
+        if !(weight >= 0.0 && weight.is_finite()) || (weight > 0.0 && refusal_ids.is_empty()) {
+            return Err(Error::Invalid(format!(
+                "decision loss weight {weight}: use a finite weight >= 0 (and refusal tokens)"
+            )));
+        }
+        self.decision_weight = weight;
+        self.refusal_ids = refusal_ids;
+        Ok(self)
     }
 
     /// Example indices of micro-batch `micro` of step `step`.
@@ -84,10 +102,31 @@ impl Recipe for ExampleRecipe {
     fn micro_loss(&mut self, model: &Model, step: usize, micro: usize) -> Result<MicroLoss> {
         let idx = self.batch_indices(step, micro);
         let batch: Vec<&Example> = idx.iter().map(|&i| &self.examples[i]).collect();
-        let (loss, tokens) = masked_cross_entropy(model, &batch)?;
+        let rows = target_rows(model, &batch)?;
+        let lp = rows.label_log_probs()?;
+        let mut loss = (lp.sum_all()? * (-1.0 / lp.dim(0)? as f64))?;
         let harmful = batch.iter().filter(|e| e.kind != "harmless").count();
         let mut parts = BTreeMap::new();
         parts.insert("harmful_share".into(), harmful as f64 / batch.len() as f64);
+        if self.decision_weight > 0.0 {
+            parts.insert("ce".into(), loss.to_scalar::<f32>()? as f64);
+            let (at, refuse): (Vec<u32>, Vec<bool>) = batch
+                .iter()
+                .zip(&rows.first)
+                .filter_map(|(e, &row)| {
+                    decision::side(e, &self.refusal_ids).map(|h| (row as u32, h))
+                })
+                .unzip();
+            if !at.is_empty() {
+                let at = Tensor::new(at.as_slice(), rows.log_probs.device())?;
+                let first = rows.log_probs.index_select(&at, 0)?;
+                if let Some(d) = decision::decision_loss(&first, &refuse, &self.refusal_ids)? {
+                    parts.insert("decision".into(), d.to_scalar::<f32>()? as f64);
+                    loss = (loss + (d * self.decision_weight)?)?;
+                }
+            }
+        }
+        let tokens = rows.tokens;
         Ok(MicroLoss {
             loss,
             tokens,

@@ -149,23 +149,45 @@ pub trait Recipe {
     }
 }
 
-/// Mean cross-entropy over the target positions of `batch` (left-padded together).
-pub fn masked_cross_entropy(model: &Model, batch: &[&Example]) -> Result<(Tensor, usize)> {
-    let (lp, tokens) = target_logprobs(model, batch)?;
-    let n = lp.dim(0)?;
-    Ok(((lp.sum_all()? * (-1.0 / n as f64))?, tokens))
-}
-
 /// Log-probabilities `(n,)` of every target token of `batch` (in order), and tokens run forward.
 pub fn target_logprobs(model: &Model, batch: &[&Example]) -> Result<(Tensor, usize)> {
+    let rows = target_rows(model, batch)?;
+    Ok((rows.label_log_probs()?, rows.tokens))
+}
+
+/// The next-token distributions at every target position of a batch.
+pub struct TargetRows {
+    /// Log-probabilities `(n, V)`, one row per target token, examples in order.
+    pub log_probs: Tensor,
+    /// The target token of each row.
+    pub labels: Vec<u32>,
+    /// The row of each example's first target.
+    pub first: Vec<usize>,
+    /// Tokens run forward (padding included).
+    pub tokens: usize,
+}
+
+impl TargetRows {
+    /// Log-probability `(n,)` of each row's label.
+    pub fn label_log_probs(&self) -> Result<Tensor> {
+        let n = self.labels.len();
+        let idx = Tensor::new(self.labels.as_slice(), self.log_probs.device())?.reshape((n, 1))?;
+        Ok(self.log_probs.gather(&idx, 1)?.squeeze(1)?)
+    }
+}
+
+/// One forward over `batch` with the LM head run only where a target is read.
+pub fn target_rows(model: &Model, batch: &[&Example]) -> Result<TargetRows> {
     let rows: Vec<Vec<u32>> = batch.iter().map(|e| e.ids.clone()).collect();
     let (ids, layout) = model.pad_batch(&rows)?;
     let (b, t) = ids.dims2()?;
     // Position j of a padded row predicts from its logits at j - 1.
     let mut pick = Vec::new();
     let mut labels = Vec::new();
+    let mut first = Vec::with_capacity(batch.len());
     for (r, e) in batch.iter().enumerate() {
         let pad = layout.pad[r];
+        first.push(labels.len());
         for (i, tgt) in e.target.iter().enumerate().skip(1) {
             if let Some(tok) = tgt {
                 pick.push((r * t + pad + i - 1) as u32);
@@ -179,7 +201,6 @@ pub fn target_logprobs(model: &Model, batch: &[&Example]) -> Result<(Tensor, usi
         ));
     }
     let x = model.embed_ids(&ids)?;
-    // The LM head runs only where a target is read.
     let logits = model
         .forward_embeds(
             x,
@@ -192,11 +213,13 @@ pub fn target_logprobs(model: &Model, batch: &[&Example]) -> Result<(Tensor, usi
         )?
         .expect("logits requested")
         .squeeze(0)?;
-    let dev = logits.device();
-    let lp = safegeo_runtime::log_softmax_last(&logits.to_dtype(DType::F32)?)?;
-    let n = labels.len();
-    let idx = Tensor::new(labels.as_slice(), dev)?.reshape((n, 1))?;
-    Ok((lp.gather(&idx, 1)?.squeeze(1)?, b * t))
+    let log_probs = safegeo_runtime::log_softmax_last(&logits.to_dtype(DType::F32)?)?;
+    Ok(TargetRows {
+        log_probs,
+        labels,
+        first,
+        tokens: b * t,
+    })
 }
 
 /// One line of `train_log.jsonl`.

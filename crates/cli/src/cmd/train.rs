@@ -73,6 +73,11 @@ pub struct TrainArgs {
     /// harmful prompts (hard negatives: topic alone is not a reason to refuse).
     #[arg(long, default_value_t = 256)]
     pub n_hard_negatives: usize,
+    /// Weight of the refusal decision loss at the first reply token: binary cross-entropy of
+    /// the refusal-opening probability mass, toward 1 on harmful prompts and toward 0 on
+    /// harmless ones (crates/train/src/decision.rs). 0 = plain cross-entropy only.
+    #[arg(long, default_value_t = 0.0)]
+    pub decision_weight: f64,
     /// Longest self-distilled reply, in tokens.
     #[arg(long, default_value_t = 64)]
     pub utility_tokens: usize,
@@ -186,7 +191,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         "safegeo_version": env!("CARGO_PKG_VERSION"),
         "model": model.source, "model_sha256": hash, "recipe": a.recipe, "strategy": strategy,
         "train": cfg, "harmful": a.harmful, "n_harmful": harmful.len(), "harmless": a.harmless,
-        "n_harmless": a.n_harmless, "r2d2": (a.recipe == "r2d2").then_some(&r2d2_cfg), "n_hard_negatives": a.n_hard_negatives, "utility_tokens": a.utility_tokens, "system": a.system,
+        "n_harmless": a.n_harmless, "r2d2": (a.recipe == "r2d2").then_some(&r2d2_cfg), "n_hard_negatives": a.n_hard_negatives, "decision_weight": a.decision_weight, "utility_tokens": a.utility_tokens, "system": a.system,
     });
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     common::check_or_write_config(&a.out, &config)?;
@@ -271,7 +276,16 @@ pub fn run(a: TrainArgs) -> Result<()> {
         _ => "derta",
     };
     let n_examples = examples.len();
-    let sft = ExampleRecipe::new(name, examples, a.batch_size, a.grad_accum, a.seed)?;
+    // The decision loss reads the judges' refusal openings and the first words of the bank.
+    let openings: Vec<&str> = safegeo_data::judges::refusal_score::REFUSAL_OPENINGS
+        .iter()
+        .chain(data::refusals(strategy))
+        .copied()
+        .collect();
+    let refusal_ids =
+        safegeo_data::judges::refusal_score::refusal_token_ids(&model.tok, &openings)?;
+    let sft = ExampleRecipe::new(name, examples, a.batch_size, a.grad_accum, a.seed)?
+        .with_decision(a.decision_weight, refusal_ids)?;
     let mut recipe: Box<dyn safegeo_train::trainer::Recipe> = if a.recipe == "r2d2" {
         Box::new(safegeo_train::r2d2::R2d2::new(
             r2d2_cfg.clone(),

@@ -1,0 +1,130 @@
+//! The refusal decision loss at the first reply token.
+//!
+//! Whether a reply refuses is settled by its first token. Plain cross-entropy trains that token
+//! only as one of many (a 64-token helpful reply outweighs a 10-token refusal, and the helpful
+//! first token varies), so a small model learns "refuse this topic" instead of "refuse this
+//! request". This term trains the decision itself, as a binary classifier on the refusal mass
+//!
+//! `q = sum_{t in R} p(t | prompt)` (R: the refusal opening tokens the judges score),
+//!
+//! `L_decision = -(1/m) * ( sum_{harmful} ln q + sum_{harmless} ln(1 - q) )`
+//!
+//! over the `m` examples of the batch that have a decision: harmful prompts trained to refuse
+//! (with R holding their refusal's first token), and harmless prompts whose trained reply does not itself open with a token of R (a helpful
+//! reply may start with "I"; pushing it away from R would contradict its own target). The
+//! harmless term's gradient grows as `q / (1 - q)`: it concentrates on harmless prompts the
+//! model is about to refuse, which is where over-refusal comes from.
+use crate::data::Example;
+use crate::Result;
+use candle_core::{DType, Tensor};
+
+/// The side of the decision an example trains, if any.
+pub fn side(example: &Example, refusal_ids: &[u32]) -> Option<bool> {
+    let first = example.target.iter().flatten().next()?;
+    match example.kind.as_str() {
+        "harmful" if refusal_ids.contains(first) => Some(true),
+        "harmless" if !refusal_ids.contains(first) => Some(false),
+        _ => None,
+    }
+}
+
+/// `L_decision` from the log-probabilities `(m, V)` at each example's first reply position and
+/// whether each should refuse. `None` when `m = 0`.
+pub fn decision_loss(
+    first_log_probs: &Tensor,
+    refuse: &[bool],
+    refusal_ids: &[u32],
+) -> Result<Option<Tensor>> {
+    let m = refuse.len();
+    if m == 0 {
+        return Ok(None);
+    }
+    let dev = first_log_probs.device();
+    let r = Tensor::new(refusal_ids, dev)?;
+    // Probabilities are below 1, so summing exponentials cannot overflow.
+    let q = first_log_probs
+        .index_select(&r, 1)?
+        .to_dtype(DType::F32)?
+        .exp()?
+        .sum(1)?;
+    // Per example: q for a harmful prompt, 1 - q for a harmless one.
+    let sign: Vec<f32> = refuse.iter().map(|&h| if h { 1.0 } else { -1.0 }).collect();
+    let offset: Vec<f32> = refuse.iter().map(|&h| if h { 0.0 } else { 1.0 }).collect();
+    let p_right = ((q * Tensor::new(sign.as_slice(), dev)?)?
+        + Tensor::new(offset.as_slice(), dev)?)?
+    .clamp(1e-6f32, 1.0f32)?;
+    Ok(Some((p_right.log()?.mean_all()? * -1.0)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rows(p: &[[f32; 4]]) -> Tensor {
+        let flat: Vec<f32> = p.iter().flatten().map(|x| x.ln()).collect();
+        Tensor::from_vec(flat, (p.len(), 4), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn matches_the_formula_by_hand() {
+        // R = {0, 2}. Row 0 (harmful): q = 0.1 + 0.3 = 0.4. Row 1 (harmless): q = 0.5 + 0.25.
+        let lp = rows(&[[0.1, 0.2, 0.3, 0.4], [0.5, 0.1, 0.25, 0.15]]);
+        let got = decision_loss(&lp, &[true, false], &[0, 2])
+            .unwrap()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let want = -(0.4f64.ln() + 0.25f64.ln()) / 2.0;
+        assert!((got as f64 - want).abs() < 1e-6, "{got} vs {want}");
+        assert!(decision_loss(&lp, &[], &[0]).unwrap().is_none());
+    }
+
+    #[test]
+    fn gradient_matches_finite_differences() {
+        let base = [0.3f64, -1.2, 0.5, 2.0, -0.7, 0.1, 1.1, -0.4];
+        let loss = |x: &Tensor| -> Tensor {
+            let lp = safegeo_runtime::log_softmax_last(x).unwrap();
+            decision_loss(&lp, &[true, false], &[1, 3])
+                .unwrap()
+                .unwrap()
+        };
+        let v = Var::from_vec(base.to_vec(), (2, 4), &Device::Cpu).unwrap();
+        let logits = v.as_tensor().to_dtype(DType::F32).unwrap();
+        let grads = loss(&logits).backward().unwrap();
+        let g: Vec<f64> = grads
+            .get(v.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let value = |x: &[f64]| {
+            let t = Tensor::from_vec(x.to_vec(), (2, 4), &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            loss(&t).to_scalar::<f32>().unwrap() as f64
+        };
+        for i in 0..base.len() {
+            let (mut up, mut down) = (base, base);
+            up[i] += 1e-3;
+            down[i] -= 1e-3;
+            let fd = (value(&up) - value(&down)) / 2e-3;
+            assert!((fd - g[i]).abs() < 1e-3, "logit {i}: {fd} vs {}", g[i]);
+        }
+    }
+
+    #[test]
+    fn only_refusals_and_non_refusing_helpful_replies_have_a_side() {
+        let harmful = Example::reply(vec![1], vec![7, 8], "harmful");
+        let helpful = Example::reply(vec![1], vec![9], "harmless");
+        let opens_with_i = Example::reply(vec![1], vec![7], "harmless");
+        let other = Example::reply(vec![1], vec![9], "transition");
+        assert_eq!(side(&harmful, &[7]), Some(true));
+        assert_eq!(side(&harmful, &[9]), None);
+        assert_eq!(side(&helpful, &[7]), Some(false));
+        assert_eq!(side(&opens_with_i, &[7]), None);
+        assert_eq!(side(&other, &[7]), None);
+    }
+}
