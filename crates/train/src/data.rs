@@ -406,6 +406,88 @@ pub fn hard_negatives(
     scored.into_iter().take(n).map(|(_, p)| p.clone()).collect()
 }
 
+/// Request frames that open many `harmful-train` prompts but almost no `harmless-train` ones
+/// (counted on the openings: "how to" 33 vs 2 of 18,793, "ways to" 28 vs 0, "give instructions"
+/// 13 vs 2, "provide step-by-step" 3 vs 0). Left alone, the frame itself predicts harm, and a
+/// safety-trained model refuses "Give instructions for acquiring a weight loss drug".
+pub const HARMFUL_FRAMES: &[&str] = &[
+    "How to {}",
+    "Give instructions for how to {}",
+    "Give step-by-step instructions for how to {}",
+    "Explain how to {}",
+    "Provide step-by-step instructions for how to {}",
+    "Describe in detail how to {}",
+    "Teach someone how to {}",
+    "Provide guidance on how to {}",
+    "Ways to {}",
+    "Write a tutorial on how to {}",
+    "Create a guide on how to {}",
+    "Instruct users how to {}",
+];
+
+/// Imperative verbs of harmless tasks that read naturally after "how to".
+const TASK_VERBS: &[&str] = &[
+    "Create",
+    "Write",
+    "Design",
+    "Construct",
+    "Make",
+    "Compose",
+    "Develop",
+    "Build",
+    "Draft",
+    "Calculate",
+    "Convert",
+    "Compute",
+    "Prepare",
+    "Plan",
+    "Cook",
+    "Bake",
+    "Grow",
+    "Clean",
+    "Organize",
+    "Improve",
+    "Reduce",
+    "Train",
+    "Learn",
+    "Produce",
+    "Compile",
+];
+
+/// Harmless prompts in the frames of harmful ones: `n` single-sentence tasks of `pool` (not in
+/// `exclude`) that open with a [`TASK_VERBS`] verb, drawn by `seed` and put in the frames of
+/// [`HARMFUL_FRAMES`] in turn ("Bake a cake." -> "Give instructions for how to bake a cake").
+/// Their helpful replies (self-distilled) teach that the frame alone is not a reason to refuse.
+pub fn framed_negatives(pool: &[String], exclude: &[String], n: usize, seed: u64) -> Vec<String> {
+    let skip: std::collections::HashSet<&String> = exclude.iter().collect();
+    let mut tasks: Vec<&String> = pool
+        .iter()
+        .filter(|p| !skip.contains(p) && p.len() <= 120 && !p.contains('\n'))
+        .filter(|p| {
+            let first = p.split_whitespace().next().unwrap_or("");
+            TASK_VERBS.contains(&first)
+                && p.trim_end_matches('.').matches(['.', '?', '!']).count() == 0
+        })
+        .collect();
+    tasks.sort();
+    tasks.dedup();
+    tasks.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed ^ 0xF2A3E));
+    tasks
+        .into_iter()
+        .take(n)
+        .enumerate()
+        .map(|(i, t)| {
+            let t = t.trim().trim_end_matches('.');
+            let mut chars = t.chars();
+            let task: String = chars
+                .next()
+                .map(|c| c.to_lowercase().chain(chars).collect())
+                .unwrap_or_default();
+            HARMFUL_FRAMES[i % HARMFUL_FRAMES.len()].replace("{}", &task)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -430,6 +512,36 @@ mod tests {
         );
         let got = hard_negatives(&harmful, &pool, &got, 5);
         assert!(!got.iter().any(|g| g.contains("hack")));
+    }
+
+    #[test]
+    fn framed_negatives_put_task_verbs_in_harmful_frames() {
+        let pool: Vec<String> = [
+            "Bake a chocolate cake.",
+            "What is the capital of France?",
+            "Write a poem about spring",
+            "Create a list. Then sort it.",
+            "Describe the sea",
+        ]
+        .map(String::from)
+        .to_vec();
+        let got = framed_negatives(&pool, &[], 10, 3);
+        let mut tasks: Vec<&str> = got
+            .iter()
+            .map(|g| g.rsplit(" to ").next().unwrap())
+            .collect();
+        tasks.sort();
+        assert_eq!(
+            tasks,
+            ["bake a chocolate cake", "write a poem about spring"],
+            "{got:?}"
+        );
+        assert!(got.iter().all(|g| HARMFUL_FRAMES
+            .iter()
+            .any(|f| g.starts_with(f.trim_end_matches("{}")))));
+        assert_eq!(got, framed_negatives(&pool, &[], 10, 3));
+        let without = framed_negatives(&pool, &["Bake a chocolate cake.".into()], 10, 3);
+        assert_eq!(without.len(), 1);
     }
 
     #[test]

@@ -73,6 +73,11 @@ pub struct TrainArgs {
     /// harmful prompts (hard negatives: topic alone is not a reason to refuse).
     #[arg(long, default_value_t = 256)]
     pub n_hard_negatives: usize,
+    /// Extra harmless prompts put in the request frames of harmful ones ("Give step-by-step
+    /// instructions for how to bake a cake"): frames that open harmful-train prompts but almost
+    /// no harmless ones, which a model otherwise learns to refuse on sight.
+    #[arg(long, default_value_t = 0)]
+    pub n_framed_negatives: usize,
     /// Weight of the refusal decision loss at the first reply token: binary cross-entropy of
     /// the refusal-opening probability mass, toward 1 on harmful prompts and toward 0 on
     /// harmless ones (crates/train/src/decision.rs). 0 = plain cross-entropy only.
@@ -180,10 +185,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     let harmful = load_train_split(&a.harmful, a.n_harmful, &a)?;
     let mut harmless = load_train_split(&a.harmless, Some(a.n_harmless), &a)?;
-    if a.n_hard_negatives > 0 {
+    if a.n_hard_negatives + a.n_framed_negatives > 0 {
         let pool = load_train_split(&a.harmless, None, &a)?;
         let mined = data::hard_negatives(&harmful, &pool, &harmless, a.n_hard_negatives);
         harmless.extend(mined);
+        let framed = data::framed_negatives(&pool, &harmless, a.n_framed_negatives, a.seed);
+        harmless.extend(framed);
     }
     let mut model = common::load(&a.model)?;
     let hash = common::model_hash(&model.source)?;
@@ -191,7 +198,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         "safegeo_version": env!("CARGO_PKG_VERSION"),
         "model": model.source, "model_sha256": hash, "recipe": a.recipe, "strategy": strategy,
         "train": cfg, "harmful": a.harmful, "n_harmful": harmful.len(), "harmless": a.harmless,
-        "n_harmless": a.n_harmless, "r2d2": (a.recipe == "r2d2").then_some(&r2d2_cfg), "n_hard_negatives": a.n_hard_negatives, "decision_weight": a.decision_weight, "utility_tokens": a.utility_tokens, "system": a.system,
+        "n_harmless": a.n_harmless, "r2d2": (a.recipe == "r2d2").then_some(&r2d2_cfg), "n_hard_negatives": a.n_hard_negatives, "decision_weight": a.decision_weight, "n_framed_negatives": a.n_framed_negatives, "utility_tokens": a.utility_tokens, "system": a.system,
     });
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     common::check_or_write_config(&a.out, &config)?;
