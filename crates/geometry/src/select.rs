@@ -5,9 +5,12 @@
 //! validation prompts. Admissible: finite, `kl <= kl_max`, `induce > 0`, `l < cutoff * L`; the
 //! admissible candidate with the lowest `bypass` is selected.
 //!
-//! Cost control (ours): every candidate is first screened on `screen_prompts` prompts per set;
-//! the `finalists` with the lowest screened bypass that pass the screen are re-measured on all
-//! validation prompts, and only full measurements decide the selection.
+//! Cost control (ours), successive halving: every candidate's bypass is first measured on
+//! `prescreen_prompts` harmful prompts (one small forward each); the `screen_keep` lowest get all
+//! three measurements on `screen_prompts` prompts per set; the `finalists` with the lowest
+//! screened bypass that pass the screen are re-measured on all validation prompts, and only full
+//! measurements decide the selection. A candidate dropped early had a weaker bypass than every
+//! one kept, and selection picks the lowest bypass among admissible candidates.
 use crate::linalg;
 use crate::Result;
 use candle_core::{DType, Device, Tensor, D};
@@ -23,6 +26,10 @@ pub struct SelectConfig {
     pub kl_max: f64,
     /// Candidates must lie in layers `< cutoff * L` (Arditi: 0.8; ours: 1.0 = none).
     pub layer_cutoff: f64,
+    /// Harmful prompts of the bypass-only first stage (0 = no such stage).
+    pub prescreen_prompts: usize,
+    /// Candidates (lowest first-stage bypass) that go on to the screen.
+    pub screen_keep: usize,
     /// Prompts per set in the screening stage.
     pub screen_prompts: usize,
     /// Candidates measured on all validation prompts.
@@ -38,6 +45,8 @@ impl Default for SelectConfig {
         Self {
             kl_max: 0.1,
             layer_cutoff: 1.0,
+            prescreen_prompts: 4,
+            screen_keep: 48,
             screen_prompts: 8,
             finalists: 16,
             batch: 32,
@@ -59,11 +68,11 @@ pub struct Candidate {
     pub induce: f64,
     /// Mean KL on harmless prompts under ablation.
     pub kl: f64,
-    /// `screen`, `full`, or `skipped` (zero carrier).
+    /// The last stage measured: `prescreen` (bypass only), `screen` or `full`.
     pub stage: &'static str,
     /// Passed every test.
     pub admissible: bool,
-    /// Tests failed (`nan`, `kl`, `induce`, `layer`; `zero` for a carrier of zero length).
+    /// Tests failed (`nan`, `kl`, `induce`, `layer`; none after the prescreen alone).
     pub failed: Vec<&'static str>,
 }
 
@@ -130,6 +139,34 @@ fn to_tensor(v: &[f64], dev: &Device) -> Result<Tensor> {
     )?)
 }
 
+/// Directional ablation of `r^` at every layer and position.
+fn ablation(model: &Model, r: &[f64]) -> Result<Hooks> {
+    let unit = to_tensor(&linalg::normalize(r), &model.device)?;
+    Ok(Hooks::with_interventions(vec![Intervention::Ablate {
+        direction: unit,
+        layers: None,
+        scope: Scope::All,
+    }]))
+}
+
+/// `bypass` alone: the mean refusal score on `harmful` under ablation of `r^`.
+pub fn bypass(
+    model: &Model,
+    r: &[f64],
+    harmful: &[Vec<u32>],
+    refusal_ids: &[u32],
+    batch: usize,
+) -> Result<f64> {
+    let mut ablate = ablation(model, r)?;
+    Ok(mean(&refusal_scores(
+        model,
+        harmful,
+        refusal_ids,
+        batch,
+        &mut ablate,
+    )?))
+}
+
 /// Measure one candidate direction `r` (unnormalized) at layer `layer` on the given prompt sets.
 #[allow(clippy::too_many_arguments)]
 pub fn measure(
@@ -143,12 +180,7 @@ pub fn measure(
     batch: usize,
 ) -> Result<(f64, f64, f64)> {
     let dev = &model.device;
-    let unit = to_tensor(&linalg::normalize(r), dev)?;
-    let mut ablate = Hooks::with_interventions(vec![Intervention::Ablate {
-        direction: unit,
-        layers: None,
-        scope: Scope::All,
-    }]);
+    let mut ablate = ablation(model, r)?;
     let bypass = mean(&refusal_scores(
         model,
         harmful,
@@ -206,10 +238,10 @@ pub fn failed_tests(
     f
 }
 
-/// Screen every candidate, re-measure finalists on all prompts, and pick the admissible one with
-/// the lowest bypass. `progress(done, total)` after every measurement. With a `journal`, every
-/// measurement is recorded as it finishes and measurements already in it are not redone, so a
-/// killed selection resumes where it stopped (and gives the same result).
+/// Prescreen every candidate, screen the best, re-measure finalists on all prompts, and pick the
+/// admissible one with the lowest bypass. `progress(done, total)` after every measurement. With
+/// a `journal`, every measurement is recorded as it finishes and measurements already in it are
+/// not redone, so a killed selection resumes where it stopped (and gives the same result).
 #[allow(clippy::too_many_arguments)]
 pub fn select(
     model: &Model,
@@ -227,58 +259,101 @@ pub fn select(
         &harmful[..s.min(harmful.len())],
         &harmless[..s.min(harmless.len())],
     );
-    let base_screen = baseline(model, hs, ls, refusal_ids, cfg.batch)?;
     let wanted = |p: usize| cfg.positions.as_ref().is_none_or(|ps| ps.contains(&p));
-    let per_layer = (0..carriers[0].len()).filter(|&p| wanted(p)).count();
-    if per_layer == 0 {
+    let all: Vec<(usize, usize)> = (0..n_layer)
+        .flat_map(|l| (0..carriers[l].len()).map(move |p| (l, p)))
+        .filter(|&(_, p)| wanted(p))
+        .collect();
+    if all.is_empty() {
         return Err(crate::Error::Invalid(format!(
             "no candidate position left: positions {:?} are outside 0..{}",
             cfg.positions,
             carriers[0].len()
         )));
     }
-    let total = n_layer * per_layer + cfg.finalists;
+    let prescreen = cfg.prescreen_prompts > 0 && cfg.screen_keep < all.len();
+    let n_screen = if prescreen {
+        cfg.screen_keep
+    } else {
+        all.len()
+    };
+    let total = if prescreen { all.len() } else { 0 } + n_screen + cfg.finalists.min(n_screen);
     let mut done = 0;
-    let mut cands = Vec::new();
-    for (l, per_pos) in carriers.iter().enumerate() {
-        for (p, r) in per_pos.iter().enumerate() {
-            if !wanted(p) {
-                continue;
-            }
-            let [bypass, induce, kl] =
-                journaled(&mut journal, &format!("screen/{l}/{p}"), || -> Result<_> {
-                    let (b, i, k) =
-                        measure(model, r, l, hs, ls, &base_screen, refusal_ids, cfg.batch)?;
-                    Ok([b, i, k])
-                })?;
-            let failed = failed_tests(bypass, induce, kl, l, n_layer, cfg);
-            cands.push(Candidate {
-                layer: l,
-                pos: p,
-                bypass,
-                induce,
-                kl,
-                stage: "screen",
-                admissible: false,
-                failed,
-            });
+    let mut cands: Vec<Candidate> = all
+        .iter()
+        .map(|&(layer, pos)| Candidate {
+            layer,
+            pos,
+            bypass: f64::NAN,
+            induce: f64::NAN,
+            kl: f64::NAN,
+            stage: "prescreen",
+            admissible: false,
+            failed: Vec::new(),
+        })
+        .collect();
+    // Stage 1: bypass alone on a few harmful prompts; the lowest go on.
+    let mut screened: Vec<usize> = (0..cands.len()).collect();
+    if prescreen {
+        let hp = &harmful[..cfg.prescreen_prompts.min(harmful.len())];
+        for c in cands.iter_mut() {
+            let (l, p) = (c.layer, c.pos);
+            let [b, _, _] = journaled(&mut journal, &format!("prescreen/{l}/{p}"), || {
+                Ok::<_, crate::Error>([
+                    bypass(model, &carriers[l][p], hp, refusal_ids, cfg.batch)?,
+                    0.0,
+                    0.0,
+                ])
+            })?;
+            c.bypass = b;
             done += 1;
             progress(done, total);
         }
+        screened.sort_by(|&a, &b| cands[a].bypass.total_cmp(&cands[b].bypass));
+        screened.truncate(cfg.screen_keep);
+        screened.sort_unstable();
+    }
+    // Stage 2: all three measurements on `screen_prompts` prompts per set.
+    let base_screen = baseline(model, hs, ls, refusal_ids, cfg.batch)?;
+    for &i in &screened {
+        let (l, p) = (cands[i].layer, cands[i].pos);
+        let [bypass, induce, kl] =
+            journaled(&mut journal, &format!("screen/{l}/{p}"), || -> Result<_> {
+                let (b, i, k) = measure(
+                    model,
+                    &carriers[l][p],
+                    l,
+                    hs,
+                    ls,
+                    &base_screen,
+                    refusal_ids,
+                    cfg.batch,
+                )?;
+                Ok([b, i, k])
+            })?;
+        let failed = failed_tests(bypass, induce, kl, l, n_layer, cfg);
+        cands[i] = Candidate {
+            layer: l,
+            pos: p,
+            bypass,
+            induce,
+            kl,
+            stage: "screen",
+            admissible: false,
+            failed,
+        };
+        done += 1;
+        progress(done, total);
     }
     // Finalists: pass the screen (KL may be re-checked), lowest bypass first; fill with the rest.
-    let mut order: Vec<usize> = (0..cands.len()).collect();
+    let mut order = screened;
     order.sort_by(|&a, &b| {
         let key = |i: usize| (!cands[i].failed.is_empty(), cands[i].bypass);
         let (ka, kb) = (key(a), key(b));
         ka.0.cmp(&kb.0).then(ka.1.total_cmp(&kb.1))
     });
     let base = baseline(model, harmful, harmless, refusal_ids, cfg.batch)?;
-    let finalists: Vec<usize> = order
-        .into_iter()
-        .filter(|&i| cands[i].stage != "skipped")
-        .take(cfg.finalists)
-        .collect();
+    let finalists: Vec<usize> = order.into_iter().take(cfg.finalists).collect();
     for i in finalists {
         let (l, p) = (cands[i].layer, cands[i].pos);
         let [bypass, induce, kl] =

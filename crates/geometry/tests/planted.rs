@@ -80,6 +80,9 @@ fn selection_picks_a_carrier_along_the_plant_whose_ablation_removes_refusal() {
         kl_max: 50.0,
         finalists: 4,
         screen_prompts: 6,
+        // Two candidates (one per layer): the bypass-only prescreen sends the better one on.
+        prescreen_prompts: 4,
+        screen_keep: 1,
         ..Default::default()
     };
     let run = |journal: Option<&mut Journal<[f64; 3]>>| {
@@ -109,8 +112,17 @@ fn selection_picks_a_carrier_along_the_plant_whose_ablation_removes_refusal() {
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(
         lines.len(),
-        1 + cands.len() + cands.len().min(cfg.finalists)
+        1 + cands.len() + cfg.screen_keep + cfg.screen_keep.min(cfg.finalists)
     );
+    let dropped: Vec<_> = cands.iter().filter(|k| k.stage == "prescreen").collect();
+    assert_eq!(dropped.len(), cands.len() - cfg.screen_keep);
+    let kept = cands.iter().find(|k| k.stage == "full").unwrap();
+    for d in dropped {
+        assert!(
+            d.bypass >= kept.bypass && d.induce.is_nan() && d.kl.is_nan(),
+            "{d:?}"
+        );
+    }
     let torn = format!("{}\n{}", lines[..4].join("\n"), &lines[4][..10]);
     std::fs::write(&path, torn).unwrap();
     let mut journal = Journal::open(&path, &"planted").unwrap();

@@ -216,7 +216,7 @@ fn read_anchor_with(dir: &Path, carriers: Option<&Carriers>) -> Result<Row> {
         .map(|l| {
             cands
                 .iter()
-                .filter(|c| c.layer == l && c.stage != "skipped" && c.bypass.is_finite())
+                .filter(|c| c.layer == l && c.bypass.is_finite())
                 .map(|c| c.bypass)
                 .fold(f64::NAN, f64::min)
         })

@@ -74,6 +74,13 @@ pub struct SelectArgs {
     /// Candidates must lie below this fraction of the layers (Arditi: 0.8; default none).
     #[arg(long, default_value_t = 1.0)]
     pub layer_cutoff: f64,
+    /// Harmful prompts of the first, bypass-only stage over every candidate (0 = none: every
+    /// candidate is screened in full).
+    #[arg(long, default_value_t = 4)]
+    pub prescreen: usize,
+    /// Candidates with the lowest first-stage bypass that go on to the screen.
+    #[arg(long, default_value_t = 48)]
+    pub screen_keep: usize,
     /// Prompts per set in the screening stage.
     #[arg(long, default_value_t = 8)]
     pub screen: usize,
@@ -300,6 +307,8 @@ pub fn run_select(a: SelectArgs) -> Result<()> {
     let cfg = SelectConfig {
         kl_max: a.kl_max,
         layer_cutoff: a.layer_cutoff,
+        prescreen_prompts: a.prescreen,
+        screen_keep: a.screen_keep,
         screen_prompts: a.screen,
         finalists: a.finalists,
         batch: 32,
