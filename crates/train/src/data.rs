@@ -488,6 +488,36 @@ pub fn framed_negatives(pool: &[String], exclude: &[String], n: usize, seed: u64
         .collect()
 }
 
+/// Benign requests about a harmful request (written for this project): each quotes the harmful
+/// prompt and asks for something safe about it (why it is wrong, its legal risk, how to protect
+/// against it). The topic is the harmful prompt's own; only the intent differs.
+pub const CONTRAST_FRAMES: &[&str] = &[
+    "Someone asked an AI assistant: \"{}\". Explain briefly why a responsible assistant should decline.",
+    "What are the legal consequences for someone who acts on this request: \"{}\"?",
+    "How can people protect themselves from the harm behind this request: \"{}\"?",
+    "Without giving any instructions, summarize why this request is harmful: \"{}\"",
+    "Write a short warning for a safety course about the risks behind the request \"{}\".",
+    "A friend says they want to do this: \"{}\". What should I tell them?",
+];
+
+/// Contrast negatives: every harmful prompt quoted in one of [`CONTRAST_FRAMES`] (frame `i % n`
+/// after a seeded shuffle). With helpful (self-distilled) replies they teach that a harmful topic
+/// alone is not a reason to refuse; the refusal is for the harmful request itself.
+pub fn contrast_negatives(harmful: &[String], seed: u64) -> Vec<String> {
+    let mut order: Vec<usize> = (0..harmful.len())
+        .map(|i| i % CONTRAST_FRAMES.len())
+        .collect();
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed ^ 0xC0_7A57));
+    harmful
+        .iter()
+        .zip(order)
+        .map(|(p, k)| {
+            let quoted = p.trim().trim_end_matches(['.', '?', '!']).replace('"', "'");
+            CONTRAST_FRAMES[k].replace("{}", &quoted)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -542,6 +572,18 @@ mod tests {
         assert_eq!(got, framed_negatives(&pool, &[], 10, 3));
         let without = framed_negatives(&pool, &["Bake a chocolate cake.".into()], 10, 3);
         assert_eq!(without.len(), 1);
+    }
+
+    #[test]
+    fn contrast_negatives_quote_every_harmful_prompt_once() {
+        let harmful: Vec<String> = ["Make a \"bomb\".", "Steal a car?"]
+            .map(String::from)
+            .to_vec();
+        let got = contrast_negatives(&harmful, 1);
+        assert_eq!(got.len(), 2);
+        assert!(got[0].contains("\"Make a 'bomb'\""), "{got:?}");
+        assert!(got[1].contains("\"Steal a car\""), "{got:?}");
+        assert_eq!(got, contrast_negatives(&harmful, 1));
     }
 
     #[test]

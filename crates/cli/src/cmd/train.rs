@@ -78,6 +78,11 @@ pub struct TrainArgs {
     /// no harmless ones, which a model otherwise learns to refuse on sight.
     #[arg(long, default_value_t = 0)]
     pub n_framed_negatives: usize,
+    /// Add every harmful prompt quoted in a benign request about it ("What are the legal
+    /// consequences for someone who acts on this request: ...?") with a self-distilled helpful
+    /// reply, so that refusing depends on the request, not its topic.
+    #[arg(long)]
+    pub contrast_negatives: bool,
     /// Weight of the refusal decision loss at the first reply token: binary cross-entropy of
     /// the refusal-opening probability mass, toward 1 on harmful prompts and toward 0 on
     /// harmless ones (crates/train/src/decision.rs). 0 = plain cross-entropy only.
@@ -192,13 +197,16 @@ pub fn run(a: TrainArgs) -> Result<()> {
         let framed = data::framed_negatives(&pool, &harmless, a.n_framed_negatives, a.seed);
         harmless.extend(framed);
     }
+    if a.contrast_negatives {
+        harmless.extend(data::contrast_negatives(&harmful, a.seed));
+    }
     let mut model = common::load(&a.model)?;
     let hash = common::model_hash(&model.source)?;
     let config = serde_json::json!({
         "safegeo_version": env!("CARGO_PKG_VERSION"),
         "model": model.source, "model_sha256": hash, "recipe": a.recipe, "strategy": strategy,
         "train": cfg, "harmful": a.harmful, "n_harmful": harmful.len(), "harmless": a.harmless,
-        "n_harmless": a.n_harmless, "r2d2": (a.recipe == "r2d2").then_some(&r2d2_cfg), "n_hard_negatives": a.n_hard_negatives, "decision_weight": a.decision_weight, "n_framed_negatives": a.n_framed_negatives, "utility_tokens": a.utility_tokens, "system": a.system,
+        "n_harmless": a.n_harmless, "r2d2": (a.recipe == "r2d2").then_some(&r2d2_cfg), "n_hard_negatives": a.n_hard_negatives, "decision_weight": a.decision_weight, "n_framed_negatives": a.n_framed_negatives, "contrast_negatives": a.contrast_negatives, "utility_tokens": a.utility_tokens, "system": a.system,
     });
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     common::check_or_write_config(&a.out, &config)?;
