@@ -429,6 +429,8 @@ fn geometry_pipeline_on_a_tiny_model_then_eval_with_ablation() {
             "--bootstrap",
             "3",
             "--export-npy",
+            "--heldout",
+            &format!("{harm},{harmless}"),
             "--out",
             g,
         ],
@@ -452,6 +454,19 @@ fn geometry_pipeline_on_a_tiny_model_then_eval_with_ablation() {
         serde_json::from_str(&std::fs::read_to_string(geo.join("carriers.json")).unwrap()).unwrap();
     assert_eq!(meta["n_layer"], 2);
     assert_eq!(meta["positions"][0]["name"], "t_inst");
+    // The carriers read as probes on their own prompts: the mean difference projects positively,
+    // so the best carrier separates the sets better than chance.
+    let geometry: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(geo.join("geometry.json")).unwrap()).unwrap();
+    let held = &geometry["heldout"];
+    assert_eq!(held["auc_t_inst"].as_array().unwrap().len(), 2, "{held}");
+    assert_eq!(
+        held["all"].as_array().unwrap().len(),
+        2 * meta["n_pos"].as_u64().unwrap() as usize
+    );
+    assert!(held["best"]["auc"].as_f64().unwrap() > 0.5, "{held}");
+    let bad = safegeo(&["carriers", "-m", m, "--heldout", &harm, "--out", g], h);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--heldout takes two sets"));
     let out = safegeo(
         &[
             "select",

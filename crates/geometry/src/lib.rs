@@ -8,6 +8,7 @@ mod error;
 pub mod linalg;
 pub mod measures;
 pub mod select;
+pub mod separation;
 pub mod store;
 pub mod sweep;
 

@@ -7,6 +7,7 @@ use safegeo_data::{load_dataset, LoadSpec};
 use safegeo_geometry::carriers::{capture, difference_of_means, prompt_ids};
 use safegeo_geometry::measures::{coupling_curve, effective_rank_at};
 use safegeo_geometry::select::{select, SelectConfig};
+use safegeo_geometry::separation::{separation, Separation};
 use safegeo_geometry::{linalg, store};
 use safegeo_runtime::NoHooks;
 use std::path::{Path, PathBuf};
@@ -43,6 +44,11 @@ pub struct CarriersArgs {
     /// Also write refusal.npy and harmfulness.npy.
     #[arg(long)]
     pub export_npy: bool,
+    /// Held-out sets (harmful,harmless; evaluation sets are fine, e.g. jbb-harmful,jbb-benign):
+    /// how well every carrier, read as a linear probe, separates them (AUC and the true-positive
+    /// rate at a 0.2 false-positive rate), written to geometry.json under `heldout`.
+    #[arg(long, value_delimiter = ',')]
+    pub heldout: Option<Vec<String>>,
     /// Output folder: carriers.safetensors, carriers.json, geometry.json.
     #[arg(long)]
     pub out: PathBuf,
@@ -143,6 +149,9 @@ fn prompts(
 }
 
 pub fn carriers(a: CarriersArgs) -> Result<()> {
+    if a.heldout.as_ref().is_some_and(|s| s.len() != 2) {
+        bail!("--heldout takes two sets: harmful,harmless (e.g. jbb-harmful,jbb-benign)");
+    }
     for name in [&a.harmful, &a.harmless] {
         if let Ok(dn) = safegeo_data::DatasetName::parse(name) {
             if !dn.is_train_split() {
@@ -154,6 +163,13 @@ pub fn carriers(a: CarriersArgs) -> Result<()> {
     }
     let harmful = prompts(&a.harmful, a.n, a.seed, a.data_dir.as_deref())?;
     let harmless = prompts(&a.harmless, a.n, a.seed, a.data_dir.as_deref())?;
+    let heldout = match &a.heldout {
+        Some(sets) => Some((
+            prompts(&sets[0], a.n, a.seed, a.data_dir.as_deref())?,
+            prompts(&sets[1], a.n, a.seed, a.data_dir.as_deref())?,
+        )),
+        None => None,
+    };
     let model = common::load(&a.model)?;
     let t0 = std::time::Instant::now();
     let text =
@@ -228,6 +244,52 @@ pub fn carriers(a: CarriersArgs) -> Result<()> {
         }),
     )?;
     let t_post = c.n_pos() - 1;
+    let heldout = match &heldout {
+        Some((h, l)) => {
+            let (h_ids, hp) = prompt_ids(&model, &text(h))?;
+            let (l_ids, lp) = prompt_ids(&model, &text(l))?;
+            if hp.post_len != pos.post_len || lp.post_len != pos.post_len {
+                bail!("the held-out prompts' post-instruction positions differ from the carriers'");
+            }
+            let mut bar = common::Progress::new("held-out prompts captured");
+            let mut done = 0;
+            let total = h_ids.len() + l_ids.len();
+            let mut tick = |n| {
+                done += n;
+                bar.set(done, total)
+            };
+            let ha = capture(&model, &h_ids, pos.post_len, a.batch_size, &mut tick)?;
+            let la = capture(&model, &l_ids, pos.post_len, a.batch_size, &mut tick)?;
+            bar.finish();
+            let sep = separation(&c, &ha, &la);
+            let at = |p: usize, f: &dyn Fn(&Separation) -> f64| -> Vec<f64> {
+                sep.iter().filter(|s| s.pos == p).map(f).collect()
+            };
+            let best = sep
+                .iter()
+                .max_by(|x, y| {
+                    (x.tpr_at_fpr_0_2, x.auc)
+                        .partial_cmp(&(y.tpr_at_fpr_0_2, y.auc))
+                        .unwrap_or(std::cmp::Ordering::Equal)
+                })
+                .cloned();
+            if let Some(b) = &best {
+                eprintln!(
+                    "held-out {} vs {}: best carrier layer {} position {}: AUC {:.3}, TPR {:.2} at FPR 0.2",
+                    h.name, l.name, b.layer, b.pos, b.auc, b.tpr_at_fpr_0_2
+                );
+            }
+            serde_json::json!({
+                "harmful": ds(h), "harmless": ds(l),
+                "auc_t_inst": at(0, &|s| s.auc), "auc_t_post": at(t_post, &|s| s.auc),
+                "tpr_at_fpr_0_2_t_inst": at(0, &|s| s.tpr_at_fpr_0_2),
+                "tpr_at_fpr_0_2_t_post": at(t_post, &|s| s.tpr_at_fpr_0_2),
+                "best": best, "all": sep,
+                "note": "each carrier read as a linear probe: projection of held-out prompts on the unit carrier; best = highest TPR at FPR 0.2, then AUC",
+            })
+        }
+        None => serde_json::Value::Null,
+    };
     let erank: Vec<_> = (0..c.n_layer())
         .map(|l| effective_rank_at(&hacts, &lacts, l, a.bootstrap, a.seed))
         .collect();
@@ -242,6 +304,7 @@ pub fn carriers(a: CarriersArgs) -> Result<()> {
             "effective_rank": erank,
             "coupling_abs_cos_t_post": coupling_curve(&c, t_post),
             "refusal_norms": norms,
+            "heldout": heldout,
             "note": "coupling = |cos(harmfulness carrier at t_inst, refusal carrier at t_post)| per layer; `safegeo select` adds the selected layer",
         }),
     )?;
