@@ -315,33 +315,15 @@ pub fn select(
     }
     // Stage 2: all three measurements on `screen_prompts` prompts per set.
     let base_screen = baseline(model, hs, ls, refusal_ids, cfg.batch)?;
+    let mut run = Staged {
+        model,
+        carriers,
+        refusal_ids,
+        cfg,
+        journal,
+    };
     for &i in &screened {
-        let (l, p) = (cands[i].layer, cands[i].pos);
-        let [bypass, induce, kl] =
-            journaled(&mut journal, &format!("screen/{l}/{p}"), || -> Result<_> {
-                let (b, i, k) = measure(
-                    model,
-                    &carriers[l][p],
-                    l,
-                    hs,
-                    ls,
-                    &base_screen,
-                    refusal_ids,
-                    cfg.batch,
-                )?;
-                Ok([b, i, k])
-            })?;
-        let failed = failed_tests(bypass, induce, kl, l, n_layer, cfg);
-        cands[i] = Candidate {
-            layer: l,
-            pos: p,
-            bypass,
-            induce,
-            kl,
-            stage: "screen",
-            admissible: false,
-            failed,
-        };
+        cands[i] = run.measure("screen", &cands[i], hs, ls, &base_screen)?;
         done += 1;
         progress(done, total);
     }
@@ -353,34 +335,8 @@ pub fn select(
         ka.0.cmp(&kb.0).then(ka.1.total_cmp(&kb.1))
     });
     let base = baseline(model, harmful, harmless, refusal_ids, cfg.batch)?;
-    let finalists: Vec<usize> = order.into_iter().take(cfg.finalists).collect();
-    for i in finalists {
-        let (l, p) = (cands[i].layer, cands[i].pos);
-        let [bypass, induce, kl] =
-            journaled(&mut journal, &format!("full/{l}/{p}"), || -> Result<_> {
-                let (b, i, k) = measure(
-                    model,
-                    &carriers[l][p],
-                    l,
-                    harmful,
-                    harmless,
-                    &base,
-                    refusal_ids,
-                    cfg.batch,
-                )?;
-                Ok([b, i, k])
-            })?;
-        let failed = failed_tests(bypass, induce, kl, l, n_layer, cfg);
-        cands[i] = Candidate {
-            layer: l,
-            pos: p,
-            bypass,
-            induce,
-            kl,
-            stage: "full",
-            admissible: failed.is_empty(),
-            failed,
-        };
+    for i in order.into_iter().take(cfg.finalists) {
+        cands[i] = run.measure("full", &cands[i], harmful, harmless, &base)?;
         done += 1;
         progress(done, total);
     }
@@ -388,4 +344,56 @@ pub fn select(
         .filter(|&i| cands[i].admissible)
         .min_by(|&a, &b| cands[a].bypass.total_cmp(&cands[b].bypass));
     Ok((cands, best, base))
+}
+
+/// Journaled measurements of candidates at one stage.
+struct Staged<'a, 'j> {
+    model: &'a Model,
+    carriers: &'a [Vec<Vec<f64>>],
+    refusal_ids: &'a [u32],
+    cfg: &'a SelectConfig,
+    journal: Option<&'j mut Journal<[f64; 3]>>,
+}
+
+impl Staged<'_, '_> {
+    /// Bypass, induce and KL of candidate `c` on the given prompts, as stage `stage` (only a
+    /// `full` measurement can be admissible).
+    fn measure(
+        &mut self,
+        stage: &'static str,
+        c: &Candidate,
+        harmful: &[Vec<u32>],
+        harmless: &[Vec<u32>],
+        base: &Baseline,
+    ) -> Result<Candidate> {
+        let (l, p) = (c.layer, c.pos);
+        let [bypass, induce, kl] = journaled(
+            &mut self.journal,
+            &format!("{stage}/{l}/{p}"),
+            || -> Result<_> {
+                let (b, i, k) = measure(
+                    self.model,
+                    &self.carriers[l][p],
+                    l,
+                    harmful,
+                    harmless,
+                    base,
+                    self.refusal_ids,
+                    self.cfg.batch,
+                )?;
+                Ok([b, i, k])
+            },
+        )?;
+        let failed = failed_tests(bypass, induce, kl, l, self.carriers.len(), self.cfg);
+        Ok(Candidate {
+            layer: l,
+            pos: p,
+            bypass,
+            induce,
+            kl,
+            stage,
+            admissible: stage == "full" && failed.is_empty(),
+            failed,
+        })
+    }
 }
