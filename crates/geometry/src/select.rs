@@ -5,17 +5,22 @@
 //! validation prompts. Admissible: finite, `kl <= kl_max`, `induce > 0`, `l < cutoff * L`; the
 //! admissible candidate with the lowest `bypass` is selected.
 //!
-//! Cost control (ours), successive halving: every candidate's bypass is first measured on
-//! `prescreen_prompts` harmful prompts (one small forward each); the `screen_keep` lowest get all
-//! three measurements on `screen_prompts` prompts per set; the `finalists` with the lowest
-//! screened bypass that pass the screen are re-measured on all validation prompts, and only full
-//! measurements decide the selection. A candidate dropped early had a weaker bypass than every
-//! one kept, and selection picks the lowest bypass among admissible candidates.
+//! Cost control (ours), successive halving: every candidate is first measured on
+//! `prescreen_prompts` harmful and as many harmless prompts in one small ablated forward (bypass
+//! and KL, no induce); the `screen_keep` lowest in bypass among those whose KL is within
+//! `prescreen_kl_slack * kl_max` (then the rest, lowest bypass first) get all three measurements
+//! on `screen_prompts` prompts per set; the `finalists` with the lowest screened bypass that pass
+//! the screen are re-measured on all validation prompts, and only full measurements decide the
+//! selection. The prescreen's KL keeps directions that lower the refusal score only by wrecking
+//! the model (they have the lowest bypass of all) from crowding out admissible ones.
+//!
+//! For scale, the KL of ablating `random_directions` random unit directions on the screening
+//! prompts is measured too: it tells whether the KL bound is tight for this model at all.
 use crate::linalg;
 use crate::Result;
 use candle_core::{DType, Device, Tensor, D};
 use safegeo_data::jsonl::{journaled, Journal};
-use safegeo_data::judges::refusal_score::refusal_scores;
+use safegeo_data::judges::refusal_score::{refusal_scores, score_from_logprobs};
 use safegeo_runtime::{Hooks, Intervention, Model, NoHooks, Observer, Scope};
 use serde::Serialize;
 
@@ -26,8 +31,11 @@ pub struct SelectConfig {
     pub kl_max: f64,
     /// Candidates must lie in layers `< cutoff * L` (Arditi: 0.8; ours: 1.0 = none).
     pub layer_cutoff: f64,
-    /// Harmful prompts of the bypass-only first stage (0 = no such stage).
+    /// Harmful and harmless prompts (each) of the bypass-and-KL first stage (0 = no such stage).
     pub prescreen_prompts: usize,
+    /// First-stage KL above `prescreen_kl_slack * kl_max` sends a candidate behind the others
+    /// (the slack allows for the few prompts).
+    pub prescreen_kl_slack: f64,
     /// Candidates (lowest first-stage bypass) that go on to the screen.
     pub screen_keep: usize,
     /// Prompts per set in the screening stage.
@@ -38,6 +46,10 @@ pub struct SelectConfig {
     pub batch: usize,
     /// Only these position indices are candidates (`None` = every position).
     pub positions: Option<Vec<usize>>,
+    /// Random unit directions whose ablation KL is measured for scale (0 = none).
+    pub random_directions: usize,
+    /// Seed of the random directions.
+    pub seed: u64,
 }
 
 impl Default for SelectConfig {
@@ -45,12 +57,15 @@ impl Default for SelectConfig {
         Self {
             kl_max: 0.1,
             layer_cutoff: 1.0,
-            prescreen_prompts: 4,
+            prescreen_prompts: 2,
+            prescreen_kl_slack: 3.0,
             screen_keep: 48,
             screen_prompts: 8,
             finalists: 16,
             batch: 32,
             positions: None,
+            random_directions: 4,
+            seed: 0,
         }
     }
 }
@@ -68,11 +83,12 @@ pub struct Candidate {
     pub induce: f64,
     /// Mean KL on harmless prompts under ablation.
     pub kl: f64,
-    /// The last stage measured: `prescreen` (bypass only), `screen` or `full`.
+    /// The last stage measured: `prescreen` (bypass and KL), `screen` or `full`; `zero` for a
+    /// zero carrier, never measured.
     pub stage: &'static str,
     /// Passed every test.
     pub admissible: bool,
-    /// Tests failed (`nan`, `kl`, `induce`, `layer`; none after the prescreen alone).
+    /// Tests failed (`nan`, `kl`, `induce`, `layer`, `zero`; none after the prescreen alone).
     pub failed: Vec<&'static str>,
 }
 
@@ -83,6 +99,8 @@ pub struct Baseline {
     /// Mean refusal score on harmless prompts without edits.
     pub harmless_score: f64,
     harmless_logp: Vec<Tensor>,
+    /// KL of ablating random unit directions on the screening harmless prompts (for scale).
+    pub random_direction_kl: Vec<f64>,
 }
 
 /// Last-position log-probabilities `(b, V)` in f64, one tensor per chunk of `batch` prompts.
@@ -128,7 +146,60 @@ pub fn baseline(
             &mut NoHooks,
         )?),
         harmless_logp: last_logprobs(model, harmless, batch, &mut NoHooks)?,
+        random_direction_kl: Vec::new(),
     })
+}
+
+/// Mean over rows of KL(P_base || P_edited) from log-probabilities in matching chunks.
+fn mean_kl(base: &[Tensor], edited: &[Tensor]) -> Result<f64> {
+    let mut kls = Vec::new();
+    for (b, a) in base.iter().zip(edited) {
+        let rows = b.dim(0)?;
+        let b = b.narrow(0, 0, rows.min(a.dim(0)?))?;
+        // KL(P || Q) = sum P (log P - log Q), per row.
+        let kl = (b.exp()? * (&b - a)?)?.sum(D::Minus1)?;
+        kls.extend(kl.to_vec1::<f64>()?);
+    }
+    Ok(mean(&kls))
+}
+
+/// KL of ablating `r` on `harmless` (whose unedited log-probabilities `base` holds).
+pub fn ablation_kl(
+    model: &Model,
+    r: &[f64],
+    harmless: &[Vec<u32>],
+    base: &Baseline,
+    batch: usize,
+) -> Result<f64> {
+    let mut ablate = ablation(model, r)?;
+    mean_kl(
+        &base.harmless_logp,
+        &last_logprobs(model, harmless, batch, &mut ablate)?,
+    )
+}
+
+/// The first stage: bypass on `harmful` and KL on `harmless` under ablation of `r^`, in one
+/// forward over both sets.
+pub fn prescreen(
+    model: &Model,
+    r: &[f64],
+    harmful: &[Vec<u32>],
+    harmless: &[Vec<u32>],
+    base: &Baseline,
+    refusal_ids: &[u32],
+) -> Result<(f64, f64)> {
+    let mut ablate = ablation(model, r)?;
+    let rows: Vec<Vec<u32>> = harmful.iter().chain(harmless).cloned().collect();
+    let logp = last_logprobs(model, &rows, rows.len(), &mut ablate)?.remove(0);
+    let n = harmful.len();
+    let scores: Vec<f64> = logp
+        .narrow(0, 0, n)?
+        .to_vec2::<f64>()?
+        .iter()
+        .map(|row| score_from_logprobs(row, refusal_ids))
+        .collect();
+    let kl = mean_kl(&base.harmless_logp, &[logp.narrow(0, n, harmless.len())?])?;
+    Ok((mean(&scores), kl))
 }
 
 fn to_tensor(v: &[f64], dev: &Device) -> Result<Tensor> {
@@ -147,24 +218,6 @@ fn ablation(model: &Model, r: &[f64]) -> Result<Hooks> {
         layers: None,
         scope: Scope::All,
     }]))
-}
-
-/// `bypass` alone: the mean refusal score on `harmful` under ablation of `r^`.
-pub fn bypass(
-    model: &Model,
-    r: &[f64],
-    harmful: &[Vec<u32>],
-    refusal_ids: &[u32],
-    batch: usize,
-) -> Result<f64> {
-    let mut ablate = ablation(model, r)?;
-    Ok(mean(&refusal_scores(
-        model,
-        harmful,
-        refusal_ids,
-        batch,
-        &mut ablate,
-    )?))
 }
 
 /// Measure one candidate direction `r` (unnormalized) at layer `layer` on the given prompt sets.
@@ -201,16 +254,11 @@ pub fn measure(
         batch,
         &mut add,
     )?);
-    let abl_logp = last_logprobs(model, harmless, batch, &mut ablate)?;
-    let mut kls = Vec::new();
-    for (b, a) in base.harmless_logp.iter().zip(&abl_logp) {
-        let rows = b.dim(0)?;
-        let b = b.narrow(0, 0, rows.min(a.dim(0)?))?;
-        // KL(P || Q) = sum P (log P - log Q), per row.
-        let kl = (b.exp()? * (&b - a)?)?.sum(D::Minus1)?;
-        kls.extend(kl.to_vec1::<f64>()?);
-    }
-    Ok((bypass, induce, mean(&kls)))
+    let kl = mean_kl(
+        &base.harmless_logp,
+        &last_logprobs(model, harmless, batch, &mut ablate)?,
+    )?;
+    Ok((bypass, induce, kl))
 }
 
 /// The admissibility tests a measurement fails.
@@ -271,6 +319,19 @@ pub fn select(
             carriers[0].len()
         )));
     }
+    // A zero carrier (e.g. at the embeddings, where the post-instruction tokens are the same for
+    // every prompt) has no direction to ablate; it is listed but never measured.
+    let largest = all
+        .iter()
+        .map(|&(l, p)| linalg::norm(&carriers[l][p]))
+        .fold(0.0f64, f64::max);
+    let is_zero = |&(l, p): &(usize, usize)| linalg::norm(&carriers[l][p]) <= 1e-9 * largest;
+    let (zero, all): (Vec<_>, Vec<_>) = all.into_iter().partition(is_zero);
+    if all.is_empty() {
+        return Err(crate::Error::Invalid(
+            "every carrier is zero: the harmful and harmless activations are identical".into(),
+        ));
+    }
     let prescreen = cfg.prescreen_prompts > 0 && cfg.screen_keep < all.len();
     let n_screen = if prescreen {
         cfg.screen_keep
@@ -292,26 +353,27 @@ pub fn select(
             failed: Vec::new(),
         })
         .collect();
-    // Stage 1: bypass alone on a few harmful prompts; the lowest go on.
+    // Stage 1: bypass and KL on a few prompts; the lowest bypass within the KL slack go on.
     let mut screened: Vec<usize> = (0..cands.len()).collect();
     if prescreen {
-        let hp = &harmful[..cfg.prescreen_prompts.min(harmful.len())];
+        let k = cfg.prescreen_prompts;
+        let (hp, lp) = (
+            &harmful[..k.min(harmful.len())],
+            &harmless[..k.min(harmless.len())],
+        );
+        let base_pre = baseline(model, &[], lp, refusal_ids, cfg.batch)?;
         for c in cands.iter_mut() {
             let (l, p) = (c.layer, c.pos);
-            let [b, _, _] = journaled(&mut journal, &format!("prescreen/{l}/{p}"), || {
-                Ok::<_, crate::Error>([
-                    bypass(model, &carriers[l][p], hp, refusal_ids, cfg.batch)?,
-                    0.0,
-                    0.0,
-                ])
+            let [b, _, kl] = journaled(&mut journal, &format!("prescreen/{l}/{p}"), || {
+                let (b, kl) =
+                    self::prescreen(model, &carriers[l][p], hp, lp, &base_pre, refusal_ids)?;
+                Ok::<_, crate::Error>([b, 0.0, kl])
             })?;
-            c.bypass = b;
+            (c.bypass, c.kl) = (b, kl);
             done += 1;
             progress(done, total);
         }
-        screened.sort_by(|&a, &b| cands[a].bypass.total_cmp(&cands[b].bypass));
-        screened.truncate(cfg.screen_keep);
-        screened.sort_unstable();
+        screened = keep_for_screen(&cands, cfg);
     }
     // Stage 2: all three measurements on `screen_prompts` prompts per set.
     let base_screen = baseline(model, hs, ls, refusal_ids, cfg.batch)?;
@@ -334,7 +396,19 @@ pub fn select(
         let (ka, kb) = (key(a), key(b));
         ka.0.cmp(&kb.0).then(ka.1.total_cmp(&kb.1))
     });
-    let base = baseline(model, harmful, harmless, refusal_ids, cfg.batch)?;
+    let mut base = baseline(model, harmful, harmless, refusal_ids, cfg.batch)?;
+    let d = carriers[0][0].len();
+    let controls = crate::sweep::random_controls(d, cfg.random_directions, 1.0, cfg.seed);
+    for (k, r) in controls.iter().enumerate() {
+        let [kl, _, _] = journaled(&mut run.journal, &format!("random/{k}"), || {
+            Ok::<_, crate::Error>([
+                ablation_kl(model, r, ls, &base_screen, cfg.batch)?,
+                0.0,
+                0.0,
+            ])
+        })?;
+        base.random_direction_kl.push(kl);
+    }
     for i in order.into_iter().take(cfg.finalists) {
         cands[i] = run.measure("full", &cands[i], harmful, harmless, &base)?;
         done += 1;
@@ -342,8 +416,36 @@ pub fn select(
     }
     let best = (0..cands.len())
         .filter(|&i| cands[i].admissible)
-        .min_by(|&a, &b| cands[a].bypass.total_cmp(&cands[b].bypass));
+        .min_by(|&a, &b| cands[a].bypass.total_cmp(&cands[b].bypass))
+        .map(|i| (cands[i].layer, cands[i].pos));
+    cands.extend(zero.into_iter().map(|(layer, pos)| Candidate {
+        layer,
+        pos,
+        bypass: f64::NAN,
+        induce: f64::NAN,
+        kl: f64::NAN,
+        stage: "zero",
+        admissible: false,
+        failed: vec!["zero"],
+    }));
+    cands.sort_by_key(|c| (c.layer, c.pos));
+    let best = best.and_then(|key| cands.iter().position(|c| (c.layer, c.pos) == key));
     Ok((cands, best, base))
+}
+
+/// The prescreened candidates that go on to the screen, in index order: the lowest bypass among
+/// those whose KL is within `prescreen_kl_slack * kl_max`, then the rest by bypass.
+fn keep_for_screen(cands: &[Candidate], cfg: &SelectConfig) -> Vec<usize> {
+    let wrecks = |i: usize| cands[i].kl > cfg.prescreen_kl_slack * cfg.kl_max;
+    let mut order: Vec<usize> = (0..cands.len()).collect();
+    order.sort_by(|&a, &b| {
+        wrecks(a)
+            .cmp(&wrecks(b))
+            .then(cands[a].bypass.total_cmp(&cands[b].bypass))
+    });
+    order.truncate(cfg.screen_keep);
+    order.sort_unstable();
+    order
 }
 
 /// Journaled measurements of candidates at one stage.
@@ -395,5 +497,49 @@ impl Staged<'_, '_> {
             admissible: stage == "full" && failed.is_empty(),
             failed,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pre(bypass: f64, kl: f64) -> Candidate {
+        Candidate {
+            layer: 0,
+            pos: 0,
+            bypass,
+            induce: f64::NAN,
+            kl,
+            stage: "prescreen",
+            admissible: false,
+            failed: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_screen_takes_the_lowest_bypass_within_the_kl_slack_before_any_wreck() {
+        let cfg = SelectConfig {
+            kl_max: 0.1,
+            prescreen_kl_slack: 3.0,
+            screen_keep: 3,
+            ..Default::default()
+        };
+        // 0 and 3 wreck the model (KL > 0.3) with the lowest bypass of all; 1, 2, 4 are within
+        // the slack.
+        let cands = [
+            pre(-9.0, 2.0),
+            pre(-1.0, 0.05),
+            pre(-2.0, 0.3),
+            pre(-8.0, 0.31),
+            pre(0.5, 0.0),
+        ];
+        assert_eq!(keep_for_screen(&cands, &cfg), vec![1, 2, 4]);
+        // With room left, wrecks follow, lowest bypass first.
+        let cfg = SelectConfig {
+            screen_keep: 4,
+            ..cfg
+        };
+        assert_eq!(keep_for_screen(&cands, &cfg), vec![0, 1, 2, 4]);
     }
 }

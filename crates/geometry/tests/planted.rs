@@ -80,7 +80,7 @@ fn selection_picks_a_carrier_along_the_plant_whose_ablation_removes_refusal() {
         kl_max: 50.0,
         finalists: 4,
         screen_prompts: 6,
-        // Two candidates (one per layer): the bypass-only prescreen sends the better one on.
+        // Two candidates (one per layer): the prescreen sends the better one on.
         prescreen_prompts: 4,
         screen_keep: 1,
         ..Default::default()
@@ -99,6 +99,12 @@ fn selection_picks_a_carrier_along_the_plant_whose_ablation_removes_refusal() {
         .unwrap()
     };
     let (cands, best, base) = run(None);
+    // The random-direction reference: one KL per direction, finite and non-negative.
+    assert_eq!(base.random_direction_kl.len(), cfg.random_directions);
+    assert!(base
+        .random_direction_kl
+        .iter()
+        .all(|k| k.is_finite() && *k >= -1e-12));
     // A journaled selection cut short (a kill after the first few measurements, the last record
     // torn) resumes to exactly the uninterrupted result.
     let dir = tempfile::tempdir().unwrap();
@@ -112,14 +118,17 @@ fn selection_picks_a_carrier_along_the_plant_whose_ablation_removes_refusal() {
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(
         lines.len(),
-        1 + cands.len() + cfg.screen_keep + cfg.screen_keep.min(cfg.finalists)
+        1 + cands.len()
+            + cfg.screen_keep
+            + cfg.random_directions
+            + cfg.screen_keep.min(cfg.finalists)
     );
     let dropped: Vec<_> = cands.iter().filter(|k| k.stage == "prescreen").collect();
     assert_eq!(dropped.len(), cands.len() - cfg.screen_keep);
     let kept = cands.iter().find(|k| k.stage == "full").unwrap();
     for d in dropped {
         assert!(
-            d.bypass >= kept.bypass && d.induce.is_nan() && d.kl.is_nan(),
+            d.bypass >= kept.bypass && d.induce.is_nan() && d.kl.is_finite(),
             "{d:?}"
         );
     }
@@ -153,4 +162,52 @@ fn selection_picks_a_carrier_along_the_plant_whose_ablation_removes_refusal() {
         "addition must induce refusal"
     );
     assert_eq!(cands.len(), m.cfg.n_layer);
+}
+
+#[test]
+fn a_zero_carrier_is_listed_but_never_measured() {
+    let u = unit_u(16);
+    let m = planted_model(&u, 30.0);
+    let h = capture(&m, &prompts(2, 12, 16), 0, 8, &mut |_| {}).unwrap();
+    let l = capture(&m, &prompts(20, 44, 16), 0, 8, &mut |_| {}).unwrap();
+    let mut carriers = difference_of_means(&h, &l, None, None).refusal;
+    let d = carriers[0][0].len();
+    carriers[0].push(vec![0.0; d]); // layer 0 gains a zero candidate at a new position
+    let zero_pos = carriers[0].len() - 1;
+    let cfg = SelectConfig {
+        kl_max: 50.0,
+        finalists: 2,
+        screen_prompts: 4,
+        prescreen_prompts: 0,
+        random_directions: 0,
+        positions: None,
+        ..Default::default()
+    };
+    let (val_h, val_l) = (prompts(2, 12, 4), prompts(20, 44, 4));
+    let dir = tempfile::tempdir().unwrap();
+    let mut journal = Journal::open(&dir.path().join("j.jsonl"), &"zero").unwrap();
+    let (cands, best, _) = select(
+        &m,
+        &carriers,
+        &val_h,
+        &val_l,
+        &[REFUSAL_TOKEN],
+        &cfg,
+        Some(&mut journal),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let z = cands
+        .iter()
+        .find(|c| c.layer == 0 && c.pos == zero_pos)
+        .expect("the zero candidate is listed");
+    assert_eq!((z.stage, z.failed.clone()), ("zero", vec!["zero"]));
+    assert!(z.bypass.is_nan() && z.kl.is_nan() && !z.admissible);
+    let text = std::fs::read_to_string(dir.path().join("j.jsonl")).unwrap();
+    assert!(!text.contains(&format!("/0/{zero_pos}\"")), "{text}");
+    // The listing stays in (layer, pos) order, and `best` still points at an admissible one.
+    assert!(cands
+        .windows(2)
+        .all(|w| (w[0].layer, w[0].pos) < (w[1].layer, w[1].pos)));
+    assert!(cands[best.expect("the plant is found")].admissible);
 }

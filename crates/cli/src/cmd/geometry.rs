@@ -80,11 +80,16 @@ pub struct SelectArgs {
     /// Candidates must lie below this fraction of the layers (Arditi: 0.8; default none).
     #[arg(long, default_value_t = 1.0)]
     pub layer_cutoff: f64,
-    /// Harmful prompts of the first, bypass-only stage over every candidate (0 = none: every
-    /// candidate is screened in full).
-    #[arg(long, default_value_t = 4)]
+    /// Harmful and harmless prompts (each) of the first stage over every candidate: bypass and
+    /// KL in one small forward (0 = none: every candidate is screened in full).
+    #[arg(long, default_value_t = 2)]
     pub prescreen: usize,
-    /// Candidates with the lowest first-stage bypass that go on to the screen.
+    /// A first-stage KL above this multiple of --kl-max puts a candidate behind all others when
+    /// choosing who goes on (directions that lower refusal by wrecking the model).
+    #[arg(long, default_value_t = 3.0)]
+    pub prescreen_kl_slack: f64,
+    /// Candidates that go on to the screen: the lowest first-stage bypass within the KL slack
+    /// first.
     #[arg(long, default_value_t = 48)]
     pub screen_keep: usize,
     /// Prompts per set in the screening stage.
@@ -93,6 +98,10 @@ pub struct SelectArgs {
     /// Candidates re-measured on all validation prompts.
     #[arg(long, default_value_t = 16)]
     pub finalists: usize,
+    /// Random unit directions whose ablation KL is measured on the screening prompts, to show
+    /// the scale of --kl-max for this model (0 = none).
+    #[arg(long, default_value_t = 4)]
+    pub random_directions: usize,
     /// Only these position indices are candidates (comma-separated; 0 = t_inst, the last =
     /// t_post; see carriers.json) [default: all].
     #[arg(long, value_delimiter = ',')]
@@ -376,6 +385,9 @@ pub fn run_select(a: SelectArgs) -> Result<()> {
         finalists: a.finalists,
         batch: 32,
         positions: a.positions.clone(),
+        prescreen_kl_slack: a.prescreen_kl_slack,
+        random_directions: a.random_directions,
+        seed: a.seed,
     };
     let carriers = if a.orth { &c.refusal_orth } else { &c.refusal };
     // Every measurement lands in a journal, so a killed selection resumes where it stopped.
@@ -415,6 +427,18 @@ pub fn run_select(a: SelectArgs) -> Result<()> {
     safegeo_runtime::files::write_atomic(&a.dir.join("selection.csv"), csv.as_bytes())?;
     let full: Vec<_> = cands.iter().filter(|k| k.stage == "full").collect();
     let count = |t: &str| full.iter().filter(|k| k.failed.contains(&t)).count();
+    let lowest_kl = full.iter().map(|k| k.kl).fold(f64::INFINITY, f64::min);
+    let rk = &base.random_direction_kl;
+    let random_kl = if rk.is_empty() {
+        "not measured".to_string()
+    } else {
+        format!(
+            "mean KL {:.4}, max {:.4} over {}",
+            rk.iter().sum::<f64>() / rk.len() as f64,
+            rk.iter().fold(0.0f64, |m, &x| m.max(x)),
+            rk.len()
+        )
+    };
     let verdict = match best {
         Some(i) => {
             serde_json::json!({"selected": cands[i], "direction": if a.orth { "refusal_orth" } else { "refusal" }})
@@ -422,14 +446,15 @@ pub fn run_select(a: SelectArgs) -> Result<()> {
         None => serde_json::json!({
             "selected": null,
             "reason": format!(
-                "no admissible carrier among {} fully measured candidates: induce <= 0 for {}, KL > {} for {}, NaN for {}, above the layer cut-off for {} (baseline refusal score on harmful prompts {:.3}; a model that does not refuse has no refusal carrier to find)",
-                full.len(), count("induce"), a.kl_max, count("kl"), count("nan"), count("layer"), base.harmful_score
+                "no admissible carrier among {} fully measured candidates: induce <= 0 for {}, KL > {} for {} (lowest {:.3}; ablating a random direction: {}), NaN for {}, above the layer cut-off for {} (baseline refusal score on harmful prompts {:.3}; a model that does not refuse has no refusal carrier to find)",
+                full.len(), count("induce"), a.kl_max, count("kl"), lowest_kl, random_kl, count("nan"), count("layer"), base.harmful_score
             ),
         }),
     };
     let out = serde_json::json!({
         "config": cfg, "seconds": t0.elapsed().as_secs_f64(),
-        "baseline": {"harmful_refusal_score": base.harmful_score, "harmless_refusal_score": base.harmless_score},
+        "baseline": {"harmful_refusal_score": base.harmful_score, "harmless_refusal_score": base.harmless_score,
+            "random_direction_kl": &base.random_direction_kl},
         "validation": {"harmful": {"name": hv.name, "sha256": hv.sha256}, "harmless": {"name": lv.name, "sha256": lv.sha256}},
         "refusal_token_ids": refusal_ids, "result": verdict,
     });
