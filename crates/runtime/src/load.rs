@@ -6,7 +6,7 @@ use crate::ops::Linear;
 use crate::tokenizer::Tok;
 use crate::weights::{open_gguf, Meta, WeightSource};
 use crate::{Error, Result};
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -129,7 +129,9 @@ fn attach_quantized(model: &mut Model, ws: &WeightSource, dev: &Device) -> Resul
                 .find(|(s, _)| *s == short)
                 .map_or(short, |(_, g)| *g);
             if let Some(q) = ws.get_quantized(&format!("blk.{i}.{gguf}.weight"), dev)? {
-                lin.quantized = Some(std::sync::Arc::new(QMatMul::from_qtensor(q)?));
+                lin.quantized = Some(std::sync::Arc::new(QMatMul::from_qtensor(fast_kernel(
+                    q, &lin.w,
+                )?)?));
             }
         }
     }
@@ -139,9 +141,30 @@ fn attach_quantized(model: &mut Model, ws: &WeightSource, dev: &Device) -> Resul
         "output.weight"
     };
     if let Some(q) = ws.get_quantized(head, dev)? {
+        let q = fast_kernel(q, &model.lm_head.w)?;
         model.lm_head.quantized = Some(std::sync::Arc::new(QMatMul::from_qtensor(q)?));
     }
     Ok(())
+}
+
+/// candle 0.11 has SIMD dot products for Q4_0, Q8_0 and the K-quants but only scalar code for
+/// Q4_1, Q5_0 and Q5_1 (measured: Q4_1 decoding 4x slower than f32). Such weights are
+/// requantized from their f32 values to Q8_0, whose grid is far finer than theirs.
+fn fast_kernel(
+    q: candle_core::quantized::QTensor,
+    f32_weight: &Tensor,
+) -> Result<candle_core::quantized::QTensor> {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let slow = matches!(
+        q.dtype(),
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
+    );
+    let fits = f32_weight.dims().last().is_some_and(|k| k % 32 == 0);
+    if slow && fits {
+        Ok(QTensor::quantize(f32_weight, GgmlDType::Q8_0)?)
+    } else {
+        Ok(q)
+    }
 }
 
 pub(crate) fn build(

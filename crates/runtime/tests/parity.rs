@@ -319,3 +319,68 @@ fn tokenizer_ids_equal_transformers_on_a_varied_corpus() {
         );
     }
 }
+
+/// `--quantized` really runs the GGUF's quantized weights where they are faster (a few rows, as
+/// in decoding): a one-row product differs from the f32 one (8-bit activations) but stays close,
+/// an 8-row product is the f32 gemm exactly, and greedy decoding still says Paris.
+#[test]
+fn quantized_weights_are_used_for_few_rows_and_stay_close_to_the_reference() {
+    use candle_core::Tensor;
+    use safegeo_runtime::{load_model_with, LoadOptions};
+    let f = fixture("smollm2-135m-instruct-q4_1.reference.json");
+    let path = fetch::ensure(&fetch::SMOLLM2, false).expect("fetch the model");
+    let q = load_model_with(
+        &path,
+        &Device::Cpu,
+        LoadOptions {
+            keep_quantized: true,
+        },
+    )
+    .unwrap();
+    let plain = model(&fetch::SMOLLM2);
+    let x = Tensor::randn(0f32, 1.0, (8, q.cfg.hidden), &Device::Cpu).unwrap();
+    let diff = |rows: usize| -> (f32, f32) {
+        let xr = x.narrow(0, 0, rows).unwrap();
+        let a = q.lm_head.forward(&xr, false).unwrap();
+        let b = plain.lm_head.forward(&xr, false).unwrap();
+        let d = (&a - &b).unwrap().abs().unwrap().flatten_all().unwrap();
+        let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        (
+            d.max(0).unwrap().to_scalar().unwrap(),
+            scale.to_scalar().unwrap(),
+        )
+    };
+    let (d1, scale) = diff(1);
+    assert!(
+        d1 > 1e-4,
+        "quantized path not taken for one row: max |diff| {d1}"
+    );
+    assert!(
+        d1 < 0.05 * scale,
+        "one row: max |diff| {d1} vs scale {scale}"
+    );
+    assert_eq!(diff(8).0, 0.0, "8 rows must use the f32 gemm");
+    // 8-bit activations move logits by ~0.1, enough to swap a near tie (the France case's top
+    // two are 0.08 apart), so greedy decoding is checked on the case with the clearest margin.
+    let margin = |c: &Value| {
+        let v = floats(&c["last_logits_top10_values"]);
+        v[0] - v[1]
+    };
+    let cases = f["cases"].as_array().unwrap();
+    let case = cases
+        .iter()
+        .max_by(|a, b| margin(a).total_cmp(&margin(b)))
+        .unwrap();
+    assert!(margin(case) > 0.5);
+    let prompt = ids(&case["prompt_ids"]);
+    let cfg = GenerateConfig {
+        max_new_tokens: 12,
+        ..Default::default()
+    };
+    let got = generate(&q, &[prompt], &cfg, &mut NoHooks).unwrap();
+    assert_eq!(
+        got[0].ids,
+        ids(&case["greedy_24_ids"])[..12].to_vec(),
+        "greedy decoding under quantized weights"
+    );
+}
