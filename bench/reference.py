@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run safegeo's `bench` workloads in PyTorch transformers and llama.cpp, then print ratios.
 
-Usage:  python3 bench/reference.py [--safegeo target/release/safegeo] [--skip-llamacpp]
+Usage:  python3 bench/reference.py [--safegeo target/release/safegeo] [--skip-llamacpp | --only-llamacpp]
 
 Creates a venv in $SAFEGEO_HOME/bench-venv on first use and installs torch (CPU), transformers,
 gguf and llama-cpp-python from PyPI. Every number is measured in this one run, side by side,
@@ -15,12 +15,12 @@ VENV = os.path.join(HOME, "bench-venv")
 MODEL = os.path.join(HOME, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def ensure_venv(skip_llamacpp):
+def ensure_venv(skip_llamacpp, only_llamacpp=False):
     py = os.path.join(VENV, "bin", "python")
     if not os.path.exists(py):
         subprocess.check_call([sys.executable, "-m", "venv", VENV])
-    pkgs = ["torch", "transformers", "gguf", "numpy", "accelerate"] + ([] if skip_llamacpp else ["llama-cpp-python"])
-    probe = "import torch, transformers, gguf, accelerate" + ("" if skip_llamacpp else ", llama_cpp")
+    pkgs = ([] if only_llamacpp else ["torch", "transformers", "gguf", "numpy", "accelerate"]) + ([] if skip_llamacpp else ["llama-cpp-python"])
+    probe = "import " + ", ".join(([] if only_llamacpp else ["torch", "transformers", "gguf", "accelerate"]) + ([] if skip_llamacpp else ["llama_cpp"]))
     if subprocess.call([py, "-c", probe], stderr=subprocess.DEVNULL) != 0:
         # A native llama.cpp build (AVX-512/AMX) segfaulted in decode on the development machine;
         # an AVX2 build works and is what the numbers in the README were measured with.
@@ -112,35 +112,47 @@ def torch_side(skip_llamacpp):
     r["sft_step_lora_r16_b8_tok_s"] = sft_step_tok_s(torch, g, V)
     print(json.dumps(r), file=sys.stderr, flush=True)  # partial results survive a crash below
     if not skip_llamacpp:
-        from llama_cpp import Llama
-        llm = Llama(model_path=MODEL, n_threads=os.cpu_count(), n_ctx=512, verbose=False)
-        toks = llm.tokenize(b"Tell me a long story about the sea.")
-        def gen():
-            llm.reset()
-            out = 0
-            for _ in llm.generate(toks, temp=0.0):
-                out += 1
-                if out == 64:
-                    break
-        t = best(gen, 2)
-        llm.reset(); llm.eval(toks)
-        r["llamacpp_q4_1_b1_tok_s"] = 64 / t  # includes a 10-token prompt eval
+        llamacpp_side(r)
     return r
+
+
+def llamacpp_side(r):
+    """Batch-1 greedy decoding of 64 tokens in llama.cpp on the same GGUF."""
+    from llama_cpp import Llama
+    llm = Llama(model_path=MODEL, n_threads=os.cpu_count(), n_ctx=512, verbose=False)
+    toks = llm.tokenize(b"Tell me a long story about the sea.")
+    def gen():
+        llm.reset()
+        out = 0
+        for _ in llm.generate(toks, temp=0.0):
+            out += 1
+            if out == 64:
+                break
+    t = best(gen, 2)
+    llm.reset(); llm.eval(toks)
+    r["llamacpp_q4_1_b1_tok_s"] = 64 / t  # includes a 10-token prompt eval
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--safegeo", default=os.path.join(os.path.dirname(__file__), "..", "target", "release", "safegeo"))
     ap.add_argument("--skip-llamacpp", action="store_true")
+    ap.add_argument("--only-llamacpp", action="store_true", help="only the llama.cpp rows (no torch install)")
     ap.add_argument("--ours", help="reuse a saved `safegeo bench --json` output instead of running it")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.inner:
-        print(json.dumps(torch_side(a.skip_llamacpp)))
+        if a.only_llamacpp:
+            r = {}
+            llamacpp_side(r)
+            print(json.dumps(r))
+        else:
+            print(json.dumps(torch_side(a.skip_llamacpp)))
         return
-    py = ensure_venv(a.skip_llamacpp)
+    py = ensure_venv(a.skip_llamacpp, a.only_llamacpp)
     ours = json.load(open(a.ours)) if a.ours else json.loads(subprocess.check_output([a.safegeo, "bench", "--json"]))
-    ref = json.loads(subprocess.check_output([py, __file__, "--inner"] + (["--skip-llamacpp"] if a.skip_llamacpp else [])).decode().strip().splitlines()[-1])
+    flags = (["--skip-llamacpp"] if a.skip_llamacpp else []) + (["--only-llamacpp"] if a.only_llamacpp else [])
+    ref = json.loads(subprocess.check_output([py, __file__, "--inner"] + flags).decode().strip().splitlines()[-1])
     rows = [
         ("sgemm 1024^3 GFLOP/s", "sgemm_gflops", "sgemm_gflops", True),
         ("prefill 32x64 + hidden states, tok/s", "prefill_capture_tok_s", "prefill_capture_tok_s", True),
@@ -151,7 +163,7 @@ def main():
         ("AdamW step, s (lower is better)", "adamw_step_s", "adamw_step_s", False),
         ("SFT step 8x96 LoRA r=16 fwd+bwd+AdamW, tok/s", "sft_step_lora_r16_b8_tok_s", "sft_step_lora_r16_b8_tok_s", True),
         ("decode b1: safegeo f32 vs llama.cpp Q4_1", "decode_b1_tok_s", "llamacpp_q4_1_b1_tok_s", True),
-        ("decode b1: safegeo Q4_1 vs llama.cpp Q4_1", "decode_b1_quantized_tok_s", "llamacpp_q4_1_b1_tok_s", True),
+        ("decode b1: safegeo --quantized vs llama.cpp", "decode_b1_quantized_tok_s", "llamacpp_q4_1_b1_tok_s", True),
     ]
     print(f"{'workload':44} {'safegeo':>10} {'reference':>10} {'ratio':>7}")
     for name, ok, rk, higher in rows:
@@ -160,7 +172,7 @@ def main():
         o, rv = ours[ok], ref[rk]
         ratio = o / rv if higher else rv / o
         print(f"{name:44} {o:10.2f} {rv:10.2f} {ratio:6.2f}x")
-    print(f"safegeo prefill MFU vs its measured sgemm: {100 * ours['prefill_capture_mfu']:.1f}%  (torch {ref.get('torch')})")
+    print(f"safegeo prefill MFU vs its measured sgemm: {100 * ours['prefill_capture_mfu']:.1f}%  (torch {ref.get('torch', 'not run')})")
 
 
 if __name__ == "__main__":
