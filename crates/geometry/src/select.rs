@@ -164,7 +164,7 @@ fn mean_kl(base: &[Tensor], edited: &[Tensor]) -> Result<f64> {
 }
 
 /// KL of ablating `r` on `harmless` (whose unedited log-probabilities `base` holds).
-pub fn ablation_kl(
+fn ablation_kl(
     model: &Model,
     r: &[f64],
     harmless: &[Vec<u32>],
@@ -180,7 +180,7 @@ pub fn ablation_kl(
 
 /// The first stage: bypass on `harmful` and KL on `harmless` under ablation of `r^`, in one
 /// forward over both sets.
-pub fn prescreen(
+fn prescreen(
     model: &Model,
     r: &[f64],
     harmful: &[Vec<u32>],
@@ -361,7 +361,13 @@ pub fn select(
             &harmful[..k.min(harmful.len())],
             &harmless[..k.min(harmless.len())],
         );
-        let base_pre = baseline(model, &[], lp, refusal_ids, cfg.batch)?;
+        // Only the harmless log-probabilities are read by the prescreen.
+        let base_pre = Baseline {
+            harmful_score: f64::NAN,
+            harmless_score: f64::NAN,
+            harmless_logp: last_logprobs(model, lp, cfg.batch, &mut NoHooks)?,
+            random_direction_kl: Vec::new(),
+        };
         for c in cands.iter_mut() {
             let (l, p) = (c.layer, c.pos);
             let [b, _, kl] = journaled(&mut journal, &format!("prescreen/{l}/{p}"), || {
