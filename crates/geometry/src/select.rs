@@ -178,14 +178,14 @@ fn ablation_kl(
     )
 }
 
-/// The first stage: bypass on `harmful` and KL on `harmless` under ablation of `r^`, in one
-/// forward over both sets.
+/// The first stage: bypass on `harmful` and KL on `harmless` (whose unedited log-probabilities
+/// are `harmless_logp`) under ablation of `r^`, in one forward over both sets.
 fn prescreen(
     model: &Model,
     r: &[f64],
     harmful: &[Vec<u32>],
     harmless: &[Vec<u32>],
-    base: &Baseline,
+    harmless_logp: &Tensor,
     refusal_ids: &[u32],
 ) -> Result<(f64, f64)> {
     let mut ablate = ablation(model, r)?;
@@ -198,7 +198,10 @@ fn prescreen(
         .iter()
         .map(|row| score_from_logprobs(row, refusal_ids))
         .collect();
-    let kl = mean_kl(&base.harmless_logp, &[logp.narrow(0, n, harmless.len())?])?;
+    let kl = mean_kl(
+        std::slice::from_ref(harmless_logp),
+        &[logp.narrow(0, n, harmless.len())?],
+    )?;
     Ok((mean(&scores), kl))
 }
 
@@ -254,11 +257,11 @@ pub fn measure(
         batch,
         &mut add,
     )?);
-    let kl = mean_kl(
-        &base.harmless_logp,
-        &last_logprobs(model, harmless, batch, &mut ablate)?,
-    )?;
-    Ok((bypass, induce, kl))
+    Ok((
+        bypass,
+        induce,
+        ablation_kl(model, r, harmless, base, batch)?,
+    ))
 }
 
 /// The admissibility tests a measurement fails.
@@ -301,6 +304,11 @@ pub fn select(
     mut journal: Option<&mut Journal<[f64; 3]>>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(Vec<Candidate>, Option<usize>, Baseline)> {
+    if harmful.is_empty() || harmless.is_empty() {
+        return Err(crate::Error::Invalid(
+            "selection needs harmful and harmless validation prompts; a set is empty".into(),
+        ));
+    }
     let n_layer = carriers.len();
     let s = cfg.screen_prompts.max(1);
     let (hs, ls) = (
@@ -361,18 +369,12 @@ pub fn select(
             &harmful[..k.min(harmful.len())],
             &harmless[..k.min(harmless.len())],
         );
-        // Only the harmless log-probabilities are read by the prescreen.
-        let base_pre = Baseline {
-            harmful_score: f64::NAN,
-            harmless_score: f64::NAN,
-            harmless_logp: last_logprobs(model, lp, cfg.batch, &mut NoHooks)?,
-            random_direction_kl: Vec::new(),
-        };
+        let lp_base = last_logprobs(model, lp, lp.len(), &mut NoHooks)?.remove(0);
         for c in cands.iter_mut() {
             let (l, p) = (c.layer, c.pos);
             let [b, _, kl] = journaled(&mut journal, &format!("prescreen/{l}/{p}"), || {
                 let (b, kl) =
-                    self::prescreen(model, &carriers[l][p], hp, lp, &base_pre, refusal_ids)?;
+                    self::prescreen(model, &carriers[l][p], hp, lp, &lp_base, refusal_ids)?;
                 Ok::<_, crate::Error>([b, 0.0, kl])
             })?;
             (c.bypass, c.kl) = (b, kl);
@@ -396,12 +398,7 @@ pub fn select(
         progress(done, total);
     }
     // Finalists: pass the screen (KL may be re-checked), lowest bypass first; fill with the rest.
-    let mut order = screened;
-    order.sort_by(|&a, &b| {
-        let key = |i: usize| (!cands[i].failed.is_empty(), cands[i].bypass);
-        let (ka, kb) = (key(a), key(b));
-        ka.0.cmp(&kb.0).then(ka.1.total_cmp(&kb.1))
-    });
+    let order = lowest_bypass_first(&cands, screened, |c| !c.failed.is_empty());
     let mut base = baseline(model, harmful, harmless, refusal_ids, cfg.batch)?;
     let d = carriers[0][0].len();
     let controls = crate::sweep::random_controls(d, cfg.random_directions, 1.0, cfg.seed);
@@ -420,10 +417,6 @@ pub fn select(
         done += 1;
         progress(done, total);
     }
-    let best = (0..cands.len())
-        .filter(|&i| cands[i].admissible)
-        .min_by(|&a, &b| cands[a].bypass.total_cmp(&cands[b].bypass))
-        .map(|i| (cands[i].layer, cands[i].pos));
     cands.extend(zero.into_iter().map(|(layer, pos)| Candidate {
         layer,
         pos,
@@ -435,20 +428,30 @@ pub fn select(
         failed: vec!["zero"],
     }));
     cands.sort_by_key(|c| (c.layer, c.pos));
-    let best = best.and_then(|key| cands.iter().position(|c| (c.layer, c.pos) == key));
+    let best = (0..cands.len())
+        .filter(|&i| cands[i].admissible)
+        .min_by(|&a, &b| cands[a].bypass.total_cmp(&cands[b].bypass));
     Ok((cands, best, base))
+}
+
+/// Candidate indices ordered by bypass, lowest first, with every `demoted` one behind every other.
+fn lowest_bypass_first(
+    cands: &[Candidate],
+    mut idx: Vec<usize>,
+    demoted: impl Fn(&Candidate) -> bool,
+) -> Vec<usize> {
+    idx.sort_by(|&a, &b| {
+        (demoted(&cands[a]).cmp(&demoted(&cands[b])))
+            .then(cands[a].bypass.total_cmp(&cands[b].bypass))
+    });
+    idx
 }
 
 /// The prescreened candidates that go on to the screen, in index order: the lowest bypass among
 /// those whose KL is within `prescreen_kl_slack * kl_max`, then the rest by bypass.
 fn keep_for_screen(cands: &[Candidate], cfg: &SelectConfig) -> Vec<usize> {
-    let wrecks = |i: usize| cands[i].kl > cfg.prescreen_kl_slack * cfg.kl_max;
-    let mut order: Vec<usize> = (0..cands.len()).collect();
-    order.sort_by(|&a, &b| {
-        wrecks(a)
-            .cmp(&wrecks(b))
-            .then(cands[a].bypass.total_cmp(&cands[b].bypass))
-    });
+    let wrecks = |c: &Candidate| c.kl > cfg.prescreen_kl_slack * cfg.kl_max;
+    let mut order = lowest_bypass_first(cands, (0..cands.len()).collect(), wrecks);
     order.truncate(cfg.screen_keep);
     order.sort_unstable();
     order
