@@ -167,6 +167,49 @@ where
     Ok(v)
 }
 
+/// [`journaled`] for several keys measured together (in one batch whose composition can
+/// change the last bits): when every key is recorded the recorded values come back; otherwise
+/// `measure` measures the whole group again, as the interrupted run did, the recorded values
+/// are kept and the others recorded. So a resumed run equals an uninterrupted one bit for bit.
+pub fn journaled_many<V, E>(
+    journal: &mut Option<&mut Journal<V>>,
+    keys: &[String],
+    measure: impl FnOnce() -> std::result::Result<Vec<V>, E>,
+) -> std::result::Result<Vec<V>, E>
+where
+    V: Clone + Serialize + DeserializeOwned,
+    E: From<Error>,
+{
+    let recorded: Vec<Option<V>> = keys
+        .iter()
+        .map(|k| journal.as_deref().and_then(|j| j.get(k)).cloned())
+        .collect();
+    if recorded.iter().all(Option::is_some) {
+        return Ok(recorded.into_iter().flatten().collect());
+    }
+    let values = measure()?;
+    if values.len() != keys.len() {
+        return Err(E::from(Error::Invalid(format!(
+            "measured {} values for {} keys",
+            values.len(),
+            keys.len()
+        ))));
+    }
+    let mut out = Vec::with_capacity(keys.len());
+    for ((key, old), new) in keys.iter().zip(recorded).zip(values) {
+        match old {
+            Some(v) => out.push(v),
+            None => {
+                if let Some(j) = journal.as_deref_mut() {
+                    j.put(key, new.clone())?;
+                }
+                out.push(new);
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,6 +240,33 @@ mod tests {
         assert!(Journal::<(f64, f64)>::open(&p, &"run-a")
             .unwrap()
             .is_empty());
+    }
+
+    #[test]
+    fn journaled_many_keeps_recorded_values_and_records_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j.jsonl");
+        let mut j = Journal::<f64>::open(&p, &"run").unwrap();
+        j.put("b", 2.0).unwrap();
+        let keys: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let mut calls = 0;
+        let mut measure = || {
+            calls += 1;
+            Ok::<_, Error>(vec![10.0, 11.0, 12.0])
+        };
+        let got = journaled_many(&mut Some(&mut j), &keys, &mut measure).unwrap();
+        // The group is measured whole; "b" keeps its recorded value.
+        assert_eq!(got, vec![10.0, 2.0, 12.0]);
+        assert_eq!(
+            (j.get("a"), j.get("b"), j.get("c")),
+            (Some(&10.0), Some(&2.0), Some(&12.0))
+        );
+        // Everything recorded: nothing is measured again.
+        let again = journaled_many(&mut Some(&mut j), &keys, &mut measure).unwrap();
+        assert_eq!((again, calls), (got, 1));
+        // A measurement that returns the wrong count is an error, not a silent mismatch.
+        let wrong = journaled_many::<f64, Error>(&mut None, &keys, || Ok(vec![1.0]));
+        assert!(wrong.is_err());
     }
 
     #[test]

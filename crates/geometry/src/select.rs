@@ -14,13 +14,18 @@
 //! selection. The prescreen's KL keeps directions that lower the refusal score only by wrecking
 //! the model (they have the lowest bypass of all) from crowding out admissible ones.
 //!
+//! Candidates whose prompts fit `batch` rows together are measured in one forward, each ablating
+//! (or adding) its own direction in its own group of rows: the prescreen's 4-prompt forwards
+//! become 64-row ones, with bigger matmuls and fewer per-op overheads; values equal one forward
+//! per candidate up to float rounding (tested).
+//!
 //! For scale, the KL of ablating `random_directions` random unit directions on the screening
 //! prompts is measured too: it tells whether the KL bound is tight for this model at all.
 use crate::linalg;
 use crate::Result;
-use candle_core::{DType, Device, Tensor, D};
-use safegeo_data::jsonl::{journaled, Journal};
-use safegeo_data::judges::refusal_score::{refusal_scores, score_from_logprobs};
+use candle_core::{DType, Tensor, D};
+use safegeo_data::jsonl::{journaled_many, Journal};
+use safegeo_data::judges::refusal_score::score_from_logprobs;
 use safegeo_runtime::{Hooks, Intervention, Model, NoHooks, Observer, Scope};
 use serde::Serialize;
 
@@ -42,7 +47,8 @@ pub struct SelectConfig {
     pub screen_prompts: usize,
     /// Candidates measured on all validation prompts.
     pub finalists: usize,
-    /// Prompts per forward pass.
+    /// Rows per forward pass; candidates whose prompts fit together share one, each editing its
+    /// own group of rows.
     pub batch: usize,
     /// Only these position indices are candidates (`None` = every position).
     pub positions: Option<Vec<usize>>,
@@ -62,7 +68,7 @@ impl Default for SelectConfig {
             screen_keep: 48,
             screen_prompts: 8,
             finalists: 16,
-            batch: 32,
+            batch: 64,
             positions: None,
             random_directions: 4,
             seed: 0,
@@ -98,7 +104,8 @@ pub struct Baseline {
     pub harmful_score: f64,
     /// Mean refusal score on harmless prompts without edits.
     pub harmless_score: f64,
-    harmless_logp: Vec<Tensor>,
+    /// Last-position log-probabilities `(n, V)` of the harmless prompts.
+    harmless_logp: Tensor,
     /// KL of ablating random unit directions on the screening harmless prompts (for scale).
     pub random_direction_kl: Vec<f64>,
 }
@@ -122,6 +129,16 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
+/// Mean refusal score of the rows of log-probabilities `logp: (n, V)`.
+fn mean_score(logp: &Tensor, refusal_ids: &[u32]) -> Result<f64> {
+    let scores: Vec<f64> = logp
+        .to_vec2::<f64>()?
+        .iter()
+        .map(|row| score_from_logprobs(row, refusal_ids))
+        .collect();
+    Ok(mean(&scores))
+}
+
 /// Scores and log-probabilities of the unedited model.
 pub fn baseline(
     model: &Model,
@@ -130,138 +147,158 @@ pub fn baseline(
     refusal_ids: &[u32],
     batch: usize,
 ) -> Result<Baseline> {
+    let harmful_logp = Tensor::cat(&last_logprobs(model, harmful, batch, &mut NoHooks)?, 0)?;
+    let harmless_logp = Tensor::cat(&last_logprobs(model, harmless, batch, &mut NoHooks)?, 0)?;
     Ok(Baseline {
-        harmful_score: mean(&refusal_scores(
-            model,
-            harmful,
-            refusal_ids,
-            batch,
-            &mut NoHooks,
-        )?),
-        harmless_score: mean(&refusal_scores(
-            model,
-            harmless,
-            refusal_ids,
-            batch,
-            &mut NoHooks,
-        )?),
-        harmless_logp: last_logprobs(model, harmless, batch, &mut NoHooks)?,
+        harmful_score: mean_score(&harmful_logp, refusal_ids)?,
+        harmless_score: mean_score(&harmless_logp, refusal_ids)?,
+        harmless_logp,
         random_direction_kl: Vec::new(),
     })
 }
 
-/// Mean over rows of KL(P_base || P_edited) from log-probabilities in matching chunks.
-fn mean_kl(base: &[Tensor], edited: &[Tensor]) -> Result<f64> {
-    let mut kls = Vec::new();
-    for (b, a) in base.iter().zip(edited) {
-        let rows = b.dim(0)?;
-        let b = b.narrow(0, 0, rows.min(a.dim(0)?))?;
-        // KL(P || Q) = sum P (log P - log Q), per row.
-        let kl = (b.exp()? * (&b - a)?)?.sum(D::Minus1)?;
-        kls.extend(kl.to_vec1::<f64>()?);
-    }
-    Ok(mean(&kls))
+/// Mean over rows of KL(P_base || P_edited) from log-probabilities `(n, V)`.
+fn mean_kl(base: &Tensor, edited: &Tensor) -> Result<f64> {
+    // KL(P || Q) = sum P (log P - log Q), per row.
+    let kl = (base.exp()? * (base - edited)?)?.sum(D::Minus1)?;
+    Ok(mean(&kl.to_vec1::<f64>()?))
 }
 
-/// KL of ablating `r` on `harmless` (whose unedited log-probabilities `base` holds).
-fn ablation_kl(
+/// Last-position log-probabilities `(n, V)` of `prompts` under each of `k` edits, one tensor
+/// per edit. `edit(range)` builds the observer for the edits in `range`, each editing its own
+/// group of rows; edits share a forward (and bigger, faster matmuls) while their prompts fit
+/// `batch` rows together.
+fn edited_logprobs(
     model: &Model,
-    r: &[f64],
-    harmless: &[Vec<u32>],
-    base: &Baseline,
+    prompts: &[Vec<u32>],
+    k: usize,
     batch: usize,
-) -> Result<f64> {
-    let mut ablate = ablation(model, r)?;
-    mean_kl(
-        &base.harmless_logp,
-        &last_logprobs(model, harmless, batch, &mut ablate)?,
-    )
+    edit: impl Fn(std::ops::Range<usize>) -> Result<Hooks>,
+) -> Result<Vec<Tensor>> {
+    let n = prompts.len();
+    let per_forward = (batch / n.max(1)).max(1);
+    let mut out = Vec::with_capacity(k);
+    for start in (0..k).step_by(per_forward) {
+        let range = start..(start + per_forward).min(k);
+        let mut hooks = edit(range.clone())?;
+        if n <= batch {
+            let logits = model.last_logits_grouped(prompts, range.len(), &mut hooks)?;
+            let logp = safegeo_runtime::log_softmax_last(&logits.to_dtype(DType::F64)?)?;
+            for i in 0..range.len() {
+                out.push(logp.narrow(0, i * n, n)?);
+            }
+        } else {
+            // One edit per forward, its prompts in chunks.
+            out.push(Tensor::cat(
+                &last_logprobs(model, prompts, batch, &mut hooks)?,
+                0,
+            )?);
+        }
+    }
+    Ok(out)
 }
 
-/// The first stage: bypass on `harmful` and KL on `harmless` (whose unedited log-probabilities
-/// are `harmless_logp`) under ablation of `r^`, in one forward over both sets.
-fn prescreen(
-    model: &Model,
-    r: &[f64],
-    harmful: &[Vec<u32>],
-    harmless: &[Vec<u32>],
-    harmless_logp: &Tensor,
-    refusal_ids: &[u32],
-) -> Result<(f64, f64)> {
-    let mut ablate = ablation(model, r)?;
-    let rows: Vec<Vec<u32>> = harmful.iter().chain(harmless).cloned().collect();
-    let logp = last_logprobs(model, &rows, rows.len(), &mut ablate)?.remove(0);
-    let n = harmful.len();
-    let scores: Vec<f64> = logp
-        .narrow(0, 0, n)?
-        .to_vec2::<f64>()?
+/// Directional ablation of each of `rs` (normalised here) at every layer and position, one
+/// per row group.
+fn ablations(model: &Model, rs: &[&[f64]]) -> Result<Hooks> {
+    let units: Vec<f32> = rs
         .iter()
-        .map(|row| score_from_logprobs(row, refusal_ids))
+        .flat_map(|r| linalg::normalize(r))
+        .map(|x| x as f32)
         .collect();
-    let kl = mean_kl(
-        std::slice::from_ref(harmless_logp),
-        &[logp.narrow(0, n, harmless.len())?],
-    )?;
-    Ok((mean(&scores), kl))
+    let directions = Tensor::from_vec(units, (rs.len(), model.cfg.hidden), &model.device)?;
+    Ok(Hooks::with_interventions(vec![
+        Intervention::AblateGroups {
+            directions,
+            scope: Scope::All,
+        },
+    ]))
 }
 
-fn to_tensor(v: &[f64], dev: &Device) -> Result<Tensor> {
-    Ok(Tensor::from_vec(
-        v.iter().map(|&x| x as f32).collect::<Vec<_>>(),
-        v.len(),
-        dev,
-    )?)
-}
-
-/// Directional ablation of `r^` at every layer and position.
-fn ablation(model: &Model, r: &[f64]) -> Result<Hooks> {
-    let unit = to_tensor(&linalg::normalize(r), &model.device)?;
-    Ok(Hooks::with_interventions(vec![Intervention::Ablate {
-        direction: unit,
-        layers: None,
+/// Activation addition of each candidate's `r` at its layer, one per row group.
+fn additions(model: &Model, cands: &[(&[f64], usize)]) -> Result<Hooks> {
+    let vectors: Vec<f32> = cands
+        .iter()
+        .flat_map(|(r, _)| r.iter().map(|&x| x as f32))
+        .collect();
+    let vectors = Tensor::from_vec(vectors, (cands.len(), model.cfg.hidden), &model.device)?;
+    Ok(Hooks::with_interventions(vec![Intervention::AddGroups {
+        vectors,
+        layers: cands.iter().map(|&(_, l)| l).collect(),
         scope: Scope::All,
     }]))
 }
 
-/// Measure one candidate direction `r` (unnormalized) at layer `layer` on the given prompt sets.
-#[allow(clippy::too_many_arguments)]
+/// KL of ablating each of `rs` on `harmless` (whose unedited log-probabilities `base` holds).
+fn ablation_kls(
+    model: &Model,
+    rs: &[&[f64]],
+    harmless: &[Vec<u32>],
+    base: &Baseline,
+    batch: usize,
+) -> Result<Vec<f64>> {
+    edited_logprobs(model, harmless, rs.len(), batch, |g| {
+        ablations(model, &rs[g])
+    })?
+    .iter()
+    .map(|logp| mean_kl(&base.harmless_logp, logp))
+    .collect()
+}
+
+/// The first stage for each of `rs`: bypass on `harmful` and KL on `harmless` (whose unedited
+/// log-probabilities are `harmless_logp`) under ablation of `r^`, in one forward over both
+/// sets. Returns `[bypass, 0, kl]` per direction.
+fn prescreen(
+    model: &Model,
+    rs: &[&[f64]],
+    harmful: &[Vec<u32>],
+    harmless: &[Vec<u32>],
+    harmless_logp: &Tensor,
+    refusal_ids: &[u32],
+    batch: usize,
+) -> Result<Vec<[f64; 3]>> {
+    let rows: Vec<Vec<u32>> = harmful.iter().chain(harmless).cloned().collect();
+    let n = harmful.len();
+    edited_logprobs(model, &rows, rs.len(), batch, |g| ablations(model, &rs[g]))?
+        .iter()
+        .map(|logp| {
+            let bypass = mean_score(&logp.narrow(0, 0, n)?, refusal_ids)?;
+            let kl = mean_kl(harmless_logp, &logp.narrow(0, n, harmless.len())?)?;
+            Ok([bypass, 0.0, kl])
+        })
+        .collect()
+}
+
+/// Measure candidates `(r, layer)` (`r` unnormalized) on the given prompt sets: `[bypass,
+/// induce, kl]` each. Candidates share forwards while their prompts fit `batch` rows.
 pub fn measure(
     model: &Model,
-    r: &[f64],
-    layer: usize,
+    cands: &[(&[f64], usize)],
     harmful: &[Vec<u32>],
     harmless: &[Vec<u32>],
     base: &Baseline,
     refusal_ids: &[u32],
     batch: usize,
-) -> Result<(f64, f64, f64)> {
-    let dev = &model.device;
-    let mut ablate = ablation(model, r)?;
-    let bypass = mean(&refusal_scores(
-        model,
-        harmful,
-        refusal_ids,
-        batch,
-        &mut ablate,
-    )?);
-    let mut add = Hooks::with_interventions(vec![Intervention::Add {
-        vector: to_tensor(r, dev)?,
-        coef: 1.0,
-        layer,
-        scope: Scope::All,
-    }]);
-    let induce = mean(&refusal_scores(
-        model,
-        harmless,
-        refusal_ids,
-        batch,
-        &mut add,
-    )?);
-    Ok((
-        bypass,
-        induce,
-        ablation_kl(model, r, harmless, base, batch)?,
-    ))
+) -> Result<Vec<[f64; 3]>> {
+    let rs: Vec<&[f64]> = cands.iter().map(|&(r, _)| r).collect();
+    // Bypass and KL come from one ablated forward over both sets.
+    let rows: Vec<Vec<u32>> = harmful.iter().chain(harmless).cloned().collect();
+    let n = harmful.len();
+    let ablated = edited_logprobs(model, &rows, rs.len(), batch, |g| ablations(model, &rs[g]))?;
+    let added = edited_logprobs(model, harmless, cands.len(), batch, |g| {
+        additions(model, &cands[g])
+    })?;
+    ablated
+        .iter()
+        .zip(&added)
+        .map(|(abl, add)| {
+            Ok([
+                mean_score(&abl.narrow(0, 0, n)?, refusal_ids)?,
+                mean_score(add, refusal_ids)?,
+                mean_kl(&base.harmless_logp, &abl.narrow(0, n, harmless.len())?)?,
+            ])
+        })
+        .collect()
 }
 
 /// The admissibility tests a measurement fails.
@@ -301,7 +338,7 @@ pub fn select(
     harmless: &[Vec<u32>],
     refusal_ids: &[u32],
     cfg: &SelectConfig,
-    mut journal: Option<&mut Journal<[f64; 3]>>,
+    journal: Option<&mut Journal<[f64; 3]>>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(Vec<Candidate>, Option<usize>, Baseline)> {
     if harmful.is_empty() || harmless.is_empty() {
@@ -363,28 +400,6 @@ pub fn select(
         .collect();
     // Stage 1: bypass and KL on a few prompts; the lowest bypass within the KL slack go on.
     let mut screened: Vec<usize> = (0..cands.len()).collect();
-    if prescreen {
-        let k = cfg.prescreen_prompts;
-        let (hp, lp) = (
-            &harmful[..k.min(harmful.len())],
-            &harmless[..k.min(harmless.len())],
-        );
-        let lp_base = last_logprobs(model, lp, lp.len(), &mut NoHooks)?.remove(0);
-        for c in cands.iter_mut() {
-            let (l, p) = (c.layer, c.pos);
-            let [b, _, kl] = journaled(&mut journal, &format!("prescreen/{l}/{p}"), || {
-                let (b, kl) =
-                    self::prescreen(model, &carriers[l][p], hp, lp, &lp_base, refusal_ids)?;
-                Ok::<_, crate::Error>([b, 0.0, kl])
-            })?;
-            (c.bypass, c.kl) = (b, kl);
-            done += 1;
-            progress(done, total);
-        }
-        screened = keep_for_screen(&cands, cfg);
-    }
-    // Stage 2: all three measurements on `screen_prompts` prompts per set.
-    let base_screen = baseline(model, hs, ls, refusal_ids, cfg.batch)?;
     let mut run = Staged {
         model,
         carriers,
@@ -392,31 +407,64 @@ pub fn select(
         cfg,
         journal,
     };
-    for &i in &screened {
-        cands[i] = run.measure("screen", &cands[i], hs, ls, &base_screen)?;
-        done += 1;
+    let mut step = |n: usize| {
+        done += n;
         progress(done, total);
+    };
+    if prescreen {
+        let k = cfg.prescreen_prompts;
+        let (hp, lp) = (
+            &harmful[..k.min(harmful.len())],
+            &harmless[..k.min(harmless.len())],
+        );
+        let lp_base = Tensor::cat(&last_logprobs(model, lp, cfg.batch, &mut NoHooks)?, 0)?;
+        let per_forward = (cfg.batch / (hp.len() + lp.len())).max(1);
+        for group in screened.chunks(per_forward) {
+            let keys: Vec<String> = group
+                .iter()
+                .map(|&i| format!("prescreen/{}/{}", cands[i].layer, cands[i].pos))
+                .collect();
+            let got = journaled_many(&mut run.journal, &keys, || {
+                let rs: Vec<&[f64]> = group
+                    .iter()
+                    .map(|&i| carriers[cands[i].layer][cands[i].pos].as_slice())
+                    .collect();
+                self::prescreen(model, &rs, hp, lp, &lp_base, refusal_ids, cfg.batch)
+            })?;
+            for (&i, [b, _, kl]) in group.iter().zip(got) {
+                (cands[i].bypass, cands[i].kl) = (b, kl);
+            }
+            step(group.len());
+        }
+        screened = keep_for_screen(&cands, cfg);
     }
+    // Stage 2: all three measurements on `screen_prompts` prompts per set.
+    let base_screen = baseline(model, hs, ls, refusal_ids, cfg.batch)?;
+    run.measure(
+        "screen",
+        &mut cands,
+        &screened,
+        hs,
+        ls,
+        &base_screen,
+        &mut step,
+    )?;
     // Finalists: pass the screen (KL may be re-checked), lowest bypass first; fill with the rest.
     let order = lowest_bypass_first(&cands, screened, |c| !c.failed.is_empty());
     let mut base = baseline(model, harmful, harmless, refusal_ids, cfg.batch)?;
     let d = carriers[0][0].len();
     let controls = crate::sweep::random_controls(d, cfg.random_directions, 1.0, cfg.seed);
-    for (k, r) in controls.iter().enumerate() {
-        let [kl, _, _] = journaled(&mut run.journal, &format!("random/{k}"), || {
-            Ok::<_, crate::Error>([
-                ablation_kl(model, r, ls, &base_screen, cfg.batch)?,
-                0.0,
-                0.0,
-            ])
-        })?;
-        base.random_direction_kl.push(kl);
-    }
-    for i in order.into_iter().take(cfg.finalists) {
-        cands[i] = run.measure("full", &cands[i], harmful, harmless, &base)?;
-        done += 1;
-        progress(done, total);
-    }
+    let keys: Vec<String> = (0..controls.len()).map(|k| format!("random/{k}")).collect();
+    let kls = journaled_many(&mut run.journal, &keys, || {
+        let rs: Vec<&[f64]> = controls.iter().map(Vec::as_slice).collect();
+        let kls = ablation_kls(model, &rs, ls, &base_screen, cfg.batch)?;
+        Ok::<_, crate::Error>(kls.into_iter().map(|kl| [kl, 0.0, 0.0]).collect())
+    })?;
+    base.random_direction_kl = kls.iter().map(|[kl, _, _]| *kl).collect();
+    let finalists: Vec<usize> = order.into_iter().take(cfg.finalists).collect();
+    run.measure(
+        "full", &mut cands, &finalists, harmful, harmless, &base, &mut step,
+    )?;
     cands.extend(zero.into_iter().map(|(layer, pos)| Candidate {
         layer,
         pos,
@@ -467,45 +515,49 @@ struct Staged<'a, 'j> {
 }
 
 impl Staged<'_, '_> {
-    /// Bypass, induce and KL of candidate `c` on the given prompts, as stage `stage` (only a
-    /// `full` measurement can be admissible).
+    /// Bypass, induce and KL of candidates `which` on the given prompts, as stage `stage` (only
+    /// a `full` measurement can be admissible), in groups that share forwards; `step(n)` after
+    /// every group of `n`.
+    #[allow(clippy::too_many_arguments)]
     fn measure(
         &mut self,
         stage: &'static str,
-        c: &Candidate,
+        cands: &mut [Candidate],
+        which: &[usize],
         harmful: &[Vec<u32>],
         harmless: &[Vec<u32>],
         base: &Baseline,
-    ) -> Result<Candidate> {
-        let (l, p) = (c.layer, c.pos);
-        let [bypass, induce, kl] = journaled(
-            &mut self.journal,
-            &format!("{stage}/{l}/{p}"),
-            || -> Result<_> {
-                let (b, i, k) = measure(
-                    self.model,
-                    &self.carriers[l][p],
-                    l,
-                    harmful,
-                    harmless,
-                    base,
-                    self.refusal_ids,
-                    self.cfg.batch,
-                )?;
-                Ok([b, i, k])
-            },
-        )?;
-        let failed = failed_tests(bypass, induce, kl, l, self.carriers.len(), self.cfg);
-        Ok(Candidate {
-            layer: l,
-            pos: p,
-            bypass,
-            induce,
-            kl,
-            stage,
-            admissible: stage == "full" && failed.is_empty(),
-            failed,
-        })
+        step: &mut dyn FnMut(usize),
+    ) -> Result<()> {
+        let per_forward = (self.cfg.batch / (harmful.len() + harmless.len())).max(1);
+        for group in which.chunks(per_forward) {
+            let keys: Vec<String> = group
+                .iter()
+                .map(|&i| format!("{stage}/{}/{}", cands[i].layer, cands[i].pos))
+                .collect();
+            let (model, refusal_ids, batch) = (self.model, self.refusal_ids, self.cfg.batch);
+            let carriers = self.carriers;
+            let got = journaled_many(&mut self.journal, &keys, || {
+                let todo: Vec<(&[f64], usize)> = group
+                    .iter()
+                    .map(|&i| {
+                        let c = &cands[i];
+                        (carriers[c.layer][c.pos].as_slice(), c.layer)
+                    })
+                    .collect();
+                measure(model, &todo, harmful, harmless, base, refusal_ids, batch)
+            })?;
+            for (&i, [bypass, induce, kl]) in group.iter().zip(got) {
+                let c = &mut cands[i];
+                let failed =
+                    failed_tests(bypass, induce, kl, c.layer, self.carriers.len(), self.cfg);
+                (c.bypass, c.induce, c.kl, c.stage) = (bypass, induce, kl, stage);
+                c.admissible = stage == "full" && failed.is_empty();
+                c.failed = failed;
+            }
+            step(group.len());
+        }
+        Ok(())
     }
 }
 

@@ -211,3 +211,40 @@ fn a_zero_carrier_is_listed_but_never_measured() {
         .all(|w| (w[0].layer, w[0].pos) < (w[1].layer, w[1].pos)));
     assert!(cands[best.expect("the plant is found")].admissible);
 }
+
+#[test]
+fn candidates_measured_together_equal_candidates_measured_alone() {
+    use safegeo_geometry::select::{baseline, measure};
+    let u = unit_u(16);
+    let m = planted_model(&u, 30.0);
+    let h = capture(&m, &prompts(2, 12, 16), 0, 8, &mut |_| {}).unwrap();
+    let l = capture(&m, &prompts(20, 44, 16), 0, 8, &mut |_| {}).unwrap();
+    let c = difference_of_means(&h, &l, None, None).refusal;
+    let (val_h, val_l) = (prompts(2, 12, 5), prompts(20, 44, 4));
+    let base = baseline(&m, &val_h, &val_l, &[REFUSAL_TOKEN], 32).unwrap();
+    let mut noise = unit_u(16);
+    noise.rotate_left(5);
+    let wobble: Vec<f64> = noise.iter().map(|&x| 3.0 * x as f64).collect();
+    let cands: Vec<(&[f64], usize)> = vec![
+        (c[1][0].as_slice(), 1),
+        (wobble.as_slice(), 0),
+        (c[0][0].as_slice(), 0),
+    ];
+    // 64 rows: all three candidates in one forward per pass; 1 row: one candidate and one
+    // prompt per forward.
+    let together = measure(&m, &cands, &val_h, &val_l, &base, &[REFUSAL_TOKEN], 64).unwrap();
+    for (k, cand) in cands.iter().enumerate() {
+        let alone = measure(&m, &[*cand], &val_h, &val_l, &base, &[REFUSAL_TOKEN], 1).unwrap();
+        for (a, b) in together[k].iter().zip(&alone[0]) {
+            assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "candidate {k}: {together:?} vs {alone:?}"
+            );
+        }
+    }
+    // The candidates really differ, so a mix-up of groups would show.
+    assert!(
+        (together[0][0] - together[1][0]).abs() > 1e-2,
+        "{together:?}"
+    );
+}

@@ -125,6 +125,43 @@ pub enum Intervention {
         /// Token scope.
         scope: Scope,
     },
+    /// Several candidate directions in one forward: the batch's rows form `g` equal contiguous
+    /// groups, and group `i` is ablated along row `i` of `directions: (g, d)` (unit rows), as
+    /// [`Intervention::Ablate`] does at every layer.
+    AblateGroups {
+        /// Unit directions `(g, d)`.
+        directions: Tensor,
+        /// Token scope.
+        scope: Scope,
+    },
+    /// Row `i` of `vectors: (g, d)` added to row group `i` (as in
+    /// [`Intervention::AblateGroups`]) at the block input of `layers[i]`.
+    AddGroups {
+        /// Vectors (not normalised) `(g, d)`.
+        vectors: Tensor,
+        /// The block index of each group.
+        layers: Vec<usize>,
+        /// Token scope.
+        scope: Scope,
+    },
+}
+
+/// Row `i` of `per_group: (g, d)` for every row of group `i` of a batch of `b` rows: `(b, 1, d)`.
+fn rows_of_groups(per_group: &Tensor, b: usize) -> Result<Tensor> {
+    let (g, d) = per_group.dims2()?;
+    if g == 0 || b % g != 0 {
+        candle_core::bail!("a batch of {b} rows does not split into {g} equal groups");
+    }
+    per_group
+        .unsqueeze(1)?
+        .broadcast_as((g, b / g, d))?
+        .reshape((b, 1, d))
+}
+
+/// `x <- x - (x . r) r` along the last axis (`r` broadcasts against `x`).
+fn project_out(x: &Tensor, r: &Tensor) -> Result<Tensor> {
+    let proj = x.broadcast_mul(r)?.sum_keepdim(D::Minus1)?;
+    x.broadcast_sub(&proj.broadcast_mul(r)?)
 }
 
 impl Intervention {
@@ -150,10 +187,33 @@ impl Intervention {
                     return Ok(x);
                 }
                 let r = direction.to_dtype(x.dtype())?;
-                scope.edit(x, |x| {
-                    let proj = x.broadcast_mul(&r)?.sum_keepdim(D::Minus1)?;
-                    x.broadcast_sub(&proj.broadcast_mul(&r)?)
-                })
+                scope.edit(x, |x| project_out(x, &r))
+            }
+            Intervention::AblateGroups { directions, scope } => {
+                let site_ok = matches!(at.site, Site::ResidPre | Site::AttnOut | Site::MlpOut);
+                if !(site_ok && scope.admits(at.phase)) {
+                    return Ok(x);
+                }
+                let r = rows_of_groups(directions, x.dim(0)?)?.to_dtype(x.dtype())?;
+                scope.edit(x, |x| project_out(x, &r))
+            }
+            Intervention::AddGroups {
+                vectors,
+                layers,
+                scope,
+            } => {
+                if at.site != Site::ResidPre
+                    || !layers.contains(&at.layer)
+                    || !scope.admits(at.phase)
+                {
+                    return Ok(x);
+                }
+                // Groups at other layers get exactly zero.
+                let here: Vec<f32> = layers.iter().map(|&l| f32::from(l == at.layer)).collect();
+                let here = Tensor::from_vec(here, (layers.len(), 1), vectors.device())?;
+                let v = rows_of_groups(&vectors.broadcast_mul(&here)?, x.dim(0)?)?;
+                let v = v.to_dtype(x.dtype())?;
+                scope.edit(x, |x| x.broadcast_add(&v))
             }
             Intervention::Add {
                 vector,

@@ -107,6 +107,19 @@ impl LayerCache {
     }
 }
 
+/// Each row of `x: (b, ...)` repeated `k` times in place: `(b * k, ...)`, contiguous.
+fn repeat_rows(x: &Tensor, k: usize) -> Result<Tensor> {
+    let dims = x.dims();
+    let mut wide = dims.to_vec();
+    wide.insert(1, k);
+    let mut flat = dims.to_vec();
+    flat[0] *= k;
+    x.unsqueeze(1)?
+        .broadcast_as(wide)?
+        .contiguous()?
+        .reshape(flat)
+}
+
 /// Keys and values of every layer, for incremental decoding.
 #[derive(Clone)]
 pub struct KvCache {
@@ -116,17 +129,15 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// Repeat a cache of one row into `b` rows (a shared prefix fanned out to a batch).
-    pub fn expand(&self, b: usize) -> Result<Self> {
+    /// Repeat every cached row `k` times, row `i` becoming rows `i*k .. (i+1)*k` (a prefix
+    /// shared by `k` prompts fanned out to their batch).
+    pub fn expand(&self, k: usize) -> Result<Self> {
         let mut out = self.clone();
         for l in out.layers.iter_mut() {
-            if let Some((k, v)) = &l.buf {
-                if k.dim(0)? != 1 {
-                    candle_core::bail!("expand needs a cache of one row, got {}", k.dim(0)?);
-                }
-                let k = k.narrow(3, 0, l.len)?.contiguous()?;
-                let v = v.narrow(2, 0, l.len)?.contiguous()?;
-                l.buf = Some((k.repeat((b, 1, 1, 1))?, v.repeat((b, 1, 1, 1))?));
+            if let Some((kb, vb)) = &l.buf {
+                let kb = kb.narrow(3, 0, l.len)?;
+                let vb = vb.narrow(2, 0, l.len)?;
+                l.buf = Some((repeat_rows(&kb, k)?, repeat_rows(&vb, k)?));
             }
         }
         Ok(out)
@@ -474,10 +485,24 @@ impl Model {
     /// chat template's system prompt) once and fanning its keys and values out to the batch.
     /// Observers see the prefix pass and the suffix pass as two prompt chunks.
     pub fn last_logits(&self, prompts: &[Vec<u32>], obs: &mut dyn Observer) -> Result<Tensor> {
+        self.last_logits_grouped(prompts, 1, obs)
+    }
+
+    /// Last-position logits `(groups * b, V)` of `groups` copies of the `b` prompts in one
+    /// batch, copy-major, for an observer that edits each copy differently (several candidate
+    /// directions measured at once, [`crate::Intervention::AblateGroups`]). The shared prefix
+    /// is computed once per copy: the prefix pass has `groups` rows, the suffix pass
+    /// `groups * b`.
+    pub fn last_logits_grouped(
+        &self,
+        prompts: &[Vec<u32>],
+        groups: usize,
+        obs: &mut dyn Observer,
+    ) -> Result<Tensor> {
         const MIN_SHARED: usize = 8;
         let shortest = prompts.iter().map(Vec::len).min().unwrap_or(0);
-        if prompts.is_empty() || shortest == 0 {
-            candle_core::bail!("last_logits needs non-empty prompts");
+        if prompts.is_empty() || shortest == 0 || groups == 0 {
+            candle_core::bail!("last_logits needs non-empty prompts and at least one group");
         }
         let first = &prompts[0];
         let mut shared = (0..shortest - 1)
@@ -486,18 +511,21 @@ impl Model {
         if prompts.len() < 2 || shared < MIN_SHARED {
             shared = 0;
         }
+        let copies = |rows: &[Vec<u32>]| -> Vec<Vec<u32>> {
+            (0..groups).flat_map(|_| rows.iter().cloned()).collect()
+        };
         if shared == 0 {
-            let (ids, layout) = self.pad_batch(prompts)?;
+            let (ids, layout) = self.pad_batch(&copies(prompts))?;
             let l = self.forward_ids(&ids, &layout, None, LogitsAt::Last, Phase::Prompt, obs)?;
             return l.expect("logits requested").squeeze(1);
         }
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let mut cache = self
-            .cache_prefix(&first[..shared], obs)?
+            .cache_prefix_rows(&first[..shared], groups, obs)?
             .expand(prompts.len())?;
         cache.reserve = longest;
         let suffixes: Vec<Vec<u32>> = prompts.iter().map(|p| p[shared..].to_vec()).collect();
-        let (ids, mut layout) = self.pad_batch(&suffixes)?;
+        let (ids, mut layout) = self.pad_batch(&copies(&suffixes))?;
         layout.pad_at = shared;
         let l = self.forward_ids(
             &ids,
@@ -512,10 +540,22 @@ impl Model {
 
     /// Keys and values of one row of `ids` (a prefix that later chunks continue from).
     pub fn cache_prefix(&self, ids: &[u32], obs: &mut dyn Observer) -> Result<KvCache> {
+        self.cache_prefix_rows(ids, 1, obs)
+    }
+
+    /// Keys and values of `rows` identical rows of `ids` (for observers that edit rows apart).
+    fn cache_prefix_rows(
+        &self,
+        ids: &[u32],
+        rows: usize,
+        obs: &mut dyn Observer,
+    ) -> Result<KvCache> {
         let mut cache = KvCache::with_capacity(self.cfg.n_layer, ids.len());
         if !ids.is_empty() {
-            let t = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
-            let layout = Layout::dense(1);
+            let t = Tensor::new(ids, &self.device)?
+                .unsqueeze(0)?
+                .repeat((rows, 1))?;
+            let layout = Layout::dense(rows);
             self.forward_ids(
                 &t,
                 &layout,

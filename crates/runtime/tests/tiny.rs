@@ -498,6 +498,73 @@ fn shared_prefix_logits_equal_plain_batched_logits() {
 }
 
 #[test]
+fn grouped_edits_in_one_forward_equal_each_edit_alone() {
+    // Three candidate directions (and additions at different layers) measured in one batch,
+    // with and without a shared prefix, against one forward per candidate.
+    for arch in ARCHS {
+        let m = tiny_model(arch, 29, DType::F32).unwrap();
+        let dirs: Vec<Tensor> = (0..3)
+            .map(|k| {
+                let v: Vec<f32> = (0..16).map(|i| ((i * (k + 2)) % 7) as f32 - 3.0).collect();
+                safegeo_runtime::unit(&Tensor::new(v.as_slice(), &Device::Cpu).unwrap()).unwrap()
+            })
+            .collect();
+        let layers = vec![1usize, 0, 1];
+        let prefix: Vec<u32> = (10..22).collect();
+        let with_prefix: Vec<Vec<u32>> = [vec![3u32, 4, 5], vec![7], vec![30, 31, 32, 33]]
+            .iter()
+            .map(|s| [prefix.clone(), s.clone()].concat())
+            .collect();
+        for prompts in [prompts(), with_prefix] {
+            let n = prompts.len();
+            let stacked = Tensor::stack(&dirs, 0).unwrap();
+            let groups = |iv: Intervention| {
+                let mut h = Hooks::with_interventions(vec![iv]);
+                m.last_logits_grouped(&prompts, 3, &mut h).unwrap()
+            };
+            let ablated = groups(Intervention::AblateGroups {
+                directions: stacked.clone(),
+                scope: Scope::All,
+            });
+            let added = groups(Intervention::AddGroups {
+                vectors: (stacked.clone() * 4.0).unwrap(),
+                layers: layers.clone(),
+                scope: Scope::All,
+            });
+            assert_eq!(ablated.dims(), &[3 * n, m.cfg.vocab]);
+            for (k, r) in dirs.iter().enumerate() {
+                let alone = |iv: Intervention| {
+                    let mut h = Hooks::with_interventions(vec![iv]);
+                    m.last_logits(&prompts, &mut h).unwrap()
+                };
+                let a = alone(Intervention::ablate(r).unwrap());
+                let d = max_abs(&ablated.narrow(0, k * n, n).unwrap(), &a);
+                assert!(d <= 1e-4, "{arch:?} ablation {k}: {d}");
+                let b = alone(Intervention::Add {
+                    vector: r.clone(),
+                    coef: 4.0,
+                    layer: layers[k],
+                    scope: Scope::All,
+                });
+                let d = max_abs(&added.narrow(0, k * n, n).unwrap(), &b);
+                assert!(d <= 1e-4, "{arch:?} addition {k}: {d}");
+                // The edits differ, so a mix-up of groups would show.
+                assert!(
+                    max_abs(&a, &b) > 1e-2,
+                    "{arch:?}: edits {k} too alike to test"
+                );
+            }
+        }
+        // A batch that does not split into the groups is an error, not a silent broadcast.
+        let mut h = Hooks::with_interventions(vec![Intervention::AblateGroups {
+            directions: Tensor::stack(&dirs[..2], 0).unwrap(),
+            scope: Scope::All,
+        }]);
+        assert!(m.last_logits_grouped(&prompts(), 3, &mut h).is_err());
+    }
+}
+
+#[test]
 fn prompt_except_last_leaves_the_tail_unsteered() {
     let m = tiny_model(Arch::Llama, 2, DType::F32).unwrap();
     let v = Tensor::ones(16, DType::F32, &Device::Cpu).unwrap();

@@ -98,6 +98,10 @@ pub struct SelectArgs {
     /// Candidates re-measured on all validation prompts.
     #[arg(long, default_value_t = 16)]
     pub finalists: usize,
+    /// Rows per forward pass: candidates whose prompts fit together are measured in one batch,
+    /// each ablating or adding its own direction (more rows: bigger matmuls, more memory).
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
     /// Random unit directions whose ablation KL is measured on the screening prompts, to show
     /// the scale of --kl-max for this model (0 = none).
     #[arg(long, default_value_t = 4)]
@@ -383,7 +387,7 @@ pub fn run_select(a: SelectArgs) -> Result<()> {
         screen_keep: a.screen_keep,
         screen_prompts: a.screen,
         finalists: a.finalists,
-        batch: 32,
+        batch: a.batch_size,
         positions: a.positions.clone(),
         prescreen_kl_slack: a.prescreen_kl_slack,
         random_directions: a.random_directions,
