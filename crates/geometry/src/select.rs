@@ -166,8 +166,8 @@ fn mean_kl(base: &Tensor, edited: &Tensor) -> Result<f64> {
 
 /// Last-position log-probabilities `(n, V)` of `prompts` under each of `k` edits, one tensor
 /// per edit. `edit(range)` builds the observer for the edits in `range`, each editing its own
-/// group of rows; edits share a forward (and bigger, faster matmuls) while their prompts fit
-/// `batch` rows together.
+/// group of rows; edits share a forward (bigger, faster matmuls) while their prompts fit
+/// `batch` rows together. Prompts run in [`length_buckets`], so little is spent on padding.
 fn edited_logprobs(
     model: &Model,
     prompts: &[Vec<u32>],
@@ -175,27 +175,83 @@ fn edited_logprobs(
     batch: usize,
     edit: impl Fn(std::ops::Range<usize>) -> Result<Hooks>,
 ) -> Result<Vec<Tensor>> {
-    let n = prompts.len();
-    let per_forward = (batch / n.max(1)).max(1);
-    let mut out = Vec::with_capacity(k);
-    for start in (0..k).step_by(per_forward) {
-        let range = start..(start + per_forward).min(k);
-        let mut hooks = edit(range.clone())?;
-        if n <= batch {
-            let logits = model.last_logits_grouped(prompts, range.len(), &mut hooks)?;
+    let batch = batch.max(1);
+    let mut order: Vec<usize> = (0..prompts.len()).collect();
+    order.sort_by_key(|&i| prompts[i].len());
+    let lens: Vec<usize> = order.iter().map(|&i| prompts[i].len()).collect();
+    let shared = common_prefix_len(prompts);
+    // pieces[e]: edit e's log-probabilities, bucket after bucket (prompts in `order`).
+    let mut pieces: Vec<Vec<Tensor>> = vec![Vec::new(); k];
+    for bucket in length_buckets(&lens, shared, batch) {
+        let rows: Vec<Vec<u32>> = order[bucket.clone()]
+            .iter()
+            .map(|&i| prompts[i].clone())
+            .collect();
+        let n = rows.len();
+        let per_forward = (batch / n).max(1);
+        for start in (0..k).step_by(per_forward) {
+            let range = start..(start + per_forward).min(k);
+            let mut hooks = edit(range.clone())?;
+            let logits = model.last_logits_grouped(&rows, range.len(), &mut hooks)?;
             let logp = safegeo_runtime::log_softmax_last(&logits.to_dtype(DType::F64)?)?;
-            for i in 0..range.len() {
-                out.push(logp.narrow(0, i * n, n)?);
+            for (i, e) in range.enumerate() {
+                pieces[e].push(logp.narrow(0, i * n, n)?);
             }
-        } else {
-            // One edit per forward, its prompts in chunks.
-            out.push(Tensor::cat(
-                &last_logprobs(model, prompts, batch, &mut hooks)?,
-                0,
-            )?);
         }
     }
-    Ok(out)
+    // Back to the prompts' own order.
+    let mut inverse = vec![0u32; order.len()];
+    for (sorted, &i) in order.iter().enumerate() {
+        inverse[i] = sorted as u32;
+    }
+    let inverse = Tensor::new(inverse.as_slice(), &model.device)?;
+    pieces
+        .iter()
+        .map(|p| Ok(Tensor::cat(p, 0)?.index_select(&inverse, 0)?))
+        .collect()
+}
+
+/// Tokens every prompt starts with.
+fn common_prefix_len(prompts: &[Vec<u32>]) -> usize {
+    let Some(first) = prompts.first() else {
+        return 0;
+    };
+    (0..first.len())
+        .take_while(|&i| prompts.iter().all(|p| p.get(i) == Some(&first[i])))
+        .count()
+}
+
+/// A forward's fixed cost (a few hundred small ops) in tokens of matmul work, roughly, for the
+/// CPU models this runs on.
+const FORWARD_OVERHEAD_TOKENS: usize = 8;
+
+/// Split prompts of ascending lengths `lens` into consecutive buckets of at most `batch` that
+/// minimise the tokens computed: each bucket pads to its longest prompt and computes the
+/// `shared` prefix once more, plus [`FORWARD_OVERHEAD_TOKENS`] (dynamic programming over the
+/// split points).
+fn length_buckets(lens: &[usize], shared: usize, batch: usize) -> Vec<std::ops::Range<usize>> {
+    let n = lens.len();
+    // cost[j]: fewest tokens for the first j prompts; from[j]: where the last bucket starts.
+    let mut cost = vec![usize::MAX; n + 1];
+    let mut from = vec![0; n + 1];
+    cost[0] = 0;
+    for j in 1..=n {
+        for i in j.saturating_sub(batch)..j {
+            let padded = (j - i) * (lens[j - 1] - shared.min(lens[j - 1]));
+            let c = cost[i] + FORWARD_OVERHEAD_TOKENS + shared + padded;
+            if c < cost[j] {
+                (cost[j], from[j]) = (c, i);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut j = n;
+    while j > 0 {
+        out.push(from[j]..j);
+        j = from[j];
+    }
+    out.reverse();
+    out
 }
 
 /// Directional ablation of each of `rs` (normalised here) at every layer and position, one
@@ -418,8 +474,7 @@ pub fn select(
             &harmless[..k.min(harmless.len())],
         );
         let lp_base = Tensor::cat(&last_logprobs(model, lp, cfg.batch, &mut NoHooks)?, 0)?;
-        let per_forward = (cfg.batch / (hp.len() + lp.len())).max(1);
-        for group in screened.chunks(per_forward) {
+        for group in screened.chunks(chunk_of(cfg.batch, hp.len() + lp.len())) {
             let keys: Vec<String> = group
                 .iter()
                 .map(|&i| format!("prescreen/{}/{}", cands[i].layer, cands[i].pos))
@@ -482,6 +537,13 @@ pub fn select(
     Ok((cands, best, base))
 }
 
+/// Candidates measured (and journaled) together when each needs `rows` prompts: enough to fill
+/// forwards of `batch` rows once the prompts are split by length, and at most `4 * batch` rows
+/// of log-probabilities held at once.
+fn chunk_of(batch: usize, rows: usize) -> usize {
+    (4 * batch / rows.max(1)).max(1)
+}
+
 /// Candidate indices ordered by bypass, lowest first, with every `demoted` one behind every other.
 fn lowest_bypass_first(
     cands: &[Candidate],
@@ -529,8 +591,7 @@ impl Staged<'_, '_> {
         base: &Baseline,
         step: &mut dyn FnMut(usize),
     ) -> Result<()> {
-        let per_forward = (self.cfg.batch / (harmful.len() + harmless.len())).max(1);
-        for group in which.chunks(per_forward) {
+        for group in which.chunks(chunk_of(self.cfg.batch, harmful.len() + harmless.len())) {
             let keys: Vec<String> = group
                 .iter()
                 .map(|&i| format!("{stage}/{}/{}", cands[i].layer, cands[i].pos))
@@ -576,6 +637,57 @@ mod tests {
             admissible: false,
             failed: Vec::new(),
         }
+    }
+
+    #[test]
+    fn edited_logprobs_come_back_in_the_prompts_order() {
+        use safegeo_runtime::testing::tiny_model;
+        let m = tiny_model(safegeo_runtime::Arch::Llama, 3, DType::F32).unwrap();
+        // Lengths out of order, a shared prefix, and a batch small enough to need buckets.
+        let prompts: Vec<Vec<u32>> = [9usize, 2, 14, 5, 2, 30]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (0..8).chain((0..n).map(|j| 10 + ((i + j) % 20))).map(|t| t as u32).collect())
+            .collect();
+        let r = vec![0.5f64; m.cfg.hidden];
+        let got = edited_logprobs(&m, &prompts, 2, 4, |g| ablations(&m, &vec![r.as_slice(); g.len()]))
+            .unwrap();
+        for (i, p) in prompts.iter().enumerate() {
+            let mut h = ablations(&m, &[r.as_slice()]).unwrap();
+            let alone = last_logprobs(&m, std::slice::from_ref(p), 1, &mut h).unwrap().remove(0);
+            for e in &got {
+                let d = (e.narrow(0, i, 1).unwrap() - &alone)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                assert!(d < 1e-4, "prompt {i}: {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn length_buckets_trade_padding_against_recomputing_the_prefix() {
+        // No shared prefix, 8 tokens per forward: one bucket costs 8 + 4 * 9 = 44, [2, 2] and
+        // [5, 9] 12 + 26 = 38, three buckets 42.
+        assert_eq!(length_buckets(&[2, 2, 5, 9], 0, 8), vec![0..2, 2..4]);
+        // A 10-token prefix costs more than the padding it would save: one bucket (26 vs 32).
+        assert_eq!(length_buckets(&[12, 12, 13, 14], 10, 8), vec![0..4]);
+        // Here splitting saves 3 * 33 padded tokens for 18 more tokens of prefix and overhead.
+        assert_eq!(
+            length_buckets(&[12, 12, 12, 45], 10, 8),
+            vec![0..3, 3..4]
+        );
+        // At most `batch` per bucket, and every prompt in exactly one.
+        let lens: Vec<usize> = (0..10).map(|i| 20 + i / 3).collect();
+        let b = length_buckets(&lens, 24, 4);
+        assert!(b.iter().all(|r| r.len() <= 4 && !r.is_empty()));
+        assert_eq!(b.iter().map(|r| r.len()).sum::<usize>(), 10);
+        assert!(b.windows(2).all(|w| w[0].end == w[1].start) && b[0].start == 0);
+        assert!(length_buckets(&[], 0, 4).is_empty());
     }
 
     #[test]

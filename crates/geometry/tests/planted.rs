@@ -220,7 +220,14 @@ fn candidates_measured_together_equal_candidates_measured_alone() {
     let h = capture(&m, &prompts(2, 12, 16), 0, 8, &mut |_| {}).unwrap();
     let l = capture(&m, &prompts(20, 44, 16), 0, 8, &mut |_| {}).unwrap();
     let c = difference_of_means(&h, &l, None, None).refusal;
-    let (val_h, val_l) = (prompts(2, 12, 5), prompts(20, 44, 4));
+    // Lengths 4 to 8 in mixed order, so the prompts are regrouped by length and put back.
+    let ragged = |mut ps: Vec<Vec<u32>>| {
+        for (i, p) in ps.iter_mut().enumerate() {
+            p.extend((0..(i * 3) % 5).map(|j| 20 + j as u32));
+        }
+        ps
+    };
+    let (val_h, val_l) = (ragged(prompts(2, 12, 5)), ragged(prompts(20, 44, 4)));
     let base = baseline(&m, &val_h, &val_l, &[REFUSAL_TOKEN], 32).unwrap();
     let mut noise = unit_u(16);
     noise.rotate_left(5);
