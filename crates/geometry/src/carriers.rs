@@ -3,7 +3,7 @@
 //! `r_{l,i} = mean_harmful x_l(p, i) - mean_harmless x_l(p, i)` accumulated in f64.
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
-use safegeo_runtime::{Hooks, LogitsAt, Message, Model, Phase, Positions, PromptPositions, Site};
+use safegeo_runtime::{Hooks, LogitsAt, Message, Model, Positions, PromptPositions, Site};
 
 /// Activations of one prompt set: `acts[n][l][p]` is a `d`-vector (f32 to halve memory).
 pub struct Activations {
@@ -69,9 +69,11 @@ pub fn prompt_ids(model: &Model, prompts: &[String]) -> Result<(Vec<Vec<u32>>, P
     Ok((ids, PromptPositions { len, post_len }))
 }
 
-/// Capture resid_pre at every layer at `t_inst` and the post-instruction positions, `batch`
-/// prompts per forward pass. Left padding aligns prompt ends, so the last `post_len + 1` tokens
-/// of every row are exactly these positions.
+/// Capture resid_pre at every layer at `t_inst` and the post-instruction positions, at most
+/// `batch` prompts per forward pass, prompts of similar length together
+/// ([`crate::buckets::length_buckets`]) and the template's shared prefix computed once per
+/// forward. Left padding aligns prompt ends, so the last `post_len + 1` tokens of every row are
+/// exactly these positions. Activations come back in the order of `ids`.
 pub fn capture(
     model: &Model,
     ids: &[Vec<u32>],
@@ -80,11 +82,22 @@ pub fn capture(
     progress: &mut dyn FnMut(usize),
 ) -> Result<Activations> {
     let k = post_len + 1;
-    let mut acts = Vec::with_capacity(ids.len());
-    for chunk in ids.chunks(batch.max(1)) {
-        let (x, layout) = model.pad_batch(chunk)?;
+    if let Some(short) = ids.iter().find(|p| p.len() < k) {
+        return Err(Error::Invalid(format!(
+            "a prompt of {} tokens is shorter than the {k} positions to capture",
+            short.len()
+        )));
+    }
+    let mut order: Vec<usize> = (0..ids.len()).collect();
+    order.sort_by_key(|&i| ids[i].len());
+    let lens: Vec<usize> = order.iter().map(|&i| ids[i].len()).collect();
+    let shared = crate::buckets::common_prefix_len(ids);
+    let mut acts: Vec<Option<Vec<Vec<Vec<f32>>>>> = vec![None; ids.len()];
+    for bucket in crate::buckets::length_buckets(&lens, shared, batch.max(1)) {
+        let which = &order[bucket];
+        let chunk: Vec<Vec<u32>> = which.iter().map(|&i| ids[i].clone()).collect();
         let mut hooks = Hooks::capture(&[Site::ResidPre], Positions::LastK(k));
-        model.forward_ids(&x, &layout, None, LogitsAt::None, Phase::Prompt, &mut hooks)?;
+        model.forward_prompts(&chunk, 1, k, LogitsAt::None, &mut hooks)?;
         let per_layer: Vec<Vec<Vec<Vec<f32>>>> = (0..model.cfg.n_layer)
             .map(|l| -> Result<_> {
                 let t: &Tensor = hooks
@@ -94,12 +107,17 @@ pub fn capture(
                 Ok(t.to_dtype(DType::F32)?.to_vec3::<f32>()?)
             })
             .collect::<Result<_>>()?; // [l][row][p][d]
-        acts.extend(
-            (0..chunk.len()).map(|r| per_layer.iter().map(|layer| layer[r].clone()).collect()),
-        );
+        for (r, &i) in which.iter().enumerate() {
+            acts[i] = Some(per_layer.iter().map(|layer| layer[r].clone()).collect());
+        }
         progress(chunk.len());
     }
-    Ok(Activations { acts })
+    Ok(Activations {
+        acts: acts
+            .into_iter()
+            .map(|a| a.expect("every prompt in a bucket"))
+            .collect(),
+    })
 }
 
 /// Carrier candidates and their ingredients, `[l][p][d]` in f64.
@@ -186,6 +204,42 @@ mod tests {
         Activations {
             acts: v.into_iter().map(|x| vec![vec![x]]).collect(),
         }
+    }
+
+    #[test]
+    fn capture_in_length_buckets_equals_one_prompt_at_a_time_in_the_callers_order() {
+        use safegeo_runtime::testing::tiny_model;
+        let m = tiny_model(safegeo_runtime::Arch::Qwen2, 5, DType::F32).unwrap();
+        // A 10-token shared prefix, then instructions of lengths out of order.
+        let ids: Vec<Vec<u32>> = [7usize, 2, 12, 3, 9, 2, 30]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                (0..10)
+                    .chain((0..n).map(|j| 11 + ((3 * i + j) % 25)))
+                    .map(|t| t as u32)
+                    .collect()
+            })
+            .collect();
+        let post_len = 1;
+        let together = capture(&m, &ids, post_len, 3, &mut |_| {}).unwrap();
+        let alone = capture(&m, &ids, post_len, 1, &mut |_| {}).unwrap();
+        assert_eq!(together.acts.len(), ids.len());
+        for (i, (a, b)) in together.acts.iter().zip(&alone.acts).enumerate() {
+            let d = a
+                .iter()
+                .flatten()
+                .flatten()
+                .zip(b.iter().flatten().flatten())
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(d < 1e-4, "prompt {i}: {d}");
+        }
+        // Prompts differ, so a mix-up of rows would show.
+        let (a, b) = (&together.acts[0][1][0], &together.acts[1][1][0]);
+        assert!(a.iter().zip(b).any(|(x, y)| (x - y).abs() > 1e-3));
+        // A prompt shorter than the positions asked for is an error.
+        assert!(capture(&m, &[vec![1]], 3, 4, &mut |_| {}).is_err());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 #![deny(missing_docs)]
 
 pub mod abliterate;
+pub mod buckets;
 pub mod carriers;
 mod error;
 pub mod linalg;

@@ -21,6 +21,7 @@
 //!
 //! For scale, the KL of ablating `random_directions` random unit directions on the screening
 //! prompts is measured too: it tells whether the KL bound is tight for this model at all.
+use crate::buckets::{common_prefix_len, length_buckets};
 use crate::linalg;
 use crate::Result;
 use candle_core::{DType, Tensor, D};
@@ -52,6 +53,9 @@ pub struct SelectConfig {
     pub batch: usize,
     /// Only these position indices are candidates (`None` = every position).
     pub positions: Option<Vec<usize>>,
+    /// Measure bypass also for screened and final candidates that already failed a test
+    /// (they cannot be selected; by default their bypass is skipped and left NaN).
+    pub bypass_all: bool,
     /// Random unit directions whose ablation KL is measured for scale (0 = none).
     pub random_directions: usize,
     /// Seed of the random directions.
@@ -70,6 +74,7 @@ impl Default for SelectConfig {
             finalists: 16,
             batch: 64,
             positions: None,
+            bypass_all: false,
             random_directions: 4,
             seed: 0,
         }
@@ -211,49 +216,6 @@ fn edited_logprobs(
         .collect()
 }
 
-/// Tokens every prompt starts with.
-fn common_prefix_len(prompts: &[Vec<u32>]) -> usize {
-    let Some(first) = prompts.first() else {
-        return 0;
-    };
-    (0..first.len())
-        .take_while(|&i| prompts.iter().all(|p| p.get(i) == Some(&first[i])))
-        .count()
-}
-
-/// A forward's fixed cost (a few hundred small ops) in tokens of matmul work, roughly, for the
-/// CPU models this runs on.
-const FORWARD_OVERHEAD_TOKENS: usize = 8;
-
-/// Split prompts of ascending lengths `lens` into consecutive buckets of at most `batch` that
-/// minimise the tokens computed: each bucket pads to its longest prompt and computes the
-/// `shared` prefix once more, plus [`FORWARD_OVERHEAD_TOKENS`] (dynamic programming over the
-/// split points).
-fn length_buckets(lens: &[usize], shared: usize, batch: usize) -> Vec<std::ops::Range<usize>> {
-    let n = lens.len();
-    // cost[j]: fewest tokens for the first j prompts; from[j]: where the last bucket starts.
-    let mut cost = vec![usize::MAX; n + 1];
-    let mut from = vec![0; n + 1];
-    cost[0] = 0;
-    for j in 1..=n {
-        for i in j.saturating_sub(batch)..j {
-            let padded = (j - i) * (lens[j - 1] - shared.min(lens[j - 1]));
-            let c = cost[i] + FORWARD_OVERHEAD_TOKENS + shared + padded;
-            if c < cost[j] {
-                (cost[j], from[j]) = (c, i);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    let mut j = n;
-    while j > 0 {
-        out.push(from[j]..j);
-        j = from[j];
-    }
-    out.reverse();
-    out
-}
-
 /// Directional ablation of each of `rs` (normalised here) at every layer and position, one
 /// per row group.
 fn ablations(model: &Model, rs: &[&[f64]]) -> Result<Hooks> {
@@ -325,22 +287,20 @@ fn prescreen(
         .collect()
 }
 
-/// Measure candidates `(r, layer)` (`r` unnormalized) on the given prompt sets: `[bypass,
-/// induce, kl]` each. Candidates share forwards while their prompts fit `batch` rows.
-pub fn measure(
+/// The two admissibility measurements of candidates `(r, layer)` (`r` unnormalized) on the
+/// harmless prompts: `[induce, kl]` each (addition of `r` at `layer`, ablation of `r^`).
+pub fn induce_and_kl(
     model: &Model,
     cands: &[(&[f64], usize)],
-    harmful: &[Vec<u32>],
     harmless: &[Vec<u32>],
     base: &Baseline,
     refusal_ids: &[u32],
     batch: usize,
-) -> Result<Vec<[f64; 3]>> {
+) -> Result<Vec<[f64; 2]>> {
     let rs: Vec<&[f64]> = cands.iter().map(|&(r, _)| r).collect();
-    // Bypass and KL come from one ablated forward over both sets.
-    let rows: Vec<Vec<u32>> = harmful.iter().chain(harmless).cloned().collect();
-    let n = harmful.len();
-    let ablated = edited_logprobs(model, &rows, rs.len(), batch, |g| ablations(model, &rs[g]))?;
+    let ablated = edited_logprobs(model, harmless, rs.len(), batch, |g| {
+        ablations(model, &rs[g])
+    })?;
     let added = edited_logprobs(model, harmless, cands.len(), batch, |g| {
         additions(model, &cands[g])
     })?;
@@ -349,12 +309,27 @@ pub fn measure(
         .zip(&added)
         .map(|(abl, add)| {
             Ok([
-                mean_score(&abl.narrow(0, 0, n)?, refusal_ids)?,
                 mean_score(add, refusal_ids)?,
-                mean_kl(&base.harmless_logp, &abl.narrow(0, n, harmless.len())?)?,
+                mean_kl(&base.harmless_logp, abl)?,
             ])
         })
         .collect()
+}
+
+/// Mean refusal score on `harmful` under ablation of each of `rs`.
+pub fn bypass(
+    model: &Model,
+    rs: &[&[f64]],
+    harmful: &[Vec<u32>],
+    refusal_ids: &[u32],
+    batch: usize,
+) -> Result<Vec<f64>> {
+    edited_logprobs(model, harmful, rs.len(), batch, |g| {
+        ablations(model, &rs[g])
+    })?
+    .iter()
+    .map(|logp| mean_score(logp, refusal_ids))
+    .collect()
 }
 
 /// The admissibility tests a measurement fails.
@@ -495,6 +470,7 @@ pub fn select(
     }
     // Stage 2: all three measurements on `screen_prompts` prompts per set.
     let base_screen = baseline(model, hs, ls, refusal_ids, cfg.batch)?;
+    let prescreen_bypass: Vec<f64> = cands.iter().map(|c| c.bypass).collect();
     run.measure(
         "screen",
         &mut cands,
@@ -504,8 +480,15 @@ pub fn select(
         &base_screen,
         &mut step,
     )?;
-    // Finalists: pass the screen (KL may be re-checked), lowest bypass first; fill with the rest.
-    let order = lowest_bypass_first(&cands, screened, |c| !c.failed.is_empty());
+    // Finalists: pass the screen (KL may be re-checked), lowest bypass first; fill with the rest
+    // in the order of their prescreen bypass (the screen measured none for them).
+    let rank: Vec<f64> = (0..cands.len())
+        .map(|i| match cands[i].bypass {
+            b if b.is_nan() => prescreen_bypass[i],
+            b => b,
+        })
+        .collect();
+    let order = lowest_bypass_first(screened, |i| rank[i], |i| !cands[i].failed.is_empty());
     let mut base = baseline(model, harmful, harmless, refusal_ids, cfg.batch)?;
     let d = carriers[0][0].len();
     let controls = crate::sweep::random_controls(d, cfg.random_directions, 1.0, cfg.seed);
@@ -544,24 +527,22 @@ fn chunk_of(batch: usize, rows: usize) -> usize {
     (4 * batch / rows.max(1)).max(1)
 }
 
-/// Candidate indices ordered by bypass, lowest first, with every `demoted` one behind every other.
+/// Candidate indices ordered by `bypass(i)`, lowest first, with every `demoted` one behind every
+/// other.
 fn lowest_bypass_first(
-    cands: &[Candidate],
     mut idx: Vec<usize>,
-    demoted: impl Fn(&Candidate) -> bool,
+    bypass: impl Fn(usize) -> f64,
+    demoted: impl Fn(usize) -> bool,
 ) -> Vec<usize> {
-    idx.sort_by(|&a, &b| {
-        (demoted(&cands[a]).cmp(&demoted(&cands[b])))
-            .then(cands[a].bypass.total_cmp(&cands[b].bypass))
-    });
+    idx.sort_by(|&a, &b| (demoted(a).cmp(&demoted(b))).then(bypass(a).total_cmp(&bypass(b))));
     idx
 }
 
 /// The prescreened candidates that go on to the screen, in index order: the lowest bypass among
 /// those whose KL is within `prescreen_kl_slack * kl_max`, then the rest by bypass.
 fn keep_for_screen(cands: &[Candidate], cfg: &SelectConfig) -> Vec<usize> {
-    let wrecks = |c: &Candidate| c.kl > cfg.prescreen_kl_slack * cfg.kl_max;
-    let mut order = lowest_bypass_first(cands, (0..cands.len()).collect(), wrecks);
+    let wrecks = |i: usize| cands[i].kl > cfg.prescreen_kl_slack * cfg.kl_max;
+    let mut order = lowest_bypass_first((0..cands.len()).collect(), |i| cands[i].bypass, wrecks);
     order.truncate(cfg.screen_keep);
     order.sort_unstable();
     order
@@ -577,9 +558,11 @@ struct Staged<'a, 'j> {
 }
 
 impl Staged<'_, '_> {
-    /// Bypass, induce and KL of candidates `which` on the given prompts, as stage `stage` (only
-    /// a `full` measurement can be admissible), in groups that share forwards; `step(n)` after
-    /// every group of `n`.
+    /// Induce and KL of candidates `which` on the harmless prompts, then bypass on the
+    /// harmful ones for those that pass every test (or all, with `bypass_all`), as stage
+    /// `stage` (only a `full` measurement can be admissible). A candidate that fails a test
+    /// cannot be selected whatever its bypass, so its bypass stays NaN. Candidates share
+    /// forwards; `step(n)` after every group of `n`.
     #[allow(clippy::too_many_arguments)]
     fn measure(
         &mut self,
@@ -591,14 +574,13 @@ impl Staged<'_, '_> {
         base: &Baseline,
         step: &mut dyn FnMut(usize),
     ) -> Result<()> {
-        for group in which.chunks(chunk_of(self.cfg.batch, harmful.len() + harmless.len())) {
-            let keys: Vec<String> = group
-                .iter()
-                .map(|&i| format!("{stage}/{}/{}", cands[i].layer, cands[i].pos))
-                .collect();
-            let (model, refusal_ids, batch) = (self.model, self.refusal_ids, self.cfg.batch);
-            let carriers = self.carriers;
-            let got = journaled_many(&mut self.journal, &keys, || {
+        let (model, refusal_ids, batch) = (self.model, self.refusal_ids, self.cfg.batch);
+        let carriers = self.carriers;
+        let n_layer = carriers.len();
+        let key = |what: &str, c: &Candidate| format!("{stage}/{what}/{}/{}", c.layer, c.pos);
+        for group in which.chunks(chunk_of(batch, 2 * harmless.len())) {
+            let keys: Vec<String> = group.iter().map(|&i| key("tests", &cands[i])).collect();
+            let tests = journaled_many(&mut self.journal, &keys, || {
                 let todo: Vec<(&[f64], usize)> = group
                     .iter()
                     .map(|&i| {
@@ -606,15 +588,37 @@ impl Staged<'_, '_> {
                         (carriers[c.layer][c.pos].as_slice(), c.layer)
                     })
                     .collect();
-                measure(model, &todo, harmful, harmless, base, refusal_ids, batch)
+                let got = induce_and_kl(model, &todo, harmless, base, refusal_ids, batch)?;
+                Ok::<_, crate::Error>(got.into_iter().map(|[i, k]| [i, k, 0.0]).collect())
             })?;
-            for (&i, [bypass, induce, kl]) in group.iter().zip(got) {
+            for (&i, [induce, kl, _]) in group.iter().zip(tests) {
                 let c = &mut cands[i];
-                let failed =
-                    failed_tests(bypass, induce, kl, c.layer, self.carriers.len(), self.cfg);
-                (c.bypass, c.induce, c.kl, c.stage) = (bypass, induce, kl, stage);
-                c.admissible = stage == "full" && failed.is_empty();
-                c.failed = failed;
+                (c.bypass, c.induce, c.kl, c.stage) = (f64::NAN, induce, kl, stage);
+                // Bypass is not measured yet: only the other tests count here.
+                c.failed = failed_tests(0.0, induce, kl, c.layer, n_layer, self.cfg);
+                c.admissible = false;
+            }
+            let need: Vec<usize> = group
+                .iter()
+                .copied()
+                .filter(|&i| self.cfg.bypass_all || cands[i].failed.is_empty())
+                .collect();
+            if !need.is_empty() {
+                let keys: Vec<String> = need.iter().map(|&i| key("bypass", &cands[i])).collect();
+                let got = journaled_many(&mut self.journal, &keys, || {
+                    let rs: Vec<&[f64]> = need
+                        .iter()
+                        .map(|&i| carriers[cands[i].layer][cands[i].pos].as_slice())
+                        .collect();
+                    let b = bypass(model, &rs, harmful, refusal_ids, batch)?;
+                    Ok::<_, crate::Error>(b.into_iter().map(|b| [b, 0.0, 0.0]).collect())
+                })?;
+                for (&i, [b, _, _]) in need.iter().zip(got) {
+                    let c = &mut cands[i];
+                    c.bypass = b;
+                    c.failed = failed_tests(b, c.induce, c.kl, c.layer, n_layer, self.cfg);
+                    c.admissible = stage == "full" && c.failed.is_empty();
+                }
             }
             step(group.len());
         }
@@ -647,14 +651,23 @@ mod tests {
         let prompts: Vec<Vec<u32>> = [9usize, 2, 14, 5, 2, 30]
             .iter()
             .enumerate()
-            .map(|(i, &n)| (0..8).chain((0..n).map(|j| 10 + ((i + j) % 20))).map(|t| t as u32).collect())
+            .map(|(i, &n)| {
+                (0..8)
+                    .chain((0..n).map(|j| 10 + ((i + j) % 20)))
+                    .map(|t| t as u32)
+                    .collect()
+            })
             .collect();
         let r = vec![0.5f64; m.cfg.hidden];
-        let got = edited_logprobs(&m, &prompts, 2, 4, |g| ablations(&m, &vec![r.as_slice(); g.len()]))
-            .unwrap();
+        let got = edited_logprobs(&m, &prompts, 2, 4, |g| {
+            ablations(&m, &vec![r.as_slice(); g.len()])
+        })
+        .unwrap();
         for (i, p) in prompts.iter().enumerate() {
             let mut h = ablations(&m, &[r.as_slice()]).unwrap();
-            let alone = last_logprobs(&m, std::slice::from_ref(p), 1, &mut h).unwrap().remove(0);
+            let alone = last_logprobs(&m, std::slice::from_ref(p), 1, &mut h)
+                .unwrap()
+                .remove(0);
             for e in &got {
                 let d = (e.narrow(0, i, 1).unwrap() - &alone)
                     .unwrap()
@@ -667,27 +680,6 @@ mod tests {
                 assert!(d < 1e-4, "prompt {i}: {d}");
             }
         }
-    }
-
-    #[test]
-    fn length_buckets_trade_padding_against_recomputing_the_prefix() {
-        // No shared prefix, 8 tokens per forward: one bucket costs 8 + 4 * 9 = 44, [2, 2] and
-        // [5, 9] 12 + 26 = 38, three buckets 42.
-        assert_eq!(length_buckets(&[2, 2, 5, 9], 0, 8), vec![0..2, 2..4]);
-        // A 10-token prefix costs more than the padding it would save: one bucket (26 vs 32).
-        assert_eq!(length_buckets(&[12, 12, 13, 14], 10, 8), vec![0..4]);
-        // Here splitting saves 3 * 33 padded tokens for 18 more tokens of prefix and overhead.
-        assert_eq!(
-            length_buckets(&[12, 12, 12, 45], 10, 8),
-            vec![0..3, 3..4]
-        );
-        // At most `batch` per bucket, and every prompt in exactly one.
-        let lens: Vec<usize> = (0..10).map(|i| 20 + i / 3).collect();
-        let b = length_buckets(&lens, 24, 4);
-        assert!(b.iter().all(|r| r.len() <= 4 && !r.is_empty()));
-        assert_eq!(b.iter().map(|r| r.len()).sum::<usize>(), 10);
-        assert!(b.windows(2).all(|w| w[0].end == w[1].start) && b[0].start == 0);
-        assert!(length_buckets(&[], 0, 4).is_empty());
     }
 
     #[test]

@@ -116,12 +116,14 @@ fn selection_picks_a_carrier_along_the_plant_whose_ablation_removes_refusal() {
     run(&mut Journal::open(&path, &"planted").unwrap());
     let text = std::fs::read_to_string(&path).unwrap();
     let lines: Vec<&str> = text.lines().collect();
+    // The header, a prescreen per candidate, the random directions, and at the screen and the
+    // full stage two records (tests, then bypass) for the one kept candidate, which passes.
     assert_eq!(
         lines.len(),
         1 + cands.len()
-            + cfg.screen_keep
+            + 2 * cfg.screen_keep
             + cfg.random_directions
-            + cfg.screen_keep.min(cfg.finalists)
+            + 2 * cfg.screen_keep.min(cfg.finalists)
     );
     let dropped: Vec<_> = cands.iter().filter(|k| k.stage == "prescreen").collect();
     assert_eq!(dropped.len(), cands.len() - cfg.screen_keep);
@@ -214,7 +216,7 @@ fn a_zero_carrier_is_listed_but_never_measured() {
 
 #[test]
 fn candidates_measured_together_equal_candidates_measured_alone() {
-    use safegeo_geometry::select::{baseline, measure};
+    use safegeo_geometry::select::{baseline, bypass, induce_and_kl};
     let u = unit_u(16);
     let m = planted_model(&u, 30.0);
     let h = capture(&m, &prompts(2, 12, 16), 0, 8, &mut |_| {}).unwrap();
@@ -239,9 +241,15 @@ fn candidates_measured_together_equal_candidates_measured_alone() {
     ];
     // 64 rows: all three candidates in one forward per pass; 1 row: one candidate and one
     // prompt per forward.
-    let together = measure(&m, &cands, &val_h, &val_l, &base, &[REFUSAL_TOKEN], 64).unwrap();
+    let measure = |cands: &[(&[f64], usize)], batch: usize| -> Vec<[f64; 3]> {
+        let rs: Vec<&[f64]> = cands.iter().map(|&(r, _)| r).collect();
+        let b = bypass(&m, &rs, &val_h, &[REFUSAL_TOKEN], batch).unwrap();
+        let t = induce_and_kl(&m, cands, &val_l, &base, &[REFUSAL_TOKEN], batch).unwrap();
+        b.iter().zip(t).map(|(&b, [i, k])| [b, i, k]).collect()
+    };
+    let together = measure(&cands, 64);
     for (k, cand) in cands.iter().enumerate() {
-        let alone = measure(&m, &[*cand], &val_h, &val_l, &base, &[REFUSAL_TOKEN], 1).unwrap();
+        let alone = measure(&[*cand], 1);
         for (a, b) in together[k].iter().zip(&alone[0]) {
             assert!(
                 (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
@@ -254,4 +262,54 @@ fn candidates_measured_together_equal_candidates_measured_alone() {
         (together[0][0] - together[1][0]).abs() > 1e-2,
         "{together:?}"
     );
+}
+
+#[test]
+fn bypass_is_skipped_for_candidates_that_failed_a_test_unless_asked_for() {
+    let u = unit_u(16);
+    let m = planted_model(&u, 30.0);
+    let h = capture(&m, &prompts(2, 12, 16), 0, 8, &mut |_| {}).unwrap();
+    let l = capture(&m, &prompts(20, 44, 16), 0, 8, &mut |_| {}).unwrap();
+    let carriers = difference_of_means(&h, &l, None, None).refusal;
+    let (val_h, val_l) = (prompts(2, 12, 4), prompts(20, 44, 4));
+    let run = |cfg: &SelectConfig| {
+        select(
+            &m,
+            &carriers,
+            &val_h,
+            &val_l,
+            &[REFUSAL_TOKEN],
+            cfg,
+            None,
+            &mut |_, _| {},
+        )
+        .unwrap()
+    };
+    // A negative KL bound fails every candidate: none is admissible, no bypass is measured.
+    let strict = SelectConfig {
+        kl_max: -1.0,
+        prescreen_prompts: 0,
+        random_directions: 0,
+        ..Default::default()
+    };
+    let (cands, best, _) = run(&strict);
+    assert!(best.is_none());
+    for c in &cands {
+        assert_eq!(c.stage, "full");
+        assert!(c.failed.contains(&"kl"), "{c:?}");
+        assert!(
+            c.bypass.is_nan() && c.induce.is_finite() && c.kl.is_finite(),
+            "{c:?}"
+        );
+    }
+    // Asked for, bypass is measured anyway, and the verdicts do not change.
+    let (all, best, _) = run(&SelectConfig {
+        bypass_all: true,
+        ..strict
+    });
+    assert!(best.is_none());
+    for (a, c) in all.iter().zip(&cands) {
+        assert!(a.bypass.is_finite(), "{a:?}");
+        assert_eq!((a.induce, a.kl, &a.failed), (c.induce, c.kl, &c.failed));
+    }
 }

@@ -499,13 +499,29 @@ impl Model {
         groups: usize,
         obs: &mut dyn Observer,
     ) -> Result<Tensor> {
+        let l = self.forward_prompts(prompts, groups, 1, LogitsAt::Last, obs)?;
+        l.expect("logits requested").squeeze(1)
+    }
+
+    /// Forward over `groups` copies of `prompts` (see [`Model::last_logits_grouped`]), their
+    /// shared prefix (if at least 8 tokens, leaving every row `min_suffix` tokens) computed once
+    /// per copy in a pass of its own; `logits` as in [`Model::forward_embeds`], over the suffix
+    /// pass (left-padded after the prefix, so prompt ends align).
+    pub fn forward_prompts(
+        &self,
+        prompts: &[Vec<u32>],
+        groups: usize,
+        min_suffix: usize,
+        logits: LogitsAt,
+        obs: &mut dyn Observer,
+    ) -> Result<Option<Tensor>> {
         const MIN_SHARED: usize = 8;
         let shortest = prompts.iter().map(Vec::len).min().unwrap_or(0);
         if prompts.is_empty() || shortest == 0 || groups == 0 {
-            candle_core::bail!("last_logits needs non-empty prompts and at least one group");
+            candle_core::bail!("a forward needs non-empty prompts and at least one group");
         }
         let first = &prompts[0];
-        let mut shared = (0..shortest - 1)
+        let mut shared = (0..shortest.saturating_sub(min_suffix.max(1)))
             .take_while(|&i| prompts.iter().all(|p| p[i] == first[i]))
             .count();
         if prompts.len() < 2 || shared < MIN_SHARED {
@@ -516,8 +532,7 @@ impl Model {
         };
         if shared == 0 {
             let (ids, layout) = self.pad_batch(&copies(prompts))?;
-            let l = self.forward_ids(&ids, &layout, None, LogitsAt::Last, Phase::Prompt, obs)?;
-            return l.expect("logits requested").squeeze(1);
+            return self.forward_ids(&ids, &layout, None, logits, Phase::Prompt, obs);
         }
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let mut cache = self
@@ -527,15 +542,7 @@ impl Model {
         let suffixes: Vec<Vec<u32>> = prompts.iter().map(|p| p[shared..].to_vec()).collect();
         let (ids, mut layout) = self.pad_batch(&copies(&suffixes))?;
         layout.pad_at = shared;
-        let l = self.forward_ids(
-            &ids,
-            &layout,
-            Some(&mut cache),
-            LogitsAt::Last,
-            Phase::Prompt,
-            obs,
-        )?;
-        l.expect("logits requested").squeeze(1)
+        self.forward_ids(&ids, &layout, Some(&mut cache), logits, Phase::Prompt, obs)
     }
 
     /// Keys and values of one row of `ids` (a prefix that later chunks continue from).

@@ -98,6 +98,10 @@ pub struct SelectArgs {
     /// Candidates re-measured on all validation prompts.
     #[arg(long, default_value_t = 16)]
     pub finalists: usize,
+    /// Also measure bypass for screened and final candidates that already failed the KL, induce
+    /// or layer test (they cannot be selected, so by default their bypass is skipped: NaN).
+    #[arg(long)]
+    pub bypass_all: bool,
     /// Rows per forward pass: candidates whose prompts fit together are measured in one batch,
     /// each ablating or adding its own direction (more rows: bigger matmuls, more memory).
     #[arg(long, default_value_t = 64)]
@@ -388,6 +392,7 @@ pub fn run_select(a: SelectArgs) -> Result<()> {
         screen_prompts: a.screen,
         finalists: a.finalists,
         batch: a.batch_size,
+        bypass_all: a.bypass_all,
         positions: a.positions.clone(),
         prescreen_kl_slack: a.prescreen_kl_slack,
         random_directions: a.random_directions,

@@ -315,6 +315,8 @@ fn measure(a: &TrajectoryArgs, anchor: &Anchor, dir: &Path) -> Result<()> {
             a.kl_max.to_string(),
             "--val".into(),
             a.val.join(","),
+            // The report's stand-in carrier and bypass-by-layer curve read every bypass.
+            "--bypass-all".into(),
         ];
         if !a.all_positions {
             v.extend(["--positions".into(), (n_pos - 1).to_string()]);
