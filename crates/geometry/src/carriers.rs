@@ -150,6 +150,28 @@ impl Carriers {
     }
 }
 
+impl Carriers {
+    /// The orthogonalized carriers at the plain carriers' scale: `(r . u) u` for each unit `u`
+    /// of `refusal_orth`, which is `r - (r.g) g` itself (`u` is its direction and orthogonal to
+    /// `g`). Activation addition (`induce`) needs this: a unit vector added to a residual stream
+    /// whose norm is in the tens does nothing measurable.
+    pub fn refusal_orth_at_scale(&self) -> Vec<Vec<Vec<f64>>> {
+        self.refusal
+            .iter()
+            .zip(&self.refusal_orth)
+            .map(|(rl, ul)| {
+                rl.iter()
+                    .zip(ul)
+                    .map(|(r, u)| {
+                        let along: f64 = r.iter().zip(u).map(|(a, b)| a * b).sum();
+                        u.iter().map(|x| along * x).collect()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
 /// Difference-of-means carriers over prompt subsets (all prompts when `None`).
 pub fn difference_of_means(
     harmful: &Activations,
@@ -204,6 +226,21 @@ mod tests {
         Activations {
             acts: v.into_iter().map(|x| vec![vec![x]]).collect(),
         }
+    }
+
+    #[test]
+    fn orthogonalized_carriers_at_scale_are_r_minus_its_component_along_the_harmless_mean() {
+        // Harmful mean (3, 5), harmless mean (0, 1): r = (3, 4), g = (0, 1), r - (r.g) g = (3, 0).
+        let c = difference_of_means(
+            &acts(vec![vec![3.0, 5.0]]),
+            &acts(vec![vec![0.0, 1.0]]),
+            None,
+            None,
+        );
+        let u = &c.refusal_orth[0][0];
+        assert!((u[0] - 1.0).abs() < 1e-12 && u[1].abs() < 1e-12, "{u:?}");
+        let scaled = c.refusal_orth_at_scale();
+        assert!((scaled[0][0][0] - 3.0).abs() < 1e-12 && scaled[0][0][1].abs() < 1e-12);
     }
 
     #[test]

@@ -8,16 +8,19 @@
 //! Cost control (ours), successive halving: every candidate is first measured on
 //! `prescreen_prompts` harmful and as many harmless prompts in one small ablated forward (bypass
 //! and KL, no induce); the `screen_keep` lowest in bypass among those whose KL is within
-//! `prescreen_kl_slack * kl_max` (then the rest, lowest bypass first) get all three measurements
-//! on `screen_prompts` prompts per set; the `finalists` with the lowest screened bypass that pass
+//! `prescreen_kl_slack * kl_max` (then the rest, lowest bypass first) are measured on
+//! `screen_prompts` prompts per set; the `finalists` with the lowest screened bypass that pass
 //! the screen are re-measured on all validation prompts, and only full measurements decide the
-//! selection. The prescreen's KL keeps directions that lower the refusal score only by wrecking
+//! selection. At the screen and the final stage induce and KL come first, and bypass is measured
+//! only for candidates that pass every test (`bypass_all` for all): one that fails cannot be
+//! selected whatever its bypass. The prescreen's KL keeps directions that lower the refusal score only by wrecking
 //! the model (they have the lowest bypass of all) from crowding out admissible ones.
 //!
 //! Candidates whose prompts fit `batch` rows together are measured in one forward, each ablating
 //! (or adding) its own direction in its own group of rows: the prescreen's 4-prompt forwards
-//! become 64-row ones, with bigger matmuls and fewer per-op overheads; values equal one forward
-//! per candidate up to float rounding (tested).
+//! become 64-row ones, with bigger matmuls and fewer per-op overheads, and prompts run in
+//! length buckets ([`crate::buckets`]); values equal one forward per candidate up to float
+//! rounding (tested).
 //!
 //! For scale, the KL of ablating `random_directions` random unit directions on the screening
 //! prompts is measured too: it tells whether the KL bound is tight for this model at all.
@@ -247,22 +250,6 @@ fn additions(model: &Model, cands: &[(&[f64], usize)]) -> Result<Hooks> {
     }]))
 }
 
-/// KL of ablating each of `rs` on `harmless` (whose unedited log-probabilities `base` holds).
-fn ablation_kls(
-    model: &Model,
-    rs: &[&[f64]],
-    harmless: &[Vec<u32>],
-    base: &Baseline,
-    batch: usize,
-) -> Result<Vec<f64>> {
-    edited_logprobs(model, harmless, rs.len(), batch, |g| {
-        ablations(model, &rs[g])
-    })?
-    .iter()
-    .map(|logp| mean_kl(&base.harmless_logp, logp))
-    .collect()
-}
-
 /// The first stage for each of `rs`: bypass on `harmful` and KL on `harmless` (whose unedited
 /// log-probabilities are `harmless_logp`) under ablation of `r^`, in one forward over both
 /// sets. Returns `[bypass, 0, kl]` per direction.
@@ -287,36 +274,43 @@ fn prescreen(
         .collect()
 }
 
-/// The two admissibility measurements of candidates `(r, layer)` (`r` unnormalized) on the
-/// harmless prompts: `[induce, kl]` each (addition of `r` at `layer`, ablation of `r^`).
-pub fn induce_and_kl(
+/// `kl`: KL of ablating each of `rs` on `harmless` (whose unedited log-probabilities `base`
+/// holds).
+pub fn ablation_kls(
     model: &Model,
-    cands: &[(&[f64], usize)],
+    rs: &[&[f64]],
     harmless: &[Vec<u32>],
     base: &Baseline,
-    refusal_ids: &[u32],
     batch: usize,
-) -> Result<Vec<[f64; 2]>> {
-    let rs: Vec<&[f64]> = cands.iter().map(|&(r, _)| r).collect();
+) -> Result<Vec<f64>> {
     let ablated = edited_logprobs(model, harmless, rs.len(), batch, |g| {
         ablations(model, &rs[g])
     })?;
-    let added = edited_logprobs(model, harmless, cands.len(), batch, |g| {
-        additions(model, &cands[g])
-    })?;
     ablated
         .iter()
-        .zip(&added)
-        .map(|(abl, add)| {
-            Ok([
-                mean_score(add, refusal_ids)?,
-                mean_kl(&base.harmless_logp, abl)?,
-            ])
-        })
+        .map(|logp| mean_kl(&base.harmless_logp, logp))
         .collect()
 }
 
-/// Mean refusal score on `harmful` under ablation of each of `rs`.
+/// `induce`: mean refusal score on `harmless` under addition of each candidate's `r`
+/// (unnormalized) at its layer.
+pub fn induce(
+    model: &Model,
+    cands: &[(&[f64], usize)],
+    harmless: &[Vec<u32>],
+    refusal_ids: &[u32],
+    batch: usize,
+) -> Result<Vec<f64>> {
+    let added = edited_logprobs(model, harmless, cands.len(), batch, |g| {
+        additions(model, &cands[g])
+    })?;
+    added
+        .iter()
+        .map(|logp| mean_score(logp, refusal_ids))
+        .collect()
+}
+
+/// `bypass`: mean refusal score on `harmful` under ablation of each of `rs`.
 pub fn bypass(
     model: &Model,
     rs: &[&[f64]],
@@ -324,12 +318,13 @@ pub fn bypass(
     refusal_ids: &[u32],
     batch: usize,
 ) -> Result<Vec<f64>> {
-    edited_logprobs(model, harmful, rs.len(), batch, |g| {
+    let ablated = edited_logprobs(model, harmful, rs.len(), batch, |g| {
         ablations(model, &rs[g])
-    })?
-    .iter()
-    .map(|logp| mean_score(logp, refusal_ids))
-    .collect()
+    })?;
+    ablated
+        .iter()
+        .map(|logp| mean_score(logp, refusal_ids))
+        .collect()
 }
 
 /// The admissibility tests a measurement fails.
@@ -588,8 +583,16 @@ impl Staged<'_, '_> {
                         (carriers[c.layer][c.pos].as_slice(), c.layer)
                     })
                     .collect();
-                let got = induce_and_kl(model, &todo, harmless, base, refusal_ids, batch)?;
-                Ok::<_, crate::Error>(got.into_iter().map(|[i, k]| [i, k, 0.0]).collect())
+                let rs: Vec<&[f64]> = todo.iter().map(|&(r, _)| r).collect();
+                let kls = ablation_kls(model, &rs, harmless, base, batch)?;
+                let induces = induce(model, &todo, harmless, refusal_ids, batch)?;
+                Ok::<_, crate::Error>(
+                    induces
+                        .into_iter()
+                        .zip(kls)
+                        .map(|(i, k)| [i, k, 0.0])
+                        .collect(),
+                )
             })?;
             for (&i, [induce, kl, _]) in group.iter().zip(tests) {
                 let c = &mut cands[i];

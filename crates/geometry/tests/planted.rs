@@ -216,7 +216,7 @@ fn a_zero_carrier_is_listed_but_never_measured() {
 
 #[test]
 fn candidates_measured_together_equal_candidates_measured_alone() {
-    use safegeo_geometry::select::{baseline, bypass, induce_and_kl};
+    use safegeo_geometry::select::{ablation_kls, baseline, bypass, induce};
     let u = unit_u(16);
     let m = planted_model(&u, 30.0);
     let h = capture(&m, &prompts(2, 12, 16), 0, 8, &mut |_| {}).unwrap();
@@ -244,8 +244,9 @@ fn candidates_measured_together_equal_candidates_measured_alone() {
     let measure = |cands: &[(&[f64], usize)], batch: usize| -> Vec<[f64; 3]> {
         let rs: Vec<&[f64]> = cands.iter().map(|&(r, _)| r).collect();
         let b = bypass(&m, &rs, &val_h, &[REFUSAL_TOKEN], batch).unwrap();
-        let t = induce_and_kl(&m, cands, &val_l, &base, &[REFUSAL_TOKEN], batch).unwrap();
-        b.iter().zip(t).map(|(&b, [i, k])| [b, i, k]).collect()
+        let i = induce(&m, cands, &val_l, &[REFUSAL_TOKEN], batch).unwrap();
+        let k = ablation_kls(&m, &rs, &val_l, &base, batch).unwrap();
+        (0..cands.len()).map(|c| [b[c], i[c], k[c]]).collect()
     };
     let together = measure(&cands, 64);
     for (k, cand) in cands.iter().enumerate() {

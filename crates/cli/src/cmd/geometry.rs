@@ -114,7 +114,8 @@ pub struct SelectArgs {
     /// t_post; see carriers.json) [default: all].
     #[arg(long, value_delimiter = ',')]
     pub positions: Option<Vec<usize>>,
-    /// Use the orthogonalized carriers.
+    /// Use the orthogonalized carriers (heretic: `r - (r.g) g`, `g` the harmless mean's
+    /// direction; added at that scale for the induce test).
     #[arg(long)]
     pub orth: bool,
     /// Data directory.
@@ -398,7 +399,14 @@ pub fn run_select(a: SelectArgs) -> Result<()> {
         random_directions: a.random_directions,
         seed: a.seed,
     };
-    let carriers = if a.orth { &c.refusal_orth } else { &c.refusal };
+    // Ablation normalizes either; addition needs the orthogonalized carrier at its own scale.
+    let orth_at_scale;
+    let carriers = if a.orth {
+        orth_at_scale = c.refusal_orth_at_scale();
+        &orth_at_scale
+    } else {
+        &c.refusal
+    };
     // Every measurement lands in a journal, so a killed selection resumes where it stopped.
     let fingerprint = serde_json::json!({
         "carriers": safegeo_runtime::fetch::sha256_file(&a.dir.join("carriers.safetensors"))?,
