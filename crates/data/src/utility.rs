@@ -48,50 +48,69 @@ pub fn read_references(path: &Path) -> Result<Vec<Reference>> {
     Ok(out)
 }
 
-/// Mean cross-entropy (nats per token) of each reference's completion tokens.
+/// Mean cross-entropy (nats per token) of each reference's completion tokens. Logits are
+/// computed only at the positions that predict a completion token (not over the prompt and the
+/// whole vocabulary at every position), and chunks are formed by length to save padding.
 pub fn completion_cross_entropy(
     model: &Model,
     refs: &[Reference],
     batch: usize,
     obs: &mut dyn Observer,
 ) -> Result<Vec<f64>> {
-    let mut out = Vec::with_capacity(refs.len());
-    for chunk in refs.chunks(batch.max(1)) {
-        let mut seqs = Vec::with_capacity(chunk.len());
-        let mut spans = Vec::with_capacity(chunk.len());
-        for r in chunk {
-            let raw = model.tok.chat_template.is_none(); // base models get the raw prompt
-            let prompt = model
-                .tok
-                .encode_chat(&[Message::new("user", r.prompt.clone())], raw)?;
-            let completion = model.tok.encode(&r.completion, false)?;
-            spans.push((prompt.len(), completion.len()));
-            seqs.push([prompt, completion].concat());
+    let raw = model.tok.chat_template.is_none(); // base models get the raw prompt
+    let mut seqs = Vec::with_capacity(refs.len());
+    let mut spans = Vec::with_capacity(refs.len());
+    for r in refs {
+        let prompt = model
+            .tok
+            .encode_chat(&[Message::new("user", r.prompt.clone())], raw)?;
+        let completion = model.tok.encode(&r.completion, false)?;
+        spans.push((prompt.len(), completion.len()));
+        seqs.push([prompt, completion].concat());
+    }
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    order.sort_by_key(|&i| seqs[i].len());
+    let mut out = vec![0.0; refs.len()];
+    for chunk in order.chunks(batch.max(1)) {
+        let rows: Vec<Vec<u32>> = chunk.iter().map(|&i| seqs[i].clone()).collect();
+        let (ids, layout) = model.pad_batch(&rows)?;
+        let t = ids.dim(1)?;
+        // Row `r`'s completion token k sits at pad + p_len + k and is predicted one before.
+        let mut at = Vec::new();
+        let mut targets = Vec::new();
+        for (r, (&i, pad)) in chunk.iter().zip(&layout.pad).enumerate() {
+            let (p_len, c_len) = spans[i];
+            for k in 0..c_len {
+                let pos = pad + p_len + k;
+                at.push((r * t + pos - 1) as u32);
+                targets.push(rows[r][pos - pad]);
+            }
         }
-        let (ids, layout) = model.pad_batch(&seqs)?;
+        if at.is_empty() {
+            chunk.iter().for_each(|&i| out[i] = f64::NAN);
+            continue;
+        }
         let logits = model
             .forward_ids(
                 &ids,
                 &layout,
                 None,
-                safegeo_runtime::LogitsAt::All,
+                safegeo_runtime::LogitsAt::Rows(at),
                 Phase::Prompt,
                 obs,
             )?
             .expect("logits requested")
+            .squeeze(0)?
             .to_dtype(DType::F64)?;
-        let logp = safegeo_runtime::log_softmax_last(&logits)?; // (b, T, V)
-        let all_ids: Vec<Vec<u32>> = ids.to_vec2()?;
-        for (r, ((p_len, c_len), pad)) in spans.iter().zip(&layout.pad).enumerate() {
-            let row = logp.get(r)?;
-            let mut nll = 0.0;
-            for k in 0..*c_len {
-                // Token at position pad + p_len + k is predicted at the position before it.
-                let pos = pad + p_len + k;
-                let target = all_ids[r][pos] as usize;
-                nll -= row.get(pos - 1)?.get(target)?.to_scalar::<f64>()?;
-            }
-            out.push(nll / *c_len as f64);
+        let logp = safegeo_runtime::log_softmax_last(&logits)?; // (n_targets, V)
+        let idx = candle_core::Tensor::new(targets.as_slice(), logp.device())?.unsqueeze(1)?;
+        let nll: Vec<f64> = logp.gather(&idx, 1)?.squeeze(1)?.neg()?.to_vec1()?;
+        let mut k = 0;
+        for &i in chunk {
+            let c_len = spans[i].1;
+            // An empty completion has no cross-entropy: NaN, as 0 / 0.
+            out[i] = nll[k..k + c_len].iter().sum::<f64>() / c_len as f64;
+            k += c_len;
         }
     }
     Ok(out)
@@ -156,5 +175,23 @@ mod tests {
         );
         let single = cross_entropy_plain(&m, &refs[1..], 1).unwrap();
         assert!((batched[1] - single[0]).abs() < 1e-4);
+        // Chunks are formed by length, results come back in the references' order.
+        let mut three = refs.clone();
+        three.insert(
+            0,
+            Reference {
+                prompt: "w4 w4 w4 w4 w4 w4".into(),
+                completion: "w2".into(),
+            },
+        );
+        let got = cross_entropy_plain(&m, &three, 2).unwrap();
+        let alone: Vec<f64> = three
+            .iter()
+            .map(|r| cross_entropy_plain(&m, std::slice::from_ref(r), 1).unwrap()[0])
+            .collect();
+        for (g, a) in got.iter().zip(&alone) {
+            assert!((g - a).abs() < 1e-4, "{got:?} vs {alone:?}");
+        }
+        assert!((got[1] - batched[0]).abs() < 1e-4);
     }
 }

@@ -118,19 +118,41 @@ pub struct Baseline {
     pub random_direction_kl: Vec<f64>,
 }
 
-/// Last-position log-probabilities `(b, V)` in f64, one tensor per chunk of `batch` prompts.
+/// Last-position log-probabilities `(n, V)` in f64 of `ids`, in length buckets of at most
+/// `batch` prompts ([`length_buckets`]), rows in the prompts' order.
 pub fn last_logprobs(
     model: &Model,
     ids: &[Vec<u32>],
     batch: usize,
     obs: &mut dyn Observer,
-) -> Result<Vec<Tensor>> {
-    let mut out = Vec::new();
-    for chunk in ids.chunks(batch.max(1)) {
-        let logits = model.last_logits(chunk, obs)?.to_dtype(DType::F64)?;
-        out.push(safegeo_runtime::log_softmax_last(&logits)?);
+) -> Result<Tensor> {
+    let (order, buckets) = by_length(ids, batch);
+    let mut pieces = Vec::with_capacity(buckets.len());
+    for bucket in buckets {
+        let rows: Vec<Vec<u32>> = order[bucket].iter().map(|&i| ids[i].clone()).collect();
+        let logits = model.last_logits(&rows, obs)?.to_dtype(DType::F64)?;
+        pieces.push(safegeo_runtime::log_softmax_last(&logits)?);
     }
-    Ok(out)
+    in_order(&Tensor::cat(&pieces, 0)?, &order)
+}
+
+/// Prompt indices sorted by length, and the buckets of that order to run together.
+fn by_length(prompts: &[Vec<u32>], batch: usize) -> (Vec<usize>, Vec<std::ops::Range<usize>>) {
+    let mut order: Vec<usize> = (0..prompts.len()).collect();
+    order.sort_by_key(|&i| prompts[i].len());
+    let lens: Vec<usize> = order.iter().map(|&i| prompts[i].len()).collect();
+    let buckets = length_buckets(&lens, common_prefix_len(prompts), batch.max(1));
+    (order, buckets)
+}
+
+/// Rows of `sorted` (row `j` belongs to prompt `order[j]`) back in the prompts' order.
+fn in_order(sorted: &Tensor, order: &[usize]) -> Result<Tensor> {
+    let mut inverse = vec![0u32; order.len()];
+    for (j, &i) in order.iter().enumerate() {
+        inverse[i] = j as u32;
+    }
+    let inverse = Tensor::new(inverse.as_slice(), sorted.device())?;
+    Ok(sorted.index_select(&inverse, 0)?)
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -155,8 +177,8 @@ pub fn baseline(
     refusal_ids: &[u32],
     batch: usize,
 ) -> Result<Baseline> {
-    let harmful_logp = Tensor::cat(&last_logprobs(model, harmful, batch, &mut NoHooks)?, 0)?;
-    let harmless_logp = Tensor::cat(&last_logprobs(model, harmless, batch, &mut NoHooks)?, 0)?;
+    let harmful_logp = last_logprobs(model, harmful, batch, &mut NoHooks)?;
+    let harmless_logp = last_logprobs(model, harmless, batch, &mut NoHooks)?;
     Ok(Baseline {
         harmful_score: mean_score(&harmful_logp, refusal_ids)?,
         harmless_score: mean_score(&harmless_logp, refusal_ids)?,
@@ -183,20 +205,13 @@ fn edited_logprobs(
     batch: usize,
     edit: impl Fn(std::ops::Range<usize>) -> Result<Hooks>,
 ) -> Result<Vec<Tensor>> {
-    let batch = batch.max(1);
-    let mut order: Vec<usize> = (0..prompts.len()).collect();
-    order.sort_by_key(|&i| prompts[i].len());
-    let lens: Vec<usize> = order.iter().map(|&i| prompts[i].len()).collect();
-    let shared = common_prefix_len(prompts);
+    let (order, buckets) = by_length(prompts, batch);
     // pieces[e]: edit e's log-probabilities, bucket after bucket (prompts in `order`).
     let mut pieces: Vec<Vec<Tensor>> = vec![Vec::new(); k];
-    for bucket in length_buckets(&lens, shared, batch) {
-        let rows: Vec<Vec<u32>> = order[bucket.clone()]
-            .iter()
-            .map(|&i| prompts[i].clone())
-            .collect();
+    for bucket in buckets {
+        let rows: Vec<Vec<u32>> = order[bucket].iter().map(|&i| prompts[i].clone()).collect();
         let n = rows.len();
-        let per_forward = (batch / n).max(1);
+        let per_forward = (batch.max(1) / n).max(1);
         for start in (0..k).step_by(per_forward) {
             let range = start..(start + per_forward).min(k);
             let mut hooks = edit(range.clone())?;
@@ -207,15 +222,9 @@ fn edited_logprobs(
             }
         }
     }
-    // Back to the prompts' own order.
-    let mut inverse = vec![0u32; order.len()];
-    for (sorted, &i) in order.iter().enumerate() {
-        inverse[i] = sorted as u32;
-    }
-    let inverse = Tensor::new(inverse.as_slice(), &model.device)?;
     pieces
         .iter()
-        .map(|p| Ok(Tensor::cat(p, 0)?.index_select(&inverse, 0)?))
+        .map(|p| in_order(&Tensor::cat(p, 0)?, &order))
         .collect()
 }
 
@@ -443,7 +452,7 @@ pub fn select(
             &harmful[..k.min(harmful.len())],
             &harmless[..k.min(harmless.len())],
         );
-        let lp_base = Tensor::cat(&last_logprobs(model, lp, cfg.batch, &mut NoHooks)?, 0)?;
+        let lp_base = last_logprobs(model, lp, cfg.batch, &mut NoHooks)?;
         for group in screened.chunks(chunk_of(cfg.batch, hp.len() + lp.len())) {
             let keys: Vec<String> = group
                 .iter()
@@ -666,12 +675,12 @@ mod tests {
             ablations(&m, &vec![r.as_slice(); g.len()])
         })
         .unwrap();
+        let mut h = ablations(&m, &[r.as_slice()]).unwrap();
+        let plain = last_logprobs(&m, &prompts, 4, &mut h).unwrap();
         for (i, p) in prompts.iter().enumerate() {
             let mut h = ablations(&m, &[r.as_slice()]).unwrap();
-            let alone = last_logprobs(&m, std::slice::from_ref(p), 1, &mut h)
-                .unwrap()
-                .remove(0);
-            for e in &got {
+            let alone = last_logprobs(&m, std::slice::from_ref(p), 1, &mut h).unwrap();
+            for e in got.iter().chain([&plain]) {
                 let d = (e.narrow(0, i, 1).unwrap() - &alone)
                     .unwrap()
                     .abs()

@@ -165,10 +165,9 @@ pub fn sweep(
                 )?;
                 let logp = last_logprobs(model, harmless, cfg.batch, &mut hooks)?;
                 let harmless_scores = scores_of(&logp, refusal_ids)?;
-                let mut harmless_kl = Vec::new();
-                for (b, a) in base_logp.iter().zip(&logp) {
-                    harmless_kl.extend((b.exp()? * (b - a)?)?.sum(D::Minus1)?.to_vec1::<f64>()?);
-                }
+                let harmless_kl = (base_logp.exp()? * (&base_logp - &logp)?)?
+                    .sum(D::Minus1)?
+                    .to_vec1::<f64>()?;
                 Ok(Condition {
                     direction: name.clone(),
                     coef,
@@ -185,14 +184,12 @@ pub fn sweep(
     Ok(out)
 }
 
-fn scores_of(logp: &[Tensor], refusal_ids: &[u32]) -> Result<Vec<f64>> {
-    let mut out = Vec::new();
-    for t in logp {
-        for row in t.to_vec2::<f64>()? {
-            out.push(score_from_logprobs(&row, refusal_ids));
-        }
-    }
-    Ok(out)
+fn scores_of(logp: &Tensor, refusal_ids: &[u32]) -> Result<Vec<f64>> {
+    Ok(logp
+        .to_vec2::<f64>()?
+        .iter()
+        .map(|row| score_from_logprobs(row, refusal_ids))
+        .collect())
 }
 
 type Metric = (&'static str, fn(&Condition, &[usize], &[usize]) -> f64);
@@ -385,19 +382,17 @@ fn first_ids(model: &Model, words: &[&str]) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
-fn logodds(logp: &[Tensor], yes: &[u32], no: &[u32]) -> Result<Vec<f64>> {
+fn logodds(logp: &Tensor, yes: &[u32], no: &[u32]) -> Result<Vec<f64>> {
     let mut out = Vec::new();
-    for t in logp {
-        for row in t.to_vec2::<f64>()? {
-            let p = |ids: &[u32]| {
-                ids.iter()
-                    .map(|&i| row[i as usize].exp())
-                    .sum::<f64>()
-                    .max(1e-30)
-                    .ln()
-            };
-            out.push(p(yes) - p(no));
-        }
+    for row in logp.to_vec2::<f64>()? {
+        let p = |ids: &[u32]| {
+            ids.iter()
+                .map(|&i| row[i as usize].exp())
+                .sum::<f64>()
+                .max(1e-30)
+                .ln()
+        };
+        out.push(p(yes) - p(no));
     }
     Ok(out)
 }
