@@ -149,7 +149,7 @@ pub enum Intervention {
 /// Row `i` of `per_group: (g, d)` for every row of group `i` of a batch of `b` rows: `(b, 1, d)`.
 fn rows_of_groups(per_group: &Tensor, b: usize) -> Result<Tensor> {
     let (g, d) = per_group.dims2()?;
-    if g == 0 || b % g != 0 {
+    if g == 0 || !b.is_multiple_of(g) {
         candle_core::bail!("a batch of {b} rows does not split into {g} equal groups");
     }
     per_group
