@@ -302,7 +302,9 @@ pub fn ablation_kls(
 }
 
 /// `induce`: mean refusal score on `harmless` under addition of each candidate's `r`
-/// (unnormalized) at its layer.
+/// (unnormalized) at its layer. Below that layer the stream is the unedited one, so every
+/// forward restarts from a recorded unedited pass ([`Model::tape`]) at the lowest layer among
+/// its candidates (sorted by layer to keep that close to each).
 pub fn induce(
     model: &Model,
     cands: &[(&[f64], usize)],
@@ -310,12 +312,30 @@ pub fn induce(
     refusal_ids: &[u32],
     batch: usize,
 ) -> Result<Vec<f64>> {
-    let added = edited_logprobs(model, harmless, cands.len(), batch, |g| {
-        additions(model, &cands[g])
-    })?;
-    added
+    let (order, buckets) = by_length(harmless, batch);
+    let mut by_layer: Vec<usize> = (0..cands.len()).collect();
+    by_layer.sort_by_key(|&c| cands[c].1);
+    let mut pieces: Vec<Vec<Tensor>> = vec![Vec::new(); cands.len()];
+    for bucket in buckets {
+        let rows: Vec<Vec<u32>> = order[bucket].iter().map(|&i| harmless[i].clone()).collect();
+        let n = rows.len();
+        let tape = model.tape(&rows)?;
+        for chunk in by_layer.chunks((batch.max(1) / n).max(1)) {
+            let group: Vec<(&[f64], usize)> = chunk.iter().map(|&c| cands[c]).collect();
+            let first = group.iter().map(|&(_, l)| l).min().unwrap_or(0);
+            let mut hooks = additions(model, &group)?;
+            let logits =
+                model.last_logits_grouped_from(&rows, &tape, group.len(), first, &mut hooks)?;
+            let logp = safegeo_runtime::log_softmax_last(&logits.to_dtype(DType::F64)?)?;
+            for (i, &c) in chunk.iter().enumerate() {
+                pieces[c].push(logp.narrow(0, i * n, n)?);
+            }
+        }
+    }
+    // A mean over prompts: their order does not matter.
+    pieces
         .iter()
-        .map(|logp| mean_score(logp, refusal_ids))
+        .map(|p| mean_score(&Tensor::cat(p, 0)?, refusal_ids))
         .collect()
 }
 

@@ -31,7 +31,7 @@ pub use hooks::{
     unit, Captured, Hooks, Intervention, NoHooks, Observer, Phase, Positions, Scope, Site, SiteInfo,
 };
 pub use load::{load_model, load_model_with, LoadOptions};
-pub use model::{attend, AttnCtx, Block, KvCache, LayerCache, Layout, LogitsAt, Model};
+pub use model::{attend, AttnCtx, Block, KvCache, LayerCache, Layout, LogitsAt, Model, Tape};
 pub use ops::{log_softmax_last, rms_norm, rope, softmax_last, Linear, Lora};
 pub use optim::{AdamW, AdamWConfig};
 pub use tokenizer::{render_template, Message, PromptPositions, Tok};

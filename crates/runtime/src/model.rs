@@ -120,6 +120,38 @@ fn repeat_rows(x: &Tensor, k: usize) -> Result<Tensor> {
         .reshape(flat)
 }
 
+/// The unedited residual stream of a [`Model::forward_prompts`] pass at every block input:
+/// the shared prefix's pass (one row; empty when no prefix was shared) and the suffixes'.
+#[derive(Debug, Clone, Default)]
+pub struct Tape {
+    /// Tokens of the shared prefix (0 = none).
+    pub shared: usize,
+    /// Per layer `(1, shared, d)`.
+    pub prefix: Vec<Tensor>,
+    /// Per layer `(b, t, d)`, left-padded after the prefix.
+    pub suffix: Vec<Tensor>,
+}
+
+/// Records block inputs per pass: `(cache offset, input of every block)`.
+#[derive(Default)]
+struct TapeRecorder {
+    passes: Vec<(usize, Vec<Tensor>)>,
+}
+
+impl Observer for TapeRecorder {
+    fn visit(&mut self, at: &SiteInfo, x: Tensor) -> Result<Tensor> {
+        if at.site == Site::ResidPre {
+            if at.layer == 0 {
+                self.passes.push((at.offset, Vec::new()));
+            }
+            if let Some((_, layers)) = self.passes.last_mut() {
+                layers.push(x.clone());
+            }
+        }
+        Ok(x)
+    }
+}
+
 /// Keys and values of every layer, for incremental decoding.
 #[derive(Clone)]
 pub struct KvCache {
@@ -383,6 +415,24 @@ impl Model {
     #[allow(clippy::too_many_arguments)]
     pub fn forward_embeds(
         &self,
+        x: Tensor,
+        layout: &Layout,
+        cache: Option<&mut KvCache>,
+        logits: LogitsAt,
+        phase: Phase,
+        grad: bool,
+        obs: &mut dyn Observer,
+    ) -> Result<Option<Tensor>> {
+        self.forward_from(0, x, layout, cache, logits, phase, grad, obs)
+    }
+
+    /// [`Model::forward_embeds`] from block `first` on: `x` is the residual stream at that
+    /// block's input (a recorded unedited pass, [`Tape`]); blocks below `first` are not run and
+    /// their caches stay empty. Edits at layers `>= first` then cost only the layers they touch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_from(
+        &self,
+        first: usize,
         mut x: Tensor,
         layout: &Layout,
         mut cache: Option<&mut KvCache>,
@@ -427,7 +477,7 @@ impl Model {
             local_mask: local_mask.as_ref(),
             grad,
         };
-        for (l, block) in self.blocks.iter().enumerate() {
+        for (l, block) in self.blocks.iter().enumerate().skip(first) {
             let info = |site| SiteInfo {
                 layer: l,
                 site,
@@ -543,6 +593,100 @@ impl Model {
         let (ids, mut layout) = self.pad_batch(&copies(&suffixes))?;
         layout.pad_at = shared;
         self.forward_ids(&ids, &layout, Some(&mut cache), logits, Phase::Prompt, obs)
+    }
+
+    /// Record the unedited residual stream of [`Model::forward_prompts`] over `prompts` at every
+    /// block input, to restart edited passes from ([`Model::last_logits_grouped_from`]).
+    pub fn tape(&self, prompts: &[Vec<u32>]) -> Result<Tape> {
+        let mut rec = TapeRecorder::default();
+        self.forward_prompts(prompts, 1, 1, LogitsAt::None, &mut rec)?;
+        let mut passes = rec.passes.into_iter();
+        match (passes.next(), passes.next(), passes.next()) {
+            (Some((_, suffix)), None, None) => Ok(Tape {
+                shared: 0,
+                prefix: Vec::new(),
+                suffix,
+            }),
+            (Some((_, prefix)), Some((shared, suffix)), None) => Ok(Tape {
+                shared,
+                prefix,
+                suffix,
+            }),
+            _ => candle_core::bail!("a prompt forward is one pass, or a prefix and a suffix pass"),
+        }
+    }
+
+    /// [`Model::last_logits_grouped`] restarted at block `first` from a [`Tape`] of the same
+    /// prompts: equal to it when no edit touches a layer below `first`.
+    pub fn last_logits_grouped_from(
+        &self,
+        prompts: &[Vec<u32>],
+        tape: &Tape,
+        groups: usize,
+        first: usize,
+        obs: &mut dyn Observer,
+    ) -> Result<Tensor> {
+        if groups == 0 || first >= self.cfg.n_layer || tape.suffix.len() != self.cfg.n_layer {
+            candle_core::bail!(
+                "a restart needs a full tape, a layer below {} and a group",
+                self.cfg.n_layer
+            );
+        }
+        let copies = |x: &Tensor| -> Result<Tensor> {
+            let (b, t, d) = x.dims3()?;
+            x.unsqueeze(0)?
+                .broadcast_as((groups, b, t, d))?
+                .contiguous()?
+                .reshape((groups * b, t, d))
+        };
+        let shared = tape.shared;
+        let suffixes: Vec<Vec<u32>> = prompts.iter().map(|p| p[shared..].to_vec()).collect();
+        let (_, one) = self.pad_batch(&suffixes)?;
+        let layout = Layout {
+            pad: (0..groups).flat_map(|_| one.pad.iter().copied()).collect(),
+            pad_at: shared,
+        };
+        let x = copies(&tape.suffix[first])?;
+        let l = if shared == 0 {
+            self.forward_from(
+                first,
+                x,
+                &layout,
+                None,
+                LogitsAt::Last,
+                Phase::Prompt,
+                false,
+                obs,
+            )?
+        } else {
+            let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+            let mut cache = KvCache::with_capacity(self.cfg.n_layer, shared);
+            let p = copies(&tape.prefix[first])?;
+            let dense = Layout::dense(groups);
+            self.forward_from(
+                first,
+                p,
+                &dense,
+                Some(&mut cache),
+                LogitsAt::None,
+                Phase::Prompt,
+                false,
+                obs,
+            )?;
+            let mut cache = cache.expand(prompts.len())?;
+            cache.reserve = longest;
+            self.forward_from(
+                first,
+                x,
+                &layout,
+                Some(&mut cache),
+                LogitsAt::Last,
+                Phase::Prompt,
+                false,
+                obs,
+            )?
+        };
+        l.expect("logits requested").squeeze(1)
     }
 
     /// Keys and values of one row of `ids` (a prefix that later chunks continue from).

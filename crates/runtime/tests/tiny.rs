@@ -565,6 +565,51 @@ fn grouped_edits_in_one_forward_equal_each_edit_alone() {
 }
 
 #[test]
+fn restarting_from_a_tape_equals_the_full_forward_for_edits_at_or_above_the_restart() {
+    for arch in ARCHS {
+        let m = tiny_model(arch, 31, DType::F32).unwrap();
+        let prefix: Vec<u32> = (10..22).collect();
+        let with_prefix: Vec<Vec<u32>> = [vec![3u32, 4, 5], vec![7], vec![30, 31, 32, 33]]
+            .iter()
+            .map(|s| [prefix.clone(), s.clone()].concat())
+            .collect();
+        let vectors = Tensor::randn(0f32, 2.0, (2, 16), &Device::Cpu).unwrap();
+        for prompts in [prompts(), with_prefix] {
+            let tape = m.tape(&prompts).unwrap();
+            assert_eq!(tape.suffix.len(), m.cfg.n_layer);
+            for (first, layers) in [(0usize, vec![0usize, 1]), (1, vec![1, 1])] {
+                let hooks = || {
+                    Hooks::with_interventions(vec![Intervention::AddGroups {
+                        vectors: vectors.clone(),
+                        layers: layers.clone(),
+                        scope: Scope::All,
+                    }])
+                };
+                let full = m.last_logits_grouped(&prompts, 2, &mut hooks()).unwrap();
+                let from = m
+                    .last_logits_grouped_from(&prompts, &tape, 2, first, &mut hooks())
+                    .unwrap();
+                let d = max_abs(&full, &from);
+                assert!(d <= 1e-4, "{arch:?} from layer {first}: {d}");
+            }
+            // The restart really skips work: an edit below it is not applied.
+            let below = |first| {
+                let mut h = Hooks::with_interventions(vec![Intervention::AddGroups {
+                    vectors: vectors.narrow(0, 0, 1).unwrap(),
+                    layers: vec![0],
+                    scope: Scope::All,
+                }]);
+                m.last_logits_grouped_from(&prompts, &tape, 1, first, &mut h)
+                    .unwrap()
+            };
+            let plain = m.last_logits(&prompts, &mut NoHooks).unwrap();
+            assert!(max_abs(&below(1), &plain) <= 1e-4, "{arch:?}");
+            assert!(max_abs(&below(0), &plain) > 1e-3, "{arch:?}");
+        }
+    }
+}
+
+#[test]
 fn prompt_except_last_leaves_the_tail_unsteered() {
     let m = tiny_model(Arch::Llama, 2, DType::F32).unwrap();
     let v = Tensor::ones(16, DType::F32, &Device::Cpu).unwrap();
