@@ -45,6 +45,15 @@ pub fn length_buckets(lens: &[usize], shared: usize, batch: usize) -> Vec<std::o
     out
 }
 
+/// Prompt indices sorted by length, and the buckets of that order to run together.
+pub fn by_length(prompts: &[Vec<u32>], batch: usize) -> (Vec<usize>, Vec<std::ops::Range<usize>>) {
+    let mut order: Vec<usize> = (0..prompts.len()).collect();
+    order.sort_by_key(|&i| prompts[i].len());
+    let lens: Vec<usize> = order.iter().map(|&i| prompts[i].len()).collect();
+    let buckets = length_buckets(&lens, common_prefix_len(prompts), batch.max(1));
+    (order, buckets)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -88,12 +88,9 @@ pub fn capture(
             short.len()
         )));
     }
-    let mut order: Vec<usize> = (0..ids.len()).collect();
-    order.sort_by_key(|&i| ids[i].len());
-    let lens: Vec<usize> = order.iter().map(|&i| ids[i].len()).collect();
-    let shared = crate::buckets::common_prefix_len(ids);
+    let (order, buckets) = crate::buckets::by_length(ids, batch);
     let mut acts: Vec<Option<Vec<Vec<Vec<f32>>>>> = vec![None; ids.len()];
-    for bucket in crate::buckets::length_buckets(&lens, shared, batch.max(1)) {
+    for bucket in buckets {
         let which = &order[bucket];
         let chunk: Vec<Vec<u32>> = which.iter().map(|&i| ids[i].clone()).collect();
         let mut hooks = Hooks::capture(&[Site::ResidPre], Positions::LastK(k));

@@ -24,13 +24,13 @@
 //!
 //! For scale, the KL of ablating `random_directions` random unit directions on the screening
 //! prompts is measured too: it tells whether the KL bound is tight for this model at all.
-use crate::buckets::{common_prefix_len, length_buckets};
+use crate::buckets::by_length;
 use crate::linalg;
 use crate::Result;
 use candle_core::{DType, Tensor, D};
 use safegeo_data::jsonl::{journaled_many, Journal};
 use safegeo_data::judges::refusal_score::score_from_logprobs;
-use safegeo_runtime::{Hooks, Intervention, Model, NoHooks, Observer, Scope};
+use safegeo_runtime::{Hooks, Intervention, Model, NoHooks, Observer, Scope, Tape};
 use serde::Serialize;
 
 /// Knobs of the selection; defaults follow Arditi et al. with the cut-off of SPEC.md (ours).
@@ -114,12 +114,15 @@ pub struct Baseline {
     pub harmless_score: f64,
     /// Last-position log-probabilities `(n, V)` of the harmless prompts.
     harmless_logp: Tensor,
+    /// The harmless prompts' unedited passes, one per length bucket (prompt indices, tape):
+    /// `induce` restarts from them.
+    harmless_tapes: Vec<(Vec<usize>, Tape)>,
     /// KL of ablating random unit directions on the screening harmless prompts (for scale).
     pub random_direction_kl: Vec<f64>,
 }
 
 /// Last-position log-probabilities `(n, V)` in f64 of `ids`, in length buckets of at most
-/// `batch` prompts ([`length_buckets`]), rows in the prompts' order.
+/// `batch` prompts ([`crate::buckets::length_buckets`]), rows in the prompts' order.
 pub fn last_logprobs(
     model: &Model,
     ids: &[Vec<u32>],
@@ -134,15 +137,6 @@ pub fn last_logprobs(
         pieces.push(safegeo_runtime::log_softmax_last(&logits)?);
     }
     in_order(&Tensor::cat(&pieces, 0)?, &order)
-}
-
-/// Prompt indices sorted by length, and the buckets of that order to run together.
-fn by_length(prompts: &[Vec<u32>], batch: usize) -> (Vec<usize>, Vec<std::ops::Range<usize>>) {
-    let mut order: Vec<usize> = (0..prompts.len()).collect();
-    order.sort_by_key(|&i| prompts[i].len());
-    let lens: Vec<usize> = order.iter().map(|&i| prompts[i].len()).collect();
-    let buckets = length_buckets(&lens, common_prefix_len(prompts), batch.max(1));
-    (order, buckets)
 }
 
 /// Rows of `sorted` (row `j` belongs to prompt `order[j]`) back in the prompts' order.
@@ -178,11 +172,25 @@ pub fn baseline(
     batch: usize,
 ) -> Result<Baseline> {
     let harmful_logp = last_logprobs(model, harmful, batch, &mut NoHooks)?;
-    let harmless_logp = last_logprobs(model, harmless, batch, &mut NoHooks)?;
+    // One unedited pass over the harmless prompts gives their log-probabilities and the tapes.
+    let (order, buckets) = by_length(harmless, batch);
+    let mut pieces = Vec::with_capacity(buckets.len());
+    let mut harmless_tapes = Vec::with_capacity(buckets.len());
+    for bucket in buckets {
+        let idx = order[bucket].to_vec();
+        let rows: Vec<Vec<u32>> = idx.iter().map(|&i| harmless[i].clone()).collect();
+        let (tape, logits) = model.tape(&rows)?;
+        pieces.push(safegeo_runtime::log_softmax_last(
+            &logits.to_dtype(DType::F64)?,
+        )?);
+        harmless_tapes.push((idx, tape));
+    }
+    let harmless_logp = in_order(&Tensor::cat(&pieces, 0)?, &order)?;
     Ok(Baseline {
         harmful_score: mean_score(&harmful_logp, refusal_ids)?,
         harmless_score: mean_score(&harmless_logp, refusal_ids)?,
         harmless_logp,
+        harmless_tapes,
         random_direction_kl: Vec::new(),
     })
 }
@@ -197,7 +205,7 @@ fn mean_kl(base: &Tensor, edited: &Tensor) -> Result<f64> {
 /// Last-position log-probabilities `(n, V)` of `prompts` under each of `k` edits, one tensor
 /// per edit. `edit(range)` builds the observer for the edits in `range`, each editing its own
 /// group of rows; edits share a forward (bigger, faster matmuls) while their prompts fit
-/// `batch` rows together. Prompts run in [`length_buckets`], so little is spent on padding.
+/// `batch` rows together. Prompts run in [`crate::buckets::length_buckets`], so little is spent on padding.
 fn edited_logprobs(
     model: &Model,
     prompts: &[Vec<u32>],
@@ -303,29 +311,35 @@ pub fn ablation_kls(
 
 /// `induce`: mean refusal score on `harmless` under addition of each candidate's `r`
 /// (unnormalized) at its layer. Below that layer the stream is the unedited one, so every
-/// forward restarts from a recorded unedited pass ([`Model::tape`]) at the lowest layer among
-/// its candidates (sorted by layer to keep that close to each).
+/// forward restarts from the baseline's recorded unedited pass ([`Model::tape`]) at the lowest
+/// layer among its candidates (sorted by layer to keep that close to each).
 pub fn induce(
     model: &Model,
     cands: &[(&[f64], usize)],
     harmless: &[Vec<u32>],
+    base: &Baseline,
     refusal_ids: &[u32],
     batch: usize,
 ) -> Result<Vec<f64>> {
-    let (order, buckets) = by_length(harmless, batch);
+    let taped: usize = base.harmless_tapes.iter().map(|(idx, _)| idx.len()).sum();
+    if taped != harmless.len() {
+        return Err(crate::Error::Invalid(format!(
+            "the baseline holds {taped} harmless prompts, induce was given {}",
+            harmless.len()
+        )));
+    }
     let mut by_layer: Vec<usize> = (0..cands.len()).collect();
     by_layer.sort_by_key(|&c| cands[c].1);
     let mut pieces: Vec<Vec<Tensor>> = vec![Vec::new(); cands.len()];
-    for bucket in buckets {
-        let rows: Vec<Vec<u32>> = order[bucket].iter().map(|&i| harmless[i].clone()).collect();
+    for (idx, tape) in &base.harmless_tapes {
+        let rows: Vec<Vec<u32>> = idx.iter().map(|&i| harmless[i].clone()).collect();
         let n = rows.len();
-        let tape = model.tape(&rows)?;
         for chunk in by_layer.chunks((batch.max(1) / n).max(1)) {
             let group: Vec<(&[f64], usize)> = chunk.iter().map(|&c| cands[c]).collect();
             let first = group.iter().map(|&(_, l)| l).min().unwrap_or(0);
             let mut hooks = additions(model, &group)?;
             let logits =
-                model.last_logits_grouped_from(&rows, &tape, group.len(), first, &mut hooks)?;
+                model.last_logits_grouped_from(&rows, tape, group.len(), first, &mut hooks)?;
             let logp = safegeo_runtime::log_softmax_last(&logits.to_dtype(DType::F64)?)?;
             for (i, &c) in chunk.iter().enumerate() {
                 pieces[c].push(logp.narrow(0, i * n, n)?);
@@ -614,7 +628,7 @@ impl Staged<'_, '_> {
                     .collect();
                 let rs: Vec<&[f64]> = todo.iter().map(|&(r, _)| r).collect();
                 let kls = ablation_kls(model, &rs, harmless, base, batch)?;
-                let induces = induce(model, &todo, harmless, refusal_ids, batch)?;
+                let induces = induce(model, &todo, harmless, base, refusal_ids, batch)?;
                 Ok::<_, crate::Error>(
                     induces
                         .into_iter()

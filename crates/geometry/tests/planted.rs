@@ -244,7 +244,7 @@ fn candidates_measured_together_equal_candidates_measured_alone() {
     let measure = |cands: &[(&[f64], usize)], batch: usize| -> Vec<[f64; 3]> {
         let rs: Vec<&[f64]> = cands.iter().map(|&(r, _)| r).collect();
         let b = bypass(&m, &rs, &val_h, &[REFUSAL_TOKEN], batch).unwrap();
-        let i = induce(&m, cands, &val_l, &[REFUSAL_TOKEN], batch).unwrap();
+        let i = induce(&m, cands, &val_l, &base, &[REFUSAL_TOKEN], batch).unwrap();
         let k = ablation_kls(&m, &rs, &val_l, &base, batch).unwrap();
         (0..cands.len()).map(|c| [b[c], i[c], k[c]]).collect()
     };

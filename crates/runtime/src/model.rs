@@ -596,24 +596,29 @@ impl Model {
     }
 
     /// Record the unedited residual stream of [`Model::forward_prompts`] over `prompts` at every
-    /// block input, to restart edited passes from ([`Model::last_logits_grouped_from`]).
-    pub fn tape(&self, prompts: &[Vec<u32>]) -> Result<Tape> {
+    /// block input, to restart edited passes from ([`Model::last_logits_grouped_from`]); with
+    /// the same pass's last-position logits `(b, V)`.
+    pub fn tape(&self, prompts: &[Vec<u32>]) -> Result<(Tape, Tensor)> {
         let mut rec = TapeRecorder::default();
-        self.forward_prompts(prompts, 1, 1, LogitsAt::None, &mut rec)?;
+        let logits = self
+            .forward_prompts(prompts, 1, 1, LogitsAt::Last, &mut rec)?
+            .expect("logits requested")
+            .squeeze(1)?;
         let mut passes = rec.passes.into_iter();
-        match (passes.next(), passes.next(), passes.next()) {
-            (Some((_, suffix)), None, None) => Ok(Tape {
+        let tape = match (passes.next(), passes.next(), passes.next()) {
+            (Some((_, suffix)), None, None) => Tape {
                 shared: 0,
                 prefix: Vec::new(),
                 suffix,
-            }),
-            (Some((_, prefix)), Some((shared, suffix)), None) => Ok(Tape {
+            },
+            (Some((_, prefix)), Some((shared, suffix)), None) => Tape {
                 shared,
                 prefix,
                 suffix,
-            }),
+            },
             _ => candle_core::bail!("a prompt forward is one pass, or a prefix and a suffix pass"),
-        }
+        };
+        Ok((tape, logits))
     }
 
     /// [`Model::last_logits_grouped`] restarted at block `first` from a [`Tape`] of the same

@@ -575,7 +575,7 @@ fn restarting_from_a_tape_equals_the_full_forward_for_edits_at_or_above_the_rest
             .collect();
         let vectors = Tensor::randn(0f32, 2.0, (2, 16), &Device::Cpu).unwrap();
         for prompts in [prompts(), with_prefix] {
-            let tape = m.tape(&prompts).unwrap();
+            let (tape, _) = m.tape(&prompts).unwrap();
             assert_eq!(tape.suffix.len(), m.cfg.n_layer);
             for (first, layers) in [(0usize, vec![0usize, 1]), (1, vec![1, 1])] {
                 let hooks = || {
