@@ -21,23 +21,50 @@ pub struct BenchArgs {
     /// on "Write a short poem about cats." (compare: bench/gcg_reference.py).
     #[arg(long)]
     pub gcg: bool,
-    /// Only the GCG measurement.
+    /// Only the GCG measurement (same as `--only gcg`).
     #[arg(long)]
     pub gcg_only: bool,
+    /// Run only these workloads (comma-separated), e.g. `--only fwd-bwd-full` to profile one.
+    /// Default: all but `gcg`.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub only: Vec<Workload>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// One measured workload of `safegeo bench`.
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Workload {
+    /// sgemm 1024^3, the machine's f32 matmul peak (prefill's MFU is relative to it).
+    Sgemm,
+    /// Prefill 32 x 64 tokens with every resid_pre captured.
+    Prefill,
+    /// Greedy decoding at batch 1 and 32, f32 weights.
+    Decode,
+    /// Greedy decoding at batch 1 and 32 with the GGUF's quantized weights.
+    DecodeQuantized,
+    /// The SFT recipe's step: batch 8 x 96, LoRA r=16 on all projections, + AdamW.
+    SftStep,
+    /// Forward + backward over 256 tokens, LoRA r=8 on q and v.
+    FwdBwdLora,
+    /// Forward + backward over 256 tokens, every weight trainable.
+    FwdBwdFull,
+    /// One AdamW step over every parameter.
+    Adamw,
+    /// GCG steps (20-token suffix, search width 512, top-k 256).
+    Gcg,
 }
 
 #[derive(serde::Serialize, Default)]
 struct BenchReport {
     model: String,
     threads: usize,
-    sgemm_gflops: f64,
-    prefill_capture_tok_s: f64,
-    prefill_capture_mfu: f64,
-    decode_b1_tok_s: f64,
-    decode_b32_tok_s: f64,
+    sgemm_gflops: Option<f64>,
+    prefill_capture_tok_s: Option<f64>,
+    prefill_capture_mfu: Option<f64>,
+    decode_b1_tok_s: Option<f64>,
+    decode_b32_tok_s: Option<f64>,
     decode_b1_quantized_tok_s: Option<f64>,
     decode_b32_quantized_tok_s: Option<f64>,
     fwd_bwd_lora_r8_tok_s: Option<f64>,
@@ -227,90 +254,109 @@ pub fn run(a: BenchArgs) -> Result<()> {
         threads: candle_core::utils::get_num_threads(),
         ..Default::default()
     };
-    let step = |name: &str| eprintln!("bench: {name} ...");
-    if a.gcg_only {
-        step("GCG steps (width 512, top-k 256, 20-token suffix)");
-        r.gcg_step_s = Some(gcg_step(&model, a.reps.max(1))?);
-        r.peak_rss_mb = peak_rss_mb();
-        if a.json {
-            return common::print_json(&r);
-        }
-        println!(
-            "GCG step (width 512, top-k 256): {:.2} s",
-            r.gcg_step_s.unwrap_or(0.0)
-        );
-        return Ok(());
-    }
-    step("sgemm 1024^3");
-    r.sgemm_gflops = sgemm_gflops(a.reps)?;
-    step("prefill 32x64 with residual capture");
-    let (tok_s, flops) = prefill(&model, a.reps)?;
-    r.prefill_capture_tok_s = tok_s;
-    r.prefill_capture_mfu = flops / 1e9 / r.sgemm_gflops;
-    step("decode batch 1");
-    r.decode_b1_tok_s = decode(&model, 1, 64)?;
-    step("decode batch 32");
-    r.decode_b32_tok_s = decode(&model, 32, 64)?;
-    let qargs = ModelArgs {
-        quantized: true,
-        ..a.model.clone()
+    let only = if a.gcg_only {
+        vec![Workload::Gcg]
+    } else {
+        a.only.clone()
     };
-    let qmodel = common::load(&qargs)?;
-    if qmodel.lm_head.quantized.is_some() {
-        step("decode batch 1 and 32, quantized weights");
-        r.decode_b1_quantized_tok_s = Some(decode(&qmodel, 1, 64)?);
-        r.decode_b32_quantized_tok_s = Some(decode(&qmodel, 32, 64)?);
+    let wanted = |w: Workload| {
+        if only.is_empty() {
+            match w {
+                Workload::Gcg => a.gcg,
+                Workload::SftStep | Workload::FwdBwdLora | Workload::FwdBwdFull | Workload::Adamw => {
+                    !a.no_backward
+                }
+                _ => true,
+            }
+        } else {
+            only.contains(&w)
+        }
+    };
+    let step = |name: &str| eprintln!("bench: {name} ...");
+    if wanted(Workload::Sgemm) {
+        step("sgemm 1024^3");
+        r.sgemm_gflops = Some(sgemm_gflops(a.reps)?);
     }
-    drop(qmodel);
-    if a.gcg {
+    if wanted(Workload::Prefill) {
+        step("prefill 32x64 with residual capture");
+        let (tok_s, flops) = prefill(&model, a.reps)?;
+        r.prefill_capture_tok_s = Some(tok_s);
+        r.prefill_capture_mfu = r.sgemm_gflops.map(|peak| flops / 1e9 / peak);
+    }
+    if wanted(Workload::Decode) {
+        step("decode batch 1");
+        r.decode_b1_tok_s = Some(decode(&model, 1, 64)?);
+        step("decode batch 32");
+        r.decode_b32_tok_s = Some(decode(&model, 32, 64)?);
+    }
+    if wanted(Workload::DecodeQuantized) {
+        let qargs = ModelArgs {
+            quantized: true,
+            ..a.model.clone()
+        };
+        let qmodel = common::load(&qargs)?;
+        if qmodel.lm_head.quantized.is_some() {
+            step("decode batch 1 and 32, quantized weights");
+            r.decode_b1_quantized_tok_s = Some(decode(&qmodel, 1, 64)?);
+            r.decode_b32_quantized_tok_s = Some(decode(&qmodel, 32, 64)?);
+        }
+    }
+    if wanted(Workload::Gcg) {
         step("GCG steps (width 512, top-k 256, 20-token suffix)");
         r.gcg_step_s = Some(gcg_step(&model, a.reps.max(1))?);
     }
-    if !a.no_backward {
+    if wanted(Workload::SftStep) {
         step("SFT training step: batch 8 x 96 tokens, LoRA r=16 on all projections, AdamW");
         r.sft_step_lora_r16_b8_tok_s = Some(sft_step(&a, a.reps)?);
+    }
+    if wanted(Workload::FwdBwdLora) {
         step("forward+backward 256 tokens, LoRA r=8 on q,v");
         let mut lora = common::load(&a.model)?;
         lora.attach_lora(8, 16.0, &["q", "v"], 0)?;
         r.fwd_bwd_lora_r8_tok_s = Some(fwd_bwd(&lora, a.reps, 256)?);
-        drop(lora);
-        step("forward+backward 256 tokens, full");
+    }
+    if wanted(Workload::FwdBwdFull) || wanted(Workload::Adamw) {
         let vars = model.make_trainable()?;
-        r.fwd_bwd_full_tok_s = Some(fwd_bwd(&model, a.reps, 256)?);
-        step("AdamW step, all parameters");
-        let ids = Tensor::new(random_ids(1, 257, model.cfg.vocab, 4), &Device::Cpu)?;
-        let grads = loss(&model, &ids)?.backward()?;
-        let cfg = safegeo_runtime::AdamWConfig {
-            lr: 1e-5,
-            ..Default::default()
-        };
-        let mut opt = safegeo_runtime::AdamW::new(vars, cfg)?;
-        r.adamw_step_s = Some(best(a.reps, || Ok(opt.step(&grads)?))?);
+        if wanted(Workload::FwdBwdFull) {
+            step("forward+backward 256 tokens, full");
+            r.fwd_bwd_full_tok_s = Some(fwd_bwd(&model, a.reps, 256)?);
+        }
+        if wanted(Workload::Adamw) {
+            step("AdamW step, all parameters");
+            let ids = Tensor::new(random_ids(1, 257, model.cfg.vocab, 4), &Device::Cpu)?;
+            let grads = loss(&model, &ids)?.backward()?;
+            let cfg = safegeo_runtime::AdamWConfig {
+                lr: 1e-5,
+                ..Default::default()
+            };
+            let mut opt = safegeo_runtime::AdamW::new(vars, cfg)?;
+            r.adamw_step_s = Some(best(a.reps, || Ok(opt.step(&grads)?))?);
+        }
     }
     r.peak_rss_mb = peak_rss_mb();
     if a.json {
         return common::print_json(&r);
     }
     let rows: [(&str, Option<f64>, &str); 13] = [
-        ("sgemm 1024^3 (f32)", Some(r.sgemm_gflops), "GFLOP/s"),
+        ("sgemm 1024^3 (f32)", r.sgemm_gflops, "GFLOP/s"),
         (
             "prefill 32x64, all resid_pre captured",
-            Some(r.prefill_capture_tok_s),
+            r.prefill_capture_tok_s,
             "tok/s",
         ),
         (
             "  MFU vs measured sgemm",
-            Some(100.0 * r.prefill_capture_mfu),
+            r.prefill_capture_mfu.map(|m| 100.0 * m),
             "%",
         ),
         (
             "decode batch 1 (f32 weights)",
-            Some(r.decode_b1_tok_s),
+            r.decode_b1_tok_s,
             "tok/s",
         ),
         (
             "decode batch 32 (f32 weights)",
-            Some(r.decode_b32_tok_s),
+            r.decode_b32_tok_s,
             "tok/s",
         ),
         (
@@ -344,8 +390,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     ];
     println!("model: {}  threads: {}", r.model, r.threads);
     for (label, value, unit) in rows {
-        let shown = value.map_or("skipped".to_string(), |x| format!("{x:.1} {unit}"));
-        println!("{label:<44} {shown:>14}");
+        if let Some(x) = value {
+            println!("{label:<44} {:>14}", format!("{x:.1} {unit}"));
+        }
     }
     Ok(())
 }
