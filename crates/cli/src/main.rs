@@ -69,6 +69,10 @@ fn main() {
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "200");
     }
+    if let Err(e) = safegeo_runtime::block_cache::configure_from_env() {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
     let cli = Cli::parse();
     let level = match cli.verbose {
         0 => "warn",

@@ -9,6 +9,7 @@
 //! and exits with code 2 (bad input). Failing one allocation softly is impossible (Rust aborts on
 //! a failed allocation, and an allocator must not unwind), so the exit is the clean way out;
 //! results written so far are on disk already. Without [`Guarded`], [`bounded`] only runs `f`.
+use crate::block_cache;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
@@ -56,20 +57,43 @@ fn exceeded((what, fix): (&str, &str), lim: usize) -> ! {
     std::process::exit(2)
 }
 
+// Large blocks go through `block_cache` (reuse instead of mmap/munmap per tensor).
 unsafe impl GlobalAlloc for Guarded {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         charge(layout.size());
-        System.alloc(layout)
+        if block_cache::serves(layout) {
+            block_cache::alloc(layout, false)
+        } else {
+            System.alloc(layout)
+        }
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         charge(layout.size());
-        System.alloc_zeroed(layout)
+        if block_cache::serves(layout) {
+            block_cache::alloc(layout, true)
+        } else {
+            System.alloc_zeroed(layout)
+        }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         refund(layout.size());
-        System.dealloc(ptr, layout)
+        if block_cache::serves(layout) {
+            block_cache::dealloc(ptr, layout)
+        } else {
+            System.dealloc(ptr, layout)
+        }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let new_layout = Layout::from_size_align_unchecked(new_size, layout.align());
+        if block_cache::serves(layout) || block_cache::serves(new_layout) {
+            // Moves between the cache and glibc: copy through our own paths.
+            let new = self.alloc(new_layout);
+            if !new.is_null() {
+                std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+                self.dealloc(ptr, layout);
+            }
+            return new;
+        }
         if new_size > layout.size() {
             charge(new_size - layout.size());
         } else {

@@ -3,11 +3,13 @@
 #![deny(missing_docs)]
 
 pub mod alloc_guard;
+pub mod block_cache;
 mod config;
 mod error;
 mod export;
 pub mod fetch;
 pub mod files;
+mod fused;
 mod generate;
 pub mod gguf_check;
 mod hooks;

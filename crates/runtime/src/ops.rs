@@ -1,12 +1,17 @@
 //! The small core of tensor ops the models use, each in a fast form (fused candle kernels) and a
-//! differentiable form (composites whose backward is exact). candle's fused `rms_norm`,
-//! `softmax_last_dim` and `rope*` return wrong gradients, so `grad = true` must never reach them.
+//! differentiable form. candle's fused `rms_norm`, `softmax_last_dim` and `rope*` return wrong
+//! gradients, so `grad = true` must never reach them: it takes safegeo's own fused kernels with
+//! written-out backward (`fused.rs`) for f32 on the CPU, and exact composites otherwise (f64
+//! gradient checks, other devices).
+use crate::fused;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor, Var, D};
 
 /// RMSNorm: `x / sqrt(mean(x^2) + eps) * w`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, grad: bool) -> Result<Tensor> {
-    // The fused kernel has no f64 form (f64 is for gradient checks).
-    if grad || x.dtype() == DType::F64 {
+    if grad && fused::serves(x) {
+        fused::rms_norm(x, w, eps)
+    } else if grad || x.dtype() == DType::F64 {
+        // candle's fused kernel has no f64 form (f64 is for gradient checks).
         candle_nn::ops::rms_norm_slow(x, w, eps as f32)
     } else {
         candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)
@@ -15,15 +20,26 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, grad: bool) -> Result<Tensor> 
 
 /// Softmax over the last dimension.
 pub fn softmax_last(x: &Tensor, grad: bool) -> Result<Tensor> {
-    if grad {
+    if grad && fused::serves(x) {
+        fused::softmax_last(x)
+    } else if grad {
         candle_nn::ops::softmax(x, D::Minus1)
     } else {
         candle_nn::ops::softmax_last_dim(&x.contiguous()?)
     }
 }
 
-/// `log_softmax` over the last dimension as a composite of exact ops (any dtype, f64 included).
+/// `log_softmax` over the last dimension (differentiable; one fused pass for f32 on the CPU).
 pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    if fused::serves(x) {
+        fused::log_softmax_last(x)
+    } else {
+        log_softmax_composite(x)
+    }
+}
+
+/// `log_softmax` as a composite of exact ops (any dtype, f64 included).
+pub(crate) fn log_softmax_composite(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?;
     let shifted = x.broadcast_sub(&max)?;
     shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)
@@ -46,6 +62,19 @@ pub fn rope(
             candle_nn::rotary_emb::rope(&x, cos, sin)
         };
     }
+    if fused::serves(x) {
+        return fused::rope(x, cos, sin, interleaved);
+    }
+    rope_composite(x, cos, sin, interleaved)
+}
+
+/// RoPE as a composite of exact ops (any dtype, f64 included).
+pub(crate) fn rope_composite(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    interleaved: bool,
+) -> Result<Tensor> {
     let (b, h, t, hd) = x.dims4()?;
     let half = hd / 2;
     if interleaved {
@@ -64,6 +93,16 @@ pub fn rope(
         let x2 = x.narrow(D::Minus1, half, half)?;
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
         x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+    }
+}
+
+/// The gated MLP's product `silu(a) * u` (one fused pass with its backward for f32 training on
+/// the CPU).
+pub fn swiglu(a: &Tensor, u: &Tensor, grad: bool) -> Result<Tensor> {
+    if grad && fused::serves(a) {
+        fused::swiglu(a, u)
+    } else {
+        a.silu()? * u
     }
 }
 

@@ -263,9 +263,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if only.is_empty() {
             match w {
                 Workload::Gcg => a.gcg,
-                Workload::SftStep | Workload::FwdBwdLora | Workload::FwdBwdFull | Workload::Adamw => {
-                    !a.no_backward
-                }
+                Workload::SftStep
+                | Workload::FwdBwdLora
+                | Workload::FwdBwdFull
+                | Workload::Adamw => !a.no_backward,
                 _ => true,
             }
         } else {
@@ -334,6 +335,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
     }
     r.peak_rss_mb = peak_rss_mb();
+    let (hits, misses, dropped) = safegeo_runtime::block_cache::stats();
+    tracing::info!(hits, misses, dropped, "large-block cache");
     if a.json {
         return common::print_json(&r);
     }
@@ -349,16 +352,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             r.prefill_capture_mfu.map(|m| 100.0 * m),
             "%",
         ),
-        (
-            "decode batch 1 (f32 weights)",
-            r.decode_b1_tok_s,
-            "tok/s",
-        ),
-        (
-            "decode batch 32 (f32 weights)",
-            r.decode_b32_tok_s,
-            "tok/s",
-        ),
+        ("decode batch 1 (f32 weights)", r.decode_b1_tok_s, "tok/s"),
+        ("decode batch 32 (f32 weights)", r.decode_b32_tok_s, "tok/s"),
         (
             "decode batch 1 (quantized weights)",
             r.decode_b1_quantized_tok_s,

@@ -3,7 +3,7 @@
 use crate::config::{Arch, ModelConfig};
 use crate::hooks::Site;
 use crate::model::{attend, AttnCtx, Block, LayerCache};
-use crate::ops::{rms_norm, Linear, Projections};
+use crate::ops::{rms_norm, swiglu, Linear, Projections};
 use crate::weights::{Meta, WeightSource};
 use crate::Result;
 use candle_core::{Device, Tensor};
@@ -137,7 +137,11 @@ impl Block for LlamaBlock {
         let attn_out = site(Site::AttnOut, self.p.o.forward(&y, g)?)?;
         let h = (x + attn_out)?;
         let xn = rms_norm(&h, &self.ffn_norm, c.rms_eps, g)?;
-        let act = (self.p.gate.forward(&xn, g)?.silu()? * self.p.up.forward(&xn, g)?)?;
+        let act = swiglu(
+            &self.p.gate.forward(&xn, g)?,
+            &self.p.up.forward(&xn, g)?,
+            g,
+        )?;
         let mlp_out = site(Site::MlpOut, self.p.down.forward(&act, g)?)?;
         h + mlp_out
     }

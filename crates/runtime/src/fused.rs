@@ -1,0 +1,544 @@
+//! Differentiable fused kernels for training on CPU (f32): RMSNorm, softmax, log-softmax, RoPE
+//! and the SwiGLU product, each one pass forward and one pass backward.
+//!
+//! The composite forms in `ops.rs` are exact but build 5-12 graph nodes each, and candle's
+//! backward pays a zeroed allocation and an extra full pass per node; over the vocabulary
+//! (`log_softmax` of `(rows, 49152)` logits) that is most of the cost of the loss. These ops are
+//! single nodes whose backward is written out from the formula. `ops.rs` picks them for f32
+//! tensors on the CPU when a gradient is wanted; every other case keeps the composites, which the
+//! finite-difference tests (f64) also use. Tests here check values and gradients against them.
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Run `f` on the contiguous f32 data of `t` (copying only if `t` is strided).
+fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(CpuStorage::F32(v)) => {
+            let start = layout.start_offset();
+            f(&v[start..start + t.elem_count()])
+        }
+        _ => candle_core::bail!("fused op: expected an f32 CPU tensor"),
+    }
+}
+
+/// The f32 slice of a contiguous storage.
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: non-contiguous input")))?;
+    Ok(&s.as_slice::<f32>()?[a..b])
+}
+
+fn tensor(v: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+    Tensor::from_vec(v, shape, &candle_core::Device::Cpu)
+}
+
+/// Whether the fused kernels serve `t` (f32 on the CPU).
+pub fn serves(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm: y = x * r * w, r = 1 / sqrt(mean(x^2) + eps), per row of length n.
+// dx = r * (g*w) - x * r^3 * sum(g*w*x) / n;  dw = sum over rows of g * x * r.
+
+struct RmsNorm {
+    eps: f32,
+}
+
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    let ss: f32 = row.iter().map(|v| v * v).sum();
+    1.0 / (ss / row.len() as f32 + eps).sqrt()
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
+        let n = w.len();
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(n)
+            .zip(x.par_chunks(n))
+            .for_each(|(yr, xr)| {
+                let r = inv_rms(xr, self.eps);
+                for ((yi, xi), wi) in yr.iter_mut().zip(xr).zip(w) {
+                    *yi = xi * r * wi;
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = w.elem_count();
+        let (dx, dw) = with_data(x, |x| {
+            with_data(w, |w| {
+                with_data(g, |g| {
+                    let mut dx = vec![0f32; x.len()];
+                    let rows = x.len() / n;
+                    // Per-chunk partial sums of dw, reduced after (rows split over threads).
+                    let chunk = rows.div_ceil(rayon::current_num_threads().max(1)).max(1);
+                    let partial: Vec<Vec<f32>> = dx
+                        .par_chunks_mut(chunk * n)
+                        .enumerate()
+                        .map(|(c, dxc)| {
+                            let mut dw = vec![0f32; n];
+                            for (k, dxr) in dxc.chunks_mut(n).enumerate() {
+                                let at = (c * chunk + k) * n;
+                                let (xr, gr) = (&x[at..at + n], &g[at..at + n]);
+                                let r = inv_rms(xr, self.eps);
+                                let dot: f32 =
+                                    xr.iter().zip(gr).zip(w).map(|((a, b), c)| a * b * c).sum();
+                                let coef = r * r * r * dot / n as f32;
+                                for i in 0..n {
+                                    dxr[i] = r * gr[i] * w[i] - xr[i] * coef;
+                                    dw[i] += gr[i] * xr[i] * r;
+                                }
+                            }
+                            dw
+                        })
+                        .collect();
+                    let mut dw = vec![0f32; n];
+                    for p in partial {
+                        for (a, b) in dw.iter_mut().zip(p) {
+                            *a += b;
+                        }
+                    }
+                    Ok((dx, dw))
+                })
+            })
+        })?;
+        Ok((Some(tensor(dx, x.dims())?), Some(tensor(dw, w.dims())?)))
+    }
+}
+
+/// Fused, differentiable RMSNorm over the last dimension of `x` with weight `w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax and log-softmax over the last dimension.
+// softmax:     dx = y * (g - sum(g * y))
+// log_softmax: dx = g - exp(y) * sum(g)
+
+struct Softmax {
+    log: bool,
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        if self.log {
+            "fused-log-softmax"
+        } else {
+            "fused-softmax"
+        }
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        let n = *l.dims().last().unwrap_or(&1);
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(n.max(1))
+            .zip(x.par_chunks(n.max(1)))
+            .for_each(|(yr, xr)| {
+                let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                if !self.log && max == f32::NEG_INFINITY {
+                    yr.fill(0.0); // a fully masked row attends to nothing
+                    return;
+                }
+                let mut sum = 0f32;
+                for (yi, xi) in yr.iter_mut().zip(xr) {
+                    *yi = (xi - max).exp();
+                    sum += *yi;
+                }
+                if self.log {
+                    let lse = max + sum.ln();
+                    for (yi, xi) in yr.iter_mut().zip(xr) {
+                        *yi = xi - lse;
+                    }
+                } else {
+                    let inv = 1.0 / sum;
+                    yr.iter_mut().for_each(|v| *v *= inv);
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let n = *x.dims().last().unwrap_or(&1);
+        let dx = with_data(y, |y| {
+            with_data(g, |g| {
+                let mut dx = vec![0f32; y.len()];
+                dx.par_chunks_mut(n.max(1))
+                    .zip(y.par_chunks(n.max(1)).zip(g.par_chunks(n.max(1))))
+                    .for_each(|(dr, (yr, gr))| {
+                        if self.log {
+                            let s: f32 = gr.iter().sum();
+                            for i in 0..dr.len() {
+                                dr[i] = gr[i] - yr[i].exp() * s;
+                            }
+                        } else {
+                            let s: f32 = gr.iter().zip(yr).map(|(a, b)| a * b).sum();
+                            for i in 0..dr.len() {
+                                dr[i] = yr[i] * (gr[i] - s);
+                            }
+                        }
+                    });
+                Ok(dx)
+            })
+        })?;
+        Ok(Some(tensor(dx, x.dims())?))
+    }
+}
+
+/// Fused, differentiable softmax over the last dimension.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Softmax { log: false })
+}
+
+/// Fused, differentiable log-softmax over the last dimension.
+pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Softmax { log: true })
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE on x: (b, h, t, hd) with tables cos, sin: (b, t, hd/2). A rotation by angle theta per
+// pair; its backward is the rotation by -theta (sin negated). No gradient for the tables.
+
+struct Rope {
+    interleaved: bool,
+    negate_sin: bool,
+}
+
+impl Rope {
+    /// Rotate every (b, h, t) row of `x` into `y`.
+    fn apply(
+        &self,
+        x: &[f32],
+        cos: &[f32],
+        sin: &[f32],
+        dims: (usize, usize, usize, usize),
+    ) -> Vec<f32> {
+        let (_b, h, t, hd) = dims;
+        let half = hd / 2;
+        let sign = if self.negate_sin { -1.0 } else { 1.0 };
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(hd)
+            .zip(x.par_chunks(hd))
+            .enumerate()
+            .for_each(|(row, (yr, xr))| {
+                let (bi, ti) = (row / (h * t), row % t);
+                let table = (bi * t + ti) * half;
+                let (c, s) = (&cos[table..table + half], &sin[table..table + half]);
+                for i in 0..half {
+                    let (ci, si) = (c[i], sign * s[i]);
+                    let (a, b) = if self.interleaved {
+                        (2 * i, 2 * i + 1)
+                    } else {
+                        (i, i + half)
+                    };
+                    yr[a] = xr[a] * ci - xr[b] * si;
+                    yr[b] = xr[a] * si + xr[b] * ci;
+                }
+            });
+        y
+    }
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "fused-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, cos, sin) = (
+            slice(s1, l1, self.name())?,
+            slice(s2, l2, self.name())?,
+            slice(s3, l3, self.name())?,
+        );
+        let d = l1.dims();
+        let y = self.apply(x, cos, sin, (d[0], d[1], d[2], d[3]));
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dims = x.dims4()?;
+        let back = Rope {
+            interleaved: self.interleaved,
+            negate_sin: !self.negate_sin,
+        };
+        let dx = with_data(g, |g| {
+            with_data(cos, |c| with_data(sin, |s| Ok(back.apply(g, c, s, dims))))
+        })?;
+        Ok((Some(tensor(dx, x.dims())?), None, None))
+    }
+}
+
+/// Fused, differentiable RoPE (gradient for `x` only; the tables are constants).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor> {
+    let (b, _h, t, hd) = x.dims4()?;
+    if cos.dims() != [b, t, hd / 2] || sin.dims() != [b, t, hd / 2] || hd % 2 != 0 {
+        candle_core::bail!(
+            "rope: tables must be (b, t, hd/2) for x of shape {:?}",
+            x.dims()
+        );
+    }
+    x.contiguous()?.apply_op3(
+        &cos.contiguous()?,
+        &sin.contiguous()?,
+        Rope {
+            interleaved,
+            negate_sin: false,
+        },
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU product y = silu(a) * u, silu(a) = a * sigmoid(a).
+// da = g * u * sigmoid(a) * (1 + a * (1 - sigmoid(a)));  du = g * silu(a).
+
+struct SwiGlu;
+
+fn sigmoid(a: f32) -> f32 {
+    1.0 / (1.0 + (-a).exp())
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (a, u) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
+        let mut y = vec![0f32; a.len()];
+        const CHUNK: usize = 4096;
+        y.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+            .for_each(|(yc, (ac, uc))| {
+                for i in 0..yc.len() {
+                    yc[i] = ac[i] * sigmoid(ac[i]) * uc[i];
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        u: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        const CHUNK: usize = 4096;
+        let (da, du) = with_data(a, |a| {
+            with_data(u, |u| {
+                with_data(g, |g| {
+                    let mut da = vec![0f32; a.len()];
+                    let mut du = vec![0f32; a.len()];
+                    da.par_chunks_mut(CHUNK)
+                        .zip(du.par_chunks_mut(CHUNK))
+                        .enumerate()
+                        .for_each(|(c, (dac, duc))| {
+                            let at = c * CHUNK;
+                            for i in 0..dac.len() {
+                                let (ai, ui, gi) = (a[at + i], u[at + i], g[at + i]);
+                                let s = sigmoid(ai);
+                                dac[i] = gi * ui * s * (1.0 + ai * (1.0 - s));
+                                duc[i] = gi * ai * s;
+                            }
+                        });
+                    Ok((da, du))
+                })
+            })
+        })?;
+        Ok((Some(tensor(da, a.dims())?), Some(tensor(du, u.dims())?)))
+    }
+}
+
+/// Fused, differentiable `silu(a) * u` (the gated MLP's product).
+pub fn swiglu(a: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if a.dims() != u.dims() {
+        candle_core::bail!("swiglu: shapes {:?} and {:?} differ", a.dims(), u.dims());
+    }
+    a.contiguous()?.apply_op2(&u.contiguous()?, SwiGlu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var, D};
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| r.gen_range(-2.0..2.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+        let d: f32 = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        let m: f32 = b
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        d / m.max(1e-6)
+    }
+
+    /// Values and gradients of `fused` equal those of `composite` (candle ops, candle backward)
+    /// for a random weighting of the outputs, so every output element's gradient is exercised.
+    fn same_values_and_grads(
+        inputs: &[Tensor],
+        fused: impl Fn(&[Tensor]) -> Result<Tensor>,
+        composite: impl Fn(&[Tensor]) -> Result<Tensor>,
+        grad_inputs: usize,
+    ) {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let (yf, yc) = (fused(&ts).unwrap(), composite(&ts).unwrap());
+        assert!(
+            max_rel(&yf, &yc) < 1e-5,
+            "values differ: {}",
+            max_rel(&yf, &yc)
+        );
+        let weights = rand(yf.dims(), 99);
+        let gf = (&yf * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (&yc * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (i, t) in ts.iter().enumerate().take(grad_inputs) {
+            let (a, b) = (gf.get(t).unwrap(), gc.get(t).unwrap());
+            assert!(
+                max_rel(a, b) < 1e-4,
+                "gradient {i} differs: {}",
+                max_rel(a, b)
+            );
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_composite() {
+        let inputs = [rand(&[3, 5, 16], 1), rand(&[16], 2)];
+        same_values_and_grads(
+            &inputs,
+            |t| rms_norm(&t[0], &t[1], 1e-5),
+            |t| candle_nn::ops::rms_norm_slow(&t[0], &t[1], 1e-5),
+            2,
+        );
+    }
+
+    #[test]
+    fn softmaxes_match_composites() {
+        let inputs = [rand(&[4, 3, 37], 3)];
+        same_values_and_grads(
+            &inputs,
+            |t| softmax_last(&t[0]),
+            |t| candle_nn::ops::softmax(&t[0], D::Minus1),
+            1,
+        );
+        same_values_and_grads(
+            &inputs,
+            |t| log_softmax_last(&t[0]),
+            |t| crate::ops::log_softmax_composite(&t[0]),
+            1,
+        );
+    }
+
+    #[test]
+    fn rope_matches_composite_both_layouts() {
+        let (cos, sin) = (rand(&[2, 5, 4], 4), rand(&[2, 5, 4], 5));
+        for interleaved in [true, false] {
+            let inputs = [rand(&[2, 3, 5, 8], 6), cos.clone(), sin.clone()];
+            same_values_and_grads(
+                &inputs,
+                |t| rope(&t[0], &t[1], &t[2], interleaved),
+                |t| crate::ops::rope_composite(&t[0], &t[1], &t[2], interleaved),
+                1,
+            );
+        }
+    }
+
+    #[test]
+    fn swiglu_matches_composite() {
+        let inputs = [rand(&[3, 7, 11], 7), rand(&[3, 7, 11], 8)];
+        same_values_and_grads(
+            &inputs,
+            |t| swiglu(&t[0], &t[1]),
+            |t| t[0].silu()? * &t[1],
+            2,
+        );
+    }
+
+    #[test]
+    fn strided_inputs_are_made_contiguous() {
+        let x = rand(&[6, 4], 9).t().unwrap();
+        let a = softmax_last(&x).unwrap();
+        let b = candle_nn::ops::softmax(&x.contiguous().unwrap(), D::Minus1).unwrap();
+        assert!(max_rel(&a, &b) < 1e-6);
+        assert!(!serves(&x.to_dtype(DType::F64).unwrap()));
+    }
+}
