@@ -6,8 +6,8 @@
 //! `munmap` on free, so every such buffer is page-faulted in and zeroed by the kernel again: a
 //! quarter of a full forward+backward's time in a profile. Here freed blocks of at least
 //! [`MIN_BLOCK`] are kept (up to a byte budget) and handed out again for requests of the same size
-//! class (sizes rounded up to 1/8 of their power of two, so batches of slightly different lengths
-//! still hit). Memory kept here stays counted in the process's RSS, up to the budget.
+//! class (sizes rounded up to a multiple of 1/8 of their power of two, so batches of slightly
+//! different lengths still hit). Memory kept here stays counted in the process's RSS, up to the budget.
 //!
 //! The budget is a sixth of physical memory, at most 4 GiB (a full fine-tuning step of the
 //! default model frees ~3 GiB of large blocks; 1 GiB left a fifth of them to the kernel again).
@@ -19,18 +19,28 @@ use std::sync::Mutex;
 
 /// Smallest block that is cached (smaller ones are glibc's business, and it does them well).
 pub const MIN_BLOCK: usize = 1 << 20;
-const SLOTS: usize = 512;
+/// Largest power of two whose blocks are cached (2^47 = 128 TiB: everything, in practice).
+const MAX_POW: u32 = 47;
+/// Classes per power of two: `k/8` steps above it, `k = 0..=8`.
+const PER_POW: usize = 9;
+const CLASSES: usize = (MAX_POW as usize - 19) * PER_POW;
+/// Blocks kept per class (a training step frees ~2,000 blocks of a dozen classes at once).
+const DEPTH: usize = 512;
+/// Every block is taken from the system with this alignment; larger requests bypass the cache.
+const ALIGN: usize = 16;
 const DEFAULT_BUDGET: usize = 1 << 30;
 const MAX_DEFAULT_BUDGET: usize = 4 << 30;
 
 struct Cache {
-    /// `(address, class size, align)`; address 0 = empty slot.
-    slots: [(usize, usize, usize); SLOTS],
+    /// Addresses of kept blocks, a stack per class.
+    stacks: [[usize; DEPTH]; CLASSES],
+    len: [u16; CLASSES],
     bytes: usize,
 }
 
 static CACHE: Mutex<Cache> = Mutex::new(Cache {
-    slots: [(0, 0, 0); SLOTS],
+    stacks: [[0; DEPTH]; CLASSES],
+    len: [0; CLASSES],
     bytes: 0,
 });
 static HITS: AtomicUsize = AtomicUsize::new(0);
@@ -58,17 +68,18 @@ pub fn configure_from_env() -> Result<(), String> {
     if mb == 0 {
         // Hand back what is already kept.
         let mut c = lock();
-        for slot in c.slots.iter_mut() {
-            if slot.0 != 0 {
+        for class in 0..CLASSES {
+            let size = size_of_class(class);
+            for i in 0..c.len[class] as usize {
                 // SAFETY: every kept block came from System with exactly this layout.
                 unsafe {
                     System.dealloc(
-                        slot.0 as *mut u8,
-                        Layout::from_size_align_unchecked(slot.1, slot.2),
+                        c.stacks[class][i] as *mut u8,
+                        Layout::from_size_align_unchecked(size, ALIGN),
                     )
                 };
-                *slot = (0, 0, 0);
             }
+            c.len[class] = 0;
         }
         c.bytes = 0;
     }
@@ -83,10 +94,26 @@ fn physical_memory() -> Option<usize> {
     Some(kb * 1024)
 }
 
-/// The size class of a request: rounded up to a multiple of 1/8 of its power of two.
+/// The class of a request of `size >= MIN_BLOCK` bytes: with `2^p <= size < 2^(p+1)`, the
+/// size rounds up to `2^p + k 2^(p-3)`, `k = 0..=8` (at most 1/8 more).
+fn class_of(size: usize) -> Option<usize> {
+    let p = usize::BITS - 1 - size.leading_zeros();
+    if !(20..=MAX_POW).contains(&p) {
+        return None;
+    }
+    let step = 1usize << (p - 3);
+    let k = size.div_ceil(step) - 8;
+    Some((p as usize - 20) * PER_POW + k)
+}
+
+fn size_of_class(class: usize) -> usize {
+    let (p, k) = (class / PER_POW + 20, class % PER_POW);
+    (1usize << p) + k * (1usize << (p - 3))
+}
+
+/// The size a request of `size` bytes is served with.
 pub fn class_size(size: usize) -> usize {
-    let step = (size.next_power_of_two() >> 3).max(4096);
-    size.div_ceil(step) * step
+    class_of(size).map_or(size, size_of_class)
 }
 
 fn lock() -> std::sync::MutexGuard<'static, Cache> {
@@ -95,27 +122,31 @@ fn lock() -> std::sync::MutexGuard<'static, Cache> {
 
 /// Whether `layout` goes through the cache.
 pub fn serves(layout: Layout) -> bool {
-    layout.size() >= MIN_BLOCK && layout.align() <= 4096 && budget() > 0
+    layout.size() >= MIN_BLOCK
+        && layout.align() <= ALIGN
+        && class_of(layout.size()).is_some()
+        && budget() > 0
 }
 
-/// A block for `layout` (which [`serves`]): a cached one of its class, or a new one.
+/// A block for `layout` (which [`serves`]): a kept one of its class, or a new one.
 ///
 /// # Safety
 /// As `GlobalAlloc::alloc`; free it with [`dealloc`] and the same layout.
 pub unsafe fn alloc(layout: Layout, zeroed: bool) -> *mut u8 {
-    let class = class_size(layout.size());
+    let Some(class) = class_of(layout.size()) else {
+        return std::ptr::null_mut();
+    };
+    let size = size_of_class(class);
     let reused = {
         let mut c = lock();
-        let hit = c
-            .slots
-            .iter()
-            .position(|&(p, s, a)| p != 0 && s == class && a == layout.align());
-        hit.map(|i| {
-            let p = c.slots[i].0;
-            c.slots[i] = (0, 0, 0);
-            c.bytes -= class;
-            p as *mut u8
-        })
+        match c.len[class] {
+            0 => None,
+            n => {
+                c.len[class] = n - 1;
+                c.bytes -= size;
+                Some(c.stacks[class][n as usize - 1] as *mut u8)
+            }
+        }
     };
     match reused {
         Some(p) => {
@@ -127,7 +158,7 @@ pub unsafe fn alloc(layout: Layout, zeroed: bool) -> *mut u8 {
         }
         None => {
             MISSES.fetch_add(1, Ordering::Relaxed);
-            let l = Layout::from_size_align_unchecked(class, layout.align());
+            let l = Layout::from_size_align_unchecked(size, ALIGN);
             if zeroed {
                 System.alloc_zeroed(l)
             } else {
@@ -142,25 +173,25 @@ pub unsafe fn alloc(layout: Layout, zeroed: bool) -> *mut u8 {
 /// # Safety
 /// As `GlobalAlloc::dealloc`.
 pub unsafe fn dealloc(ptr: *mut u8, layout: Layout) {
-    let class = class_size(layout.size());
+    let Some(class) = class_of(layout.size()) else {
+        return;
+    };
+    let size = size_of_class(class);
     let kept = {
         let mut c = lock();
-        let room = c.bytes + class <= budget();
-        match c.slots.iter().position(|&(p, _, _)| p == 0) {
-            Some(i) if room => {
-                c.slots[i] = (ptr as usize, class, layout.align());
-                c.bytes += class;
-                true
-            }
-            _ => false,
+        let n = c.len[class] as usize;
+        if n < DEPTH && c.bytes + size <= budget() {
+            c.stacks[class][n] = ptr as usize;
+            c.len[class] += 1;
+            c.bytes += size;
+            true
+        } else {
+            false
         }
     };
     if !kept {
         DROPPED.fetch_add(1, Ordering::Relaxed);
-        System.dealloc(
-            ptr,
-            Layout::from_size_align_unchecked(class, layout.align()),
-        );
+        System.dealloc(ptr, Layout::from_size_align_unchecked(size, ALIGN));
     }
 }
 
@@ -183,34 +214,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn classes_round_up_by_at_most_an_eighth() {
+    fn classes_round_up_by_at_most_an_eighth_and_cover_their_requests() {
         assert_eq!(class_size(1 << 20), 1 << 20);
-        assert_eq!(class_size((1 << 20) + 1), (1 << 20) + (1 << 18));
+        assert_eq!(class_size((1 << 20) + 1), (1 << 20) + (1 << 17));
+        assert_eq!(class_size((2 << 20) - 1), 2 << 20);
         for s in [
-            1_000_000usize,
+            1_000_000usize << 1,
             3_333_333,
             50_331_648,
             113_246_208,
             999_999_999,
         ] {
             let c = class_size(s);
-            assert!(
-                c >= s && (c - s) as f64 <= s as f64 / 8.0 + 4096.0,
-                "{s} -> {c}"
-            );
+            assert!(c >= s && (c - s) * 8 <= s, "{s} -> {c}");
+            assert_eq!(size_of_class(class_of(s).unwrap()), c);
         }
+        assert!(class_of(1 << 19).is_none());
     }
 
     #[test]
     fn a_freed_block_is_reused_for_its_class_and_zeroed_on_request() {
-        let layout = Layout::from_size_align(3 << 20, 64).unwrap();
+        let layout = Layout::from_size_align(3 << 20, 16).unwrap();
         assert!(serves(layout));
+        assert!(!serves(Layout::from_size_align(3 << 20, 64).unwrap()));
         unsafe {
             let p = alloc(layout, false);
             std::ptr::write_bytes(p, 7, layout.size());
             dealloc(p, layout);
             // Another size of the same class takes the same block, zeroed.
-            let other = Layout::from_size_align((3 << 20) - 100, 64).unwrap();
+            let other = Layout::from_size_align((3 << 20) - 100, 16).unwrap();
             let q = alloc(other, true);
             assert_eq!(p, q);
             assert!(std::slice::from_raw_parts(q, other.size())

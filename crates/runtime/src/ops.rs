@@ -118,21 +118,55 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        // gemm straight from the input and weight storages into the output (no copies).
         let x = s.as_slice::<f32>()?;
         let (a, b) = l
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("frozen-matmul: non-contiguous input".into()))?;
-        let x = Tensor::from_slice(&x[a..b], l.shape(), &candle_core::Device::Cpu)?;
-        let y = x.matmul(&self.w.t()?)?;
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cpu(c)
-                if layout.is_contiguous() && layout.start_offset() == 0 =>
-            {
-                Ok((c.clone(), y.shape().clone()))
-            }
-            _ => candle_core::bail!("frozen-matmul: unexpected output layout"),
-        }
+        let x = &x[a..b];
+        let (out, inner) = self.w.dims2()?;
+        let rows = x.len() / inner.max(1);
+        let w = self.w.contiguous()?;
+        let (ws, wl) = w.storage_and_layout();
+        let candle_core::Storage::Cpu(wc) = &*ws else {
+            candle_core::bail!("frozen-matmul: weight not on the CPU")
+        };
+        let w = &wc.as_slice::<f32>()?[wl.start_offset()..wl.start_offset() + out * inner];
+        let mut y = vec![0f32; rows * out];
+        let threads = candle_core::utils::get_num_threads();
+        let par = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: x is (rows, inner) row-major, w is (out, inner) row-major read as its
+        // transpose (inner, out), y is (rows, out) row-major; all lengths were checked above.
+        unsafe {
+            gemm::gemm(
+                rows,
+                out,
+                inner,
+                y.as_mut_ptr(),
+                1,
+                out as isize,
+                false,
+                x.as_ptr(),
+                1,
+                inner as isize,
+                w.as_ptr(),
+                inner as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            )
+        };
+        let mut dims = l.dims().to_vec();
+        *dims.last_mut().unwrap() = out;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
