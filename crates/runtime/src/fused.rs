@@ -402,6 +402,133 @@ pub fn swiglu(a: &Tensor, u: &Tensor) -> Result<Tensor> {
     a.contiguous()?.apply_op2(&u.contiguous()?, SwiGlu)
 }
 
+// ---------------------------------------------------------------------------------------------
+// Linear layer with a trainable weight: y = x W^T, x: (rows, in), W: (out, in).
+// dx = g W;  dW = g^T x, written straight in W's (out, in) layout. candle's matmul backward
+// computes dW^T = x^T g and transposes it back through two more graph nodes, each a zeroed
+// buffer plus a strided add the size of the weight (the tied 49152 x 576 embedding included).
+
+struct TrainableLinear;
+
+/// `dst (m, n) = a (m, k) * b (k, n)` with explicit strides (column, row) for `a` and `b`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_into(
+    dst: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    (a_cs, a_rs): (isize, isize),
+    b: &[f32],
+    (b_cs, b_rs): (isize, isize),
+) {
+    assert!(dst.len() >= m * n);
+    let threads = candle_core::utils::get_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: callers pass slices holding every (row, col) their strides address.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+impl CustomOp2 for TrainableLinear {
+    fn name(&self) -> &'static str {
+        "fused-trainable-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
+        let (rows, inner) = l1.shape().dims2()?;
+        let (out, _) = l2.shape().dims2()?;
+        let mut y = vec![0f32; rows * out];
+        // y (rows, out) = x (rows, in) * W^T (in, out); W^T[i, o] = w[o * in + i].
+        gemm_into(
+            &mut y,
+            (rows, out, inner),
+            x,
+            (1, inner as isize),
+            w,
+            (inner as isize, 1),
+        );
+        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (rows, inner) = x.dims2()?;
+        let (out, _) = w.dims2()?;
+        let (dx, dw) = with_data(x, |x| {
+            with_data(w, |w| {
+                with_data(g, |g| {
+                    // dx (rows, in) = g (rows, out) * W (out, in)
+                    let mut dx = vec![0f32; rows * inner];
+                    gemm_into(
+                        &mut dx,
+                        (rows, inner, out),
+                        g,
+                        (1, out as isize),
+                        w,
+                        (1, inner as isize),
+                    );
+                    // dW (out, in) = g^T (out, rows) * x (rows, in); g^T[o, r] = g[r * out + o]
+                    let mut dw = vec![0f32; out * inner];
+                    gemm_into(
+                        &mut dw,
+                        (out, inner, rows),
+                        g,
+                        (out as isize, 1),
+                        x,
+                        (1, inner as isize),
+                    );
+                    Ok((dx, dw))
+                })
+            })
+        })?;
+        Ok((
+            Some(tensor(dx, &[rows, inner])?),
+            Some(tensor(dw, &[out, inner])?),
+        ))
+    }
+}
+
+/// Fused, differentiable `x W^T` for `x: (rows, in)` and a trainable `W: (out, in)`.
+pub fn trainable_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, TrainableLinear)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -529,6 +656,17 @@ mod tests {
             &inputs,
             |t| swiglu(&t[0], &t[1]),
             |t| t[0].silu()? * &t[1],
+            2,
+        );
+    }
+
+    #[test]
+    fn trainable_linear_matches_matmul() {
+        let inputs = [rand(&[7, 5], 10), rand(&[3, 5], 11)];
+        same_values_and_grads(
+            &inputs,
+            |t| trainable_linear(&t[0], &t[1]),
+            |t| t[0].matmul(&t[1].t()?),
             2,
         );
     }

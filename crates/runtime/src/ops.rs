@@ -366,6 +366,8 @@ impl Linear {
         } else if frozen_path {
             x2.contiguous()?
                 .apply_op1(FrozenMatmul { w: self.w.clone() })?
+        } else if grad && self.trainable && fused::serves(&x2) && fused::serves(&self.w) {
+            fused::trainable_linear(&x2, &self.w)?
         } else {
             small_rows_matmul(&x2, &self.w)?
         };
@@ -373,8 +375,13 @@ impl Linear {
             y = y.broadcast_add(b)?;
         }
         if let Some(l) = &self.lora {
-            let h = x2.matmul(&l.a.as_tensor().t()?)?;
-            y = (y + (h.matmul(&l.b.as_tensor().t()?)? * l.scale)?)?;
+            let (a, b) = (l.a.as_tensor(), l.b.as_tensor());
+            let delta = if grad && fused::serves(&x2) && fused::serves(a) {
+                fused::trainable_linear(&fused::trainable_linear(&x2, a)?, b)?
+            } else {
+                x2.matmul(&a.t()?)?.matmul(&b.t()?)?
+            };
+            y = (y + (delta * l.scale)?)?;
         }
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.out_dim();

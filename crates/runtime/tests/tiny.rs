@@ -368,10 +368,23 @@ fn full_weight_gradients_match_finite_differences() {
 /// every weight as the f64 path (exact composites, checked against finite differences above).
 #[test]
 fn fused_f32_gradients_equal_the_checked_f64_composites() {
-    for arch in ARCHS {
+    for (arch, lora) in ARCHS.iter().flat_map(|&a| [(a, false), (a, true)]) {
         let grads_of = |dtype: DType| {
             let mut m = tiny_model(arch, 31, dtype).unwrap();
-            let vars = m.make_trainable().unwrap();
+            let vars = if lora {
+                let vars = m.attach_lora(2, 4.0, &["q", "o", "up", "down"], 0).unwrap();
+                // B starts at zero; give it values so that A's gradient is not zero.
+                for (i, v) in vars.iter().enumerate().skip(1).step_by(2) {
+                    let t = Tensor::ones(v.as_tensor().shape(), dtype, &Device::Cpu)
+                        .unwrap()
+                        .affine(0.1 * i as f64, 0.0)
+                        .unwrap();
+                    v.set(&t).unwrap();
+                }
+                vars
+            } else {
+                m.make_trainable().unwrap()
+            };
             // Two rows, the second left-padded: masked attention rows take part too.
             let (ids, layout) = m.pad_batch(&[vec![3, 9, 27, 4, 8], vec![5, 6, 7]]).unwrap();
             let logits = m
