@@ -412,7 +412,7 @@ struct TrainableLinear;
 
 /// `dst (m, n) = a (m, k) * b (k, n)` with explicit strides (column, row) for `a` and `b`.
 #[allow(clippy::too_many_arguments)]
-fn gemm_into(
+pub(crate) fn gemm_into(
     dst: &mut [f32],
     (m, n, k): (usize, usize, usize),
     a: &[f32],
@@ -532,37 +532,15 @@ pub fn trainable_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device, Var, D};
+    use candle_core::{DType, Var, D};
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| r.gen_range(-2.0..2.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        crate::testing::random_tensor(shape, seed, 2.0)
     }
 
     fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let d: f32 = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        let m: f32 = b
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        d / m.max(1e-6)
+        use crate::testing::max_abs;
+        (max_abs(&(a - b).unwrap()) / max_abs(b).max(1e-6)) as f32
     }
 
     /// Values and gradients of `fused` equal those of `composite` (candle ops, candle backward)

@@ -133,37 +133,15 @@ impl CustomOp1 for FrozenMatmul {
         };
         let w = &wc.as_slice::<f32>()?[wl.start_offset()..wl.start_offset() + out * inner];
         let mut y = vec![0f32; rows * out];
-        let threads = candle_core::utils::get_num_threads();
-        let par = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
-        // SAFETY: x is (rows, inner) row-major, w is (out, inner) row-major read as its
-        // transpose (inner, out), y is (rows, out) row-major; all lengths were checked above.
-        unsafe {
-            gemm::gemm(
-                rows,
-                out,
-                inner,
-                y.as_mut_ptr(),
-                1,
-                out as isize,
-                false,
-                x.as_ptr(),
-                1,
-                inner as isize,
-                w.as_ptr(),
-                inner as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                par,
-            )
-        };
+        // y (rows, out) = x (rows, in) * W^T (in, out); W^T[i, o] = w[o * in + i].
+        fused::gemm_into(
+            &mut y,
+            (rows, out, inner),
+            x,
+            (1, inner as isize),
+            w,
+            (inner as isize, 1),
+        );
         let mut dims = l.dims().to_vec();
         *dims.last_mut().unwrap() = out;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
@@ -473,27 +451,13 @@ impl Module for Linear {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| r.gen_range(-1.0..1.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        crate::testing::random_tensor(shape, seed, 1.0)
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
+        crate::testing::max_abs(&(a - b).unwrap()) as f32
     }
 
     #[test]

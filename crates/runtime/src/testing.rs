@@ -8,6 +8,26 @@ use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 
+/// A tensor of uniform values in `[-scale, scale)`, seeded (f32, CPU).
+pub fn random_tensor(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| r.gen_range(-scale..scale)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).expect("shape matches its element count")
+}
+
+/// Largest absolute element of `t`, as f64 (any float dtype).
+pub fn max_abs(t: &Tensor) -> f64 {
+    t.abs()
+        .and_then(|a| {
+            a.flatten_all()?
+                .to_dtype(DType::F64)?
+                .max(0)?
+                .to_scalar::<f64>()
+        })
+        .expect("a float tensor")
+}
+
 /// Shape of the tiny models: 2 layers, d = 16, 4 query heads over 2 kv heads, vocab 48.
 pub fn tiny_config(arch: Arch) -> ModelConfig {
     let head_dim = if arch == Arch::Gemma3 { 8 } else { 4 };
