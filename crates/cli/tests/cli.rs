@@ -1937,3 +1937,16 @@ fn chat_templates_that_blow_up_memory_are_stopped_before_taking_it() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_bad_block_cache_budget_is_named_with_its_fix() {
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_safegeo"))
+        .args(["model", "list"])
+        .env("SAFEGEO_HOME", home.path())
+        .env("SAFEGEO_BLOCK_CACHE_MB", "lots")
+        .output()
+        .unwrap();
+    fails_with(&out, 2, "SAFEGEO_BLOCK_CACHE_MB=\"lots\"");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fix:"));
+}

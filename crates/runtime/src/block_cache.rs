@@ -62,7 +62,11 @@ pub fn configure_from_env() -> Result<(), String> {
         return Ok(());
     };
     let mb: usize = v.trim().parse().map_err(|_| {
-        format!("SAFEGEO_BLOCK_CACHE_MB={v:?} is not a whole number of MiB (0 turns the cache off)")
+        format!(
+            "SAFEGEO_BLOCK_CACHE_MB={v:?} is not a whole number of MiB\n  fix: set it to the \
+             MiB of freed large blocks to keep for reuse (e.g. 1024), 0 to turn the cache off, \
+             or unset it for the default (a sixth of RAM, at most 4096)"
+        )
     })?;
     BUDGET.store(mb.saturating_mul(1 << 20), Ordering::Relaxed);
     if mb == 0 {
