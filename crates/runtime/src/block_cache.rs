@@ -115,11 +115,6 @@ fn size_of_class(class: usize) -> usize {
     (1usize << p) + k * (1usize << (p - 3))
 }
 
-/// The size a request of `size` bytes is served with.
-pub fn class_size(size: usize) -> usize {
-    class_of(size).map_or(size, size_of_class)
-}
-
 fn lock() -> std::sync::MutexGuard<'static, Cache> {
     CACHE.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -208,14 +203,14 @@ pub fn stats() -> (usize, usize, usize) {
     )
 }
 
-/// Bytes held for reuse right now.
-pub fn cached_bytes() -> usize {
-    lock().bytes
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The size a request of `size` bytes is served with.
+    fn class_size(size: usize) -> usize {
+        class_of(size).map_or(size, size_of_class)
+    }
 
     #[test]
     fn classes_round_up_by_at_most_an_eighth_and_cover_their_requests() {

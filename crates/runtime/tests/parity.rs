@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, D};
 use safegeo_runtime::fetch::{self, KnownModel};
 use safegeo_runtime::{
-    generate, load_model, GenerateConfig, Hooks, LogitsAt, Message, Model, NoHooks, Phase,
+    generate, load_model, GenerateConfig, Hooks, KvCache, LogitsAt, Message, Model, NoHooks, Phase,
     Positions, Site,
 };
 use serde_json::Value;
@@ -322,7 +322,7 @@ fn tokenizer_ids_equal_transformers_on_a_varied_corpus() {
 
 /// `--quantized` really runs the GGUF's quantized weights where they are faster (a few rows, as
 /// in decoding): a one-row product differs from the f32 one (8-bit activations) but stays close,
-/// an 8-row product is the f32 gemm exactly, and greedy decoding still says Paris.
+/// an 8-row product is the f32 gemm exactly, and greedy decoding follows the reference wherever its margin is clear.
 #[test]
 fn quantized_weights_are_used_for_few_rows_and_stay_close_to_the_reference() {
     use candle_core::Tensor;
@@ -360,27 +360,97 @@ fn quantized_weights_are_used_for_few_rows_and_stay_close_to_the_reference() {
         "one row: max |diff| {d1} vs scale {scale}"
     );
     assert_eq!(diff(8).0, 0.0, "8 rows must use the f32 gemm");
-    // 8-bit activations move logits by ~0.1, enough to swap a near tie (the France case's top
-    // two are 0.08 apart), so greedy decoding is checked on the case with the clearest margin.
-    let margin = |c: &Value| {
-        let v = floats(&c["last_logits_top10_values"]);
-        v[0] - v[1]
+    // 8-bit activations move logits by ~0.1, enough to swap a near tie, and which side of a tie
+    // the f32 model lands on depends on the gemm kernel this CPU runs (AVX2 vs AVX-512). So the
+    // reference continuations are decoded teacher-forced, one row per step as in generation:
+    // where the f32 model's top two logits are more than 0.5 apart the quantized model must pick
+    // the reference token, and elsewhere one of the f32 model's top two.
+    let top2 = |row: &[f32]| {
+        let mut order: Vec<usize> = (0..row.len()).collect();
+        order.select_nth_unstable_by(1, |&i, &j| row[j].total_cmp(&row[i]));
+        let (a, b) = if row[order[0]] >= row[order[1]] {
+            (order[0], order[1])
+        } else {
+            (order[1], order[0])
+        };
+        (a as u32, b as u32, row[a] - row[b])
     };
-    let cases = f["cases"].as_array().unwrap();
-    let case = cases
-        .iter()
-        .max_by(|a, b| margin(a).total_cmp(&margin(b)))
-        .unwrap();
-    assert!(margin(case) > 0.5);
-    let prompt = ids(&case["prompt_ids"]);
-    let cfg = GenerateConfig {
-        max_new_tokens: 12,
-        ..Default::default()
+    let last_row = |logits: Tensor| -> Vec<f32> {
+        logits
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
     };
-    let got = generate(&q, &[prompt], &cfg, &mut NoHooks).unwrap();
-    assert_eq!(
-        got[0].ids,
-        ids(&case["greedy_24_ids"])[..12].to_vec(),
-        "greedy decoding under quantized weights"
-    );
+    let mut checked = 0;
+    for case in f["cases"].as_array().unwrap() {
+        let prompt = ids(&case["prompt_ids"]);
+        let mut want = ids(&case["greedy_24_ids"]);
+        want.truncate(12);
+        let mut forced = prompt.clone();
+        forced.extend_from_slice(&want[..want.len() - 1]);
+        let (input, layout) = plain.pad_batch(&[forced]).unwrap();
+        let reference = plain
+            .forward_ids(
+                &input,
+                &layout,
+                None,
+                LogitsAt::Tail(want.len()),
+                Phase::Prompt,
+                &mut NoHooks,
+            )
+            .unwrap()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let (input, layout) = q.pad_batch(std::slice::from_ref(&prompt)).unwrap();
+        let mut cache = KvCache::with_capacity(q.cfg.n_layer, prompt.len() + want.len());
+        let mut logits = q
+            .forward_ids(
+                &input,
+                &layout,
+                Some(&mut cache),
+                LogitsAt::Last,
+                Phase::Prompt,
+                &mut NoHooks,
+            )
+            .unwrap()
+            .unwrap();
+        for (step, (&token, f32_row)) in want.iter().zip(&reference).enumerate() {
+            let (best, runner_up, margin) = top2(f32_row);
+            assert_eq!(
+                best, token,
+                "the f32 model follows its own greedy reference"
+            );
+            let (got, _, _) = top2(&last_row(logits));
+            if margin > 0.5 {
+                assert_eq!(got, token, "step {step}: f32 margin {margin}");
+                checked += 1;
+            } else {
+                assert!(
+                    got == best || got == runner_up,
+                    "step {step}: {got} is not among the f32 top two ({best}, {runner_up})"
+                );
+            }
+            let next = Tensor::new(&[[token]], &Device::Cpu).unwrap();
+            logits = q
+                .forward_ids(
+                    &next,
+                    &layout,
+                    Some(&mut cache),
+                    LogitsAt::Last,
+                    Phase::Generated,
+                    &mut NoHooks,
+                )
+                .unwrap()
+                .unwrap();
+        }
+    }
+    assert!(checked >= 16, "only {checked} clear steps were checked");
 }

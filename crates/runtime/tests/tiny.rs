@@ -247,20 +247,35 @@ fn activation_addition_adds_exactly_c_v_at_its_layer() {
 /// Mean of `log_softmax(logits) * weights` over all positions: a scalar touching every path.
 fn objective(m: &Model, x: Tensor, weights: &Tensor) -> Tensor {
     let layout = Layout::dense(x.dim(0).unwrap());
-    let logits = m
-        .forward_embeds(
-            x,
-            &layout,
-            None,
-            LogitsAt::All,
-            Phase::Prompt,
-            true,
-            &mut NoHooks,
-        )
-        .unwrap()
-        .unwrap();
+    let logits = differentiable_logits(m, x, &layout);
     let lp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
     (lp * weights).unwrap().sum_all().unwrap()
+}
+
+/// Logits at every position, on the differentiable path.
+fn differentiable_logits(m: &Model, x: Tensor, layout: &Layout) -> Tensor {
+    m.forward_embeds(
+        x,
+        layout,
+        None,
+        LogitsAt::All,
+        Phase::Prompt,
+        true,
+        &mut NoHooks,
+    )
+    .unwrap()
+    .unwrap()
+}
+
+/// LoRA's B starts at zero; give it values so that A's gradient is not trivially zero.
+fn give_lora_b_values(vars: &[Var], dtype: DType) {
+    for (i, v) in vars.iter().enumerate().skip(1).step_by(2) {
+        let t = Tensor::ones(v.as_tensor().shape(), dtype, &Device::Cpu)
+            .unwrap()
+            .affine(0.1 * i as f64, 0.0)
+            .unwrap();
+        v.set(&t).unwrap();
+    }
 }
 
 fn scalar(t: &Tensor) -> f64 {
@@ -373,32 +388,14 @@ fn fused_f32_gradients_equal_the_checked_f64_composites() {
             let mut m = tiny_model(arch, 31, dtype).unwrap();
             let vars = if lora {
                 let vars = m.attach_lora(2, 4.0, &["q", "o", "up", "down"], 0).unwrap();
-                // B starts at zero; give it values so that A's gradient is not zero.
-                for (i, v) in vars.iter().enumerate().skip(1).step_by(2) {
-                    let t = Tensor::ones(v.as_tensor().shape(), dtype, &Device::Cpu)
-                        .unwrap()
-                        .affine(0.1 * i as f64, 0.0)
-                        .unwrap();
-                    v.set(&t).unwrap();
-                }
+                give_lora_b_values(&vars, dtype);
                 vars
             } else {
                 m.make_trainable().unwrap()
             };
             // Two rows, the second left-padded: masked attention rows take part too.
             let (ids, layout) = m.pad_batch(&[vec![3, 9, 27, 4, 8], vec![5, 6, 7]]).unwrap();
-            let logits = m
-                .forward_embeds(
-                    m.embed_ids(&ids).unwrap(),
-                    &layout,
-                    None,
-                    LogitsAt::All,
-                    Phase::Prompt,
-                    true,
-                    &mut NoHooks,
-                )
-                .unwrap()
-                .unwrap();
+            let logits = differentiable_logits(&m, m.embed_ids(&ids).unwrap(), &layout);
             let w = weights_for(&m, 10)
                 .reshape((2, 5, m.cfg.vocab))
                 .unwrap()
@@ -418,17 +415,11 @@ fn fused_f32_gradients_equal_the_checked_f64_composites() {
         };
         let (fused, exact) = (grads_of(DType::F32), grads_of(DType::F64));
         for (k, (a, b)) in fused.iter().zip(&exact).enumerate() {
-            let scale = b
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let scale = safegeo_runtime::testing::max_abs(b);
             let err = max_abs(a, b);
             assert!(
                 err <= 1e-3 * scale.max(1e-6),
-                "{arch:?} var {k}: {err} vs scale {scale}"
+                "{arch:?} lora={lora} var {k}: {err} vs scale {scale}"
             );
         }
     }
@@ -439,14 +430,7 @@ fn lora_gradients_match_finite_differences() {
     for arch in ARCHS {
         let mut m = tiny_model(arch, 41, DType::F64).unwrap();
         let vars = m.attach_lora(2, 4.0, &["q", "v", "down"], 0).unwrap();
-        // B starts at zero; give it values so that A's gradient is not trivially zero.
-        for (i, v) in vars.iter().enumerate().skip(1).step_by(2) {
-            let t = Tensor::ones(v.as_tensor().shape(), DType::F64, &Device::Cpu)
-                .unwrap()
-                .affine(0.1 * i as f64, 0.0)
-                .unwrap();
-            v.set(&t).unwrap();
-        }
+        give_lora_b_values(&vars, DType::F64);
         let ids = Tensor::new(&[[5u32, 6, 7, 33, 2]], &Device::Cpu).unwrap();
         let w = weights_for(&m, 5);
         let f = |m: &Model| objective(m, m.embed_ids(&ids).unwrap(), &w);
