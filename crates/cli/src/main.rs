@@ -63,17 +63,34 @@ enum Command {
 }
 
 fn main() {
-    // candle's elementwise worker spins 25,000 times before it parks; with as many threads as
-    // cores that spin takes a core from gemm's threads. 200 made `select` 1.18x faster on 2
-    // cores (README, Performance). Set before candle starts its pool; the user's value wins.
-    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
-        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "200");
+    // Without RAYON_NUM_THREADS, candle counts physical cores by parsing /proc/cpuinfo on every
+    // matmul (num_cpus): 3.5% of batch-1 decoding in a profile. Pin its own answer once.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
     if let Err(e) = safegeo_runtime::block_cache::configure_from_env() {
         eprintln!("error: {e}");
         std::process::exit(2);
     }
     let cli = Cli::parse();
+    // candle's pool worker spins 25,000 times before it parks; with as many threads as cores
+    // that spin takes a core from gemm's threads, and 200 made `select` 1.18x faster on 2 cores
+    // (README, Performance). Decoding with quantized weights at batch 1 is the opposite case:
+    // ~200 small matmuls a token on that pool, and a parked worker wakes too late for each
+    // (measured: 42-52 tok/s at 200, 57-73 at 25,000). Set before candle starts its pool; the
+    // user's value wins.
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        let quantized_decoding = match &cli.command {
+            Command::Generate(a) => a.model.quantized,
+            Command::Eval(a) => a.model.quantized,
+            Command::Deception(a) => a.model.quantized,
+            Command::Bench(a) => a.decodes_quantized_only(),
+            _ => false,
+        };
+        let spins = if quantized_decoding { "25000" } else { "200" };
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", spins);
+    }
     let level = match cli.verbose {
         0 => "warn",
         1 => "info",

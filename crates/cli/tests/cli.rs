@@ -1950,3 +1950,37 @@ fn a_bad_block_cache_budget_is_named_with_its_fix() {
     fails_with(&out, 2, "SAFEGEO_BLOCK_CACHE_MB=\"lots\"");
     assert!(String::from_utf8_lossy(&out.stderr).contains("fix:"));
 }
+
+/// `bench` measures quantized decoding in a process of its own (its pool setting is per process)
+/// and merges the two numbers into the same report; unselected workloads stay null.
+#[test]
+fn bench_measures_quantized_decoding_in_its_own_process() {
+    let model = safegeo_runtime::fetch::ensure(&safegeo_runtime::fetch::SMOLLM2, false)
+        .expect("fetch the default model (needs pip and PyPI)");
+    let dir = tempfile::tempdir().unwrap();
+    let out = safegeo(
+        &[
+            "bench",
+            "--only",
+            "sgemm,decode-quantized",
+            "--reps",
+            "1",
+            "--json",
+            "--model",
+            model.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stderr: {err}");
+    assert!(err.contains("(own process)"), "stderr: {err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "sgemm_gflops",
+        "decode_b1_quantized_tok_s",
+        "decode_b32_quantized_tok_s",
+    ] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {v}");
+    }
+    assert!(v["prefill_capture_tok_s"].is_null(), "{v}");
+}

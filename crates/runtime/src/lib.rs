@@ -18,6 +18,7 @@ mod model;
 pub mod models;
 mod ops;
 mod optim;
+pub mod q4_1;
 pub mod template;
 pub mod testing;
 mod tokenizer;
@@ -34,7 +35,7 @@ pub use hooks::{
 };
 pub use load::{load_model, load_model_with, LoadOptions};
 pub use model::{attend, AttnCtx, Block, KvCache, LayerCache, Layout, LogitsAt, Model, Tape};
-pub use ops::{log_softmax_last, rms_norm, rope, softmax_last, Linear, Lora};
+pub use ops::{log_softmax_last, rms_norm, rope, softmax_last, Linear, Lora, QuantizedWeight};
 pub use optim::{AdamW, AdamWConfig};
 pub use tokenizer::{render_template, Message, PromptPositions, Tok};
 pub use weights::{open_gguf, WeightSource};

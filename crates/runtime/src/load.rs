@@ -2,7 +2,7 @@
 use crate::config::{Arch, ModelConfig};
 use crate::model::{Block, Model};
 use crate::models::{gemma3, llama, qwen2};
-use crate::ops::Linear;
+use crate::ops::{Linear, QuantizedWeight};
 use crate::tokenizer::Tok;
 use crate::weights::{open_gguf, Meta, WeightSource};
 use crate::{Error, Result};
@@ -112,7 +112,6 @@ fn open_hf(dir: &Path) -> Result<(ModelConfig, WeightSource, Tok)> {
 
 /// Give every block linear (and the LM head) its quantized GGUF weight.
 fn attach_quantized(model: &mut Model, ws: &WeightSource, dev: &Device) -> Result<()> {
-    use candle_core::quantized::QMatMul;
     const NAMES: [(&str, &str); 7] = [
         ("q", "attn_q"),
         ("k", "attn_k"),
@@ -129,9 +128,7 @@ fn attach_quantized(model: &mut Model, ws: &WeightSource, dev: &Device) -> Resul
                 .find(|(s, _)| *s == short)
                 .map_or(short, |(_, g)| *g);
             if let Some(q) = ws.get_quantized(&format!("blk.{i}.{gguf}.weight"), dev)? {
-                lin.quantized = Some(std::sync::Arc::new(QMatMul::from_qtensor(fast_kernel(
-                    q, &lin.w,
-                )?)?));
+                lin.quantized = Some(std::sync::Arc::new(fast_kernel(q, &lin.w)?));
             }
         }
     }
@@ -141,30 +138,33 @@ fn attach_quantized(model: &mut Model, ws: &WeightSource, dev: &Device) -> Resul
         "output.weight"
     };
     if let Some(q) = ws.get_quantized(head, dev)? {
-        let q = fast_kernel(q, &model.lm_head.w)?;
-        model.lm_head.quantized = Some(std::sync::Arc::new(QMatMul::from_qtensor(q)?));
+        model.lm_head.quantized = Some(std::sync::Arc::new(fast_kernel(q, &model.lm_head.w)?));
     }
     Ok(())
 }
 
 /// candle 0.11 has SIMD dot products for Q4_0, Q8_0 and the K-quants but only scalar code for
-/// Q4_1, Q5_0 and Q5_1 (measured: Q4_1 decoding 4x slower than f32). Such weights are
-/// requantized from their f32 values to Q8_0, whose grid is far finer than theirs.
-fn fast_kernel(
-    q: candle_core::quantized::QTensor,
-    f32_weight: &Tensor,
-) -> Result<candle_core::quantized::QTensor> {
-    use candle_core::quantized::{GgmlDType, QTensor};
+/// Q4_1, Q5_0 and Q5_1 (measured: Q4_1 decoding 4x slower than f32). Q4_1 on the CPU runs this
+/// crate's kernel on the file's own blocks; the others are requantized from their f32 values to
+/// Q8_0, whose grid is far finer than theirs.
+fn fast_kernel(q: candle_core::quantized::QTensor, f32_weight: &Tensor) -> Result<QuantizedWeight> {
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    let fits = f32_weight.dims().last().is_some_and(|k| k % 32 == 0);
+    if q.dtype() == GgmlDType::Q4_1 && fits && q.device().is_cpu() {
+        let (out_dim, in_dim) = f32_weight.dims2()?;
+        let m = crate::q4_1::Q41Matrix::from_gguf_bytes(&q.data()?, out_dim, in_dim)?;
+        return Ok(QuantizedWeight::Q4_1(m));
+    }
     let slow = matches!(
         q.dtype(),
-        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
+        GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q4_1
     );
-    let fits = f32_weight.dims().last().is_some_and(|k| k % 32 == 0);
-    if slow && fits {
-        Ok(QTensor::quantize(f32_weight, GgmlDType::Q8_0)?)
+    let q = if slow && fits {
+        QTensor::quantize(f32_weight, GgmlDType::Q8_0)?
     } else {
-        Ok(q)
-    }
+        q
+    };
+    Ok(QuantizedWeight::Candle(QMatMul::from_qtensor(q)?))
 }
 
 pub(crate) fn build(

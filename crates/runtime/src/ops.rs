@@ -302,7 +302,25 @@ pub struct Linear {
     /// Optional LoRA adapter.
     pub lora: Option<Lora>,
     /// The original quantized weight, used for inference (no gradient, no LoRA) when kept.
-    pub quantized: Option<std::sync::Arc<candle_core::quantized::QMatMul>>,
+    pub quantized: Option<std::sync::Arc<QuantizedWeight>>,
+}
+
+/// A kept GGUF weight for few-row inference.
+pub enum QuantizedWeight {
+    /// candle's quantized matmul (its SIMD kernels: Q4_0, Q8_0, the K-quants; any device).
+    Candle(candle_core::quantized::QMatMul),
+    /// Q4_1 in the file's blocks with this crate's kernel (CPU).
+    Q4_1(crate::q4_1::Q41Matrix),
+}
+
+impl QuantizedWeight {
+    /// `x (rows, in) -> (rows, out)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Candle(q) => q.forward(x),
+            Self::Q4_1(q) => q.forward(x),
+        }
+    }
 }
 
 impl Linear {

@@ -326,7 +326,7 @@ fn tokenizer_ids_equal_transformers_on_a_varied_corpus() {
 #[test]
 fn quantized_weights_are_used_for_few_rows_and_stay_close_to_the_reference() {
     use candle_core::Tensor;
-    use safegeo_runtime::{load_model_with, LoadOptions};
+    use safegeo_runtime::{load_model_with, LoadOptions, QuantizedWeight};
     let f = fixture("smollm2-135m-instruct-q4_1.reference.json");
     let path = fetch::ensure(&fetch::SMOLLM2, false).expect("fetch the model");
     let q = load_model_with(
@@ -337,7 +337,24 @@ fn quantized_weights_are_used_for_few_rows_and_stay_close_to_the_reference() {
         },
     )
     .unwrap();
-    let plain = model(&fetch::SMOLLM2);
+    let mut plain = model(&fetch::SMOLLM2);
+    // The Q4_1 kernel reads the file's own blocks: they dequantize to candle's f32 weights exactly.
+    let mut q = q;
+    let mut kept_q4_1 = 0;
+    for (qb, pb) in q.blocks.iter_mut().zip(plain.blocks.iter_mut()) {
+        for ((name, ql), (_, pl)) in qb.linears_mut().into_iter().zip(pb.linears_mut()) {
+            if let Some(QuantizedWeight::Q4_1(m)) = ql.quantized.as_deref() {
+                let want: Vec<f32> = pl.w.flatten_all().unwrap().to_vec1().unwrap();
+                assert!(
+                    m.dequantize() == want,
+                    "{name}: Q4_1 blocks differ from the f32 weight"
+                );
+                kept_q4_1 += 1;
+            }
+        }
+    }
+    assert!(kept_q4_1 > 0, "no Q4_1 weight was kept");
+    let (q, plain) = (q, plain);
     let x = Tensor::randn(0f32, 1.0, (8, q.cfg.hidden), &Device::Cpu).unwrap();
     let diff = |rows: usize| -> (f32, f32) {
         let xr = x.narrow(0, 0, rows).unwrap();

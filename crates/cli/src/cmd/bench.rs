@@ -236,6 +236,35 @@ fn sft_step(a: &BenchArgs, reps: usize) -> Result<f64> {
     Ok((batch * tokens) as f64 / s)
 }
 
+impl BenchArgs {
+    /// Whether this run measures quantized decoding and nothing else.
+    pub fn decodes_quantized_only(&self) -> bool {
+        self.only == [Workload::DecodeQuantized] && !self.gcg_only
+    }
+}
+
+/// `safegeo bench --only decode-quantized --json` as a child process: its two numbers.
+fn decode_quantized_in_child(a: &BenchArgs) -> Result<(Option<f64>, Option<f64>)> {
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(["bench", "--only", "decode-quantized", "--json"])
+        .args(["--reps", &a.reps.to_string(), "--device", &a.model.device]);
+    if let Some(m) = &a.model.model {
+        cmd.args(["--model", m]);
+    }
+    let out = cmd.stderr(std::process::Stdio::inherit()).output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "the quantized-decoding benchmark's process failed ({})",
+            out.status
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok((
+        v["decode_b1_quantized_tok_s"].as_f64(),
+        v["decode_b32_quantized_tok_s"].as_f64(),
+    ))
+}
+
 fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -290,7 +319,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         step("decode batch 32");
         r.decode_b32_tok_s = Some(decode(&model, 32, 64)?);
     }
-    if wanted(Workload::DecodeQuantized) {
+    if wanted(Workload::DecodeQuantized) && !a.decodes_quantized_only() {
+        // In a process of its own: batch-1 decoding wants candle's worker spinning between ops,
+        // which is set per process (see `main`), as `generate --quantized` gets it.
+        step("decode batch 1 and 32, quantized weights (own process)");
+        let (b1, b32) = decode_quantized_in_child(&a)?;
+        r.decode_b1_quantized_tok_s = b1;
+        r.decode_b32_quantized_tok_s = b32;
+    } else if wanted(Workload::DecodeQuantized) {
         let qargs = ModelArgs {
             quantized: true,
             ..a.model.clone()
