@@ -90,6 +90,8 @@ fn main() {
         };
         let spins = if quantized_decoding { "25000" } else { "200" };
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", spins);
+        // Tells a child `safegeo` (bench) that the value is ours to choose again, not the user's.
+        std::env::set_var(cmd::bench::SPIN_LIMIT_DEFAULTED, "1");
     }
     let level = match cli.verbose {
         0 => "warn",

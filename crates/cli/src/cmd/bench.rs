@@ -243,9 +243,17 @@ impl BenchArgs {
     }
 }
 
+/// Set by `main` when it chose candle's spin limit itself (the user did not set it).
+pub const SPIN_LIMIT_DEFAULTED: &str = "SAFEGEO_SPIN_LIMIT_DEFAULTED";
+
 /// `safegeo bench --only decode-quantized --json` as a child process: its two numbers.
 fn decode_quantized_in_child(a: &BenchArgs) -> Result<(Option<f64>, Option<f64>)> {
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    if std::env::var_os(SPIN_LIMIT_DEFAULTED).is_some() {
+        // Our own choice for this process, not the user's: let the child choose its own.
+        cmd.env_remove("CANDLE_BARRIER_POOL_SPIN_LIMIT")
+            .env_remove(SPIN_LIMIT_DEFAULTED);
+    }
     cmd.args(["bench", "--only", "decode-quantized", "--json"])
         .args(["--reps", &a.reps.to_string(), "--device", &a.model.device]);
     if let Some(m) = &a.model.model {
