@@ -106,8 +106,9 @@ pub fn swiglu(a: &Tensor, u: &Tensor, grad: bool) -> Result<Tensor> {
     }
 }
 
-/// `y = x W^T` whose backward returns only `dL/dx`: candle's matmul backward always computes
-/// `dW` as well, which is wasted work for frozen weights (LoRA, GCG gradients).
+/// `y = x W^T` by gemm straight between the storages, whose backward returns only `dL/dx`:
+/// candle's matmul backward always computes `dW` as well, which is wasted work for frozen
+/// weights (LoRA, GCG gradients). Inference runs it without a graph node.
 struct FrozenMatmul {
     w: Tensor,
 }
@@ -133,15 +134,28 @@ impl CustomOp1 for FrozenMatmul {
         };
         let w = &wc.as_slice::<f32>()?[wl.start_offset()..wl.start_offset() + out * inner];
         let mut y = vec![0f32; rows * out];
-        // y (rows, out) = x (rows, in) * W^T (in, out); W^T[i, o] = w[o * in + i].
-        fused::gemm_into(
-            &mut y,
-            (rows, out, inner),
-            x,
-            (1, inner as isize),
-            w,
-            (inner as isize, 1),
-        );
+        let inner_s = inner as isize;
+        if rows > 1 && rows <= SMALL_ROWS {
+            // y^T (out, rows) = W (out, in) * x^T (in, rows), then transposed: gemm's per-call
+            // cost is far lower this way round for a few rows (and it wants a row-major dst).
+            let mut y_t = vec![0f32; out * rows];
+            fused::gemm_into(
+                &mut y_t,
+                (out, rows, inner),
+                w,
+                (1, inner_s),
+                x,
+                (inner_s, 1),
+            );
+            for (o, col) in y_t.chunks_exact(rows).enumerate() {
+                for (r, v) in col.iter().enumerate() {
+                    y[r * out + o] = *v;
+                }
+            }
+        } else {
+            // y (rows, out) = x (rows, in) * W^T (in, out); W^T[i, o] = w[o * in + i].
+            fused::gemm_into(&mut y, (rows, out, inner), x, (1, inner_s), w, (inner_s, 1));
+        }
         let mut dims = l.dims().to_vec();
         *dims.last_mut().unwrap() = out;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
@@ -263,13 +277,15 @@ pub fn batched_matmul(a: &Tensor, b: &Tensor, grad: bool) -> Result<Tensor> {
     }
 }
 
+/// Most rows for which `x W^T` runs as `(W x^T)^T`.
+const SMALL_ROWS: usize = 48;
+
 /// `x W^T`. For a few rows candle's gemm pays a fixed cost per call that the transposed product
 /// `(W x^T)^T` largely avoids (measured: 8-32 rows x 576 -> 1536 take 0.43-0.53 ms one way,
 /// 0.25-0.28 ms the other); large batches keep the direct form.
 fn small_rows_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    const SMALL: usize = 48;
     let rows = x.dim(0)?;
-    if rows > 1 && rows <= SMALL && x.device().is_cpu() {
+    if rows > 1 && rows <= SMALL_ROWS && x.device().is_cpu() {
         w.matmul(&x.t()?.contiguous()?)?.t()?.contiguous()
     } else {
         x.matmul(&w.t()?)
@@ -362,6 +378,10 @@ impl Linear {
         } else if frozen_path {
             x2.contiguous()?
                 .apply_op1(FrozenMatmul { w: self.w.clone() })?
+        } else if !grad && fused::serves(&x2) && fused::serves(&self.w) {
+            // Inference: the same gemm straight between storages, without a graph node.
+            x2.contiguous()?
+                .apply_op1_no_bwd(&FrozenMatmul { w: self.w.clone() })?
         } else if grad && self.trainable && fused::serves(&x2) && fused::serves(&self.w) {
             fused::trainable_linear(&x2, &self.w)?
         } else {
@@ -472,6 +492,24 @@ mod tests {
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
         crate::testing::random_tensor(shape, seed, 1.0)
+    }
+
+    /// Inference and the frozen gradient path both run gemm between storages, transposed for a
+    /// few rows: every row count on either side of the switch equals candle's matmul.
+    #[test]
+    fn linear_forward_equals_the_plain_product_for_every_row_count() {
+        let w = rand(&[37, 64], 1);
+        let lin = Linear::new(w.clone(), None);
+        for rows in [1, 2, 5, SMALL_ROWS, SMALL_ROWS + 1, 130] {
+            let x = rand(&[rows, 64], rows as u64);
+            let want = x.matmul(&w.t().unwrap()).unwrap();
+            for grad in [false, true] {
+                let got = lin.forward(&x, grad).unwrap();
+                assert_eq!(got.dims(), &[rows, 37]);
+                let d = max_diff(&got, &want);
+                assert!(d < 1e-5, "rows {rows} grad {grad}: max diff {d}");
+            }
+        }
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
