@@ -96,10 +96,11 @@ pub(crate) fn rope_composite(
     }
 }
 
-/// The gated MLP's product `silu(a) * u` (one fused pass with its backward for f32 training on
-/// the CPU).
+/// The gated MLP's product `silu(a) * u` (one fused pass with its backward for f32 on the CPU).
 pub fn swiglu(a: &Tensor, u: &Tensor, grad: bool) -> Result<Tensor> {
-    if grad && fused::serves(a) {
+    // Inference takes the fused pass too once the tensor is large (one pass and one buffer
+    // instead of two); small ones stay with candle's ops, which run inline.
+    if fused::serves(a) && (grad || a.elem_count() >= 1 << 16) {
         fused::swiglu(a, u)
     } else {
         a.silu()? * u
@@ -133,29 +134,22 @@ impl CustomOp1 for FrozenMatmul {
             candle_core::bail!("frozen-matmul: weight not on the CPU")
         };
         let w = &wc.as_slice::<f32>()?[wl.start_offset()..wl.start_offset() + out * inner];
-        let mut y = vec![0f32; rows * out];
         let inner_s = inner as isize;
-        if rows > 1 && rows <= SMALL_ROWS {
+        let y = if rows > 1 && rows <= SMALL_ROWS {
             // y^T (out, rows) = W (out, in) * x^T (in, rows), then transposed: gemm's per-call
             // cost is far lower this way round for a few rows (and it wants a row-major dst).
-            let mut y_t = vec![0f32; out * rows];
-            fused::gemm_into(
-                &mut y_t,
-                (out, rows, inner),
-                w,
-                (1, inner_s),
-                x,
-                (inner_s, 1),
-            );
+            let y_t = fused::gemm_new((out, rows, inner), w, (1, inner_s), x, (inner_s, 1));
+            let mut y = vec![0f32; rows * out];
             for (o, col) in y_t.chunks_exact(rows).enumerate() {
                 for (r, v) in col.iter().enumerate() {
                     y[r * out + o] = *v;
                 }
             }
+            y
         } else {
             // y (rows, out) = x (rows, in) * W^T (in, out); W^T[i, o] = w[o * in + i].
-            fused::gemm_into(&mut y, (rows, out, inner), x, (1, inner_s), w, (inner_s, 1));
-        }
+            fused::gemm_new((rows, out, inner), x, (1, inner_s), w, (inner_s, 1))
+        };
         let mut dims = l.dims().to_vec();
         *dims.last_mut().unwrap() = out;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
@@ -509,6 +503,18 @@ mod tests {
                 let d = max_diff(&got, &want);
                 assert!(d < 1e-5, "rows {rows} grad {grad}: max diff {d}");
             }
+        }
+    }
+
+    /// Inference uses the fused SwiGLU pass for large tensors and candle's ops for small ones:
+    /// both equal `silu(a) * u`.
+    #[test]
+    fn swiglu_for_inference_equals_the_composite_at_both_sizes() {
+        for n in [100, 1 << 17] {
+            let (a, u) = (rand(&[2, n / 2], 5), rand(&[2, n / 2], 6));
+            let want = (a.silu().unwrap() * &u).unwrap();
+            let d = max_diff(&swiglu(&a, &u, false).unwrap(), &want);
+            assert!(d < 1e-6, "{n} elements: max diff {d}");
         }
     }
 
