@@ -356,8 +356,8 @@ impl Linear {
         let inner = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / inner.max(1);
         let x2 = x.reshape((rows, inner))?;
-        // gemm straight between the storages (f32, CPU) unless a trainable weight needs its dW.
-        let gemm_path = fused::serves(&x2) && fused::serves(&self.w) && !(grad && self.trainable);
+        let frozen_path =
+            grad && !self.trainable && x2.device().is_cpu() && x2.dtype() == DType::F32;
         // The kept GGUF weight serves plain inference only: a gradient, a trainable weight or a
         // LoRA adapter needs the f32 weight (edits drop the quantized copy where they happen).
         // candle's quantized matmul is a dot product per row, so it wins only for a few rows
@@ -369,15 +369,13 @@ impl Linear {
             .filter(|_| x2.dtype() == DType::F32 && rows <= QUANTIZED_MAX_ROWS);
         let mut y = if let Some(q) = quantized {
             q.forward(&x2.contiguous()?)?
-        } else if gemm_path {
-            // A frozen weight under grad records the dx-only node; inference records none.
-            let op = FrozenMatmul { w: self.w.clone() };
-            let x2 = x2.contiguous()?;
-            if grad {
-                x2.apply_op1(op)?
-            } else {
-                x2.apply_op1_no_bwd(&op)?
-            }
+        } else if frozen_path {
+            x2.contiguous()?
+                .apply_op1(FrozenMatmul { w: self.w.clone() })?
+        } else if !grad && fused::serves(&x2) && fused::serves(&self.w) {
+            // Inference: the same gemm straight between storages, without a graph node.
+            x2.contiguous()?
+                .apply_op1_no_bwd(&FrozenMatmul { w: self.w.clone() })?
         } else if grad && self.trainable && fused::serves(&x2) && fused::serves(&self.w) {
             fused::trainable_linear(&x2, &self.w)?
         } else {
