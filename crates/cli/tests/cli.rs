@@ -1124,7 +1124,6 @@ fn trajectory_measures_sharded_anchors_merges_and_writes_the_report() {
     );
 }
 
-/// Start `safegeo args`, SIGKILL it once `ready()` holds (or after 20 s), and wait for it.
 /// `trajectory`'s carrier and selection options sized for a tiny model (`sets` = harmful,harmless).
 fn tiny_geometry_args(sets: &str) -> Vec<String> {
     [
@@ -1148,27 +1147,50 @@ fn tiny_geometry_args(sets: &str) -> Vec<String> {
     .collect()
 }
 
-/// Run `args` and SIGKILL it once `ready()`; true when it was killed before it finished.
+/// Run `args` and SIGKILL it once `ready()`; true when it was killed before it finished. A child
+/// that exits by itself before the kill point panics with its exit status and stderr, so a crash is
+/// never mistaken for a run that was too quick to interrupt.
 fn kill_when(args: &[&str], home: &Path, ready: impl Fn() -> bool) -> bool {
+    let stderr_path = home.join(format!(
+        "kill-when-{}.stderr",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
     let mut child = Command::new(env!("CARGO_BIN_EXE_safegeo"))
         .args(args)
         .env("SAFEGEO_HOME", home)
         .env_remove("SAFEGEO_MODEL")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
         .spawn()
         .unwrap();
     let t0 = std::time::Instant::now();
+    let mut exited = None;
     while t0.elapsed() < std::time::Duration::from_secs(20) && !ready() {
-        if child.try_wait().unwrap().is_some() {
+        if let Some(status) = child.try_wait().unwrap() {
+            exited = Some(status);
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    let finished = child.try_wait().unwrap().is_some();
+    let exited = exited.or_else(|| child.try_wait().unwrap());
     let _ = child.kill();
     let _ = child.wait();
-    !finished
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&stderr_path);
+    if let Some(status) = exited {
+        assert!(
+            status.success(),
+            "{args:?} failed before the kill point ({status}): {stderr}"
+        );
+        eprintln!(
+            "{args:?} finished after {:?}, before the kill point",
+            t0.elapsed()
+        );
+    }
+    exited.is_none()
 }
 
 #[test]
@@ -1588,13 +1610,16 @@ fn lines_in(path: &Path) -> usize {
     std::fs::read_to_string(path).map_or(0, |s| s.lines().count())
 }
 
-/// `args` run whole into `full/`, and run into `cut/` killed with SIGKILL once `ready(cut)`, then
-/// resumed. Returns the two folders for the caller to compare and the resumed run's stderr.
+/// `args` run whole into `full/`, and run into `cut/` killed with SIGKILL once
+/// `ready(cut, took, elapsed)`, then resumed. `took` is the uninterrupted run's wall time and
+/// `elapsed` the time since the cut run started. A run that finishes before its kill point (a cold
+/// first run makes `took` long) is started again from scratch with `took` halved, up to five
+/// times. Returns the two folders for the caller to compare and the resumed run's stderr.
 fn full_and_resumed(
     h: &Path,
     name: &str,
     args: &dyn Fn(&Path) -> Vec<String>,
-    ready: &dyn Fn(&Path, std::time::Duration) -> bool,
+    ready: &dyn Fn(&Path, std::time::Duration, std::time::Duration) -> bool,
 ) -> (std::path::PathBuf, std::path::PathBuf, String) {
     let run = |out: &Path| {
         let a = args(out);
@@ -1612,13 +1637,23 @@ fn full_and_resumed(
     );
     let t0 = std::time::Instant::now();
     run(&full);
-    let took = t0.elapsed();
-    let a = args(&cut);
+    let mut took = t0.elapsed();
+    let mut killed = false;
+    for _attempt in 0..5 {
+        let _ = std::fs::remove_dir_all(&cut);
+        let a = args(&cut);
+        let started = std::time::Instant::now();
+        if kill_when(&a.iter().map(String::as_str).collect::<Vec<_>>(), h, || {
+            ready(&cut, took, started.elapsed())
+        }) {
+            killed = true;
+            break;
+        }
+        took /= 2;
+    }
     assert!(
-        kill_when(&a.iter().map(String::as_str).collect::<Vec<_>>(), h, || {
-            ready(&cut, took)
-        }),
-        "{name}: the run finished before the kill point"
+        killed,
+        "{name}: five runs in a row finished before their kill point"
     );
     let log = run(&cut);
     (full, cut, log)
@@ -1677,7 +1712,6 @@ fn carriers_select_sweep_attack_and_train_resume_after_kill_9_to_the_uninterrupt
     // carriers: one pass, written atomically; a kill anywhere leaves nothing torn. Killed at a
     // random share of the uninterrupted run's wall time.
     let point = random_point(5, 60);
-    let started = std::cell::Cell::new(None::<std::time::Instant>);
     let (full, cut, _) = full_and_resumed(
         h,
         "carriers",
@@ -1693,16 +1727,12 @@ fn carriers_select_sweep_attack_and_train_resume_after_kill_9_to_the_uninterrupt
                 "--n",
                 "24",
                 "--bootstrap",
-                "400",
+                "4000",
                 "--out",
                 out.to_str().unwrap(),
             ])
         },
-        &|_, took| {
-            let t0 = started.get().unwrap_or_else(std::time::Instant::now);
-            started.set(Some(t0));
-            t0.elapsed() >= took * point as u32 / 100
-        },
+        &|_, took, elapsed| elapsed >= took * point as u32 / 100,
     );
     for f in ["carriers.safetensors", "carriers.json", "geometry.json"] {
         same_file(
@@ -1734,7 +1764,7 @@ fn carriers_select_sweep_attack_and_train_resume_after_kill_9_to_the_uninterrupt
                 "50",
             ])
         },
-        &|out, _| lines_in(&out.join("select.journal.jsonl")) > point,
+        &|out, _, _| lines_in(&out.join("select.journal.jsonl")) > point,
     );
     assert!(log.contains("measurements already made"), "{log}");
     same_results(
@@ -1766,7 +1796,7 @@ fn carriers_select_sweep_attack_and_train_resume_after_kill_9_to_the_uninterrupt
                 "4",
             ])
         },
-        &|out, _| lines_in(&out.join("sweep.journal.jsonl")) > point,
+        &|out, _, _| lines_in(&out.join("sweep.journal.jsonl")) > point,
     );
     assert!(log.contains("conditions already measured"), "{log}");
     same_results(
@@ -1818,7 +1848,7 @@ fn carriers_select_sweep_attack_and_train_resume_after_kill_9_to_the_uninterrupt
                 out.to_str().unwrap(),
             ])
         },
-        &|out, _| {
+        &|out, _, _| {
             lines_in(&out.join("test_cases.jsonl")) >= point
                 && std::fs::read_dir(out.join("state")).is_ok_and(|d| d.count() > 0)
         },
@@ -1869,7 +1899,7 @@ fn carriers_select_sweep_attack_and_train_resume_after_kill_9_to_the_uninterrupt
                 out.to_str().unwrap(),
             ])
         },
-        &|out, _| lines_in(&out.join("train_log.jsonl")) > point,
+        &|out, _, _| lines_in(&out.join("train_log.jsonl")) > point,
     );
     let losses = |dir: &Path| -> Vec<(u64, String)> {
         std::fs::read_to_string(dir.join("train_log.jsonl"))
