@@ -1,5 +1,6 @@
-//! Differentiable fused kernels for training on CPU (f32): RMSNorm, softmax, log-softmax, RoPE
-//! and the SwiGLU product, each one pass forward and one pass backward.
+//! Differentiable fused kernels for training on CPU (f32): RMSNorm, softmax, log-softmax, RoPE,
+//! the SwiGLU product, attention's head layout and its scaled, masked softmax, each one pass
+//! forward and one pass backward.
 //!
 //! The composite forms in `ops.rs` are exact but build 5-12 graph nodes each, and candle's
 //! backward pays a zeroed allocation and an extra full pass per node; over the vocabulary
@@ -403,6 +404,235 @@ pub fn swiglu(a: &Tensor, u: &Tensor) -> Result<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Attention head layout. split: (b, t, n*hd) -> (b, n, t, hd); merge is its inverse, and each
+// one's backward is the other. As candle ops these are reshape + transpose + contiguous (three
+// graph nodes, one of them a strided add of the gradient); here one node each.
+
+struct Heads {
+    /// Number of heads.
+    n: usize,
+    /// true: (b, t, n*hd) -> (b, n, t, hd); false: the inverse.
+    split: bool,
+}
+
+impl CustomOp1 for Heads {
+    fn name(&self) -> &'static str {
+        if self.split {
+            "fused-split-heads"
+        } else {
+            "fused-merge-heads"
+        }
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        let n = self.n;
+        let (t, hd, out_shape) = if self.split {
+            let (b, t, nhd) = l.shape().dims3()?;
+            if nhd % n != 0 {
+                candle_core::bail!("split_heads: width {nhd} is not a multiple of {n} heads");
+            }
+            (t, nhd / n, Shape::from((b, n, t, nhd / n)))
+        } else {
+            let (b, heads, t, hd) = l.shape().dims4()?;
+            if heads != n {
+                candle_core::bail!("merge_heads: {heads} heads, expected {n}");
+            }
+            (t, hd, Shape::from((b, t, n * hd)))
+        };
+        let mut y = Vec::<f32>::with_capacity(x.len());
+        // SAFETY: every element is written below before the buffer is read (the index maps are
+        // bijections of 0..len); f32 has no invalid bit patterns.
+        #[allow(clippy::uninit_vec)]
+        unsafe {
+            y.set_len(x.len())
+        };
+        // Split: one (batch, head) block of t x hd at a time; merge: one (batch, token) row of
+        // n pieces of hd.
+        let row_len = n * hd;
+        if self.split {
+            y.par_chunks_mut(t * hd)
+                .enumerate()
+                .for_each(|(bh, out)| {
+                    let (bi, h) = (bh / n, bh % n);
+                    for ti in 0..t {
+                        let src = (bi * t + ti) * row_len + h * hd;
+                        out[ti * hd..(ti + 1) * hd].copy_from_slice(&x[src..src + hd]);
+                    }
+                });
+        } else {
+            y.par_chunks_mut(row_len)
+                .enumerate()
+                .for_each(|(bt, out)| {
+                    let (bi, ti) = (bt / t, bt % t);
+                    for h in 0..n {
+                        let src = ((bi * n + h) * t + ti) * hd;
+                        out[h * hd..(h + 1) * hd].copy_from_slice(&x[src..src + hd]);
+                    }
+                });
+        }
+        Ok((CpuStorage::F32(y), out_shape))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let inverse = Heads {
+            n: self.n,
+            split: !self.split,
+        };
+        Ok(Some(g.contiguous()?.apply_op1(inverse)?))
+    }
+}
+
+/// Fused, differentiable `(b, t, n*hd) -> (b, n, t, hd)` (contiguous).
+pub fn split_heads(x: &Tensor, n: usize) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Heads { n, split: true })
+}
+
+/// Fused, differentiable `(b, n, t, hd) -> (b, t, n*hd)` (contiguous).
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let n = x.dim(1)?;
+    x.contiguous()?.apply_op1(Heads { n, split: false })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention probabilities: y = softmax(scale * s + m) per row of the scores s: (b, .., rows, T),
+// the additive mask m: (b, t, T) shared by every head (row r of batch entry i reads mask row
+// (i, r mod t): query heads sharing a kv head are stacked along the token axis).
+// ds = scale * y * (g - sum(g*y)); the mask gets no gradient. As candle ops this is an affine,
+// a broadcast add between two reshapes and the softmax: five score-sized nodes, one here.
+
+struct ScaledMaskedSoftmax {
+    scale: f32,
+}
+
+impl ScaledMaskedSoftmax {
+    fn forward(&self, s: &[f32], dims: &[usize], mask: Option<(&[f32], usize)>) -> Vec<f32> {
+        let n = (*dims.last().unwrap_or(&1)).max(1);
+        let b = dims.first().copied().unwrap_or(1).max(1);
+        let rows_per_entry = s.len() / n / b;
+        let mut y = vec![0f32; s.len()];
+        y.par_chunks_mut(n)
+            .zip(s.par_chunks(n))
+            .enumerate()
+            .for_each(|(r, (yr, sr))| {
+                let m = mask.map(|(m, t)| {
+                    let (bi, q) = (r / rows_per_entry, (r % rows_per_entry) % t);
+                    &m[(bi * t + q) * n..(bi * t + q + 1) * n]
+                });
+                let mut max = f32::NEG_INFINITY;
+                for (i, (yi, si)) in yr.iter_mut().zip(sr).enumerate() {
+                    *yi = si * self.scale + m.map_or(0.0, |m| m[i]);
+                    max = max.max(*yi);
+                }
+                if max == f32::NEG_INFINITY {
+                    yr.fill(0.0); // a fully masked row attends to nothing
+                    return;
+                }
+                let mut sum = 0f32;
+                for yi in yr.iter_mut() {
+                    *yi = (*yi - max).exp();
+                    sum += *yi;
+                }
+                let inv = 1.0 / sum;
+                yr.iter_mut().for_each(|v| *v *= inv);
+            });
+        y
+    }
+
+    fn backward(&self, y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let n = (*y.dims().last().unwrap_or(&1)).max(1);
+        let scale = self.scale;
+        let ds = with_data(y, |y| {
+            with_data(g, |g| {
+                let mut ds = vec![0f32; y.len()];
+                ds.par_chunks_mut(n)
+                    .zip(y.par_chunks(n).zip(g.par_chunks(n)))
+                    .for_each(|(dr, (yr, gr))| {
+                        let dot: f32 = gr.iter().zip(yr).map(|(a, b)| a * b).sum();
+                        for i in 0..dr.len() {
+                            dr[i] = scale * yr[i] * (gr[i] - dot);
+                        }
+                    });
+                Ok(ds)
+            })
+        })?;
+        tensor(ds, y.dims())
+    }
+}
+
+impl CustomOp1 for ScaledMaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-scaled-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "fused-scaled-softmax")?;
+        let y = self.forward(x, l.dims(), None);
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _s: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.backward(y, g)?))
+    }
+}
+
+impl CustomOp2 for ScaledMaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-scaled-masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        m: &CpuStorage,
+        ml: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "fused-scaled-masked-softmax")?;
+        let mask = slice(m, ml, "fused-scaled-masked-softmax")?;
+        let (mb, t, n) = ml.shape().dims3()?;
+        let dims = l.dims();
+        let rows_per_entry = x.len() / n.max(1) / mb.max(1);
+        if dims.first() != Some(&mb)
+            || dims.last() != Some(&n)
+            || t == 0
+            || rows_per_entry % t != 0
+            || dims[dims.len() - 2] % t != 0
+        {
+            candle_core::bail!(
+                "scaled_masked_softmax: scores {dims:?} do not fit the mask {:?}",
+                ml.dims()
+            );
+        }
+        let y = self.forward(x, dims, Some((mask, t)));
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _s: &Tensor,
+        _m: &Tensor,
+        y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(self.backward(y, g)?), None))
+    }
+}
+
+/// Fused, differentiable `softmax(scale * scores + mask)` over the last dimension, for scores
+/// `(b, .., rows, T)` whose rows cycle through the mask's `t` query rows, and an additive mask
+/// `(b, t, T)` (no gradient). Fully masked rows give zeros.
+pub fn scaled_masked_softmax(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let op = ScaledMaskedSoftmax {
+        scale: scale as f32,
+    };
+    match mask {
+        Some(m) => scores.contiguous()?.apply_op2(&m.contiguous()?, op),
+        None => scores.contiguous()?.apply_op1(op),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Linear layer with a trainable weight: y = x W^T, x: (rows, in), W: (out, in).
 // dx = g W;  dW = g^T x, written straight in W's (out, in) layout. candle's matmul backward
 // computes dW^T = x^T g and transposes it back through two more graph nodes, each a zeroed
@@ -680,6 +910,98 @@ mod tests {
             &inputs,
             |t| swiglu(&t[0], &t[1]),
             |t| t[0].silu()? * &t[1],
+            2,
+        );
+    }
+
+    #[test]
+    fn split_and_merge_heads_match_reshape_transpose() {
+        let inputs = [rand(&[2, 5, 12], 12)];
+        same_values_and_grads(
+            &inputs,
+            |t| split_heads(&t[0], 3),
+            |t| t[0].reshape((2, 5, 3, 4))?.transpose(1, 2)?.contiguous(),
+            1,
+        );
+        let inputs = [rand(&[2, 3, 5, 4], 13)];
+        same_values_and_grads(
+            &inputs,
+            |t| merge_heads(&t[0]),
+            |t| t[0].transpose(1, 2)?.reshape((2, 5, 12)),
+            1,
+        );
+        let x = rand(&[2, 5, 12], 14);
+        let back = merge_heads(&split_heads(&x, 3).unwrap()).unwrap();
+        assert_eq!(max_rel(&back, &x), 0.0);
+        assert!(split_heads(&x, 5).is_err());
+    }
+
+    #[test]
+    fn scaled_masked_softmax_matches_composite_with_grouped_heads() {
+        // (b, kv heads, n_rep * t, T) scores against a (b, t, T) causal mask with one fully
+        // masked row (a left pad), as `attend` lays them out.
+        let (b, kvh, n_rep, t, total) = (2, 2, 3, 4, 6);
+        let mut m = vec![0f32; b * t * total];
+        for bi in 0..b {
+            for q in 0..t {
+                for k in 0..total {
+                    if k > q + (total - t) || (bi == 1 && q == 0) {
+                        m[(bi * t + q) * total + k] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        let mask = Tensor::from_vec(m, (b, t, total), &candle_core::Device::Cpu).unwrap();
+        let inputs = [rand(&[b, kvh, n_rep * t, total], 15)];
+        let composite = |t: &[Tensor]| -> Result<Tensor> {
+            let s = (&t[0] * 0.37)?
+                .reshape((b, kvh, n_rep, 4, total))?
+                .broadcast_add(&mask.reshape((b, 1, 1, 4, total))?)?
+                .reshape((b, kvh, n_rep * 4, total))?;
+            softmax_last(&s)
+        };
+        same_values_and_grads(
+            &inputs,
+            |t| scaled_masked_softmax(&t[0], Some(&mask), 0.37),
+            composite,
+            1,
+        );
+        same_values_and_grads(
+            &inputs,
+            |t| scaled_masked_softmax(&t[0], None, 0.37),
+            |t| softmax_last(&(&t[0] * 0.37)?),
+            1,
+        );
+        let wrong = rand(&[b, kvh, n_rep * t + 1, total], 16);
+        assert!(scaled_masked_softmax(&wrong, Some(&mask), 1.0).is_err());
+    }
+
+    #[test]
+    fn batched_products_match_candle_matmul_with_b_as_is_or_transposed() {
+        use crate::ops::{batched_matmul, batched_matmul_bt};
+        // One and many batch elements (the few-element path runs each gemm on every thread).
+        for batch in [1, 6] {
+            let inputs = [rand(&[batch, 2, 5, 8], 20), rand(&[batch, 2, 8, 3], 21)];
+            same_values_and_grads(
+                &inputs,
+                |t| batched_matmul(&t[0], &t[1], true),
+                |t| t[0].matmul(&t[1]),
+                2,
+            );
+            let inputs = [rand(&[batch, 2, 5, 8], 22), rand(&[batch, 2, 7, 8], 23)];
+            same_values_and_grads(
+                &inputs,
+                |t| batched_matmul_bt(&t[0], &t[1], true),
+                |t| t[0].matmul(&t[1].t()?),
+                2,
+            );
+        }
+        // A strided left operand (a transposed view) is read in place.
+        let inputs = [rand(&[2, 3, 8, 5], 24), rand(&[2, 3, 7, 8], 25)];
+        same_values_and_grads(
+            &inputs,
+            |t| batched_matmul_bt(&t[0].t()?, &t[1], true),
+            |t| t[0].t()?.matmul(&t[1].t()?),
             2,
         );
     }

@@ -239,28 +239,55 @@ pub fn attend(
     let kvh = k.dim(1)?;
     let q = ops::rope(q, cos, sin, cfg.rope_interleaved, grad)?;
     let k = ops::rope(k, cos, sin, cfg.rope_interleaved, grad)?;
-    let (k_t, v) = match cache {
-        Some((c, _)) if grad || c.frozen => c.read_with(&k.transpose(2, 3)?, v)?,
-        Some((c, reserve)) => c.append(&k.transpose(2, 3)?, v, reserve)?,
-        None => (k.t()?, v.clone()),
+    // Keys as stored in the cache, `k^T`; without a cache `k` itself (the scores' product reads
+    // it transposed in place).
+    let (keys, v, keys_transposed) = match cache {
+        Some((c, _)) if grad || c.frozen => {
+            let (k_t, v) = c.read_with(&k.transpose(2, 3)?, v)?;
+            (k_t, v, true)
+        }
+        Some((c, reserve)) => {
+            let (k_t, v) = c.append(&k.transpose(2, 3)?, v, reserve)?;
+            (k_t, v, true)
+        }
+        None => (k, v.clone(), false),
     };
-    let total = k_t.dim(3)?;
+    let total = if keys_transposed {
+        keys.dim(3)?
+    } else {
+        keys.dim(2)?
+    };
     let n_rep = h / kvh;
     // Query heads sharing a kv head are stacked along the token axis, so no kv copy is needed.
     let q = q.reshape((b, kvh, n_rep * t, hd))?;
-    let att = (ops::batched_matmul(&q, &k_t, grad)? * cfg.attn_scale)?;
-    let att = match mask {
-        Some(m) => att
-            .reshape((b, kvh, n_rep, t, total))?
-            .broadcast_add(m)?
-            .reshape((b, kvh, n_rep * t, total))?,
-        None => att,
+    let scores = if keys_transposed {
+        ops::batched_matmul(&q, &keys, grad)?
+    } else {
+        ops::batched_matmul_bt(&q, &keys, grad)?
     };
-    let p = ops::softmax_last(&att, grad)?;
+    let mask_fits = mask.is_none_or(|m| m.dims() == [b, 1, 1, t, total]);
+    let p = if crate::fused::serves(&scores) && mask_fits {
+        // One pass (and one graph node) for scale, mask and softmax.
+        let mask = mask.map(|m| m.reshape((b, t, total))).transpose()?;
+        crate::fused::scaled_masked_softmax(&scores, mask.as_ref(), cfg.attn_scale)?
+    } else {
+        let att = (scores * cfg.attn_scale)?;
+        let att = match mask {
+            Some(m) => att
+                .reshape((b, kvh, n_rep, t, total))?
+                .broadcast_add(m)?
+                .reshape((b, kvh, n_rep * t, total))?,
+            None => att,
+        };
+        ops::softmax_last(&att, grad)?
+    };
     let y = ops::batched_matmul(&p, &v, grad)?; // (b, kvh, n_rep*t, hd)
-    y.reshape((b, h, t, hd))?
-        .transpose(1, 2)?
-        .reshape((b, t, h * hd))
+    let y = y.reshape((b, h, t, hd))?;
+    if crate::fused::serves(&y) {
+        crate::fused::merge_heads(&y)
+    } else {
+        y.transpose(1, 2)?.reshape((b, t, h * hd))
+    }
 }
 
 /// How tokens of a batch are laid out: left padding per row.

@@ -180,6 +180,82 @@ fn flat_batch_stride(stride: &[usize], dims: &[usize]) -> Option<usize> {
     Some(stride[nb - 1])
 }
 
+/// `a @ b` over flattened batch dims for f32 CPU storages of any row/column strides.
+fn many_small_matmuls(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    use rayon::prelude::*;
+    let (a, b) = (s1.as_slice::<f32>()?, s2.as_slice::<f32>()?);
+    let (da, db) = (l1.dims(), l2.dims());
+    let r = da.len();
+    if r < 2 || db.len() != r || da[r - 1] != db[r - 2] || da[..r - 2] != db[..r - 2] {
+        candle_core::bail!("many-small-matmuls: shapes {da:?} and {db:?} do not multiply");
+    }
+    let (m, k, n) = (da[r - 2], da[r - 1], db[r - 1]);
+    let batch: usize = da[..r - 2].iter().product();
+    let (sa, sb) = (l1.stride(), l2.stride());
+    let (Some(ba), Some(bb)) = (
+        flat_batch_stride(&sa[..r - 2], &da[..r - 2]),
+        flat_batch_stride(&sb[..r - 2], &db[..r - 2]),
+    ) else {
+        candle_core::bail!("many-small-matmuls: batch dims do not flatten");
+    };
+    let (a_ptr, b_ptr) = (
+        a[l1.start_offset()..].as_ptr() as usize,
+        b[l2.start_offset()..].as_ptr() as usize,
+    );
+    let threads = rayon::current_num_threads();
+    // Few batch elements: one at a time, each gemm on every thread; many: one gemm per thread.
+    let inner = if batch < 2 * threads {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    let one = |i: usize, dst: &mut [f32]| {
+        // SAFETY: the layouts were checked above; element (i, row, col) of each input lies
+        // inside its storage, and each call writes only its own output chunk.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                (a_ptr as *const f32).add(i * ba),
+                sa[r - 1] as isize,
+                sa[r - 2] as isize,
+                (b_ptr as *const f32).add(i * bb),
+                sb[r - 1] as isize,
+                sb[r - 2] as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                inner,
+            )
+        }
+    };
+    let mut out = vec![0f32; batch * m * n];
+    if batch < 2 * threads {
+        out.chunks_mut((m * n).max(1))
+            .enumerate()
+            .for_each(|(i, dst)| one(i, dst));
+    } else {
+        out.par_chunks_mut((m * n).max(1))
+            .enumerate()
+            .for_each(|(i, dst)| one(i, dst));
+    }
+    let mut shape = da.to_vec();
+    shape[r - 1] = n;
+    Ok((CpuStorage::F32(out), Shape::from(shape)))
+}
+
 impl candle_core::CustomOp2 for ManySmallMatmuls {
     fn name(&self) -> &'static str {
         "many-small-matmuls"
@@ -192,57 +268,75 @@ impl candle_core::CustomOp2 for ManySmallMatmuls {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
-        let (a, b) = (s1.as_slice::<f32>()?, s2.as_slice::<f32>()?);
-        let (da, db) = (l1.dims(), l2.dims());
-        let r = da.len();
-        let (m, k, n) = (da[r - 2], da[r - 1], db[r - 1]);
-        let batch: usize = da[..r - 2].iter().product();
-        let (sa, sb) = (l1.stride(), l2.stride());
-        let (Some(ba), Some(bb)) = (
-            flat_batch_stride(&sa[..r - 2], &da[..r - 2]),
-            flat_batch_stride(&sb[..r - 2], &db[..r - 2]),
-        ) else {
-            candle_core::bail!("many-small-matmuls: batch dims do not flatten");
-        };
-        let (a_ptr, b_ptr) = (
-            a[l1.start_offset()..].as_ptr() as usize,
-            b[l2.start_offset()..].as_ptr() as usize,
-        );
-        let mut out = vec![0f32; batch * m * n];
-        out.par_chunks_mut((m * n).max(1))
-            .enumerate()
-            .for_each(|(i, dst)| {
-                // SAFETY: the layouts were checked above; element (i, row, col) of each input
-                // lies inside its storage, and each task writes only its own output chunk.
-                unsafe {
-                    gemm::gemm(
-                        m,
-                        n,
-                        k,
-                        dst.as_mut_ptr(),
-                        1,
-                        n as isize,
-                        false,
-                        (a_ptr as *const f32).add(i * ba),
-                        sa[r - 1] as isize,
-                        sa[r - 2] as isize,
-                        (b_ptr as *const f32).add(i * bb),
-                        sb[r - 1] as isize,
-                        sb[r - 2] as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    )
-                }
-            });
-        let mut shape = da.to_vec();
-        shape[r - 1] = n;
-        Ok((CpuStorage::F32(out), Shape::from(shape)))
+        many_small_matmuls(s1, l1, s2, l2)
     }
+}
+
+/// `a @ b` without a graph node, `b` given as itself or (`b_transposed`) as `b^T`.
+fn bmm_no_bwd(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let flat = |t: &Tensor| {
+        let r = t.rank();
+        flat_batch_stride(&t.stride()[..r - 2], &t.dims()[..r - 2]).is_some()
+    };
+    let a = if flat(a) { a.clone() } else { a.contiguous()? };
+    let b = if flat(b) { b.clone() } else { b.contiguous()? };
+    a.apply_op2_no_bwd(&b, &ManySmallMatmuls)
+}
+
+/// Differentiable batched `a @ B` for f32 on the CPU, with `B = b` or, when `b_transposed`,
+/// `B = b^T` read in place (attention's `q k^T` from `k` as it is). One graph node whose backward
+/// writes `dA = G B^T` and `db` in `b`'s own layout (`A^T G`, or `G^T A` for a transposed `b`):
+/// candle's matmul plus a transpose node would add a zeroed buffer and a strided add per product.
+struct TrainableBmm {
+    b_transposed: bool,
+}
+
+impl candle_core::CustomOp2 for TrainableBmm {
+    fn name(&self) -> &'static str {
+        "trainable-bmm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if self.b_transposed {
+            let r = l2.dims().len();
+            if r < 2 {
+                candle_core::bail!("trainable-bmm: rank {r} < 2");
+            }
+            many_small_matmuls(s1, l1, s2, &l2.transpose(r - 2, r - 1)?)
+        } else {
+            many_small_matmuls(s1, l1, s2, l2)
+        }
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let t = |x: &Tensor| x.transpose(D::Minus2, D::Minus1);
+        let (da, db) = if self.b_transposed {
+            (bmm_no_bwd(g, b)?, bmm_no_bwd(&t(g)?, a)?)
+        } else {
+            (bmm_no_bwd(g, &t(b)?)?, bmm_no_bwd(&t(a)?, g)?)
+        };
+        Ok((Some(da), Some(db)))
+    }
+}
+
+/// `a @ b^T` over leading batch dims, `b` given untransposed (attention scores `q k^T`).
+pub fn batched_matmul_bt(a: &Tensor, b: &Tensor, grad: bool) -> Result<Tensor> {
+    if grad && crate::fused::serves(a) && crate::fused::serves(b) && a.rank() >= 3 {
+        return a.apply_op2(b, TrainableBmm { b_transposed: true });
+    }
+    batched_matmul(a, &b.transpose(D::Minus2, D::Minus1)?, grad)
 }
 
 /// `a @ b` over leading batch dims. Inference on CPU/f32 with many batch elements takes the
@@ -266,6 +360,13 @@ pub fn batched_matmul(a: &Tensor, b: &Tensor, grad: bool) -> Result<Tensor> {
         && flat_batch_stride(&b.stride()[..dims.len() - 2], &b.dims()[..dims.len() - 2]).is_some();
     if fast {
         a.apply_op2_no_bwd(b, &ManySmallMatmuls)
+    } else if grad
+        && !candle_only
+        && crate::fused::serves(a)
+        && crate::fused::serves(b)
+        && dims.len() >= 3
+    {
+        a.apply_op2(b, TrainableBmm { b_transposed: false })
     } else {
         a.matmul(b)
     }

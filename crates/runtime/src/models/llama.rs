@@ -114,6 +114,9 @@ impl LlamaBlock {
 
 /// Split `(b, t, heads*hd)` into `(b, heads, t, hd)`.
 pub(crate) fn heads(x: &Tensor, n: usize, hd: usize) -> candle_core::Result<Tensor> {
+    if crate::fused::serves(x) {
+        return crate::fused::split_heads(x, n); // one graph node instead of three
+    }
     let (b, t, _) = x.dims3()?;
     x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
 }
