@@ -451,25 +451,21 @@ impl CustomOp1 for Heads {
         // n pieces of hd.
         let row_len = n * hd;
         if self.split {
-            y.par_chunks_mut(t * hd)
-                .enumerate()
-                .for_each(|(bh, out)| {
-                    let (bi, h) = (bh / n, bh % n);
-                    for ti in 0..t {
-                        let src = (bi * t + ti) * row_len + h * hd;
-                        out[ti * hd..(ti + 1) * hd].copy_from_slice(&x[src..src + hd]);
-                    }
-                });
+            y.par_chunks_mut(t * hd).enumerate().for_each(|(bh, out)| {
+                let (bi, h) = (bh / n, bh % n);
+                for ti in 0..t {
+                    let src = (bi * t + ti) * row_len + h * hd;
+                    out[ti * hd..(ti + 1) * hd].copy_from_slice(&x[src..src + hd]);
+                }
+            });
         } else {
-            y.par_chunks_mut(row_len)
-                .enumerate()
-                .for_each(|(bt, out)| {
-                    let (bi, ti) = (bt / t, bt % t);
-                    for h in 0..n {
-                        let src = ((bi * n + h) * t + ti) * hd;
-                        out[h * hd..(h + 1) * hd].copy_from_slice(&x[src..src + hd]);
-                    }
-                });
+            y.par_chunks_mut(row_len).enumerate().for_each(|(bt, out)| {
+                let (bi, ti) = (bt / t, bt % t);
+                for h in 0..n {
+                    let src = ((bi * n + h) * t + ti) * hd;
+                    out[h * hd..(h + 1) * hd].copy_from_slice(&x[src..src + hd]);
+                }
+            });
         }
         Ok((CpuStorage::F32(y), out_shape))
     }
@@ -672,18 +668,29 @@ pub(crate) fn gemm_new(
     }
 }
 
-/// `dst (m, n) = a (m, k) * b (k, n)` with explicit strides (column, row) for `a` and `b`.
-pub(crate) fn gemm_into(
+/// `dst (m, n) += scale * a (m, k) * b (k, n)` with explicit strides (column, row).
+fn gemm_acc(
     dst: &mut [f32],
     mnk: (usize, usize, usize),
     a: &[f32],
     a_strides: (isize, isize),
     b: &[f32],
     b_strides: (isize, isize),
+    scale: f32,
 ) {
     assert!(dst.len() >= mnk.0 * mnk.1);
-    // SAFETY: `dst` holds the (m, n) row-major destination.
-    unsafe { gemm_raw(dst.as_mut_ptr(), mnk, a, a_strides, b, b_strides) }
+    // SAFETY: `dst` holds the (m, n) row-major destination, initialized (it is read).
+    unsafe {
+        gemm_general(
+            dst.as_mut_ptr(),
+            mnk,
+            a,
+            a_strides,
+            b,
+            b_strides,
+            Some(scale),
+        )
+    }
 }
 
 /// # Safety
@@ -691,17 +698,38 @@ pub(crate) fn gemm_into(
 /// strides address.
 unsafe fn gemm_raw(
     dst: *mut f32,
+    mnk: (usize, usize, usize),
+    a: &[f32],
+    a_strides: (isize, isize),
+    b: &[f32],
+    b_strides: (isize, isize),
+) {
+    // SAFETY: the caller's contract.
+    unsafe { gemm_general(dst, mnk, a, a_strides, b, b_strides, None) }
+}
+
+/// `dst = a b`, or with `accumulate = Some(s)` `dst += s a b`.
+///
+/// # Safety
+/// As [`gemm_raw`]; with `accumulate`, `dst` must also be initialized.
+unsafe fn gemm_general(
+    dst: *mut f32,
     (m, n, k): (usize, usize, usize),
     a: &[f32],
     (a_cs, a_rs): (isize, isize),
     b: &[f32],
     (b_cs, b_rs): (isize, isize),
+    accumulate: Option<f32>,
 ) {
     let threads = candle_core::utils::get_num_threads();
     let par = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
+    };
+    let (read_dst, dst_factor, product_factor) = match accumulate {
+        Some(s) => (true, 1.0, s),
+        None => (false, 0.0, 1.0),
     };
     // SAFETY: the caller's contract (see above).
     unsafe {
@@ -712,15 +740,15 @@ unsafe fn gemm_raw(
             dst,
             1,
             n as isize,
-            false,
+            read_dst,
             a.as_ptr(),
             a_cs,
             a_rs,
             b.as_ptr(),
             b_cs,
             b_rs,
-            0.0,
-            1.0,
+            dst_factor,
+            product_factor,
             false,
             false,
             false,
@@ -744,10 +772,8 @@ impl CustomOp2 for TrainableLinear {
         let (x, w) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
         let (rows, inner) = l1.shape().dims2()?;
         let (out, _) = l2.shape().dims2()?;
-        let mut y = vec![0f32; rows * out];
         // y (rows, out) = x (rows, in) * W^T (in, out); W^T[i, o] = w[o * in + i].
-        gemm_into(
-            &mut y,
+        let y = gemm_new(
             (rows, out, inner),
             x,
             (1, inner as isize),
@@ -770,9 +796,7 @@ impl CustomOp2 for TrainableLinear {
             with_data(w, |w| {
                 with_data(g, |g| {
                     // dx (rows, in) = g (rows, out) * W (out, in)
-                    let mut dx = vec![0f32; rows * inner];
-                    gemm_into(
-                        &mut dx,
+                    let dx = gemm_new(
                         (rows, inner, out),
                         g,
                         (1, out as isize),
@@ -780,9 +804,7 @@ impl CustomOp2 for TrainableLinear {
                         (1, inner as isize),
                     );
                     // dW (out, in) = g^T (out, rows) * x (rows, in); g^T[o, r] = g[r * out + o]
-                    let mut dw = vec![0f32; out * inner];
-                    gemm_into(
-                        &mut dw,
+                    let dw = gemm_new(
                         (out, inner, rows),
                         g,
                         (out as isize, 1),
@@ -803,6 +825,161 @@ impl CustomOp2 for TrainableLinear {
 /// Fused, differentiable `x W^T` for `x: (rows, in)` and a trainable `W: (out, in)`.
 pub fn trainable_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&w.contiguous()?, TrainableLinear)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear layer with a frozen weight and a LoRA adapter: y = x W^T + s (x A^T) B^T for
+// x: (rows, in), W: (out, in) frozen, A: (r, in), B: (out, r). With h = x A^T and gB = g B:
+// dx = g W + s gB A;  dA = s gB^T x;  dB = s g^T h. As candle ops this is five graph nodes
+// (frozen product, two adapter products, scale, add), each a zeroed buffer and an extra pass in
+// backward; here one.
+
+struct LoraLinear {
+    w: Tensor,
+    scale: f32,
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "fused-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = "fused-lora-linear";
+        let (x, a, b) = (
+            slice(s1, l1, name)?,
+            slice(s2, l2, name)?,
+            slice(s3, l3, name)?,
+        );
+        let (rows, inner) = l1.shape().dims2()?;
+        let (r, a_in) = l2.shape().dims2()?;
+        let (out, b_r) = l3.shape().dims2()?;
+        let (w_out, w_in) = self.w.dims2()?;
+        if a_in != inner || b_r != r || w_in != inner || w_out != out {
+            candle_core::bail!(
+                "lora_linear: x {:?}, W {:?}, A {:?}, B {:?} do not fit",
+                l1.dims(),
+                self.w.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        let y = with_data(&self.w, |w| {
+            let mut y = gemm_new(
+                (rows, out, inner),
+                x,
+                (1, inner as isize),
+                w,
+                (inner as isize, 1),
+            );
+            let h = gemm_new(
+                (rows, r, inner),
+                x,
+                (1, inner as isize),
+                a,
+                (inner as isize, 1),
+            );
+            gemm_acc(
+                &mut y,
+                (rows, out, r),
+                &h,
+                (1, r as isize),
+                b,
+                (r as isize, 1),
+                self.scale,
+            );
+            Ok(y)
+        })?;
+        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (rows, inner) = x.dims2()?;
+        let (r, _) = a.dims2()?;
+        let (out, _) = b.dims2()?;
+        let s = self.scale;
+        let (dx, da, db) = with_data(x, |x| {
+            with_data(a, |a| {
+                with_data(b, |b| {
+                    with_data(g, |g| {
+                        with_data(&self.w, |w| {
+                            // gB (rows, r) = g (rows, out) B (out, r); h (rows, r) = x A^T
+                            let gb =
+                                gemm_new((rows, r, out), g, (1, out as isize), b, (1, r as isize));
+                            let h = gemm_new(
+                                (rows, r, inner),
+                                x,
+                                (1, inner as isize),
+                                a,
+                                (inner as isize, 1),
+                            );
+                            let mut dx = gemm_new(
+                                (rows, inner, out),
+                                g,
+                                (1, out as isize),
+                                w,
+                                (1, inner as isize),
+                            );
+                            gemm_acc(
+                                &mut dx,
+                                (rows, inner, r),
+                                &gb,
+                                (1, r as isize),
+                                a,
+                                (1, inner as isize),
+                                s,
+                            );
+                            // dA (r, in) = s gB^T (r, rows) x (rows, in)
+                            let mut da = gemm_new(
+                                (r, inner, rows),
+                                &gb,
+                                (r as isize, 1),
+                                x,
+                                (1, inner as isize),
+                            );
+                            da.iter_mut().for_each(|v| *v *= s);
+                            // dB (out, r) = s g^T (out, rows) h (rows, r)
+                            let mut db =
+                                gemm_new((out, r, rows), g, (out as isize, 1), &h, (1, r as isize));
+                            db.iter_mut().for_each(|v| *v *= s);
+                            Ok((dx, da, db))
+                        })
+                    })
+                })
+            })
+        })?;
+        Ok((
+            Some(tensor(dx, &[rows, inner])?),
+            Some(tensor(da, &[r, inner])?),
+            Some(tensor(db, &[out, r])?),
+        ))
+    }
+}
+
+/// Fused, differentiable `x W^T + scale (x A^T) B^T` for `x: (rows, in)`, a frozen `W: (out, in)`
+/// and LoRA factors `A: (r, in)`, `B: (out, r)`.
+pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    let op = LoraLinear {
+        w: w.contiguous()?.detach(),
+        scale: scale as f32,
+    };
+    x.contiguous()?
+        .apply_op3(&a.contiguous()?, &b.contiguous()?, op)
 }
 
 #[cfg(test)]
@@ -1004,6 +1181,19 @@ mod tests {
             |t| t[0].t()?.matmul(&t[1].t()?),
             2,
         );
+    }
+
+    #[test]
+    fn lora_linear_matches_its_composite() {
+        let w = rand(&[6, 5], 30);
+        let inputs = [rand(&[7, 5], 31), rand(&[3, 5], 32), rand(&[6, 3], 33)];
+        same_values_and_grads(
+            &inputs,
+            |t| lora_linear(&t[0], &w, &t[1], &t[2], 0.7),
+            |t| t[0].matmul(&w.t()?)? + (t[0].matmul(&t[1].t()?)?.matmul(&t[2].t()?)? * 0.7)?,
+            3,
+        );
+        assert!(lora_linear(&inputs[0], &w, &inputs[2], &inputs[1], 1.0).is_err());
     }
 
     #[test]

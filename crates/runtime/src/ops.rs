@@ -366,7 +366,12 @@ pub fn batched_matmul(a: &Tensor, b: &Tensor, grad: bool) -> Result<Tensor> {
         && crate::fused::serves(b)
         && dims.len() >= 3
     {
-        a.apply_op2(b, TrainableBmm { b_transposed: false })
+        a.apply_op2(
+            b,
+            TrainableBmm {
+                b_transposed: false,
+            },
+        )
     } else {
         a.matmul(b)
     }
@@ -468,6 +473,21 @@ impl Linear {
             .as_ref()
             .filter(|_| !grad && !self.trainable && self.lora.is_none())
             .filter(|_| x2.dtype() == DType::F32 && rows <= QUANTIZED_MAX_ROWS);
+        let lora_fused = self
+            .lora
+            .as_ref()
+            .filter(|l| frozen_path && fused::serves(&self.w) && fused::serves(l.a.as_tensor()));
+        if let Some(l) = lora_fused {
+            // Frozen product and adapter in one graph node.
+            let mut y =
+                fused::lora_linear(&x2, &self.w, l.a.as_tensor(), l.b.as_tensor(), l.scale)?;
+            if let Some(b) = &self.bias {
+                y = y.broadcast_add(b)?;
+            }
+            let mut out_dims = dims;
+            *out_dims.last_mut().unwrap() = self.out_dim();
+            return y.reshape(out_dims);
+        }
         let mut y = if let Some(q) = quantized {
             q.forward(&x2.contiguous()?)?
         } else if frozen_path {
