@@ -32,6 +32,10 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     Ok(&s.as_slice::<f32>()?[a..b])
 }
 
+/// Element counts below which the ops that also serve inference stay on the calling thread:
+/// decoding's attention is a few hundred elements per layer, less than a rayon wake-up costs.
+const SEQUENTIAL_BELOW: usize = 1 << 15;
+
 fn tensor(v: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
     Tensor::from_vec(v, shape, &candle_core::Device::Cpu)
 }
@@ -450,22 +454,25 @@ impl CustomOp1 for Heads {
         // Split: one (batch, head) block of t x hd at a time; merge: one (batch, token) row of
         // n pieces of hd.
         let row_len = n * hd;
-        if self.split {
-            y.par_chunks_mut(t * hd).enumerate().for_each(|(bh, out)| {
-                let (bi, h) = (bh / n, bh % n);
-                for ti in 0..t {
-                    let src = (bi * t + ti) * row_len + h * hd;
-                    out[ti * hd..(ti + 1) * hd].copy_from_slice(&x[src..src + hd]);
-                }
-            });
-        } else {
-            y.par_chunks_mut(row_len).enumerate().for_each(|(bt, out)| {
-                let (bi, ti) = (bt / t, bt % t);
-                for h in 0..n {
-                    let src = ((bi * n + h) * t + ti) * hd;
-                    out[h * hd..(h + 1) * hd].copy_from_slice(&x[src..src + hd]);
-                }
-            });
+        let split = |(bh, out): (usize, &mut [f32])| {
+            let (bi, h) = (bh / n, bh % n);
+            for ti in 0..t {
+                let src = (bi * t + ti) * row_len + h * hd;
+                out[ti * hd..(ti + 1) * hd].copy_from_slice(&x[src..src + hd]);
+            }
+        };
+        let merge = |(bt, out): (usize, &mut [f32])| {
+            let (bi, ti) = (bt / t, bt % t);
+            for h in 0..n {
+                let src = ((bi * n + h) * t + ti) * hd;
+                out[h * hd..(h + 1) * hd].copy_from_slice(&x[src..src + hd]);
+            }
+        };
+        match (self.split, x.len() < SEQUENTIAL_BELOW) {
+            (true, true) => y.chunks_mut(t * hd).enumerate().for_each(split),
+            (true, false) => y.par_chunks_mut(t * hd).enumerate().for_each(split),
+            (false, true) => y.chunks_mut(row_len).enumerate().for_each(merge),
+            (false, false) => y.par_chunks_mut(row_len).enumerate().for_each(merge),
         }
         Ok((CpuStorage::F32(y), out_shape))
     }
@@ -507,31 +514,36 @@ impl ScaledMaskedSoftmax {
         let b = dims.first().copied().unwrap_or(1).max(1);
         let rows_per_entry = s.len() / n / b;
         let mut y = vec![0f32; s.len()];
-        y.par_chunks_mut(n)
-            .zip(s.par_chunks(n))
-            .enumerate()
-            .for_each(|(r, (yr, sr))| {
-                let m = mask.map(|(m, t)| {
-                    let (bi, q) = (r / rows_per_entry, (r % rows_per_entry) % t);
-                    &m[(bi * t + q) * n..(bi * t + q + 1) * n]
-                });
-                let mut max = f32::NEG_INFINITY;
-                for (i, (yi, si)) in yr.iter_mut().zip(sr).enumerate() {
-                    *yi = si * self.scale + m.map_or(0.0, |m| m[i]);
-                    max = max.max(*yi);
-                }
-                if max == f32::NEG_INFINITY {
-                    yr.fill(0.0); // a fully masked row attends to nothing
-                    return;
-                }
-                let mut sum = 0f32;
-                for yi in yr.iter_mut() {
-                    *yi = (*yi - max).exp();
-                    sum += *yi;
-                }
-                let inv = 1.0 / sum;
-                yr.iter_mut().for_each(|v| *v *= inv);
+        let row = |(r, (yr, sr)): (usize, (&mut [f32], &[f32]))| {
+            let m = mask.map(|(m, t)| {
+                let (bi, q) = (r / rows_per_entry, (r % rows_per_entry) % t);
+                &m[(bi * t + q) * n..(bi * t + q + 1) * n]
             });
+            let mut max = f32::NEG_INFINITY;
+            for (i, (yi, si)) in yr.iter_mut().zip(sr).enumerate() {
+                *yi = si * self.scale + m.map_or(0.0, |m| m[i]);
+                max = max.max(*yi);
+            }
+            if max == f32::NEG_INFINITY {
+                yr.fill(0.0); // a fully masked row attends to nothing
+                return;
+            }
+            let mut sum = 0f32;
+            for yi in yr.iter_mut() {
+                *yi = (*yi - max).exp();
+                sum += *yi;
+            }
+            let inv = 1.0 / sum;
+            yr.iter_mut().for_each(|v| *v *= inv);
+        };
+        if s.len() < SEQUENTIAL_BELOW {
+            y.chunks_mut(n).zip(s.chunks(n)).enumerate().for_each(row);
+        } else {
+            y.par_chunks_mut(n)
+                .zip(s.par_chunks(n))
+                .enumerate()
+                .for_each(row);
+        }
         y
     }
 
@@ -1107,6 +1119,15 @@ mod tests {
             |t| t[0].transpose(1, 2)?.reshape((2, 5, 12)),
             1,
         );
+        // Large enough for the parallel copies.
+        let inputs = [rand(&[2, 64, 512], 17)];
+        assert!(inputs[0].elem_count() >= SEQUENTIAL_BELOW);
+        same_values_and_grads(
+            &inputs,
+            |t| split_heads(&t[0], 8),
+            |t| t[0].reshape((2, 64, 8, 64))?.transpose(1, 2)?.contiguous(),
+            1,
+        );
         let x = rand(&[2, 5, 12], 14);
         let back = merge_heads(&split_heads(&x, 3).unwrap()).unwrap();
         assert_eq!(max_rel(&back, &x), 0.0);
@@ -1147,6 +1168,15 @@ mod tests {
             &inputs,
             |t| scaled_masked_softmax(&t[0], None, 0.37),
             |t| softmax_last(&(&t[0] * 0.37)?),
+            1,
+        );
+        // Large enough for the parallel rows.
+        let inputs = [rand(&[1, 3, 3 * 40, 300], 18)];
+        assert!(inputs[0].elem_count() >= SEQUENTIAL_BELOW);
+        same_values_and_grads(
+            &inputs,
+            |t| scaled_masked_softmax(&t[0], None, 0.5),
+            |t| softmax_last(&(&t[0] * 0.5)?),
             1,
         );
         let wrong = rand(&[b, kvh, n_rep * t + 1, total], 16);
