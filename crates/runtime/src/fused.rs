@@ -604,8 +604,8 @@ impl CustomOp2 for ScaledMaskedSoftmax {
         if dims.first() != Some(&mb)
             || dims.last() != Some(&n)
             || t == 0
-            || rows_per_entry % t != 0
-            || dims[dims.len() - 2] % t != 0
+            || !rows_per_entry.is_multiple_of(t)
+            || !dims[dims.len() - 2].is_multiple_of(t)
         {
             candle_core::bail!(
                 "scaled_masked_softmax: scores {dims:?} do not fit the mask {:?}",
