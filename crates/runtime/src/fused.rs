@@ -417,6 +417,8 @@ struct Heads {
     n: usize,
     /// true: (b, t, n*hd) -> (b, n, t, hd); false: the inverse.
     split: bool,
+    /// `Some(b)`: the merged side is flat, `(b*t, n*hd)` (the same memory as `(b, t, n*hd)`).
+    flat_batch: Option<usize>,
 }
 
 impl CustomOp1 for Heads {
@@ -432,8 +434,17 @@ impl CustomOp1 for Heads {
         let x = slice(s, l, self.name())?;
         let n = self.n;
         let (t, hd, out_shape) = if self.split {
-            let (b, t, nhd) = l.shape().dims3()?;
-            if nhd % n != 0 {
+            let (b, t, nhd) = match self.flat_batch {
+                Some(b) => {
+                    let (rows, nhd) = l.shape().dims2()?;
+                    if b == 0 || !rows.is_multiple_of(b) {
+                        candle_core::bail!("split_heads: {rows} rows do not split into {b}");
+                    }
+                    (b, rows / b, nhd)
+                }
+                None => l.shape().dims3()?,
+            };
+            if !nhd.is_multiple_of(n) {
                 candle_core::bail!("split_heads: width {nhd} is not a multiple of {n} heads");
             }
             (t, nhd / n, Shape::from((b, n, t, nhd / n)))
@@ -442,7 +453,11 @@ impl CustomOp1 for Heads {
             if heads != n {
                 candle_core::bail!("merge_heads: {heads} heads, expected {n}");
             }
-            (t, hd, Shape::from((b, t, n * hd)))
+            let shape = match self.flat_batch {
+                Some(_) => Shape::from((b * t, n * hd)),
+                None => Shape::from((b, t, n * hd)),
+            };
+            (t, hd, shape)
         };
         let mut y = Vec::<f32>::with_capacity(x.len());
         // SAFETY: every element is written below before the buffer is read (the index maps are
@@ -481,20 +496,30 @@ impl CustomOp1 for Heads {
         let inverse = Heads {
             n: self.n,
             split: !self.split,
+            flat_batch: self.flat_batch,
         };
         Ok(Some(g.contiguous()?.apply_op1(inverse)?))
     }
 }
 
-/// Fused, differentiable `(b, t, n*hd) -> (b, n, t, hd)` (contiguous).
-pub fn split_heads(x: &Tensor, n: usize) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Heads { n, split: true })
+/// Fused, differentiable `(b, t, n*hd) -> (b, n, t, hd)` (contiguous); with `flat_batch =
+/// Some(b)` the input is `(b*t, n*hd)`.
+pub fn split_heads(x: &Tensor, n: usize, flat_batch: Option<usize>) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Heads {
+        n,
+        split: true,
+        flat_batch,
+    })
 }
 
-/// Fused, differentiable `(b, n, t, hd) -> (b, t, n*hd)` (contiguous).
-pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
-    let n = x.dim(1)?;
-    x.contiguous()?.apply_op1(Heads { n, split: false })
+/// Fused, differentiable `(b, n, t, hd) -> (b, t, n*hd)`, or `(b*t, n*hd)` when `flat`.
+pub fn merge_heads(x: &Tensor, flat: bool) -> Result<Tensor> {
+    let (b, n) = (x.dim(0)?, x.dim(1)?);
+    x.contiguous()?.apply_op1(Heads {
+        n,
+        split: false,
+        flat_batch: flat.then_some(b),
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1108,14 +1133,14 @@ mod tests {
         let inputs = [rand(&[2, 5, 12], 12)];
         same_values_and_grads(
             &inputs,
-            |t| split_heads(&t[0], 3),
+            |t| split_heads(&t[0], 3, None),
             |t| t[0].reshape((2, 5, 3, 4))?.transpose(1, 2)?.contiguous(),
             1,
         );
         let inputs = [rand(&[2, 3, 5, 4], 13)];
         same_values_and_grads(
             &inputs,
-            |t| merge_heads(&t[0]),
+            |t| merge_heads(&t[0], false),
             |t| t[0].transpose(1, 2)?.reshape((2, 5, 12)),
             1,
         );
@@ -1124,14 +1149,29 @@ mod tests {
         assert!(inputs[0].elem_count() >= SEQUENTIAL_BELOW);
         same_values_and_grads(
             &inputs,
-            |t| split_heads(&t[0], 8),
+            |t| split_heads(&t[0], 8, None),
             |t| t[0].reshape((2, 64, 8, 64))?.transpose(1, 2)?.contiguous(),
             1,
         );
         let x = rand(&[2, 5, 12], 14);
-        let back = merge_heads(&split_heads(&x, 3).unwrap()).unwrap();
+        let back = merge_heads(&split_heads(&x, 3, None).unwrap(), false).unwrap();
         assert_eq!(max_rel(&back, &x), 0.0);
-        assert!(split_heads(&x, 5).is_err());
+        assert!(split_heads(&x, 5, None).is_err());
+        // The flat forms: (b*t, n*hd) in, (b*t, n*hd) out.
+        let inputs = [rand(&[10, 12], 19)];
+        same_values_and_grads(
+            &inputs,
+            |t| merge_heads(&split_heads(&t[0], 3, Some(2))?.affine(2.0, 0.0)?, true),
+            |t| t[0].affine(2.0, 0.0),
+            1,
+        );
+        same_values_and_grads(
+            &inputs,
+            |t| split_heads(&t[0], 3, Some(2)),
+            |t| t[0].reshape((2, 5, 3, 4))?.transpose(1, 2)?.contiguous(),
+            1,
+        );
+        assert!(split_heads(&inputs[0], 3, Some(3)).is_err());
     }
 
     #[test]

@@ -222,7 +222,8 @@ impl KvCache {
 }
 
 /// Grouped-query attention with RoPE and an optional cache.
-/// `q: (b, h, t, hd)`, `k, v: (b, kvh, t, hd)` before RoPE; returns `(b, t, h*hd)`.
+/// `q: (b, h, t, hd)`, `k, v: (b, kvh, t, hd)` before RoPE; returns `(b, t, h*hd)`, or
+/// `(b*t, h*hd)` when `flat_out`.
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
     q: &Tensor,
@@ -234,6 +235,7 @@ pub fn attend(
     cfg: &ModelConfig,
     cache: Option<(&mut LayerCache, usize)>,
     grad: bool,
+    flat_out: bool,
 ) -> Result<Tensor> {
     let (b, h, t, hd) = q.dims4()?;
     let kvh = k.dim(1)?;
@@ -283,8 +285,11 @@ pub fn attend(
     };
     let y = ops::batched_matmul(&p, &v, grad)?; // (b, kvh, n_rep*t, hd)
     let y = y.reshape((b, h, t, hd))?;
+    let flat = flat_out;
     if crate::fused::serves(&y) {
-        crate::fused::merge_heads(&y)
+        crate::fused::merge_heads(&y, flat)
+    } else if flat {
+        y.transpose(1, 2)?.reshape((b * t, h * hd))
     } else {
         y.transpose(1, 2)?.reshape((b, t, h * hd))
     }

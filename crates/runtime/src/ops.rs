@@ -461,7 +461,12 @@ impl Linear {
         let dims = x.dims().to_vec();
         let inner = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / inner.max(1);
-        let x2 = x.reshape((rows, inner))?;
+        // Flat rows pass as they are: a reshape is a graph node even when it changes nothing.
+        let x2 = if dims.len() == 2 {
+            x.clone()
+        } else {
+            x.reshape((rows, inner))?
+        };
         let frozen_path =
             grad && !self.trainable && x2.device().is_cpu() && x2.dtype() == DType::F32;
         // The kept GGUF weight serves plain inference only: a gradient, a trainable weight or a
@@ -484,9 +489,7 @@ impl Linear {
             if let Some(b) = &self.bias {
                 y = y.broadcast_add(b)?;
             }
-            let mut out_dims = dims;
-            *out_dims.last_mut().unwrap() = self.out_dim();
-            return y.reshape(out_dims);
+            return self.shaped_like(y, dims);
         }
         let mut y = if let Some(q) = quantized {
             q.forward(&x2.contiguous()?)?
@@ -514,7 +517,15 @@ impl Linear {
             };
             y = (y + (delta * l.scale)?)?;
         }
-        let mut out_dims = dims;
+        self.shaped_like(y, dims)
+    }
+
+    /// `y: (rows, out)` in the input's leading dims (`in_dims`), unchanged when those are flat.
+    fn shaped_like(&self, y: Tensor, in_dims: Vec<usize>) -> Result<Tensor> {
+        if in_dims.len() == 2 {
+            return Ok(y);
+        }
+        let mut out_dims = in_dims;
         *out_dims.last_mut().unwrap() = self.out_dim();
         y.reshape(out_dims)
     }

@@ -144,7 +144,7 @@ impl Block for Gemma3Block {
         } else {
             (ctx.cos, ctx.sin, ctx.mask)
         };
-        let y = attend(&q, &k, &v, cos, sin, mask, c, cache, g)?;
+        let y = attend(&q, &k, &v, cos, sin, mask, c, cache, g, false)?;
         let attn = rms_norm(
             &self.p.o.forward(&y, g)?,
             &self.post_attn_norm,

@@ -115,9 +115,18 @@ impl LlamaBlock {
 /// Split `(b, t, heads*hd)` into `(b, heads, t, hd)`.
 pub(crate) fn heads(x: &Tensor, n: usize, hd: usize) -> candle_core::Result<Tensor> {
     if crate::fused::serves(x) {
-        return crate::fused::split_heads(x, n); // one graph node instead of three
+        return crate::fused::split_heads(x, n, None); // one graph node instead of three
     }
     let (b, t, _) = x.dims3()?;
+    x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
+}
+
+/// Split flat `(b*t, heads*hd)` rows into `(b, heads, t, hd)`.
+fn heads_of_rows(x: &Tensor, b: usize, n: usize, hd: usize) -> candle_core::Result<Tensor> {
+    if crate::fused::serves(x) {
+        return crate::fused::split_heads(x, n, Some(b));
+    }
+    let t = x.dim(0)? / b.max(1);
     x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
 }
 
@@ -132,21 +141,24 @@ impl Block for LlamaBlock {
     ) -> candle_core::Result<Tensor> {
         let c = &self.cfg;
         let g = ctx.grad;
-        let xn = rms_norm(x, &self.attn_norm, c.rms_eps, g)?;
-        let q = heads(&self.p.q.forward(&xn, g)?, c.n_head, c.head_dim)?;
-        let k = heads(&self.p.k.forward(&xn, g)?, c.n_kv_head, c.head_dim)?;
-        let v = heads(&self.p.v.forward(&xn, g)?, c.n_kv_head, c.head_dim)?;
-        let y = attend(&q, &k, &v, ctx.cos, ctx.sin, ctx.mask, c, cache, g)?;
-        let attn_out = site(Site::AttnOut, self.p.o.forward(&y, g)?)?;
-        let h = (x + attn_out)?;
-        let xn = rms_norm(&h, &self.ffn_norm, c.rms_eps, g)?;
+        // Projections run on flat (b*t, d) rows: one reshape per sub-block instead of two per
+        // projection (each a graph node whose backward adds a zeroed buffer and a pass).
+        let (b, t, d) = x.dims3()?;
+        let xn = rms_norm(x, &self.attn_norm, c.rms_eps, g)?.reshape((b * t, d))?;
+        let q = heads_of_rows(&self.p.q.forward(&xn, g)?, b, c.n_head, c.head_dim)?;
+        let k = heads_of_rows(&self.p.k.forward(&xn, g)?, b, c.n_kv_head, c.head_dim)?;
+        let v = heads_of_rows(&self.p.v.forward(&xn, g)?, b, c.n_kv_head, c.head_dim)?;
+        let y = attend(&q, &k, &v, ctx.cos, ctx.sin, ctx.mask, c, cache, g, true)?;
+        let attn_out = self.p.o.forward(&y, g)?.reshape((b, t, d))?;
+        let h = (x + site(Site::AttnOut, attn_out)?)?;
+        let xn = rms_norm(&h, &self.ffn_norm, c.rms_eps, g)?.reshape((b * t, d))?;
         let act = swiglu(
             &self.p.gate.forward(&xn, g)?,
             &self.p.up.forward(&xn, g)?,
             g,
         )?;
-        let mlp_out = site(Site::MlpOut, self.p.down.forward(&act, g)?)?;
-        h + mlp_out
+        let mlp_out = self.p.down.forward(&act, g)?.reshape((b, t, d))?;
+        h + site(Site::MlpOut, mlp_out)?
     }
 
     fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
