@@ -666,6 +666,88 @@ pub fn scaled_masked_softmax(scores: &Tensor, mask: Option<&Tensor>, scale: f64)
 }
 
 // ---------------------------------------------------------------------------------------------
+// Log-probability of each row's label: y_r = x_r[l_r] - lse(x_r) for logits x: (n, V).
+// dx_r = g_r (onehot(l_r) - softmax(x_r)). As log-softmax + gather this is two vocabulary-sized
+// nodes whose backward writes four vocabulary-sized buffers (two of them zeroed first); here
+// the backward writes one.
+
+struct TargetLogProbs {
+    labels: Vec<u32>,
+    /// Each row's log-sum-exp, kept from the forward for the backward.
+    lse: std::sync::OnceLock<Vec<f32>>,
+}
+
+impl CustomOp1 for TargetLogProbs {
+    fn name(&self) -> &'static str {
+        "fused-target-log-probs"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "fused-target-log-probs")?;
+        let (n, v) = l.shape().dims2()?;
+        if self.labels.len() != n {
+            candle_core::bail!(
+                "target_log_probs: {} labels for {n} rows",
+                self.labels.len()
+            );
+        }
+        if let Some(&bad) = self.labels.iter().find(|&&t| t as usize >= v) {
+            candle_core::bail!("target_log_probs: label {bad} outside the vocabulary of {v}");
+        }
+        let lse: Vec<f32> = x
+            .par_chunks(v.max(1))
+            .map(|row| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                max + row.iter().map(|&a| (a - max).exp()).sum::<f32>().ln()
+            })
+            .collect();
+        let y: Vec<f32> = (0..n)
+            .map(|r| x[r * v + self.labels[r] as usize] - lse[r])
+            .collect();
+        let _ = self.lse.set(lse);
+        Ok((CpuStorage::F32(y), Shape::from(n)))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let (n, v) = x.dims2()?;
+        let lse = self
+            .lse
+            .get()
+            .ok_or_else(|| candle_core::Error::Msg("target_log_probs: no forward".into()))?;
+        let dx = with_data(x, |x| {
+            with_data(g, |g| {
+                let mut dx = Vec::<f32>::with_capacity(n * v);
+                // SAFETY: every element of each row is written below before it is read.
+                #[allow(clippy::uninit_vec)]
+                unsafe {
+                    dx.set_len(n * v)
+                };
+                dx.par_chunks_mut(v.max(1))
+                    .zip(x.par_chunks(v.max(1)))
+                    .enumerate()
+                    .for_each(|(r, (dr, xr))| {
+                        let (gr, m) = (g[r], lse[r]);
+                        for (d, &a) in dr.iter_mut().zip(xr) {
+                            *d = -gr * (a - m).exp();
+                        }
+                        dr[self.labels[r] as usize] += gr;
+                    });
+                Ok(dx)
+            })
+        })?;
+        Ok(Some(tensor(dx, &[n, v])?))
+    }
+}
+
+/// Fused, differentiable `log_softmax(logits)[r, labels[r]]` for `logits: (n, V)`: `(n,)`.
+pub fn target_log_probs(logits: &Tensor, labels: &[u32]) -> Result<Tensor> {
+    logits.contiguous()?.apply_op1(TargetLogProbs {
+        labels: labels.to_vec(),
+        lse: std::sync::OnceLock::new(),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
 // Linear layer with a trainable weight: y = x W^T, x: (rows, in), W: (out, in).
 // dx = g W;  dW = g^T x, written straight in W's (out, in) layout. candle's matmul backward
 // computes dW^T = x^T g and transposes it back through two more graph nodes, each a zeroed
@@ -1264,6 +1346,28 @@ mod tests {
             3,
         );
         assert!(lora_linear(&inputs[0], &w, &inputs[2], &inputs[1], 1.0).is_err());
+    }
+
+    #[test]
+    fn target_log_probs_match_log_softmax_and_gather() {
+        let labels = [3u32, 0, 36, 7];
+        let idx = Tensor::new(&labels, &candle_core::Device::Cpu)
+            .unwrap()
+            .reshape((4, 1))
+            .unwrap();
+        let inputs = [rand(&[4, 37], 40)];
+        same_values_and_grads(
+            &inputs,
+            |t| target_log_probs(&t[0], &labels),
+            |t| {
+                crate::ops::log_softmax_composite(&t[0])?
+                    .gather(&idx, 1)?
+                    .squeeze(1)
+            },
+            1,
+        );
+        assert!(target_log_probs(&inputs[0], &[1, 2]).is_err());
+        assert!(target_log_probs(&inputs[0], &[1, 2, 3, 37]).is_err());
     }
 
     #[test]

@@ -35,7 +35,9 @@ pub use hooks::{
 };
 pub use load::{load_model, load_model_with, LoadOptions};
 pub use model::{attend, AttnCtx, Block, KvCache, LayerCache, Layout, LogitsAt, Model, Tape};
-pub use ops::{log_softmax_last, rms_norm, rope, softmax_last, Linear, Lora, QuantizedWeight};
+pub use ops::{
+    log_softmax_last, rms_norm, rope, softmax_last, target_log_probs, Linear, Lora, QuantizedWeight,
+};
 pub use optim::{AdamW, AdamWConfig};
 pub use tokenizer::{render_template, Message, PromptPositions, Tok};
 pub use weights::{open_gguf, WeightSource};

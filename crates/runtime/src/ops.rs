@@ -38,6 +38,17 @@ pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Log-probability `(n,)` of each row's label under `log_softmax(logits)`, `logits: (n, V)`
+/// (one fused node for f32 on the CPU).
+pub fn target_log_probs(logits: &Tensor, labels: &[u32]) -> Result<Tensor> {
+    if fused::serves(logits) {
+        return fused::target_log_probs(logits, labels);
+    }
+    let n = labels.len();
+    let idx = Tensor::new(labels, logits.device())?.reshape((n, 1))?;
+    log_softmax_composite(logits)?.gather(&idx, 1)?.squeeze(1)
+}
+
 /// `log_softmax` as a composite of exact ops (any dtype, f64 included).
 pub(crate) fn log_softmax_composite(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?;

@@ -6,7 +6,6 @@ use crate::data::Example;
 use crate::decision;
 use crate::trainer::{target_rows, MicroLoss, Recipe};
 use crate::{Error, Result};
-use candle_core::Tensor;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use safegeo_runtime::Model;
@@ -118,8 +117,7 @@ impl Recipe for ExampleRecipe {
                 })
                 .unzip();
             if !at.is_empty() {
-                let at = Tensor::new(at.as_slice(), rows.log_probs.device())?;
-                let first = rows.log_probs.index_select(&at, 0)?;
+                let first = rows.log_probs_at(&at)?;
                 if let Some(d) = decision::decision_loss(&first, &refuse, &self.refusal_ids)? {
                     parts.insert("decision".into(), d.to_scalar::<f32>()? as f64);
                     loss = (loss + (d * self.decision_weight)?)?;

@@ -157,8 +157,8 @@ pub fn target_logprobs(model: &Model, batch: &[&Example]) -> Result<(Tensor, usi
 
 /// The next-token distributions at every target position of a batch.
 pub struct TargetRows {
-    /// Log-probabilities `(n, V)`, one row per target token, examples in order.
-    pub log_probs: Tensor,
+    /// Logits `(n, V)` (f32), one row per target token, examples in order.
+    pub logits: Tensor,
     /// The target token of each row.
     pub labels: Vec<u32>,
     /// The row of each example's first target.
@@ -168,11 +168,20 @@ pub struct TargetRows {
 }
 
 impl TargetRows {
-    /// Log-probability `(n,)` of each row's label.
+    /// Log-probability `(n,)` of each row's label (one fused pass over the vocabulary).
     pub fn label_log_probs(&self) -> Result<Tensor> {
-        let n = self.labels.len();
-        let idx = Tensor::new(self.labels.as_slice(), self.log_probs.device())?.reshape((n, 1))?;
-        Ok(self.log_probs.gather(&idx, 1)?.squeeze(1)?)
+        Ok(safegeo_runtime::target_log_probs(
+            &self.logits,
+            &self.labels,
+        )?)
+    }
+
+    /// Log-probabilities `(k, V)` of the rows `at`.
+    pub fn log_probs_at(&self, at: &[u32]) -> Result<Tensor> {
+        let at = Tensor::new(at, self.logits.device())?;
+        Ok(safegeo_runtime::log_softmax_last(
+            &self.logits.index_select(&at, 0)?,
+        )?)
     }
 }
 
@@ -213,9 +222,8 @@ pub fn target_rows(model: &Model, batch: &[&Example]) -> Result<TargetRows> {
         )?
         .expect("logits requested")
         .squeeze(0)?;
-    let log_probs = safegeo_runtime::log_softmax_last(&logits.to_dtype(DType::F32)?)?;
     Ok(TargetRows {
-        log_probs,
+        logits: logits.to_dtype(DType::F32)?,
         labels,
         first,
         tokens: b * t,

@@ -198,14 +198,12 @@ fn loss(model: &Model, ids: &Tensor) -> Result<Tensor> {
             &mut NoHooks,
         )?
         .expect("logits");
-    // Mean next-token cross-entropy, computed as the trainer does (`safegeo_train::target_rows`):
-    // the fused log-softmax, then the targets' entries. candle_nn's `cross_entropy` builds its
-    // log-softmax from six vocabulary-sized graph nodes.
-    let targets = ids.narrow(1, 1, t - 1)?.flatten_all()?;
-    let n = targets.dim(0)?;
-    let log_probs = safegeo_runtime::log_softmax_last(&logits.flatten_to(1)?)?;
-    let picked = log_probs.gather(&targets.reshape((n, 1))?, 1)?;
-    Ok((picked.sum_all()? * (-1.0 / n as f64))?)
+    // Mean next-token cross-entropy, computed as the trainer does (`TargetRows::label_log_probs`:
+    // one fused node). candle_nn's `cross_entropy` builds its log-softmax from six
+    // vocabulary-sized graph nodes.
+    let targets = ids.narrow(1, 1, t - 1)?.flatten_all()?.to_vec1::<u32>()?;
+    let picked = safegeo_runtime::target_log_probs(&logits.flatten_to(1)?, &targets)?;
+    Ok((picked.sum_all()? * (-1.0 / targets.len() as f64))?)
 }
 
 fn fwd_bwd(model: &Model, reps: usize, tokens: usize) -> Result<f64> {
