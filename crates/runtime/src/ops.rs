@@ -283,7 +283,8 @@ impl candle_core::CustomOp2 for ManySmallMatmuls {
     }
 }
 
-/// `a @ b` without a graph node, `b` given as itself or (`b_transposed`) as `b^T`.
+/// `a @ b` over leading batch dims without a graph node (strided views are read in place when
+/// their batch dims flatten).
 fn bmm_no_bwd(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let flat = |t: &Tensor| {
         let r = t.rank();
