@@ -1638,19 +1638,16 @@ fn full_and_resumed(
     let t0 = std::time::Instant::now();
     run(&full);
     let mut took = t0.elapsed();
-    let mut killed = false;
-    for _attempt in 0..5 {
+    let killed = (0..5).any(|_| {
         let _ = std::fs::remove_dir_all(&cut);
         let a = args(&cut);
         let started = std::time::Instant::now();
-        if kill_when(&a.iter().map(String::as_str).collect::<Vec<_>>(), h, || {
+        let killed = kill_when(&a.iter().map(String::as_str).collect::<Vec<_>>(), h, || {
             ready(&cut, took, started.elapsed())
-        }) {
-            killed = true;
-            break;
-        }
+        });
         took /= 2;
-    }
+        killed
+    });
     assert!(
         killed,
         "{name}: five runs in a row finished before their kill point"

@@ -140,21 +140,14 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Softmax and log-softmax over the last dimension.
-// softmax:     dx = y * (g - sum(g * y))
-// log_softmax: dx = g - exp(y) * sum(g)
+// Log-softmax over the last dimension: dx = g - exp(y) * sum(g). (Softmax is the scaled, masked
+// softmax below with scale 1 and no mask.)
 
-struct Softmax {
-    log: bool,
-}
+struct LogSoftmax;
 
-impl CustomOp1 for Softmax {
+impl CustomOp1 for LogSoftmax {
     fn name(&self) -> &'static str {
-        if self.log {
-            "fused-log-softmax"
-        } else {
-            "fused-softmax"
-        }
+        "fused-log-softmax"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -165,23 +158,10 @@ impl CustomOp1 for Softmax {
             .zip(x.par_chunks(n.max(1)))
             .for_each(|(yr, xr)| {
                 let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                if !self.log && max == f32::NEG_INFINITY {
-                    yr.fill(0.0); // a fully masked row attends to nothing
-                    return;
-                }
-                let mut sum = 0f32;
+                let sum: f32 = xr.iter().map(|xi| (xi - max).exp()).sum();
+                let lse = max + sum.ln();
                 for (yi, xi) in yr.iter_mut().zip(xr) {
-                    *yi = (xi - max).exp();
-                    sum += *yi;
-                }
-                if self.log {
-                    let lse = max + sum.ln();
-                    for (yi, xi) in yr.iter_mut().zip(xr) {
-                        *yi = xi - lse;
-                    }
-                } else {
-                    let inv = 1.0 / sum;
-                    yr.iter_mut().for_each(|v| *v *= inv);
+                    *yi = xi - lse;
                 }
             });
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -195,16 +175,9 @@ impl CustomOp1 for Softmax {
                 dx.par_chunks_mut(n.max(1))
                     .zip(y.par_chunks(n.max(1)).zip(g.par_chunks(n.max(1))))
                     .for_each(|(dr, (yr, gr))| {
-                        if self.log {
-                            let s: f32 = gr.iter().sum();
-                            for i in 0..dr.len() {
-                                dr[i] = gr[i] - yr[i].exp() * s;
-                            }
-                        } else {
-                            let s: f32 = gr.iter().zip(yr).map(|(a, b)| a * b).sum();
-                            for i in 0..dr.len() {
-                                dr[i] = yr[i] * (gr[i] - s);
-                            }
+                        let s: f32 = gr.iter().sum();
+                        for i in 0..dr.len() {
+                            dr[i] = gr[i] - yr[i].exp() * s;
                         }
                     });
                 Ok(dx)
@@ -216,12 +189,12 @@ impl CustomOp1 for Softmax {
 
 /// Fused, differentiable softmax over the last dimension.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Softmax { log: false })
+    scaled_masked_softmax(x, None, 1.0)
 }
 
 /// Fused, differentiable log-softmax over the last dimension.
 pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Softmax { log: true })
+    x.contiguous()?.apply_op1(LogSoftmax)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -773,13 +746,14 @@ pub(crate) fn gemm_new(
     // the (m, n) row-major destination without reading it, so all m * n elements are
     // initialized when it returns; the buffer is then reinterpreted with its own capacity.
     unsafe {
-        gemm_raw(
+        gemm_general(
             dst.as_mut_ptr() as *mut f32,
             (m, n, k),
             a,
             a_strides,
             b,
             b_strides,
+            None,
         );
         dst.set_len(m * n);
         let mut dst = std::mem::ManuallyDrop::new(dst);
@@ -812,25 +786,11 @@ fn gemm_acc(
     }
 }
 
-/// # Safety
-/// `dst` points to `m * n` writable f32 (row-major), and `a`, `b` hold every element their
-/// strides address.
-unsafe fn gemm_raw(
-    dst: *mut f32,
-    mnk: (usize, usize, usize),
-    a: &[f32],
-    a_strides: (isize, isize),
-    b: &[f32],
-    b_strides: (isize, isize),
-) {
-    // SAFETY: the caller's contract.
-    unsafe { gemm_general(dst, mnk, a, a_strides, b, b_strides, None) }
-}
-
 /// `dst = a b`, or with `accumulate = Some(s)` `dst += s a b`.
 ///
 /// # Safety
-/// As [`gemm_raw`]; with `accumulate`, `dst` must also be initialized.
+/// `dst` points to `m * n` writable f32 (row-major), and `a`, `b` hold every element their
+/// strides address; with `accumulate`, `dst` must also be initialized.
 unsafe fn gemm_general(
     dst: *mut f32,
     (m, n, k): (usize, usize, usize),

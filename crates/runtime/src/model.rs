@@ -5,7 +5,7 @@ use crate::config::ModelConfig;
 use crate::hooks::{Observer, Phase, Site, SiteInfo};
 use crate::ops::{self, Linear};
 use crate::tokenizer::Tok;
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 
 /// Per-layer attention inputs computed once per forward.
 pub struct AttnCtx<'a> {
@@ -285,14 +285,15 @@ pub fn attend(
     };
     let y = ops::batched_matmul(&p, &v, grad)?; // (b, kvh, n_rep*t, hd)
     let y = y.reshape((b, h, t, hd))?;
-    let flat = flat_out;
     if crate::fused::serves(&y) {
-        crate::fused::merge_heads(&y, flat)
-    } else if flat {
-        y.transpose(1, 2)?.reshape((b * t, h * hd))
-    } else {
-        y.transpose(1, 2)?.reshape((b, t, h * hd))
+        return crate::fused::merge_heads(&y, flat_out);
     }
+    let merged = if flat_out {
+        Shape::from((b * t, h * hd))
+    } else {
+        Shape::from((b, t, h * hd))
+    };
+    y.transpose(1, 2)?.reshape(merged)
 }
 
 /// How tokens of a batch are laid out: left padding per row.

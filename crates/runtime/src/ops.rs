@@ -220,7 +220,8 @@ fn many_small_matmuls(
     );
     let threads = rayon::current_num_threads();
     // Few batch elements: one at a time, each gemm on every thread; many: one gemm per thread.
-    let inner = if batch < 2 * threads {
+    let few = batch < 2 * threads;
+    let inner = if few {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
@@ -253,7 +254,7 @@ fn many_small_matmuls(
         }
     };
     let mut out = vec![0f32; batch * m * n];
-    if batch < 2 * threads {
+    if few {
         out.chunks_mut((m * n).max(1))
             .enumerate()
             .for_each(|(i, dst)| one(i, dst));
@@ -345,19 +346,30 @@ impl candle_core::CustomOp2 for TrainableBmm {
 
 /// `a @ b^T` over leading batch dims, `b` given untransposed (attention scores `q k^T`).
 pub fn batched_matmul_bt(a: &Tensor, b: &Tensor, grad: bool) -> Result<Tensor> {
-    if grad && crate::fused::serves(a) && crate::fused::serves(b) && a.rank() >= 3 {
+    if trainable_bmm_serves(a, b, grad) {
         return a.apply_op2(b, TrainableBmm { b_transposed: true });
     }
     batched_matmul(a, &b.transpose(D::Minus2, D::Minus1)?, grad)
 }
 
+/// SAFEGEO_CANDLE_BMM=1 forces candle's batched matmul (for side-by-side benchmarks).
+fn candle_bmm_only() -> bool {
+    static CANDLE_ONLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CANDLE_ONLY.get_or_init(|| std::env::var_os("SAFEGEO_CANDLE_BMM").is_some_and(|v| v == "1"))
+}
+
+/// Whether a product under `grad` takes [`TrainableBmm`] (f32 on the CPU, batched).
+fn trainable_bmm_serves(a: &Tensor, b: &Tensor, grad: bool) -> bool {
+    grad && !candle_bmm_only()
+        && crate::fused::serves(a)
+        && crate::fused::serves(b)
+        && a.rank() >= 3
+}
+
 /// `a @ b` over leading batch dims. Inference on CPU/f32 with many batch elements takes the
 /// rayon-over-batch path; everything else (gradients, other devices) is candle's matmul.
 pub fn batched_matmul(a: &Tensor, b: &Tensor, grad: bool) -> Result<Tensor> {
-    // SAFEGEO_CANDLE_BMM=1 forces candle's path (for side-by-side benchmarks).
-    static CANDLE_ONLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let candle_only = *CANDLE_ONLY
-        .get_or_init(|| std::env::var_os("SAFEGEO_CANDLE_BMM").is_some_and(|v| v == "1"));
+    let candle_only = candle_bmm_only();
     let dims = a.dims();
     let batch: usize = dims[..dims.len().saturating_sub(2)].iter().product();
     let fast = !grad
@@ -372,12 +384,7 @@ pub fn batched_matmul(a: &Tensor, b: &Tensor, grad: bool) -> Result<Tensor> {
         && flat_batch_stride(&b.stride()[..dims.len() - 2], &b.dims()[..dims.len() - 2]).is_some();
     if fast {
         a.apply_op2_no_bwd(b, &ManySmallMatmuls)
-    } else if grad
-        && !candle_only
-        && crate::fused::serves(a)
-        && crate::fused::serves(b)
-        && dims.len() >= 3
-    {
+    } else if trainable_bmm_serves(a, b, grad) {
         a.apply_op2(
             b,
             TrainableBmm {
@@ -494,16 +501,10 @@ impl Linear {
             .lora
             .as_ref()
             .filter(|l| frozen_path && fused::serves(&self.w) && fused::serves(l.a.as_tensor()));
-        if let Some(l) = lora_fused {
+        let mut y = if let Some(l) = lora_fused {
             // Frozen product and adapter in one graph node.
-            let mut y =
-                fused::lora_linear(&x2, &self.w, l.a.as_tensor(), l.b.as_tensor(), l.scale)?;
-            if let Some(b) = &self.bias {
-                y = y.broadcast_add(b)?;
-            }
-            return self.shaped_like(y, dims);
-        }
-        let mut y = if let Some(q) = quantized {
+            fused::lora_linear(&x2, &self.w, l.a.as_tensor(), l.b.as_tensor(), l.scale)?
+        } else if let Some(q) = quantized {
             q.forward(&x2.contiguous()?)?
         } else if frozen_path {
             x2.contiguous()?
@@ -520,7 +521,8 @@ impl Linear {
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
-        if let Some(l) = &self.lora {
+        // The adapter as separate nodes, unless the fused node above already applied it.
+        if let Some(l) = self.lora.as_ref().filter(|_| lora_fused.is_none()) {
             let (a, b) = (l.a.as_tensor(), l.b.as_tensor());
             let delta = if grad && fused::serves(&x2) && fused::serves(a) {
                 fused::trainable_linear(&fused::trainable_linear(&x2, a)?, b)?

@@ -134,9 +134,10 @@ impl Block for Gemma3Block {
         let c = &self.cfg;
         let g = ctx.grad;
         let xn = rms_norm(x, &self.attn_norm, c.rms_eps, g)?;
-        let q = heads(&self.p.q.forward(&xn, g)?, c.n_head, c.head_dim)?;
-        let k = heads(&self.p.k.forward(&xn, g)?, c.n_kv_head, c.head_dim)?;
-        let v = heads(&self.p.v.forward(&xn, g)?, c.n_kv_head, c.head_dim)?;
+        let b = x.dim(0)?;
+        let q = heads(&self.p.q.forward(&xn, g)?, b, c.n_head, c.head_dim)?;
+        let k = heads(&self.p.k.forward(&xn, g)?, b, c.n_kv_head, c.head_dim)?;
+        let v = heads(&self.p.v.forward(&xn, g)?, b, c.n_kv_head, c.head_dim)?;
         let q = rms_norm(&q, &self.q_norm, c.rms_eps, g)?;
         let k = rms_norm(&k, &self.k_norm, c.rms_eps, g)?;
         let (cos, sin, mask) = if c.is_local_layer(layer) {

@@ -112,21 +112,13 @@ impl LlamaBlock {
     }
 }
 
-/// Split `(b, t, heads*hd)` into `(b, heads, t, hd)`.
-pub(crate) fn heads(x: &Tensor, n: usize, hd: usize) -> candle_core::Result<Tensor> {
+/// Split `(b, t, heads*hd)`, or flat `(b*t, heads*hd)` rows, into `(b, heads, t, hd)`.
+pub(crate) fn heads(x: &Tensor, b: usize, n: usize, hd: usize) -> candle_core::Result<Tensor> {
     if crate::fused::serves(x) {
-        return crate::fused::split_heads(x, n, None); // one graph node instead of three
+        // One graph node instead of three.
+        return crate::fused::split_heads(x, n, (x.rank() == 2).then_some(b));
     }
-    let (b, t, _) = x.dims3()?;
-    x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
-}
-
-/// Split flat `(b*t, heads*hd)` rows into `(b, heads, t, hd)`.
-fn heads_of_rows(x: &Tensor, b: usize, n: usize, hd: usize) -> candle_core::Result<Tensor> {
-    if crate::fused::serves(x) {
-        return crate::fused::split_heads(x, n, Some(b));
-    }
-    let t = x.dim(0)? / b.max(1);
+    let t = x.elem_count() / (b * n * hd).max(1);
     x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
 }
 
@@ -145,9 +137,9 @@ impl Block for LlamaBlock {
         // projection (each a graph node whose backward adds a zeroed buffer and a pass).
         let (b, t, d) = x.dims3()?;
         let xn = rms_norm(x, &self.attn_norm, c.rms_eps, g)?.reshape((b * t, d))?;
-        let q = heads_of_rows(&self.p.q.forward(&xn, g)?, b, c.n_head, c.head_dim)?;
-        let k = heads_of_rows(&self.p.k.forward(&xn, g)?, b, c.n_kv_head, c.head_dim)?;
-        let v = heads_of_rows(&self.p.v.forward(&xn, g)?, b, c.n_kv_head, c.head_dim)?;
+        let q = heads(&self.p.q.forward(&xn, g)?, b, c.n_head, c.head_dim)?;
+        let k = heads(&self.p.k.forward(&xn, g)?, b, c.n_kv_head, c.head_dim)?;
+        let v = heads(&self.p.v.forward(&xn, g)?, b, c.n_kv_head, c.head_dim)?;
         let y = attend(&q, &k, &v, ctx.cos, ctx.sin, ctx.mask, c, cache, g, true)?;
         let attn_out = self.p.o.forward(&y, g)?.reshape((b, t, d))?;
         let h = (x + site(Site::AttnOut, attn_out)?)?;
