@@ -1061,6 +1061,23 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -
         .apply_op3(&a.contiguous()?, &b.contiguous()?, op)
 }
 
+/// [`lora_linear`] for inference: the same single pass, no graph node (the factors, trainable
+/// or not, are not recorded).
+pub fn lora_linear_no_grad(
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let op = LoraLinear {
+        w: w.contiguous()?.detach(),
+        scale: scale as f32,
+    };
+    x.contiguous()?
+        .apply_op3_no_bwd(&a.contiguous()?, &b.contiguous()?, &op)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1306,6 +1323,13 @@ mod tests {
             3,
         );
         assert!(lora_linear(&inputs[0], &w, &inputs[2], &inputs[1], 1.0).is_err());
+        // The inference form: same values, and trainable factors leave no graph behind.
+        let a = Var::from_tensor(&inputs[1]).unwrap();
+        let b = Var::from_tensor(&inputs[2]).unwrap();
+        let y = lora_linear_no_grad(&inputs[0], &w, a.as_tensor(), b.as_tensor(), 0.7).unwrap();
+        let want = lora_linear(&inputs[0], &w, &inputs[1], &inputs[2], 0.7).unwrap();
+        assert_eq!(max_rel(&y, &want), 0.0);
+        assert!(!y.track_op());
     }
 
     #[test]

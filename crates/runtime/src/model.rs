@@ -475,6 +475,11 @@ impl Model {
         obs: &mut dyn Observer,
     ) -> Result<Option<Tensor>> {
         let cfg = &self.cfg;
+        if !grad {
+            // Embeddings of a trainable table would otherwise carry the graph along the
+            // residual stream (see `Linear::forward`).
+            x = x.detach();
+        }
         let (b, t, _) = x.dims3()?;
         if layout.pad.len() != b {
             candle_core::bail!("layout has {} rows, batch has {b}", layout.pad.len());

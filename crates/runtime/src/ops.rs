@@ -497,13 +497,18 @@ impl Linear {
             .as_ref()
             .filter(|_| !grad && !self.trainable && self.lora.is_none())
             .filter(|_| x2.dtype() == DType::F32 && rows <= QUANTIZED_MAX_ROWS);
-        let lora_fused = self
-            .lora
-            .as_ref()
-            .filter(|l| frozen_path && fused::serves(&self.w) && fused::serves(l.a.as_tensor()));
+        let inference = !grad && !self.trainable && fused::serves(&x2);
+        let lora_fused = self.lora.as_ref().filter(|l| {
+            (frozen_path || inference) && fused::serves(&self.w) && fused::serves(l.a.as_tensor())
+        });
         let mut y = if let Some(l) = lora_fused {
-            // Frozen product and adapter in one graph node.
-            fused::lora_linear(&x2, &self.w, l.a.as_tensor(), l.b.as_tensor(), l.scale)?
+            // Frozen product and adapter in one pass (and one graph node when differentiated).
+            let (a, b) = (l.a.as_tensor(), l.b.as_tensor());
+            if grad {
+                fused::lora_linear(&x2, &self.w, a, b, l.scale)?
+            } else {
+                fused::lora_linear_no_grad(&x2, &self.w, a, b, l.scale)?
+            }
         } else if let Some(q) = quantized {
             q.forward(&x2.contiguous()?)?
         } else if frozen_path {
@@ -518,12 +523,16 @@ impl Linear {
         } else {
             small_rows_matmul(&x2, &self.w)?
         };
+        // Without a gradient, trainable tensors enter detached: a variable in the graph would
+        // make every later node record its inputs, keeping a whole forward's activations alive
+        // (GCG's candidate batches inside R2D2 training: gigabytes, and fresh pages each time).
+        let param = |t: &Tensor| if grad { t.clone() } else { t.detach() };
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
+            y = y.broadcast_add(&param(b))?;
         }
         // The adapter as separate nodes, unless the fused node above already applied it.
         if let Some(l) = self.lora.as_ref().filter(|_| lora_fused.is_none()) {
-            let (a, b) = (l.a.as_tensor(), l.b.as_tensor());
+            let (a, b) = (&param(l.a.as_tensor()), &param(l.b.as_tensor()));
             let delta = if grad && fused::serves(&x2) && fused::serves(a) {
                 fused::trainable_linear(&fused::trainable_linear(&x2, a)?, b)?
             } else {

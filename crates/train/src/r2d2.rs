@@ -271,7 +271,9 @@ impl Recipe for R2d2 {
                 "r2d2 runs one micro-batch per step (use --grad-accum 1)".into(),
             ));
         }
+        let t_gcg = std::time::Instant::now();
         self.update_pool(model, step)?;
+        let gcg_seconds = t_gcg.elapsed().as_secs_f64();
         let sft = self.sft.micro_loss(model, step, 0)?;
         let (away, toward, tokens) = self.adversarial_losses(model)?;
         let mut parts = BTreeMap::new();
@@ -296,6 +298,7 @@ impl Recipe for R2d2 {
             loss,
             tokens: sft.tokens + tokens,
             parts,
+            seconds: BTreeMap::from([("gcg_inner_loop".to_string(), gcg_seconds)]),
         })
     }
 

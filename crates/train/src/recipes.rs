@@ -129,6 +129,7 @@ impl Recipe for ExampleRecipe {
             loss,
             tokens,
             parts,
+            seconds: BTreeMap::new(),
         })
     }
 }

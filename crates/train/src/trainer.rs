@@ -130,6 +130,8 @@ pub struct MicroLoss {
     pub tokens: usize,
     /// Named components for the log (e.g. `sft`, `away`, `toward`).
     pub parts: BTreeMap<String, f64>,
+    /// Seconds spent in named phases of the recipe's own work (e.g. R2D2's GCG inner loop).
+    pub seconds: BTreeMap<String, f64>,
 }
 
 /// A training recipe: the loss of micro-batch `micro` of step `step`, and its resumable state.
@@ -249,6 +251,11 @@ pub struct LogLine {
     pub elapsed_s: f64,
     /// Loss components.
     pub parts: BTreeMap<String, f64>,
+    /// Seconds in named phases of the step: the recipe's own (e.g. `gcg_inner_loop`), then
+    /// `forward_backward` (losses and gradients, the recipe's phases excluded) and `optimizer`
+    /// (clipping and the AdamW update).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub seconds: BTreeMap<String, f64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -422,8 +429,12 @@ pub fn train(
         let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
         let (mut loss_sum, mut tokens) = (0.0, 0);
         let mut parts: BTreeMap<String, f64> = BTreeMap::new();
+        let mut seconds: BTreeMap<String, f64> = BTreeMap::new();
         for micro in 0..cfg.grad_accum {
             let m = recipe.micro_loss(model, step, micro)?;
+            for (k, v) in m.seconds {
+                *seconds.entry(k).or_default() += v;
+            }
             let value = m.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !value.is_finite() {
                 return Err(Error::Invalid(format!(
@@ -447,6 +458,12 @@ pub fn train(
                 }
             }
         }
+        let t_opt = std::time::Instant::now();
+        let own: f64 = seconds.values().sum();
+        seconds.insert(
+            "forward_backward".into(),
+            (t_opt.duration_since(t0).as_secs_f64() - own).max(0.0),
+        );
         let mut sq = 0.0;
         for g in acc.iter().flatten() {
             sq += g
@@ -468,6 +485,7 @@ pub fn train(
             }
         }
         opt.step(&store)?;
+        seconds.insert("optimizer".into(), t_opt.elapsed().as_secs_f64());
         let secs = t0.elapsed().as_secs_f64();
         let line = LogLine {
             step: step + 1,
@@ -478,6 +496,7 @@ pub fn train(
             tokens_per_s: tokens as f64 / secs,
             elapsed_s: t_run.elapsed().as_secs_f64(),
             parts,
+            seconds,
         };
         writeln!(
             log,

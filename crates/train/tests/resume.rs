@@ -41,7 +41,11 @@ impl Recipe for Flaky {
             self.fail_at = None;
             return Err(safegeo_train::Error::Invalid("interrupted".into()));
         }
-        self.inner.micro_loss(model, step, micro)
+        let mut m = self.inner.micro_loss(model, step, micro)?;
+        // A phase of the recipe's own (R2D2's inner GCG loop, say), at least as long as said.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        m.seconds.insert("own_phase".into(), 0.01);
+        Ok(m)
     }
 }
 
@@ -106,6 +110,14 @@ fn resumed_run_equals_uninterrupted_run_and_anchors_load() {
             );
         }
         assert!(la[6].loss < la[0].loss, "training lowers the loss: {la:?}");
+        // A recipe's own phase is summed over the step's micro-batches; the trainer's phases
+        // are measured and the step's other work is in neither.
+        for l in &la {
+            assert_eq!(l.seconds["own_phase"], 0.02);
+            let (fb, opt) = (l.seconds["forward_backward"], l.seconds["optimizer"]);
+            let step = l.tokens as f64 / l.tokens_per_s;
+            assert!(fb > 0.0 && opt > 0.0 && fb + opt <= step, "{l:?}");
+        }
         // The last anchor is a plain model that computes what the trained model computes.
         let mut trained = tiny_model(Arch::Llama, 11, DType::F32).unwrap();
         let mut recipe = ExampleRecipe::new("sft", examples(), 3, 2, 5).unwrap();

@@ -28,6 +28,9 @@ pub struct BenchArgs {
     /// Default: all but `gcg`.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub only: Vec<Workload>,
+    /// Data directory of the training workloads [default: $SAFEGEO_DATA, else ../shared/data].
+    #[arg(long)]
+    pub data_dir: Option<std::path::PathBuf>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -54,6 +57,12 @@ pub enum Workload {
     Adamw,
     /// GCG steps (20-token suffix, search width 512, top-k 256).
     Gcg,
+    /// `safegeo train --recipe sft` with its defaults (LoRA r=16, batch 8) on 16 harmful-train
+    /// and 32 harmless-train prompts: one warm-up step, then `--reps` steps.
+    TrainSft,
+    /// `safegeo train --recipe r2d2` (cpu preset: pool 4, one GCG step of width 64 per case),
+    /// GCG inner loop included: one warm-up step (it fills the pool), then one step.
+    TrainR2d2,
 }
 
 #[derive(serde::Serialize, Default)]
@@ -74,7 +83,85 @@ struct BenchReport {
     /// projections, forward + backward + AdamW.
     sft_step_lora_r16_b8_tok_s: Option<f64>,
     gcg_step_s: Option<f64>,
+    /// `safegeo train --recipe sft`: training tokens per second and seconds per step.
+    train_sft_tok_s: Option<f64>,
+    train_sft_step_s: Option<f64>,
+    /// `safegeo train --recipe r2d2`: training tokens per second (tokens of the SFT batch and
+    /// the away/toward losses; the GCG inner loop's forwards are not counted but its time is),
+    /// seconds per step, and the GCG inner loop's seconds within it.
+    train_r2d2_tok_s: Option<f64>,
+    train_r2d2_step_s: Option<f64>,
+    train_r2d2_gcg_s: Option<f64>,
     peak_rss_mb: f64,
+}
+
+/// Steady-state rate of a `safegeo train` recipe.
+struct RecipeRate {
+    tok_s: f64,
+    step_s: f64,
+    /// Mean seconds per step in each of the step's named phases.
+    seconds: std::collections::BTreeMap<String, f64>,
+}
+
+/// Runs `safegeo train --recipe NAME` (its defaults, a small prompt set) for `warm + measured`
+/// steps into a temporary folder, and reports the `measured` steps. The self-distilled replies
+/// come from the cache `safegeo train` uses, generated on the first run (not timed).
+fn train_recipe(a: &BenchArgs, recipe: &str, warm: usize, measured: usize) -> Result<RecipeRate> {
+    use super::train::{prepare, TrainArgs};
+    use clap::Parser;
+    #[derive(Parser)]
+    struct TrainCli {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+    let out = tempfile::tempdir()?;
+    let steps = (warm + measured).to_string();
+    let mut args = TrainCli::try_parse_from([
+        "train",
+        "--recipe",
+        recipe,
+        "--steps",
+        &steps,
+        "--n-harmful",
+        "16",
+        "--n-harmless",
+        "32",
+        "--n-hard-negatives",
+        "0",
+        "--out",
+        &out.path().display().to_string(),
+    ])?
+    .args;
+    args.save_at.clear();
+    args.model = a.model.clone();
+    args.data_dir = a.data_dir.clone();
+    let super::train::Prepared {
+        mut model,
+        mut recipe,
+        cfg,
+        ..
+    } = prepare(&args)?;
+    let lines = safegeo_train::trainer::train(
+        &mut model,
+        recipe.as_mut(),
+        &cfg,
+        out.path(),
+        &mut |_, _, _| {},
+    )?;
+    let timed = &lines[warm..];
+    let secs: f64 = timed.iter().map(|l| l.tokens as f64 / l.tokens_per_s).sum();
+    let tokens: usize = timed.iter().map(|l| l.tokens).sum();
+    let mut seconds = std::collections::BTreeMap::new();
+    for l in timed {
+        for (k, v) in &l.seconds {
+            *seconds.entry(k.clone()).or_insert(0.0) += v / timed.len() as f64;
+        }
+    }
+    Ok(RecipeRate {
+        tok_s: tokens as f64 / secs,
+        step_s: secs / timed.len() as f64,
+        seconds,
+    })
 }
 
 /// Seconds per GCG step with nanoGCG's defaults (mean of `steps` steps after the first).
@@ -302,6 +389,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             match w {
                 Workload::Gcg => a.gcg,
                 Workload::SftStep
+                | Workload::TrainSft
+                | Workload::TrainR2d2
                 | Workload::FwdBwdLora
                 | Workload::FwdBwdFull
                 | Workload::Adamw => !a.no_backward,
@@ -355,6 +444,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
         step("SFT training step: batch 8 x 96 tokens, LoRA r=16 on all projections, AdamW");
         r.sft_step_lora_r16_b8_tok_s = Some(sft_step(&a, a.reps)?);
     }
+    if wanted(Workload::TrainSft) {
+        step("safegeo train --recipe sft: 1 warm-up step, then --reps steps");
+        let rate = train_recipe(&a, "sft", 1, a.reps.max(1))?;
+        r.train_sft_tok_s = Some(rate.tok_s);
+        r.train_sft_step_s = Some(rate.step_s);
+    }
+    if wanted(Workload::TrainR2d2) {
+        step("safegeo train --recipe r2d2 (GCG inner loop included): 1 warm-up step, then 1");
+        let rate = train_recipe(&a, "r2d2", 1, 1)?;
+        r.train_r2d2_tok_s = Some(rate.tok_s);
+        r.train_r2d2_step_s = Some(rate.step_s);
+        r.train_r2d2_gcg_s = rate.seconds.get("gcg_inner_loop").copied();
+    }
     if wanted(Workload::FwdBwdLora) {
         step("forward+backward 256 tokens, LoRA r=8 on q,v");
         let mut lora = common::load(&a.model)?;
@@ -385,7 +487,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.json {
         return common::print_json(&r);
     }
-    let rows: [(&str, Option<f64>, &str); 13] = [
+    let rows: [(&str, Option<f64>, &str); 18] = [
         ("sgemm 1024^3 (f32)", r.sgemm_gflops, "GFLOP/s"),
         (
             "prefill 32x64, all resid_pre captured",
@@ -426,6 +528,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "tok/s",
         ),
         ("GCG step, width 512, top-k 256", r.gcg_step_s, "s"),
+        ("train --recipe sft", r.train_sft_tok_s, "tok/s"),
+        ("  per step", r.train_sft_step_s, "s"),
+        ("train --recipe r2d2", r.train_r2d2_tok_s, "tok/s"),
+        ("  per step", r.train_r2d2_step_s, "s"),
+        ("  of which the GCG inner loop", r.train_r2d2_gcg_s, "s"),
         ("peak RSS", Some(r.peak_rss_mb), "MB"),
     ];
     println!("model: {}  threads: {}", r.model, r.threads);

@@ -142,7 +142,19 @@ fn load_train_split(name: &str, limit: Option<usize>, a: &TrainArgs) -> Result<V
     Ok(d.items.into_iter().map(|i| i.prompt).collect())
 }
 
-pub fn run(a: TrainArgs) -> Result<()> {
+/// A model with its recipe and settings, ready for [`train`].
+pub struct Prepared {
+    pub model: safegeo_runtime::Model,
+    pub recipe: Box<dyn safegeo_train::trainer::Recipe>,
+    pub cfg: TrainConfig,
+    /// One line saying what will be trained.
+    pub summary: String,
+}
+
+/// Everything `safegeo train` does before its first step: check the options, load data and
+/// model, record the run's configuration in `a.out`, build (or read from the cache) the
+/// self-distilled replies, and assemble the recipe.
+pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
     let strategy = Strategy::parse(&a.strategy)?;
     let cfg = TrainConfig {
         steps: a.steps,
@@ -188,10 +200,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if a.recipe == "r2d2" && a.grad_accum != 1 {
         bail!("r2d2 runs one micro-batch per step: use --grad-accum 1");
     }
-    let harmful = load_train_split(&a.harmful, a.n_harmful, &a)?;
-    let mut harmless = load_train_split(&a.harmless, Some(a.n_harmless), &a)?;
+    let harmful = load_train_split(&a.harmful, a.n_harmful, a)?;
+    let mut harmless = load_train_split(&a.harmless, Some(a.n_harmless), a)?;
     if a.n_hard_negatives + a.n_framed_negatives > 0 {
-        let pool = load_train_split(&a.harmless, None, &a)?;
+        let pool = load_train_split(&a.harmless, None, a)?;
         let mined = data::hard_negatives(&harmful, &pool, &harmless, a.n_hard_negatives);
         harmless.extend(mined);
         let framed = data::framed_negatives(&pool, &harmless, a.n_framed_negatives, a.seed);
@@ -200,7 +212,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if a.contrast_negatives {
         harmless.extend(data::contrast_negatives(&harmful, a.seed));
     }
-    let mut model = common::load(&a.model)?;
+    let model = common::load(&a.model)?;
     let hash = common::model_hash(&model.source)?;
     let config = serde_json::json!({
         "safegeo_version": env!("CARGO_PKG_VERSION"),
@@ -301,7 +313,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         safegeo_data::judges::refusal_score::refusal_token_ids(&model.tok, &openings)?;
     let sft = ExampleRecipe::new(name, examples, a.batch_size, a.grad_accum, a.seed)?
         .with_decision(a.decision_weight, refusal_ids)?;
-    let mut recipe: Box<dyn safegeo_train::trainer::Recipe> = if a.recipe == "r2d2" {
+    let recipe: Box<dyn safegeo_train::trainer::Recipe> = if a.recipe == "r2d2" {
         Box::new(safegeo_train::r2d2::R2d2::new(
             r2d2_cfg.clone(),
             sft,
@@ -311,7 +323,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     } else {
         Box::new(sft)
     };
-    eprintln!(
+    let summary = format!(
         "{name}: {n_examples} examples ({} harmful prompts, {} harmless), {} steps of {} x {}, {}",
         harmful.len(),
         harmless.len(),
@@ -324,6 +336,22 @@ pub fn run(a: TrainArgs) -> Result<()> {
             format!("LoRA r={}", a.lora_rank)
         }
     );
+    Ok(Prepared {
+        model,
+        recipe,
+        cfg,
+        summary,
+    })
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let Prepared {
+        mut model,
+        mut recipe,
+        cfg,
+        summary,
+    } = prepare(&a)?;
+    eprintln!("{summary}");
     let mut bar = common::Progress::new("steps");
     let lines = train(&mut model, recipe.as_mut(), &cfg, &a.out, &mut |s, n, l| {
         bar.set(s, n);
