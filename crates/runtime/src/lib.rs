@@ -8,6 +8,7 @@ mod config;
 mod error;
 mod export;
 pub mod fetch;
+mod few_rows;
 pub mod files;
 mod fused;
 mod generate;

@@ -146,7 +146,12 @@ impl CustomOp1 for FrozenMatmul {
         };
         let w = &wc.as_slice::<f32>()?[wl.start_offset()..wl.start_offset() + out * inner];
         let inner_s = inner as isize;
-        let y = if rows > 1 && rows <= SMALL_ROWS {
+        let streamed = (rows <= crate::few_rows::MAX_ROWS && !few_rows_disabled())
+            .then(|| crate::few_rows::few_rows_matmul(x, rows, w, out, inner))
+            .flatten();
+        let y = if let Some(y) = streamed {
+            y
+        } else if rows > 1 && rows <= SMALL_ROWS {
             // y^T (out, rows) = W (out, in) * x^T (in, rows), then transposed: gemm's per-call
             // cost is far lower this way round for a few rows (and it wants a row-major dst).
             let y_t = fused::gemm_new((out, rows, inner), w, (1, inner_s), x, (inner_s, 1));
@@ -394,6 +399,13 @@ pub fn batched_matmul(a: &Tensor, b: &Tensor, grad: bool) -> Result<Tensor> {
     } else {
         a.matmul(b)
     }
+}
+
+/// `SAFEGEO_FEW_ROWS_GEMM=1`: a few rows go through gemm instead of the streaming kernel
+/// (`few_rows.rs`), to compare the two.
+fn few_rows_disabled() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var_os("SAFEGEO_FEW_ROWS_GEMM").is_some_and(|v| v == "1"))
 }
 
 /// Most rows for which `x W^T` runs as `(W x^T)^T`.
