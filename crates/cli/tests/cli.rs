@@ -2010,4 +2010,23 @@ fn bench_measures_quantized_decoding_in_its_own_process() {
         assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {v}");
     }
     assert!(v["prefill_capture_tok_s"].is_null(), "{v}");
+    // A training recipe asked for by name needs the training splits, and says where to point.
+    let out = safegeo(
+        &[
+            "bench",
+            "--only",
+            "train-sft",
+            "--data-dir",
+            dir.path().join("no-data").to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "stderr: {err}");
+    assert!(
+        err.contains("harmful-train") && err.contains("--data-dir"),
+        "stderr: {err}"
+    );
 }
