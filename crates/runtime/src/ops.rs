@@ -154,7 +154,11 @@ impl CustomOp1 for FrozenMatmul {
         } else if rows > 1 && rows <= SMALL_ROWS {
             // y^T (out, rows) = W (out, in) * x^T (in, rows), then transposed: gemm's per-call
             // cost is far lower this way round for a few rows (and it wants a row-major dst).
-            let y_t = fused::gemm_new((out, rows, inner), w, (1, inner_s), x, (inner_s, 1));
+            let y_t = if inner > 0 {
+                fused::weight_rows_times_x_t(w, out, inner, x, rows)
+            } else {
+                vec![0f32; out * rows]
+            };
             let mut y = vec![0f32; rows * out];
             for (o, col) in y_t.chunks_exact(rows).enumerate() {
                 for (r, v) in col.iter().enumerate() {
@@ -655,13 +659,16 @@ mod tests {
         crate::testing::random_tensor(shape, seed, 1.0)
     }
 
-    /// Inference and the frozen gradient path both run gemm between storages, transposed for a
-    /// few rows: every row count on either side of the switch equals candle's matmul.
+    /// Inference and the frozen gradient path run gemm between storages: the streaming kernel
+    /// up to 16 rows, weight blocks per thread up to 48 (37 weight rows: blocks of 32 and 5),
+    /// one threaded gemm beyond. Every row count on either side of each switch equals candle's
+    /// matmul.
     #[test]
     fn linear_forward_equals_the_plain_product_for_every_row_count() {
         let w = rand(&[37, 64], 1);
         let lin = Linear::new(w.clone(), None);
-        for rows in [1, 2, 5, SMALL_ROWS, SMALL_ROWS + 1, 130] {
+        let streamed = crate::few_rows::MAX_ROWS;
+        for rows in [1, 2, 5, streamed, streamed + 1, 24, SMALL_ROWS, SMALL_ROWS + 1, 130] {
             let x = rand(&[rows, 64], rows as u64);
             let want = x.matmul(&w.t().unwrap()).unwrap();
             for grad in [false, true] {
