@@ -57,13 +57,7 @@ pub fn few_rows_matmul(
                     avx512::rows_block(x, rows, &w[o0 * inner..(o0 + n) * inner], n, inner, dst)
                 };
             });
-        let mut y = vec![0f32; rows * out];
-        for (o, col) in y_t.chunks_exact(rows.max(1)).enumerate() {
-            for (r, v) in col.iter().enumerate() {
-                y[r * out + o] = *v;
-            }
-        }
-        return Some(y);
+        return Some(crate::ops::transpose(&y_t, out, rows));
     }
     let _ = (x, rows, w, out, inner);
     None
