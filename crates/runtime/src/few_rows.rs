@@ -122,7 +122,7 @@ mod avx512 {
         rows: usize,
         dst: &mut [f32],
     ) {
-        let mut acc = [[_mm512_setzero_ps(); M]; NO];
+        let mut acc = [[_mm512_setzero_ps(); NO]; M];
         let wp = w.as_ptr().add(o * inner);
         let xp = x.as_ptr().add(i * inner);
         let mut k = 0;
@@ -131,12 +131,12 @@ mod avx512 {
             let w1 = _mm512_loadu_ps(wp.add(inner + k));
             let w2 = _mm512_loadu_ps(wp.add(2 * inner + k));
             let w3 = _mm512_loadu_ps(wp.add(3 * inner + k));
-            for m in 0..M {
+            for (m, a) in acc.iter_mut().enumerate() {
                 let xv = _mm512_loadu_ps(xp.add(m * inner + k));
-                acc[0][m] = _mm512_fmadd_ps(w0, xv, acc[0][m]);
-                acc[1][m] = _mm512_fmadd_ps(w1, xv, acc[1][m]);
-                acc[2][m] = _mm512_fmadd_ps(w2, xv, acc[2][m]);
-                acc[3][m] = _mm512_fmadd_ps(w3, xv, acc[3][m]);
+                a[0] = _mm512_fmadd_ps(w0, xv, a[0]);
+                a[1] = _mm512_fmadd_ps(w1, xv, a[1]);
+                a[2] = _mm512_fmadd_ps(w2, xv, a[2]);
+                a[3] = _mm512_fmadd_ps(w3, xv, a[3]);
             }
             k += 16;
         }
@@ -147,17 +147,17 @@ mod avx512 {
             let w1 = _mm512_maskz_loadu_ps(mask, wp.add(inner + k));
             let w2 = _mm512_maskz_loadu_ps(mask, wp.add(2 * inner + k));
             let w3 = _mm512_maskz_loadu_ps(mask, wp.add(3 * inner + k));
-            for m in 0..M {
+            for (m, a) in acc.iter_mut().enumerate() {
                 let xv = _mm512_maskz_loadu_ps(mask, xp.add(m * inner + k));
-                acc[0][m] = _mm512_fmadd_ps(w0, xv, acc[0][m]);
-                acc[1][m] = _mm512_fmadd_ps(w1, xv, acc[1][m]);
-                acc[2][m] = _mm512_fmadd_ps(w2, xv, acc[2][m]);
-                acc[3][m] = _mm512_fmadd_ps(w3, xv, acc[3][m]);
+                a[0] = _mm512_fmadd_ps(w0, xv, a[0]);
+                a[1] = _mm512_fmadd_ps(w1, xv, a[1]);
+                a[2] = _mm512_fmadd_ps(w2, xv, a[2]);
+                a[3] = _mm512_fmadd_ps(w3, xv, a[3]);
             }
         }
-        for r in 0..NO {
-            for m in 0..M {
-                *dst.get_unchecked_mut((o + r) * rows + i + m) = _mm512_reduce_add_ps(acc[r][m]);
+        for (m, a) in acc.iter().enumerate() {
+            for (r, v) in a.iter().enumerate() {
+                *dst.get_unchecked_mut((o + r) * rows + i + m) = _mm512_reduce_add_ps(*v);
             }
         }
     }
