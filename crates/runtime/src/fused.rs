@@ -793,10 +793,10 @@ pub(crate) fn gemm_new(
 }
 
 /// `W (out, inner) x^T` for `x: (rows, inner)`, as `(out, rows)` row-major: the weight's rows
-/// split in one contiguous block per thread, each block a single-threaded gemm. For a few dozen
-/// rows gemm's own threading costs more than the product (measured, 2 cores, 32 rows: 1536 x
-/// 576 weight 0.30 ms split vs 0.44 ms threaded inside, 576 x 1536 0.24 vs 0.39, 192 x 576 0.05
-/// vs 0.11; the 49152-row LM head the same either way).
+/// split in 8 contiguous blocks spread over the threads, each block a single-threaded gemm.
+/// For a few dozen rows gemm's own threading costs more than the product (measured, 2 cores,
+/// 32 rows, one block per thread: 1536 x 576 weight 0.30 ms vs 0.44 ms threaded inside,
+/// 576 x 1536 0.24 vs 0.39, 192 x 576 0.05 vs 0.11; the 49152-row LM head the same).
 pub(crate) fn weight_rows_times_x_t(
     w: &[f32],
     out: usize,
@@ -804,9 +804,11 @@ pub(crate) fn weight_rows_times_x_t(
     x: &[f32],
     rows: usize,
 ) -> Vec<f32> {
-    let threads = candle_core::utils::get_num_threads().max(1);
-    // Blocks of whole 16-row panels.
-    let block = out.div_ceil(threads).div_ceil(16) * 16;
+    // A fixed number of blocks of whole 16-row panels, not one per thread: gemm's blocking
+    // follows the block's size, so blocks cut by the thread count made the low bits depend
+    // on it (results must not: `--threads 1` and `2` give identical files).
+    const BLOCKS: usize = 8;
+    let block = out.div_ceil(BLOCKS).div_ceil(16) * 16;
     let mut y_t = Vec::<f32>::with_capacity(out * rows);
     let inner_s = inner as isize;
     {
