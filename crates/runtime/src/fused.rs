@@ -785,6 +785,7 @@ pub(crate) fn gemm_new(
             b,
             b_strides,
             None,
+            true,
         );
         dst.set_len(m * n);
         let mut dst = std::mem::ManuallyDrop::new(dst);
@@ -804,49 +805,38 @@ pub(crate) fn weight_rows_times_x_t(
     x: &[f32],
     rows: usize,
 ) -> Vec<f32> {
+    if inner == 0 || rows == 0 || out == 0 {
+        return vec![0f32; out * rows];
+    }
     // A fixed number of blocks of whole 16-row panels, not one per thread: gemm's blocking
     // follows the block's size, so blocks cut by the thread count made the low bits depend
     // on it (results must not: `--threads 1` and `2` give identical files).
     const BLOCKS: usize = 8;
     let block = out.div_ceil(BLOCKS).div_ceil(16) * 16;
-    let mut y_t = Vec::<f32>::with_capacity(out * rows);
     let inner_s = inner as isize;
-    {
-        let spare = &mut y_t.spare_capacity_mut()[..out * rows];
-        spare
-            .par_chunks_mut(block.max(1) * rows)
-            .enumerate()
-            .for_each(|(i, dst)| {
-                let (o0, n) = (i * block, dst.len() / rows.max(1));
-                // SAFETY: gemm writes (without reading, read_dst = false) every element of the
-                // (n, rows) row-major block `dst`, from `n` weight rows from `o0` (in bounds)
-                // and all of `x`; k = inner > 0 is checked by the caller.
-                unsafe {
-                    gemm::gemm(
-                        n,
-                        rows,
-                        inner,
-                        dst.as_mut_ptr() as *mut f32,
-                        1,
-                        rows as isize,
-                        false,
-                        w[o0 * inner..].as_ptr(),
-                        1,
-                        inner_s,
-                        x.as_ptr(),
-                        inner_s,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    )
-                };
-            });
-    }
-    // SAFETY: every element was written above.
+    let mut y_t = Vec::<f32>::with_capacity(out * rows);
+    y_t.spare_capacity_mut()[..out * rows]
+        .par_chunks_mut(block * rows)
+        .enumerate()
+        .for_each(|(i, dst)| {
+            let (o0, n) = (i * block, dst.len() / rows);
+            // SAFETY: with k = inner > 0 and no accumulation, gemm writes every element of the
+            // (n, rows) row-major block `dst` without reading it, from the `n` weight rows from
+            // `o0` (in bounds) and all of `x`.
+            unsafe {
+                gemm_general(
+                    dst.as_mut_ptr() as *mut f32,
+                    (n, rows, inner),
+                    &w[o0 * inner..],
+                    (1, inner_s),
+                    x,
+                    (inner_s, 1),
+                    None,
+                    false,
+                )
+            };
+        });
+    // SAFETY: every element was written above (the blocks cover all `out` weight rows).
     unsafe { y_t.set_len(out * rows) };
     y_t
 }
@@ -872,15 +862,18 @@ fn gemm_acc(
             b,
             b_strides,
             Some(scale),
+            true,
         )
     }
 }
 
-/// `dst = a b`, or with `accumulate = Some(s)` `dst += s a b`.
+/// `dst = a b`, or with `accumulate = Some(s)` `dst += s a b`; on the calling thread alone
+/// unless `threaded`.
 ///
 /// # Safety
 /// `dst` points to `m * n` writable f32 (row-major), and `a`, `b` hold every element their
 /// strides address; with `accumulate`, `dst` must also be initialized.
+#[allow(clippy::too_many_arguments)]
 unsafe fn gemm_general(
     dst: *mut f32,
     (m, n, k): (usize, usize, usize),
@@ -889,9 +882,10 @@ unsafe fn gemm_general(
     b: &[f32],
     (b_cs, b_rs): (isize, isize),
     accumulate: Option<f32>,
+    threaded: bool,
 ) {
     let threads = candle_core::utils::get_num_threads();
-    let par = if threads > 1 {
+    let par = if threaded && threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None

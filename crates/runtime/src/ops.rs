@@ -152,14 +152,13 @@ impl CustomOp1 for FrozenMatmul {
         let y = if let Some(y) = streamed {
             y
         } else if rows > 1 && rows <= SMALL_ROWS {
-            // y^T (out, rows) = W (out, in) * x^T (in, rows), then transposed: gemm's per-call
-            // cost is far lower this way round for a few rows (and it wants a row-major dst).
-            let y_t = if inner > 0 {
-                fused::weight_rows_times_x_t(w, out, inner, x, rows)
-            } else {
-                vec![0f32; out * rows]
-            };
-            transpose(&y_t, out, rows)
+            // y^T (out, rows) = W (out, in) * x^T (in, rows) in blocks of W, then transposed:
+            // gemm's per-call cost is far lower this way round for a few rows.
+            transpose(
+                &fused::weight_rows_times_x_t(w, out, inner, x, rows),
+                out,
+                rows,
+            )
         } else {
             // y (rows, out) = x (rows, in) * W^T (in, out); W^T[i, o] = w[o * in + i].
             fused::gemm_new((rows, out, inner), x, (1, inner_s), w, (inner_s, 1))
@@ -355,10 +354,16 @@ pub fn batched_matmul_bt(a: &Tensor, b: &Tensor, grad: bool) -> Result<Tensor> {
     batched_matmul(a, &b.transpose(D::Minus2, D::Minus1)?, grad)
 }
 
-/// SAFEGEO_CANDLE_BMM=1 forces candle's batched matmul (for side-by-side benchmarks).
+/// Whether the environment variable `name` is `1`, read once into `cell` (switches that put
+/// a measured alternative back, for side-by-side benchmarks).
+fn env_switch(cell: &'static std::sync::OnceLock<bool>, name: &str) -> bool {
+    *cell.get_or_init(|| std::env::var_os(name).is_some_and(|v| v == "1"))
+}
+
+/// SAFEGEO_CANDLE_BMM=1 forces candle's batched matmul.
 fn candle_bmm_only() -> bool {
-    static CANDLE_ONLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *CANDLE_ONLY.get_or_init(|| std::env::var_os("SAFEGEO_CANDLE_BMM").is_some_and(|v| v == "1"))
+    static CELL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    env_switch(&CELL, "SAFEGEO_CANDLE_BMM")
 }
 
 /// Whether a product under `grad` takes [`TrainableBmm`] (f32 on the CPU, batched).
@@ -420,8 +425,8 @@ pub(crate) fn transpose(a: &[f32], n: usize, m: usize) -> Vec<f32> {
 /// `SAFEGEO_FEW_ROWS_GEMM=1`: a few rows go through gemm instead of the streaming kernel
 /// (`few_rows.rs`), to compare the two.
 fn few_rows_disabled() -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OFF.get_or_init(|| std::env::var_os("SAFEGEO_FEW_ROWS_GEMM").is_some_and(|v| v == "1"))
+    static CELL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    env_switch(&CELL, "SAFEGEO_FEW_ROWS_GEMM")
 }
 
 /// Most rows for which `x W^T` runs as `(W x^T)^T`.
@@ -672,7 +677,7 @@ mod tests {
     }
 
     /// Inference and the frozen gradient path run gemm between storages: the streaming kernel
-    /// up to 16 rows, weight blocks per thread up to 48 (37 weight rows: blocks of 32 and 5),
+    /// up to 16 rows, blocks of the weight up to 48 (37 weight rows: blocks of 16, 16 and 5),
     /// one threaded gemm beyond. Every row count on either side of each switch equals candle's
     /// matmul.
     #[test]
