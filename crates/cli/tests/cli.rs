@@ -465,6 +465,14 @@ fn geometry_pipeline_on_a_tiny_model_then_eval_with_ablation() {
         2 * meta["n_pos"].as_u64().unwrap() as usize
     );
     assert!(held["best"]["auc"].as_f64().unwrap() > 0.5, "{held}");
+    // The logistic probes are fitted on these very prompts (12 + 12 in d = 64): they separate
+    // them perfectly.
+    let probe = &held["probe"];
+    assert_eq!(
+        probe["all"].as_array().unwrap().len(),
+        held["all"].as_array().unwrap().len()
+    );
+    assert_eq!(probe["best"]["auc"].as_f64().unwrap(), 1.0, "{probe}");
     let bad = safegeo(&["carriers", "-m", m, "--heldout", &harm, "--out", g], h);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--heldout takes two sets"));
     let out = safegeo(

@@ -488,6 +488,17 @@ pub fn framed_negatives(pool: &[String], exclude: &[String], n: usize, seed: u64
         .collect()
 }
 
+/// `n` distinct prompts of `pool` that are not in `exclude`, drawn by `seed` (fewer when the
+/// pool runs out).
+pub fn sample_excluding(pool: &[String], exclude: &[String], n: usize, seed: u64) -> Vec<String> {
+    let skip: std::collections::HashSet<&String> = exclude.iter().collect();
+    let mut left: Vec<&String> = pool.iter().filter(|p| !skip.contains(p)).collect();
+    left.sort();
+    left.dedup();
+    left.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed ^ 0xDEC1_5105));
+    left.into_iter().take(n).cloned().collect()
+}
+
 /// Benign requests about a harmful request (written for this project): each quotes the harmful
 /// prompt and asks for something safe about it (why it is wrong, its legal risk, how to protect
 /// against it). The topic is the harmful prompt's own; only the intent differs.
@@ -542,6 +553,21 @@ mod tests {
         );
         let got = hard_negatives(&harmful, &pool, &got, 5);
         assert!(!got.iter().any(|g| g.contains("hack")));
+    }
+
+    #[test]
+    fn sample_excluding_draws_distinct_unused_prompts_by_seed() {
+        let pool: Vec<String> = (0..50).map(|i| format!("p{}", i % 40)).collect();
+        let exclude: Vec<String> = (0..10).map(|i| format!("p{i}")).collect();
+        let got = sample_excluding(&pool, &exclude, 25, 3);
+        assert_eq!(got.len(), 25);
+        let distinct: std::collections::HashSet<&String> = got.iter().collect();
+        assert_eq!(distinct.len(), 25, "{got:?}");
+        assert!(got.iter().all(|p| !exclude.contains(p)));
+        assert_eq!(got, sample_excluding(&pool, &exclude, 25, 3));
+        assert_ne!(got, sample_excluding(&pool, &exclude, 25, 4));
+        // Only 30 prompts are left to draw.
+        assert_eq!(sample_excluding(&pool, &exclude, 100, 3).len(), 30);
     }
 
     #[test]

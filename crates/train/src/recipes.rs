@@ -21,6 +21,10 @@ pub struct ExampleRecipe {
     order: Option<(usize, Vec<usize>)>,
     decision_weight: f64,
     refusal_ids: Vec<u32>,
+    /// Harmless prompts trained on the decision only, `decision_batch` per micro-batch.
+    decision_only: Vec<Example>,
+    decision_batch: usize,
+    decision_order: Option<(usize, Vec<usize>)>,
 }
 
 impl ExampleRecipe {
@@ -52,6 +56,9 @@ impl ExampleRecipe {
             order: None,
             decision_weight: 0.0,
             refusal_ids: Vec::new(),
+            decision_only: Vec::new(),
+            decision_batch: 0,
+            decision_order: None,
         })
     }
 
@@ -67,30 +74,80 @@ impl ExampleRecipe {
         Ok(self)
     }
 
+    /// Adds harmless prompts trained on the decision only: `batch` of them per micro-batch, in a
+    /// forward of their own (short rows, not padded to the replies of the main batch), each
+    /// adding `weight * -ln(1 - q)` averaged over them. Each example's first target is the base
+    /// model's own first reply token; only its position is read.
+    pub fn with_decision_only(mut self, examples: Vec<Example>, batch: usize) -> Result<Self> {
+        if !examples.is_empty() && (self.decision_weight <= 0.0 || batch == 0) {
+            return Err(Error::Invalid(
+                "decision-only examples need a decision loss weight > 0 and a batch > 0".into(),
+            ));
+        }
+        if let Some(e) = examples.iter().find(|e| e.n_targets() == 0) {
+            return Err(Error::Invalid(format!(
+                "a decision-only example ({} tokens) has no reply position",
+                e.ids.len()
+            )));
+        }
+        self.decision_only = examples;
+        self.decision_batch = batch;
+        Ok(self)
+    }
+
     /// Example indices of micro-batch `micro` of step `step`.
     pub fn batch_indices(&mut self, step: usize, micro: usize) -> Vec<usize> {
-        let n = self.examples.len();
         let first = (step * self.grad_accum + micro) * self.batch_size;
-        (first..first + self.batch_size)
-            .map(|g| {
-                let epoch = g / n;
-                if self.order.as_ref().map(|o| o.0) != Some(epoch) {
-                    let mut o: Vec<usize> = (0..n).collect();
-                    let mut rng = rand::rngs::StdRng::seed_from_u64(
-                        self.seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                    );
-                    o.shuffle(&mut rng);
-                    self.order = Some((epoch, o));
-                }
-                self.order.as_ref().expect("set above").1[g % n]
-            })
-            .collect()
+        draw(
+            &mut self.order,
+            self.examples.len(),
+            first,
+            self.batch_size,
+            self.seed,
+        )
+    }
+
+    /// Decision-only example indices of micro-batch `micro` of step `step`.
+    pub fn decision_indices(&mut self, step: usize, micro: usize) -> Vec<usize> {
+        let first = (step * self.grad_accum + micro) * self.decision_batch;
+        draw(
+            &mut self.decision_order,
+            self.decision_only.len(),
+            first,
+            self.decision_batch,
+            self.seed ^ 0xDEC1_5105,
+        )
     }
 
     /// The examples.
     pub fn examples(&self) -> &[Example] {
         &self.examples
     }
+}
+
+/// Entries `first..first + k` of the concatenated epoch-wise shuffles of `0..n`, seeded by
+/// `(seed, epoch)`; `order` caches the current epoch's shuffle.
+fn draw(
+    order: &mut Option<(usize, Vec<usize>)>,
+    n: usize,
+    first: usize,
+    k: usize,
+    seed: u64,
+) -> Vec<usize> {
+    (first..first + k)
+        .map(|g| {
+            let epoch = g / n;
+            if order.as_ref().map(|o| o.0) != Some(epoch) {
+                let mut o: Vec<usize> = (0..n).collect();
+                let mut rng = rand::rngs::StdRng::seed_from_u64(
+                    seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                );
+                o.shuffle(&mut rng);
+                *order = Some((epoch, o));
+            }
+            order.as_ref().expect("set above").1[g % n]
+        })
+        .collect()
 }
 
 impl Recipe for ExampleRecipe {
@@ -124,7 +181,20 @@ impl Recipe for ExampleRecipe {
                 }
             }
         }
-        let tokens = rows.tokens;
+        let mut tokens = rows.tokens;
+        if !self.decision_only.is_empty() {
+            let idx = self.decision_indices(step, micro);
+            let batch: Vec<&Example> = idx.iter().map(|&i| &self.decision_only[i]).collect();
+            let rows = target_rows(model, &batch)?;
+            let at: Vec<u32> = rows.first.iter().map(|&r| r as u32).collect();
+            let first = rows.log_probs_at(&at)?;
+            let refuse = vec![false; at.len()];
+            if let Some(d) = decision::decision_loss(&first, &refuse, &self.refusal_ids)? {
+                parts.insert("decision_only".into(), d.to_scalar::<f32>()? as f64);
+                loss = (loss + (d * self.decision_weight)?)?;
+            }
+            tokens += rows.tokens;
+        }
         Ok(MicroLoss {
             loss,
             tokens,

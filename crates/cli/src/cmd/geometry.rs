@@ -7,7 +7,7 @@ use safegeo_data::{load_dataset, LoadSpec};
 use safegeo_geometry::carriers::{capture, difference_of_means, prompt_ids};
 use safegeo_geometry::measures::{coupling_curve, effective_rank_at};
 use safegeo_geometry::select::{select, SelectConfig};
-use safegeo_geometry::separation::{separation, Separation};
+use safegeo_geometry::separation::{probe_separation, separation, Separation};
 use safegeo_geometry::{linalg, store};
 use safegeo_runtime::NoHooks;
 use std::path::{Path, PathBuf};
@@ -280,30 +280,40 @@ pub fn carriers(a: CarriersArgs) -> Result<()> {
             let la = capture(&model, &l_ids, pos.post_len, a.batch_size, &mut tick)?;
             bar.finish();
             let sep = separation(&c, &ha, &la);
-            let at = |p: usize, f: &dyn Fn(&Separation) -> f64| -> Vec<f64> {
+            let probe = probe_separation(&hacts, &lacts, &ha, &la);
+            let at = |sep: &[Separation], p: usize, f: &dyn Fn(&Separation) -> f64| -> Vec<f64> {
                 sep.iter().filter(|s| s.pos == p).map(f).collect()
             };
-            let best = sep
-                .iter()
-                .max_by(|x, y| {
-                    (x.tpr_at_fpr_0_2, x.auc)
-                        .partial_cmp(&(y.tpr_at_fpr_0_2, y.auc))
-                        .unwrap_or(std::cmp::Ordering::Equal)
-                })
-                .cloned();
-            if let Some(b) = &best {
-                eprintln!(
-                    "held-out {} vs {}: best carrier layer {} position {}: AUC {:.3}, TPR {:.2} at FPR 0.2",
-                    h.name, l.name, b.layer, b.pos, b.auc, b.tpr_at_fpr_0_2
-                );
+            let best = |sep: &[Separation]| {
+                sep.iter()
+                    .max_by(|x, y| {
+                        (x.tpr_at_fpr_0_2, x.auc)
+                            .partial_cmp(&(y.tpr_at_fpr_0_2, y.auc))
+                            .unwrap_or(std::cmp::Ordering::Equal)
+                    })
+                    .cloned()
+            };
+            let (best_carrier, best_probe) = (best(&sep), best(&probe));
+            for (what, b) in [("carrier", &best_carrier), ("logistic probe", &best_probe)] {
+                if let Some(b) = b {
+                    eprintln!(
+                        "held-out {} vs {}: best {what} layer {} position {}: AUC {:.3}, TPR {:.2} at FPR 0.2",
+                        h.name, l.name, b.layer, b.pos, b.auc, b.tpr_at_fpr_0_2
+                    );
+                }
             }
             serde_json::json!({
                 "harmful": ds(h), "harmless": ds(l),
-                "auc_t_inst": at(0, &|s| s.auc), "auc_t_post": at(t_post, &|s| s.auc),
-                "tpr_at_fpr_0_2_t_inst": at(0, &|s| s.tpr_at_fpr_0_2),
-                "tpr_at_fpr_0_2_t_post": at(t_post, &|s| s.tpr_at_fpr_0_2),
-                "best": best, "all": sep,
-                "note": "each carrier read as a linear probe: projection of held-out prompts on the unit carrier; best = highest TPR at FPR 0.2, then AUC",
+                "auc_t_inst": at(&sep, 0, &|s| s.auc), "auc_t_post": at(&sep, t_post, &|s| s.auc),
+                "tpr_at_fpr_0_2_t_inst": at(&sep, 0, &|s| s.tpr_at_fpr_0_2),
+                "tpr_at_fpr_0_2_t_post": at(&sep, t_post, &|s| s.tpr_at_fpr_0_2),
+                "best": best_carrier, "all": sep,
+                "probe": {
+                    "auc_t_post": at(&probe, t_post, &|s| s.auc),
+                    "tpr_at_fpr_0_2_t_post": at(&probe, t_post, &|s| s.tpr_at_fpr_0_2),
+                    "best": best_probe, "all": probe, "l2": safegeo_geometry::separation::PROBE_L2,
+                },
+                "note": "each carrier read as a linear probe: projection of held-out prompts on the unit carrier; best = highest TPR at FPR 0.2, then AUC. `probe`: a logistic regression fitted at each layer and position on the same capture (standardized activations, L2 `l2`), read the same way",
             })
         }
         None => serde_json::Value::Null,

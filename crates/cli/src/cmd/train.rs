@@ -88,6 +88,15 @@ pub struct TrainArgs {
     /// harmless ones (crates/train/src/decision.rs). 0 = plain cross-entropy only.
     #[arg(long, default_value_t = 0.0)]
     pub decision_weight: f64,
+    /// Extra harmless prompts, drawn at random from the harmless set, trained on the refusal
+    /// decision only (no reply: the decision loss pushes their refusal-opening mass at the first
+    /// reply token toward 0). Cheap next to a self-distilled reply, so the decision sees
+    /// thousands of harmless requests instead of hundreds. Needs --decision-weight > 0.
+    #[arg(long, default_value_t = 0)]
+    pub n_decision_negatives: usize,
+    /// Decision negatives per micro-batch, run in a forward of their own.
+    #[arg(long, default_value_t = 24)]
+    pub decision_batch: usize,
     /// Longest self-distilled reply, in tokens.
     #[arg(long, default_value_t = 64)]
     pub utility_tokens: usize,
@@ -212,13 +221,26 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
     if a.contrast_negatives {
         harmless.extend(data::contrast_negatives(&harmful, a.seed));
     }
+    let decision_negatives = if a.n_decision_negatives > 0 {
+        if a.decision_weight <= 0.0 {
+            bail!(
+                "--n-decision-negatives {} trains the refusal decision only: add --decision-weight \
+                 (e.g. 1)",
+                a.n_decision_negatives
+            );
+        }
+        let pool = load_train_split(&a.harmless, None, a)?;
+        data::sample_excluding(&pool, &harmless, a.n_decision_negatives, a.seed)
+    } else {
+        Vec::new()
+    };
     let model = common::load(&a.model)?;
     let hash = common::model_hash(&model.source)?;
     let config = serde_json::json!({
         "safegeo_version": env!("CARGO_PKG_VERSION"),
         "model": model.source, "model_sha256": hash, "recipe": a.recipe, "strategy": strategy,
         "train": cfg, "harmful": a.harmful, "n_harmful": harmful.len(), "harmless": a.harmless,
-        "n_harmless": a.n_harmless, "r2d2": (a.recipe == "r2d2").then_some(&r2d2_cfg), "n_hard_negatives": a.n_hard_negatives, "decision_weight": a.decision_weight, "n_framed_negatives": a.n_framed_negatives, "contrast_negatives": a.contrast_negatives, "utility_tokens": a.utility_tokens, "system": a.system,
+        "n_harmless": a.n_harmless, "r2d2": (a.recipe == "r2d2").then_some(&r2d2_cfg), "n_hard_negatives": a.n_hard_negatives, "decision_weight": a.decision_weight, "n_framed_negatives": a.n_framed_negatives, "contrast_negatives": a.contrast_negatives, "utility_tokens": a.utility_tokens, "system": a.system, "n_decision_negatives": a.n_decision_negatives, "decision_batch": (a.n_decision_negatives > 0).then_some(a.decision_batch),
     });
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     common::check_or_write_config(&a.out, &config)?;
@@ -311,8 +333,22 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
         .collect();
     let refusal_ids =
         safegeo_data::judges::refusal_score::refusal_token_ids(&model.tok, &openings)?;
+    // A decision negative needs only its reply position: the prompt plus one placeholder target.
+    let placeholder = model.tok.encode(" ", false)?;
+    let decision_only = decision_negatives
+        .iter()
+        .map(|p| {
+            let prompt = model.tok.encode_chat(&data::messages(system, p), false)?;
+            Ok(data::Example::reply(
+                prompt,
+                placeholder.clone(),
+                "harmless",
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let sft = ExampleRecipe::new(name, examples, a.batch_size, a.grad_accum, a.seed)?
-        .with_decision(a.decision_weight, refusal_ids)?;
+        .with_decision(a.decision_weight, refusal_ids)?
+        .with_decision_only(decision_only, a.decision_batch)?;
     let recipe: Box<dyn safegeo_train::trainer::Recipe> = if a.recipe == "r2d2" {
         Box::new(safegeo_train::r2d2::R2d2::new(
             r2d2_cfg.clone(),
@@ -324,9 +360,18 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
         Box::new(sft)
     };
     let summary = format!(
-        "{name}: {n_examples} examples ({} harmful prompts, {} harmless), {} steps of {} x {}, {}",
+        "{name}: {n_examples} examples ({} harmful prompts, {} harmless{}), {} steps of {} x {}, {}",
         harmful.len(),
         harmless.len(),
+        if decision_negatives.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", {} decision negatives, {} per micro-batch",
+                decision_negatives.len(),
+                a.decision_batch
+            )
+        },
         a.steps,
         a.batch_size,
         a.grad_accum,
