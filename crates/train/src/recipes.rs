@@ -21,10 +21,13 @@ pub struct ExampleRecipe {
     order: Option<(usize, Vec<usize>)>,
     decision_weight: f64,
     refusal_ids: Vec<u32>,
-    /// Harmless prompts trained on the decision only, `decision_batch` per micro-batch.
-    decision_only: Vec<Example>,
+    /// Prompts trained on the decision only: harmful (refuse) and harmless, `decision_batch` per
+    /// micro-batch, half of them harmful when there are any.
+    decision_pos: Vec<Example>,
+    decision_neg: Vec<Example>,
     decision_batch: usize,
-    decision_order: Option<(usize, Vec<usize>)>,
+    pos_order: Option<(usize, Vec<usize>)>,
+    neg_order: Option<(usize, Vec<usize>)>,
 }
 
 impl ExampleRecipe {
@@ -56,9 +59,11 @@ impl ExampleRecipe {
             order: None,
             decision_weight: 0.0,
             refusal_ids: Vec::new(),
-            decision_only: Vec::new(),
+            decision_pos: Vec::new(),
+            decision_neg: Vec::new(),
             decision_batch: 0,
-            decision_order: None,
+            pos_order: None,
+            neg_order: None,
         })
     }
 
@@ -74,23 +79,37 @@ impl ExampleRecipe {
         Ok(self)
     }
 
-    /// Adds harmless prompts trained on the decision only: `batch` of them per micro-batch, in a
-    /// forward of their own (short rows, not padded to the replies of the main batch), each
-    /// adding `weight * -ln(1 - q)` averaged over them. Each example's first target is the base
-    /// model's own first reply token; only its position is read.
-    pub fn with_decision_only(mut self, examples: Vec<Example>, batch: usize) -> Result<Self> {
-        if !examples.is_empty() && (self.decision_weight <= 0.0 || batch == 0) {
+    /// Adds prompts trained on the decision only, in a forward of their own (short rows, not
+    /// padded to the replies of the main batch): `batch` per micro-batch, half drawn from
+    /// `harmful` (refuse) when it is not empty and the rest from `harmless`, each list in its own
+    /// seeded epoch order, adding `weight * L_decision` over them. Only the reply position of
+    /// each example (its first target) is read.
+    pub fn with_decision_only(
+        mut self,
+        harmful: Vec<Example>,
+        harmless: Vec<Example>,
+        batch: usize,
+    ) -> Result<Self> {
+        let any = !harmful.is_empty() || !harmless.is_empty();
+        if any && (self.decision_weight <= 0.0 || batch == 0) {
             return Err(Error::Invalid(
                 "decision-only examples need a decision loss weight > 0 and a batch > 0".into(),
             ));
         }
-        if let Some(e) = examples.iter().find(|e| e.n_targets() == 0) {
+        if !harmful.is_empty() && (harmless.is_empty() || batch < 2) {
+            return Err(Error::Invalid(
+                "decision-only harmful prompts need harmless ones beside them and a batch >= 2"
+                    .into(),
+            ));
+        }
+        if let Some(e) = harmful.iter().chain(&harmless).find(|e| e.n_targets() == 0) {
             return Err(Error::Invalid(format!(
                 "a decision-only example ({} tokens) has no reply position",
                 e.ids.len()
             )));
         }
-        self.decision_only = examples;
+        self.decision_pos = harmful;
+        self.decision_neg = harmless;
         self.decision_batch = batch;
         Ok(self)
     }
@@ -107,16 +126,31 @@ impl ExampleRecipe {
         )
     }
 
-    /// Decision-only example indices of micro-batch `micro` of step `step`.
-    pub fn decision_indices(&mut self, step: usize, micro: usize) -> Vec<usize> {
-        let first = (step * self.grad_accum + micro) * self.decision_batch;
-        draw(
-            &mut self.decision_order,
-            self.decision_only.len(),
-            first,
-            self.decision_batch,
+    /// Decision-only draws of micro-batch `micro` of step `step`: indices into the harmful and
+    /// the harmless decision lists.
+    pub fn decision_indices(&mut self, step: usize, micro: usize) -> (Vec<usize>, Vec<usize>) {
+        let n_pos = if self.decision_pos.is_empty() {
+            0
+        } else {
+            self.decision_batch / 2
+        };
+        let n_neg = self.decision_batch - n_pos;
+        let slot = step * self.grad_accum + micro;
+        let pos = draw(
+            &mut self.pos_order,
+            self.decision_pos.len(),
+            slot * n_pos,
+            n_pos,
+            self.seed ^ 0xDEC1_5106,
+        );
+        let neg = draw(
+            &mut self.neg_order,
+            self.decision_neg.len(),
+            slot * n_neg,
+            n_neg,
             self.seed ^ 0xDEC1_5105,
-        )
+        );
+        (pos, neg)
     }
 
     /// The examples.
@@ -182,13 +216,17 @@ impl Recipe for ExampleRecipe {
             }
         }
         let mut tokens = rows.tokens;
-        if !self.decision_only.is_empty() {
-            let idx = self.decision_indices(step, micro);
-            let batch: Vec<&Example> = idx.iter().map(|&i| &self.decision_only[i]).collect();
+        if !self.decision_neg.is_empty() {
+            let (pos, neg) = self.decision_indices(step, micro);
+            let batch: Vec<&Example> = pos
+                .iter()
+                .map(|&i| &self.decision_pos[i])
+                .chain(neg.iter().map(|&i| &self.decision_neg[i]))
+                .collect();
             let rows = target_rows(model, &batch)?;
             let at: Vec<u32> = rows.first.iter().map(|&r| r as u32).collect();
             let first = rows.log_probs_at(&at)?;
-            let refuse = vec![false; at.len()];
+            let refuse: Vec<bool> = (0..at.len()).map(|i| i < pos.len()).collect();
             if let Some(d) = decision::decision_loss(&first, &refuse, &self.refusal_ids)? {
                 parts.insert("decision_only".into(), d.to_scalar::<f32>()? as f64);
                 loss = (loss + (d * self.decision_weight)?)?;

@@ -33,7 +33,7 @@ fn refusal_mass_after(with_negatives: bool, dir: &std::path::Path) -> (f64, Vec<
         .with_decision(1.0, vec![REFUSAL])
         .unwrap();
     if with_negatives {
-        recipe = recipe.with_decision_only(negatives(), 4).unwrap();
+        recipe = recipe.with_decision_only(vec![], negatives(), 4).unwrap();
     }
     let cfg = TrainConfig {
         steps: 12,
@@ -89,24 +89,38 @@ fn decision_negatives_lower_refusal_mass_on_harmless_prompts() {
 #[test]
 fn decision_negatives_need_a_decision_weight_and_draw_reproducibly() {
     let plain = ExampleRecipe::new("sft", examples(), 4, 1, 1).unwrap();
-    assert!(plain.with_decision_only(negatives(), 4).is_err());
+    assert!(plain.with_decision_only(vec![], negatives(), 4).is_err());
     let make = || {
         ExampleRecipe::new("sft", examples(), 4, 2, 1)
             .unwrap()
             .with_decision(1.0, vec![REFUSAL])
             .unwrap()
-            .with_decision_only(negatives(), 3)
+            .with_decision_only(examples()[..6].to_vec(), negatives(), 6)
             .unwrap()
     };
     let mut r = make();
-    // Steps 0-3 with 2 micro-batches of 3 draw 24 = 3 epochs of the 8 negatives.
-    let mut seen: Vec<usize> = (0..4)
-        .flat_map(|s| (0..2).map(move |m| (s, m)))
-        .flat_map(|(s, m)| r.decision_indices(s, m))
-        .collect();
-    seen.sort_unstable();
-    let want: Vec<usize> = (0..8).flat_map(|i| [i, i, i]).collect();
-    assert_eq!(seen, want);
+    // Steps 0-3 with 2 micro-batches of 3 + 3 draw 24 = 3 epochs of the 8 negatives and
+    // 4 epochs of the 6 harmful prompts.
+    let (mut pos, mut neg): (Vec<usize>, Vec<usize>) = (Vec::new(), Vec::new());
+    for s in 0..4 {
+        for m in 0..2 {
+            let (p, n) = r.decision_indices(s, m);
+            assert_eq!((p.len(), n.len()), (3, 3));
+            pos.extend(p);
+            neg.extend(n);
+        }
+    }
+    pos.sort_unstable();
+    neg.sort_unstable();
+    assert_eq!(pos, (0..6).flat_map(|i| [i; 4]).collect::<Vec<_>>());
+    assert_eq!(neg, (0..8).flat_map(|i| [i; 3]).collect::<Vec<_>>());
+    // Harmful decision prompts need harmless ones beside them.
+    let lone = ExampleRecipe::new("sft", examples(), 4, 1, 1)
+        .unwrap()
+        .with_decision(1.0, vec![REFUSAL])
+        .unwrap()
+        .with_decision_only(examples()[..6].to_vec(), vec![], 4);
+    assert!(lone.is_err());
     // A resumed run draws the same negatives for any step.
     assert_eq!(make().decision_indices(9, 1), r.decision_indices(9, 1));
 }

@@ -94,9 +94,14 @@ pub struct TrainArgs {
     /// thousands of harmless requests instead of hundreds. Needs --decision-weight > 0.
     #[arg(long, default_value_t = 0)]
     pub n_decision_negatives: usize,
-    /// Decision negatives per micro-batch, run in a forward of their own.
+    /// Decision prompts per micro-batch, run in a forward of their own.
     #[arg(long, default_value_t = 24)]
     pub decision_batch: usize,
+    /// Put the harmful prompts in the decision stream too (half of each decision batch), so the
+    /// decision trains for several epochs at the cost of a prompt pass, next to the refusal
+    /// replies of the main batch. Needs --n-decision-negatives.
+    #[arg(long)]
+    pub decision_harmful: bool,
     /// Longest self-distilled reply, in tokens.
     #[arg(long, default_value_t = 64)]
     pub utility_tokens: usize,
@@ -240,7 +245,7 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
         "safegeo_version": env!("CARGO_PKG_VERSION"),
         "model": model.source, "model_sha256": hash, "recipe": a.recipe, "strategy": strategy,
         "train": cfg, "harmful": a.harmful, "n_harmful": harmful.len(), "harmless": a.harmless,
-        "n_harmless": a.n_harmless, "r2d2": (a.recipe == "r2d2").then_some(&r2d2_cfg), "n_hard_negatives": a.n_hard_negatives, "decision_weight": a.decision_weight, "n_framed_negatives": a.n_framed_negatives, "contrast_negatives": a.contrast_negatives, "utility_tokens": a.utility_tokens, "system": a.system, "n_decision_negatives": a.n_decision_negatives, "decision_batch": (a.n_decision_negatives > 0).then_some(a.decision_batch),
+        "n_harmless": a.n_harmless, "r2d2": (a.recipe == "r2d2").then_some(&r2d2_cfg), "n_hard_negatives": a.n_hard_negatives, "decision_weight": a.decision_weight, "n_framed_negatives": a.n_framed_negatives, "contrast_negatives": a.contrast_negatives, "utility_tokens": a.utility_tokens, "system": a.system, "n_decision_negatives": a.n_decision_negatives, "decision_batch": (a.n_decision_negatives > 0).then_some(a.decision_batch), "decision_harmful": a.decision_harmful,
     });
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     common::check_or_write_config(&a.out, &config)?;
@@ -333,22 +338,32 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
         .collect();
     let refusal_ids =
         safegeo_data::judges::refusal_score::refusal_token_ids(&model.tok, &openings)?;
-    // A decision negative needs only its reply position: the prompt plus one placeholder target.
+    // A decision prompt needs only its reply position: the prompt plus one placeholder target.
     let placeholder = model.tok.encode(" ", false)?;
-    let decision_only = decision_negatives
-        .iter()
-        .map(|p| {
-            let prompt = model.tok.encode_chat(&data::messages(system, p), false)?;
-            Ok(data::Example::reply(
-                prompt,
-                placeholder.clone(),
-                "harmless",
-            ))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let decision_examples = |prompts: &[String], kind: &str| {
+        prompts
+            .iter()
+            .map(|p| {
+                let prompt = model.tok.encode_chat(&data::messages(system, p), false)?;
+                Ok(data::Example::reply(prompt, placeholder.clone(), kind))
+            })
+            .collect::<Result<Vec<_>>>()
+    };
+    if a.decision_harmful && decision_negatives.is_empty() {
+        bail!(
+            "--decision-harmful pairs the harmful prompts with decision negatives: add \
+             --n-decision-negatives (e.g. 2048)"
+        );
+    }
+    let decision_pos = if a.decision_harmful {
+        decision_examples(&harmful, "harmful")?
+    } else {
+        Vec::new()
+    };
+    let decision_neg = decision_examples(&decision_negatives, "harmless")?;
     let sft = ExampleRecipe::new(name, examples, a.batch_size, a.grad_accum, a.seed)?
         .with_decision(a.decision_weight, refusal_ids)?
-        .with_decision_only(decision_only, a.decision_batch)?;
+        .with_decision_only(decision_pos, decision_neg, a.decision_batch)?;
     let recipe: Box<dyn safegeo_train::trainer::Recipe> = if a.recipe == "r2d2" {
         Box::new(safegeo_train::r2d2::R2d2::new(
             r2d2_cfg.clone(),
@@ -367,8 +382,9 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
             String::new()
         } else {
             format!(
-                ", {} decision negatives, {} per micro-batch",
+                ", {} decision negatives{}, {} per micro-batch",
                 decision_negatives.len(),
+                if a.decision_harmful { " and the harmful prompts" } else { "" },
                 a.decision_batch
             )
         },
