@@ -74,6 +74,18 @@ pub struct Separation {
     pub tpr_at_fpr_0_2: f64,
 }
 
+impl Separation {
+    /// The separation at `(layer, pos)` of harmful scores `h` from harmless scores `b`.
+    fn of_scores(layer: usize, pos: usize, h: &[f64], b: &[f64]) -> Self {
+        Separation {
+            layer,
+            pos,
+            auc: auc(h, b),
+            tpr_at_fpr_0_2: tpr_at_fpr(h, b, 0.2),
+        }
+    }
+}
+
 fn scores(acts: &Activations, l: usize, p: usize, unit: &[f64]) -> Vec<f64> {
     acts.acts
         .iter()
@@ -94,12 +106,7 @@ pub fn separation(c: &Carriers, harmful: &Activations, harmless: &Activations) -
         for p in 0..c.n_pos() {
             let unit = normalize(&c.refusal[l][p]);
             let (h, b) = (scores(harmful, l, p, &unit), scores(harmless, l, p, &unit));
-            out.push(Separation {
-                layer: l,
-                pos: p,
-                auc: auc(&h, &b),
-                tpr_at_fpr_0_2: tpr_at_fpr(&h, &b, 0.2),
-            });
+            out.push(Separation::of_scores(l, p, &h, &b));
         }
     }
     out
@@ -226,12 +233,7 @@ pub fn probe_separation(
                 acts.acts.iter().map(|a| probe.score(&a[l][p])).collect()
             };
             let (h, b) = (score(harmful), score(harmless));
-            out.push(Separation {
-                layer: l,
-                pos: p,
-                auc: auc(&h, &b),
-                tpr_at_fpr_0_2: tpr_at_fpr(&h, &b, 0.2),
-            });
+            out.push(Separation::of_scores(l, p, &h, &b));
         }
     }
     out
