@@ -26,6 +26,7 @@ pub struct ExampleRecipe {
     decision_pos: Vec<Example>,
     decision_neg: Vec<Example>,
     decision_batch: usize,
+    decision_pos_per_batch: usize,
     pos_order: Option<(usize, Vec<usize>)>,
     neg_order: Option<(usize, Vec<usize>)>,
 }
@@ -62,6 +63,7 @@ impl ExampleRecipe {
             decision_pos: Vec::new(),
             decision_neg: Vec::new(),
             decision_batch: 0,
+            decision_pos_per_batch: 0,
             pos_order: None,
             neg_order: None,
         })
@@ -80,16 +82,23 @@ impl ExampleRecipe {
     }
 
     /// Adds prompts trained on the decision only, in a forward of their own (short rows, not
-    /// padded to the replies of the main batch): `batch` per micro-batch, half drawn from
-    /// `harmful` (refuse) when it is not empty and the rest from `harmless`, each list in its own
-    /// seeded epoch order, adding `weight * L_decision` over them. Only the reply position of
-    /// each example (its first target) is read.
+    /// padded to the replies of the main batch): `batch` per micro-batch, a share `harmful_share`
+    /// of them (rounded, at least one) drawn from `harmful` (refuse) when it is not empty and the
+    /// rest from `harmless`, each list in its own seeded epoch order, adding
+    /// `weight * L_decision` over them. Only the reply position of each example (its first
+    /// target) is read. A smaller harmful share moves the decision threshold toward refusing less.
     pub fn with_decision_only(
         mut self,
         harmful: Vec<Example>,
         harmless: Vec<Example>,
         batch: usize,
+        harmful_share: f64,
     ) -> Result<Self> {
+        if !(harmful_share > 0.0 && harmful_share < 1.0) {
+            return Err(Error::Invalid(format!(
+                "decision harmful share {harmful_share}: use a value strictly between 0 and 1"
+            )));
+        }
         let any = !harmful.is_empty() || !harmless.is_empty();
         if any && (self.decision_weight <= 0.0 || batch == 0) {
             return Err(Error::Invalid(
@@ -111,6 +120,11 @@ impl ExampleRecipe {
         self.decision_pos = harmful;
         self.decision_neg = harmless;
         self.decision_batch = batch;
+        self.decision_pos_per_batch = if self.decision_pos.is_empty() {
+            0
+        } else {
+            ((batch as f64 * harmful_share).round() as usize).clamp(1, batch - 1)
+        };
         Ok(self)
     }
 
@@ -129,11 +143,7 @@ impl ExampleRecipe {
     /// Decision-only draws of micro-batch `micro` of step `step`: indices into the harmful and
     /// the harmless decision lists.
     pub fn decision_indices(&mut self, step: usize, micro: usize) -> (Vec<usize>, Vec<usize>) {
-        let n_pos = if self.decision_pos.is_empty() {
-            0
-        } else {
-            self.decision_batch / 2
-        };
+        let n_pos = self.decision_pos_per_batch;
         let n_neg = self.decision_batch - n_pos;
         let slot = step * self.grad_accum + micro;
         let pos = draw(

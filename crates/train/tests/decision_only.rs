@@ -33,7 +33,9 @@ fn refusal_mass_after(with_negatives: bool, dir: &std::path::Path) -> (f64, Vec<
         .with_decision(1.0, vec![REFUSAL])
         .unwrap();
     if with_negatives {
-        recipe = recipe.with_decision_only(vec![], negatives(), 4).unwrap();
+        recipe = recipe
+            .with_decision_only(vec![], negatives(), 4, 0.5)
+            .unwrap();
     }
     let cfg = TrainConfig {
         steps: 12,
@@ -89,13 +91,15 @@ fn decision_negatives_lower_refusal_mass_on_harmless_prompts() {
 #[test]
 fn decision_negatives_need_a_decision_weight_and_draw_reproducibly() {
     let plain = ExampleRecipe::new("sft", examples(), 4, 1, 1).unwrap();
-    assert!(plain.with_decision_only(vec![], negatives(), 4).is_err());
+    assert!(plain
+        .with_decision_only(vec![], negatives(), 4, 0.5)
+        .is_err());
     let make = || {
         ExampleRecipe::new("sft", examples(), 4, 2, 1)
             .unwrap()
             .with_decision(1.0, vec![REFUSAL])
             .unwrap()
-            .with_decision_only(examples()[..6].to_vec(), negatives(), 6)
+            .with_decision_only(examples()[..6].to_vec(), negatives(), 6, 0.5)
             .unwrap()
     };
     let mut r = make();
@@ -119,8 +123,26 @@ fn decision_negatives_need_a_decision_weight_and_draw_reproducibly() {
         .unwrap()
         .with_decision(1.0, vec![REFUSAL])
         .unwrap()
-        .with_decision_only(examples()[..6].to_vec(), vec![], 4);
+        .with_decision_only(examples()[..6].to_vec(), vec![], 4, 0.5);
     assert!(lone.is_err());
+    // A quarter of a batch of 8 is harmful; shares outside (0, 1) are refused.
+    let quarter = ExampleRecipe::new("sft", examples(), 4, 1, 1)
+        .unwrap()
+        .with_decision(1.0, vec![REFUSAL])
+        .unwrap();
+    let mut q = quarter
+        .with_decision_only(examples()[..6].to_vec(), negatives(), 8, 0.25)
+        .unwrap();
+    let (p, n) = q.decision_indices(0, 0);
+    assert_eq!((p.len(), n.len()), (2, 6));
+    for bad in [0.0, 1.0, f64::NAN] {
+        let r = ExampleRecipe::new("sft", examples(), 4, 1, 1)
+            .unwrap()
+            .with_decision(1.0, vec![REFUSAL])
+            .unwrap()
+            .with_decision_only(examples()[..6].to_vec(), negatives(), 8, bad);
+        assert!(r.is_err(), "share {bad}");
+    }
     // A resumed run draws the same negatives for any step.
     assert_eq!(make().decision_indices(9, 1), r.decision_indices(9, 1));
 }

@@ -102,6 +102,10 @@ pub struct TrainArgs {
     /// replies of the main batch. Needs --n-decision-negatives.
     #[arg(long)]
     pub decision_harmful: bool,
+    /// With --decision-harmful: the share of each decision batch drawn from the harmful prompts.
+    /// Below 0.5 the decision is trained to refuse less readily.
+    #[arg(long, default_value_t = 0.5)]
+    pub decision_harmful_share: f64,
     /// Longest self-distilled reply, in tokens.
     #[arg(long, default_value_t = 64)]
     pub utility_tokens: usize,
@@ -245,8 +249,18 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
         "safegeo_version": env!("CARGO_PKG_VERSION"),
         "model": model.source, "model_sha256": hash, "recipe": a.recipe, "strategy": strategy,
         "train": cfg, "harmful": a.harmful, "n_harmful": harmful.len(), "harmless": a.harmless,
-        "n_harmless": a.n_harmless, "r2d2": (a.recipe == "r2d2").then_some(&r2d2_cfg), "n_hard_negatives": a.n_hard_negatives, "decision_weight": a.decision_weight, "n_framed_negatives": a.n_framed_negatives, "contrast_negatives": a.contrast_negatives, "utility_tokens": a.utility_tokens, "system": a.system, "n_decision_negatives": a.n_decision_negatives, "decision_batch": (a.n_decision_negatives > 0).then_some(a.decision_batch), "decision_harmful": a.decision_harmful,
+        "n_harmless": a.n_harmless, "r2d2": (a.recipe == "r2d2").then_some(&r2d2_cfg), "n_hard_negatives": a.n_hard_negatives, "decision_weight": a.decision_weight, "n_framed_negatives": a.n_framed_negatives, "contrast_negatives": a.contrast_negatives, "utility_tokens": a.utility_tokens, "system": a.system,
     });
+    // Recorded only when used, so runs started before these options existed still resume.
+    let mut config = config;
+    if a.n_decision_negatives > 0 {
+        config["n_decision_negatives"] = a.n_decision_negatives.into();
+        config["decision_batch"] = a.decision_batch.into();
+        config["decision_harmful"] = a.decision_harmful.into();
+        if a.decision_harmful_share != 0.5 {
+            config["decision_harmful_share"] = a.decision_harmful_share.into();
+        }
+    }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     common::check_or_write_config(&a.out, &config)?;
     // The base model's own replies are cached per model and prompt set, shared across runs.
@@ -363,7 +377,12 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
     let decision_neg = decision_examples(&decision_negatives, "harmless")?;
     let sft = ExampleRecipe::new(name, examples, a.batch_size, a.grad_accum, a.seed)?
         .with_decision(a.decision_weight, refusal_ids)?
-        .with_decision_only(decision_pos, decision_neg, a.decision_batch)?;
+        .with_decision_only(
+            decision_pos,
+            decision_neg,
+            a.decision_batch,
+            a.decision_harmful_share,
+        )?;
     let recipe: Box<dyn safegeo_train::trainer::Recipe> = if a.recipe == "r2d2" {
         Box::new(safegeo_train::r2d2::R2d2::new(
             r2d2_cfg.clone(),
