@@ -97,7 +97,7 @@ pub struct TrainArgs {
     /// Decision prompts per micro-batch, run in a forward of their own.
     #[arg(long, default_value_t = 24)]
     pub decision_batch: usize,
-    /// Put the harmful prompts in the decision stream too (half of each decision batch), so the
+    /// Put the harmful prompts in the decision stream too (see --decision-harmful-share), so the
     /// decision trains for several epochs at the cost of a prompt pass, next to the refusal
     /// replies of the main batch. Needs --n-decision-negatives.
     #[arg(long)]
