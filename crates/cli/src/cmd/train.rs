@@ -218,10 +218,28 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
     if a.recipe == "r2d2" && a.grad_accum != 1 {
         bail!("r2d2 runs one micro-batch per step: use --grad-accum 1");
     }
+    if a.n_decision_negatives > 0 && a.decision_weight <= 0.0 {
+        bail!(
+            "--n-decision-negatives {} trains the refusal decision only: add --decision-weight \
+             (e.g. 1)",
+            a.n_decision_negatives
+        );
+    }
+    if a.decision_harmful && a.n_decision_negatives == 0 {
+        bail!(
+            "--decision-harmful pairs the harmful prompts with decision negatives: add \
+             --n-decision-negatives (e.g. 2048)"
+        );
+    }
     let harmful = load_train_split(&a.harmful, a.n_harmful, a)?;
     let mut harmless = load_train_split(&a.harmless, Some(a.n_harmless), a)?;
+    // The whole harmless split, read once for whichever extra prompts are drawn from it.
+    let pool = if a.n_hard_negatives + a.n_framed_negatives + a.n_decision_negatives > 0 {
+        load_train_split(&a.harmless, None, a)?
+    } else {
+        Vec::new()
+    };
     if a.n_hard_negatives + a.n_framed_negatives > 0 {
-        let pool = load_train_split(&a.harmless, None, a)?;
         let mined = data::hard_negatives(&harmful, &pool, &harmless, a.n_hard_negatives);
         harmless.extend(mined);
         let framed = data::framed_negatives(&pool, &harmless, a.n_framed_negatives, a.seed);
@@ -230,19 +248,8 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
     if a.contrast_negatives {
         harmless.extend(data::contrast_negatives(&harmful, a.seed));
     }
-    let decision_negatives = if a.n_decision_negatives > 0 {
-        if a.decision_weight <= 0.0 {
-            bail!(
-                "--n-decision-negatives {} trains the refusal decision only: add --decision-weight \
-                 (e.g. 1)",
-                a.n_decision_negatives
-            );
-        }
-        let pool = load_train_split(&a.harmless, None, a)?;
-        data::sample_excluding(&pool, &harmless, a.n_decision_negatives, a.seed)
-    } else {
-        Vec::new()
-    };
+    let decision_negatives =
+        data::sample_excluding(&pool, &harmless, a.n_decision_negatives, a.seed);
     let model = common::load(&a.model)?;
     let hash = common::model_hash(&model.source)?;
     let config = serde_json::json!({
@@ -363,12 +370,6 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
             })
             .collect::<Result<Vec<_>>>()
     };
-    if a.decision_harmful && decision_negatives.is_empty() {
-        bail!(
-            "--decision-harmful pairs the harmful prompts with decision negatives: add \
-             --n-decision-negatives (e.g. 2048)"
-        );
-    }
     let decision_pos = if a.decision_harmful {
         decision_examples(&harmful, "harmful")?
     } else {
