@@ -4,27 +4,36 @@
 //! A general gemm packs its right-hand side into panels on every call: for a batch-32 decoding
 //! step that is every weight of the model read, written packed and read again, and the step is
 //! bound by memory traffic, not arithmetic (batch 32 spends 2 FLOP per weight byte read). Here
-//! each output row `o` is a dot product of the weight's row `w_o` (contiguous, `W` is stored
-//! `(out, in)`) with every `x_i`: blocks of 4 weight rows stay in L1 while all rows of `x`
-//! (L2-resident) pass by, 4 x 6 dot products at a time in 24 AVX-512 registers. The output's
-//! row blocks are spread over the thread pool.
+//! the weight (stored `(out, in)`, rows contiguous) is read in place, once, by one of two
+//! AVX-512 kernels:
 //!
-//! Measured against gemm on a 2-core AVX-512 machine, 1536 x 576 weight: 1 row 0.07 vs 0.15 ms,
-//! 4 rows 0.12 vs 0.46, 8 rows 0.20 vs 0.44, 16 rows 0.31 vs 0.43, 32 rows 1.0 vs 0.5 (with
-//! many rows the dot products re-read `x` from L2 for every 4 weight rows, where gemm's packed
-//! panels win): so it serves at most [`MAX_ROWS`] rows.
+//! - up to [`DOT_MAX_ROWS`] rows, dot products: blocks of 4 weight rows stay in L1 while the rows
+//!   of `x` pass by, 4 x 6 dot products at a time in 24 registers, each reduced at the end;
+//! - beyond, broadcasts against `x^T`: `x` is transposed once per call into `(in, lanes)` with
+//!   its rows padded to whole 16-lane vectors, and `y^T[o, :] = sum_k w[o, k] x^T[k, :]` takes
+//!   8-16 weight rows at a time, each weight element broadcast into one FMA per 16 rows of `x`. No
+//!   horizontal sums, and every output element is one running sum in `k` order, so the result
+//!   does not depend on how the rows are split between threads.
 //!
-//! Without AVX-512 (or off x86-64) [`few_rows_matmul`] answers `None` and callers keep gemm.
+//! Measured on a 2-core AVX-512 machine (`cargo test --release -p safegeo-runtime few_rows --
+//! --ignored --nocapture` prints the table): see `timing_against_gemm` below.
+//!
+//! The output's row blocks are spread over the thread pool. Without AVX-512 (or off x86-64)
+//! [`few_rows_matmul`] answers `None` and callers keep gemm.
 use rayon::prelude::*;
 
-/// Most rows this kernel takes (beyond, gemm is faster).
-pub const MAX_ROWS: usize = 16;
+/// Most rows this module takes (beyond, gemm's packed panels are faster).
+pub const MAX_ROWS: usize = 48;
 
-/// Weight rows per task of the thread pool (a multiple of the kernel's 4).
-const TASK_ROWS: usize = 64;
+/// Most rows for the dot-product kernel; more go to the broadcast kernel.
+pub const DOT_MAX_ROWS: usize = 4;
+
+/// Weight rows per task of the thread pool (a multiple of the kernels' weight tiles: 4, 8, 12
+/// and 16).
+const TASK_ROWS: usize = 48;
 
 /// `y (rows, out) = x (rows, inner) W^T` with `w: (out, inner)` row-major, or `None` when this
-/// CPU lacks the kernel's instructions.
+/// CPU lacks the kernels' instructions or `rows` exceeds [`MAX_ROWS`].
 pub fn few_rows_matmul(
     x: &[f32],
     rows: usize,
@@ -42,24 +51,80 @@ pub fn few_rows_matmul(
         out * inner,
         "few_rows_matmul: w is not (out, inner)"
     );
+    if rows > MAX_ROWS {
+        return None;
+    }
+    by_kernel(x, rows, w, out, inner, rows <= DOT_MAX_ROWS)
+}
+
+/// The output's address, shared by tasks that write disjoint parts of it.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used for writes to disjoint ranges (one task each).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// [`few_rows_matmul`] with the kernel chosen: dot products or broadcasts.
+fn by_kernel(
+    x: &[f32],
+    rows: usize,
+    w: &[f32],
+    out: usize,
+    inner: usize,
+    dot_products: bool,
+) -> Option<Vec<f32>> {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
-        // y^T (out, rows), each task writing the rows of the weight rows it reads.
-        let mut y_t = vec![0f32; out * rows];
-        y_t.par_chunks_mut(TASK_ROWS * rows.max(1))
-            .enumerate()
-            .for_each(|(task, dst)| {
+        let rows_w = rows.max(1);
+        // For the broadcast kernel: x^T with each column padded to whole vectors by zeros,
+        // built column by column so the writes are contiguous.
+        let vectors = rows.div_ceil(16);
+        let lanes = 16 * vectors;
+        let x_t = if dot_products {
+            Vec::new()
+        } else {
+            let mut x_t = vec![0f32; inner * lanes];
+            for (k, col) in x_t.chunks_exact_mut(lanes).enumerate() {
+                for (i, v) in col[..rows].iter_mut().enumerate() {
+                    *v = x[i * inner + k];
+                }
+            }
+            x_t
+        };
+        let mut y = Vec::<f32>::with_capacity(rows * out);
+        let y_ptr = SendPtr(y.as_mut_ptr());
+        (0..out.div_ceil(TASK_ROWS))
+            .into_par_iter()
+            .for_each(|task| {
                 let o0 = task * TASK_ROWS;
-                let n = dst.len() / rows.max(1);
-                // SAFETY: avx512f is present (checked above); slices are in bounds by
-                // construction (`n` weight rows from `o0`, all `rows` of x).
+                let n = TASK_ROWS.min(out - o0);
+                let w = &w[o0 * inner..(o0 + n) * inner];
+                // This task's block of y^T, (n, rows), then written into columns o0..o0+n of y.
+                let mut block = [0f32; TASK_ROWS * MAX_ROWS];
+                let block = &mut block[..n * rows_w];
+                // SAFETY: avx512f is present (checked above); `n` weight rows from `o0` and all
+                // `rows` of x (or of `x_t`, `(inner, lanes)` with `lanes >= rows`) are in bounds.
                 unsafe {
-                    avx512::rows_block(x, rows, &w[o0 * inner..(o0 + n) * inner], n, inner, dst)
-                };
+                    if dot_products {
+                        avx512::rows_block(x, rows, w, n, inner, block)
+                    } else {
+                        avx512::lanes_block(&x_t, vectors, rows, w, n, inner, block)
+                    }
+                }
+                let y = y_ptr;
+                for i in 0..rows {
+                    // SAFETY: row i of y holds `out` elements; tasks write disjoint columns.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(y.0.add(i * out + o0), n) };
+                    for (j, d) in dst.iter_mut().enumerate() {
+                        *d = block[j * rows + i];
+                    }
+                }
             });
-        return Some(crate::ops::transpose(&y_t, out, rows));
+        // SAFETY: the tasks cover columns 0..out of every row.
+        unsafe { y.set_len(rows * out) };
+        return Some(y);
     }
-    let _ = (x, rows, w, out, inner);
+    let _ = (x, rows, w, out, inner, dot_products);
     None
 }
 
@@ -162,6 +227,97 @@ mod avx512 {
         }
     }
 
+    /// `dst[o * rows + i] = w_o . x_i` for the `n` weight rows of `w`, from `x_t: (inner,
+    /// 16 * vectors)` (x transposed, padded with zeros).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn lanes_block(
+        x_t: &[f32],
+        vectors: usize,
+        rows: usize,
+        w: &[f32],
+        n: usize,
+        inner: usize,
+        dst: &mut [f32],
+    ) {
+        // Weight rows per tile: at most 24 accumulators, as many as fit.
+        match vectors {
+            1 => lanes_rows::<1, 16>(x_t, rows, w, n, inner, dst),
+            2 => lanes_rows::<2, 12>(x_t, rows, w, n, inner, dst),
+            3 => lanes_rows::<3, 8>(x_t, rows, w, n, inner, dst),
+            _ => unreachable!("lanes_block: at most 48 rows"),
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn lanes_rows<const V: usize, const NO: usize>(
+        x_t: &[f32],
+        rows: usize,
+        w: &[f32],
+        n: usize,
+        inner: usize,
+        dst: &mut [f32],
+    ) {
+        let mut o = 0;
+        while o + NO <= n {
+            lanes_tile::<V, NO>(x_t, rows, w, o, inner, dst);
+            o += NO;
+        }
+        while o < n {
+            lanes_tile::<V, 1>(x_t, rows, w, o, inner, dst);
+            o += 1;
+        }
+    }
+
+    /// `y^T` rows `o..o+NO`: `sum_k w[o + r, k] x^T[k, :]`, `V` vectors of 16 rows of `x`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn lanes_tile<const V: usize, const NO: usize>(
+        x_t: &[f32],
+        rows: usize,
+        w: &[f32],
+        o: usize,
+        inner: usize,
+        dst: &mut [f32],
+    ) {
+        let lanes = 16 * V;
+        let mut acc = [[_mm512_setzero_ps(); V]; NO];
+        let wp = w.as_ptr().add(o * inner);
+        let xp = x_t.as_ptr();
+        // The next tile's weights (the `NO` rows after these, contiguous) are prefetched a
+        // little every iteration: its rows are short streams that the hardware prefetcher
+        // barely ramps up on.
+        let next = wp.add(NO * inner) as *const i8;
+        // One base pointer per weight row, so each broadcast is a single addressed operand.
+        let w_rows: [*const f32; NO] = std::array::from_fn(|r| wp.add(r * inner));
+        for k in 0..inner {
+            if k % 2 == 0 {
+                _mm_prefetch::<_MM_HINT_T0>(next.add(k * NO * 4));
+            }
+            let mut xv = [_mm512_setzero_ps(); V];
+            for (j, v) in xv.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(xp.add(k * lanes + 16 * j));
+            }
+            for (a, row) in acc.iter_mut().zip(&w_rows) {
+                let b = _mm512_set1_ps(*row.add(k));
+                for (j, aj) in a.iter_mut().enumerate() {
+                    *aj = _mm512_fmadd_ps(b, xv[j], *aj);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            let row = dst.as_mut_ptr().add((o + r) * rows);
+            for (j, aj) in a.iter().enumerate() {
+                let left = rows - 16 * j;
+                if left >= 16 {
+                    _mm512_storeu_ps(row.add(16 * j), *aj);
+                } else {
+                    let mask: __mmask16 = ((1u32 << left) - 1) as u16;
+                    _mm512_mask_storeu_ps(row.add(16 * j), mask, *aj);
+                }
+            }
+        }
+    }
+
     #[target_feature(enable = "avx512f")]
     unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
         let mut acc = _mm512_setzero_ps();
@@ -207,28 +363,90 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         };
-        // Rows around the 6-row tile, out around the 4-row tile and the 64-row task, inner
-        // around the 16-lane vector.
+        // Rows around the 6-row dot tile and the 16-lane vectors, out around the 4- and 8-row
+        // weight tiles and the 48-row task, inner around the 16-lane vector; both kernels.
         for (rows, out, inner) in [
             (1, 4, 16),
             (2, 5, 17),
             (6, 64, 31),
             (7, 67, 576),
             (13, 130, 15),
+            (16, 33, 40),
+            (17, 8, 3),
+            (31, 71, 64),
             (32, 192, 33),
+            (33, 9, 1),
             (48, 9, 1),
+            (48, 100, 577),
         ] {
             let x: Vec<f32> = (0..rows * inner).map(|_| next()).collect();
             let w: Vec<f32> = (0..out * inner).map(|_| next()).collect();
-            let Some(y) = few_rows_matmul(&x, rows, &w, out, inner) else {
-                eprintln!("no AVX-512 here: the kernel is not exercised");
-                return;
-            };
             let want = reference(&x, rows, &w, out, inner);
-            for (a, b) in y.iter().zip(&want) {
-                assert!(
-                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
-                    "{rows}x{out}x{inner}: {a} vs {b}"
+            for dot_products in [true, false] {
+                let Some(y) = by_kernel(&x, rows, &w, out, inner, dot_products) else {
+                    eprintln!("no AVX-512 here: the kernels are not exercised");
+                    return;
+                };
+                for (a, b) in y.iter().zip(&want) {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                        "{rows}x{out}x{inner} (dot products {dot_products}): {a} vs {b}"
+                    );
+                }
+            }
+        }
+        assert!(few_rows_matmul(&[0.0; 49], 49, &[0.0; 1], 1, 1).is_none());
+    }
+
+    #[test]
+    fn the_broadcast_kernel_does_not_depend_on_the_thread_count() {
+        let (rows, out, inner) = (32, 1000, 96);
+        let x: Vec<f32> = (0..rows * inner).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w: Vec<f32> = (0..out * inner).map(|i| (i as f32 * 0.11).cos()).collect();
+        let run = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| by_kernel(&x, rows, &w, out, inner, false))
+        };
+        assert_eq!(run(1), run(3));
+    }
+
+    /// Not a test: times both kernels and gemm's blocked product on decode-sized products,
+    /// each call on a fresh weight (as in a decoding step, where no weight is cache-resident).
+    #[test]
+    #[ignore]
+    fn timing_against_gemm() {
+        for (out, inner) in [(1536, 576), (576, 1536), (192, 576), (49152, 576)] {
+            let copies = (256 << 20) / (4 * out * inner);
+            let ws: Vec<Vec<f32>> = (0..copies.max(2))
+                .map(|c| {
+                    (0..out * inner)
+                        .map(|i| ((i + c) as f32 * 1e-3).sin())
+                        .collect()
+                })
+                .collect();
+            for rows in [1, 2, 4, 8, 16, 24, 32, 48] {
+                let x: Vec<f32> = (0..rows * inner).map(|i| (i as f32).cos()).collect();
+                let time = |f: &dyn Fn(&[f32]) -> Vec<f32>| {
+                    let t = std::time::Instant::now();
+                    for w in &ws {
+                        std::hint::black_box(f(w));
+                    }
+                    t.elapsed().as_secs_f64() * 1e3 / ws.len() as f64
+                };
+                let dot = time(&|w| by_kernel(&x, rows, w, out, inner, true).unwrap());
+                let lanes = time(&|w| by_kernel(&x, rows, w, out, inner, false).unwrap());
+                let gemm = time(&|w| {
+                    crate::ops::transpose(
+                        &crate::fused::weight_rows_times_x_t(w, out, inner, &x, rows),
+                        out,
+                        rows,
+                    )
+                });
+                println!(
+                    "{out:>6} x {inner:>4}, {rows:>2} rows: dot {dot:.3} ms, broadcast {lanes:.3} ms, gemm {gemm:.3} ms"
                 );
             }
         }

@@ -1036,13 +1036,7 @@ impl CustomOp3 for LoraLinear {
             );
         }
         let y = with_data(&self.w, |w| {
-            let mut y = gemm_new(
-                (rows, out, inner),
-                x,
-                (1, inner as isize),
-                w,
-                (inner as isize, 1),
-            );
+            let mut y = crate::ops::x_w_t(x, rows, w, out, inner);
             let h = gemm_new(
                 (rows, r, inner),
                 x,

@@ -118,6 +118,31 @@ pub fn swiglu(a: &Tensor, u: &Tensor, grad: bool) -> Result<Tensor> {
     }
 }
 
+/// `y (rows, out) = x (rows, inner) W^T` for `w: (out, inner)` row-major, by the fastest route
+/// for the number of rows: the streaming kernels for a few (decoding), gemm otherwise. Every
+/// frozen product takes it (with or without a LoRA adapter beside it), so the same input gives
+/// the same bits whichever path a layer is on.
+pub(crate) fn x_w_t(x: &[f32], rows: usize, w: &[f32], out: usize, inner: usize) -> Vec<f32> {
+    let inner_s = inner as isize;
+    let streamed = (rows <= crate::few_rows::MAX_ROWS && !few_rows_disabled())
+        .then(|| crate::few_rows::few_rows_matmul(x, rows, w, out, inner))
+        .flatten();
+    if let Some(y) = streamed {
+        y
+    } else if rows > 1 && rows <= SMALL_ROWS {
+        // y^T (out, rows) = W (out, in) * x^T (in, rows) in blocks of W, then transposed:
+        // gemm's per-call cost is far lower this way round for a few rows.
+        transpose(
+            &fused::weight_rows_times_x_t(w, out, inner, x, rows),
+            out,
+            rows,
+        )
+    } else {
+        // y (rows, out) = x (rows, in) * W^T (in, out); W^T[i, o] = w[o * in + i].
+        fused::gemm_new((rows, out, inner), x, (1, inner_s), w, (inner_s, 1))
+    }
+}
+
 /// `y = x W^T` by gemm straight between the storages, whose backward returns only `dL/dx`:
 /// candle's matmul backward always computes `dW` as well, which is wasted work for frozen
 /// weights (LoRA, GCG gradients). Inference runs it without a graph node.
@@ -145,24 +170,7 @@ impl CustomOp1 for FrozenMatmul {
             candle_core::bail!("frozen-matmul: weight not on the CPU")
         };
         let w = &wc.as_slice::<f32>()?[wl.start_offset()..wl.start_offset() + out * inner];
-        let inner_s = inner as isize;
-        let streamed = (rows <= crate::few_rows::MAX_ROWS && !few_rows_disabled())
-            .then(|| crate::few_rows::few_rows_matmul(x, rows, w, out, inner))
-            .flatten();
-        let y = if let Some(y) = streamed {
-            y
-        } else if rows > 1 && rows <= SMALL_ROWS {
-            // y^T (out, rows) = W (out, in) * x^T (in, rows) in blocks of W, then transposed:
-            // gemm's per-call cost is far lower this way round for a few rows.
-            transpose(
-                &fused::weight_rows_times_x_t(w, out, inner, x, rows),
-                out,
-                rows,
-            )
-        } else {
-            // y (rows, out) = x (rows, in) * W^T (in, out); W^T[i, o] = w[o * in + i].
-            fused::gemm_new((rows, out, inner), x, (1, inner_s), w, (inner_s, 1))
-        };
+        let y = x_w_t(x, rows, w, out, inner);
         let mut dims = l.dims().to_vec();
         *dims.last_mut().unwrap() = out;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
