@@ -51,10 +51,7 @@ pub fn few_rows_matmul(
         out * inner,
         "few_rows_matmul: w is not (out, inner)"
     );
-    if rows > MAX_ROWS {
-        return None;
-    }
-    by_kernel(x, rows, w, out, inner, rows <= DOT_MAX_ROWS)
+    few_rows_matmul_many(x, rows, &[(w, out)], inner).map(|mut ys| ys.remove(0))
 }
 
 /// The output's address, shared by tasks that write disjoint parts of it.
@@ -64,15 +61,41 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// [`few_rows_matmul`] with the kernel chosen: dot products or broadcasts.
+/// `y_j = x W_j^T` for several weights `(w_j, out_j)` that read the same `x` (a block's query,
+/// key and value projections; the MLP's gate and up): one pass of the thread pool and one `x^T`
+/// for all of them, each result equal to [`few_rows_matmul`]'s. `None` as there.
+pub fn few_rows_matmul_many(
+    x: &[f32],
+    rows: usize,
+    weights: &[(&[f32], usize)],
+    inner: usize,
+) -> Option<Vec<Vec<f32>>> {
+    assert_eq!(
+        x.len(),
+        rows * inner,
+        "few_rows_matmul_many: x is not (rows, inner)"
+    );
+    for (w, out) in weights {
+        assert_eq!(
+            w.len(),
+            out * inner,
+            "few_rows_matmul_many: a weight is not (out, inner)"
+        );
+    }
+    if rows > MAX_ROWS {
+        return None;
+    }
+    by_kernel(x, rows, weights, inner, rows <= DOT_MAX_ROWS)
+}
+
+/// [`few_rows_matmul_many`] with the kernel chosen: dot products or broadcasts.
 fn by_kernel(
     x: &[f32],
     rows: usize,
-    w: &[f32],
-    out: usize,
+    weights: &[(&[f32], usize)],
     inner: usize,
     dot_products: bool,
-) -> Option<Vec<f32>> {
+) -> Option<Vec<Vec<f32>>> {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
         let rows_w = rows.max(1);
@@ -91,40 +114,49 @@ fn by_kernel(
             }
             x_t
         };
-        let mut y = Vec::<f32>::with_capacity(rows * out);
-        let y_ptr = SendPtr(y.as_mut_ptr());
-        (0..out.div_ceil(TASK_ROWS))
-            .into_par_iter()
-            .for_each(|task| {
-                let o0 = task * TASK_ROWS;
-                let n = TASK_ROWS.min(out - o0);
-                let w = &w[o0 * inner..(o0 + n) * inner];
-                // This task's block of y^T, (n, rows), then written into columns o0..o0+n of y.
-                let mut block = [0f32; TASK_ROWS * MAX_ROWS];
-                let block = &mut block[..n * rows_w];
-                // SAFETY: avx512f is present (checked above); `n` weight rows from `o0` and all
-                // `rows` of x (or of `x_t`, `(inner, lanes)` with `lanes >= rows`) are in bounds.
-                unsafe {
-                    if dot_products {
-                        avx512::rows_block(x, rows, w, n, inner, block)
-                    } else {
-                        avx512::lanes_block(&x_t, vectors, rows, w, n, inner, block)
-                    }
+        let mut ys: Vec<Vec<f32>> = weights
+            .iter()
+            .map(|&(_, out)| Vec::with_capacity(rows * out))
+            .collect();
+        let y_ptrs: Vec<SendPtr> = ys.iter_mut().map(|y| SendPtr(y.as_mut_ptr())).collect();
+        // Tasks: (weight, first row) for every block of TASK_ROWS rows of every weight.
+        let tasks: Vec<(usize, usize)> = weights
+            .iter()
+            .enumerate()
+            .flat_map(|(j, &(_, out))| (0..out).step_by(TASK_ROWS).map(move |o0| (j, o0)))
+            .collect();
+        tasks.into_par_iter().for_each(|(j, o0)| {
+            let (w, out) = weights[j];
+            let n = TASK_ROWS.min(out - o0);
+            let w = &w[o0 * inner..(o0 + n) * inner];
+            // This task's block of y^T, (n, rows), then written into columns o0..o0+n of y.
+            let mut block = [0f32; TASK_ROWS * MAX_ROWS];
+            let block = &mut block[..n * rows_w];
+            // SAFETY: avx512f is present (checked above); `n` weight rows from `o0` and all
+            // `rows` of x (or of `x_t`, `(inner, lanes)` with `lanes >= rows`) are in bounds.
+            unsafe {
+                if dot_products {
+                    avx512::rows_block(x, rows, w, n, inner, block)
+                } else {
+                    avx512::lanes_block(&x_t, vectors, rows, w, n, inner, block)
                 }
-                let y = y_ptr;
-                for i in 0..rows {
-                    // SAFETY: row i of y holds `out` elements; tasks write disjoint columns.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(y.0.add(i * out + o0), n) };
-                    for (j, d) in dst.iter_mut().enumerate() {
-                        *d = block[j * rows + i];
-                    }
+            }
+            let y = y_ptrs[j];
+            for i in 0..rows {
+                // SAFETY: row i of y_j holds `out` elements; tasks write disjoint columns.
+                let dst = unsafe { std::slice::from_raw_parts_mut(y.0.add(i * out + o0), n) };
+                for (c, d) in dst.iter_mut().enumerate() {
+                    *d = block[c * rows + i];
                 }
-            });
-        // SAFETY: the tasks cover columns 0..out of every row.
-        unsafe { y.set_len(rows * out) };
-        return Some(y);
+            }
+        });
+        for (y, &(_, out)) in ys.iter_mut().zip(weights) {
+            // SAFETY: the tasks cover columns 0..out of every row.
+            unsafe { y.set_len(rows * out) };
+        }
+        return Some(ys);
     }
-    let _ = (x, rows, w, out, inner, dot_products);
+    let _ = (x, rows, weights, inner, dot_products);
     None
 }
 
@@ -383,7 +415,9 @@ mod tests {
             let w: Vec<f32> = (0..out * inner).map(|_| next()).collect();
             let want = reference(&x, rows, &w, out, inner);
             for dot_products in [true, false] {
-                let Some(y) = by_kernel(&x, rows, &w, out, inner, dot_products) else {
+                let Some(y) =
+                    by_kernel(&x, rows, &[(&w, out)], inner, dot_products).map(|mut y| y.remove(0))
+                else {
                     eprintln!("no AVX-512 here: the kernels are not exercised");
                     return;
                 };
@@ -399,6 +433,39 @@ mod tests {
     }
 
     #[test]
+    fn several_weights_at_once_equal_each_alone() {
+        for rows in [3, 20] {
+            let inner = 37;
+            let x: Vec<f32> = (0..rows * inner).map(|i| (i as f32 * 0.3).sin()).collect();
+            let outs = [100, 7, 49];
+            let ws: Vec<Vec<f32>> = outs
+                .iter()
+                .map(|&o| {
+                    (0..o * inner)
+                        .map(|i| (i as f32 * 0.7 + o as f32).cos())
+                        .collect()
+                })
+                .collect();
+            let pairs: Vec<(&[f32], usize)> = ws
+                .iter()
+                .zip(outs)
+                .map(|(w, o)| (w.as_slice(), o))
+                .collect();
+            let Some(many) = few_rows_matmul_many(&x, rows, &pairs, inner) else {
+                return;
+            };
+            for ((w, out), y) in pairs.iter().zip(&many) {
+                assert_eq!(few_rows_matmul(&x, rows, w, *out, inner).as_ref(), Some(y));
+                let want = reference(&x, rows, w, *out, inner);
+                assert!(y
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + b.abs())));
+            }
+        }
+    }
+
+    #[test]
     fn the_broadcast_kernel_does_not_depend_on_the_thread_count() {
         let (rows, out, inner) = (32, 1000, 96);
         let x: Vec<f32> = (0..rows * inner).map(|i| (i as f32 * 0.37).sin()).collect();
@@ -408,7 +475,7 @@ mod tests {
                 .num_threads(threads)
                 .build()
                 .unwrap()
-                .install(|| by_kernel(&x, rows, &w, out, inner, false))
+                .install(|| by_kernel(&x, rows, &[(&w, out)], inner, false))
         };
         assert_eq!(run(1), run(3));
     }
@@ -436,8 +503,16 @@ mod tests {
                     }
                     t.elapsed().as_secs_f64() * 1e3 / ws.len() as f64
                 };
-                let dot = time(&|w| by_kernel(&x, rows, w, out, inner, true).unwrap());
-                let lanes = time(&|w| by_kernel(&x, rows, w, out, inner, false).unwrap());
+                let dot = time(&|w| {
+                    by_kernel(&x, rows, &[(w, out)], inner, true)
+                        .unwrap()
+                        .remove(0)
+                });
+                let lanes = time(&|w| {
+                    by_kernel(&x, rows, &[(w, out)], inner, false)
+                        .unwrap()
+                        .remove(0)
+                });
                 let gemm = time(&|w| {
                     crate::ops::transpose(
                         &crate::fused::weight_rows_times_x_t(w, out, inner, &x, rows),

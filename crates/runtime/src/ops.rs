@@ -584,6 +584,73 @@ impl Linear {
         self.shaped_like(y, dims)
     }
 
+    /// `x W_j^T (+ b_j)` for several linear layers that read the same `x` (a block's query, key
+    /// and value; the MLP's gate and up). Decoding (a few rows, no gradient, plain f32 weights)
+    /// runs them in one pass of the streaming kernels, with the same bits as one at a time;
+    /// anything else is each layer's own [`Linear::forward`].
+    pub fn forward_shared(linears: &[&Linear], x: &Tensor, grad: bool) -> Result<Vec<Tensor>> {
+        let dims = x.dims().to_vec();
+        let inner = *dims.last().unwrap_or(&0);
+        let rows = x.elem_count() / inner.max(1);
+        let plain = |l: &Linear| {
+            !l.trainable
+                && l.lora.is_none()
+                && (l.quantized.is_none() || rows > QUANTIZED_MAX_ROWS)
+                && fused::serves(&l.w)
+        };
+        let one_by_one = |x: &Tensor| linears.iter().map(|l| l.forward(x, grad)).collect();
+        if grad
+            || rows > crate::few_rows::MAX_ROWS
+            || few_rows_disabled()
+            || !fused::serves(x)
+            || !linears.iter().all(|l| plain(l))
+        {
+            return one_by_one(x);
+        }
+        let x = x.contiguous()?;
+        let ws: Vec<Tensor> = linears
+            .iter()
+            .map(|l| l.w.contiguous())
+            .collect::<Result<_>>()?;
+        let ys = {
+            let (xs, xl) = x.storage_and_layout();
+            let guards: Vec<_> = ws.iter().map(|w| w.storage_and_layout()).collect();
+            fn f32s<'a>(s: &'a candle_core::Storage, l: &Layout, n: usize) -> Option<&'a [f32]> {
+                match s {
+                    candle_core::Storage::Cpu(CpuStorage::F32(v)) => {
+                        Some(&v[l.start_offset()..l.start_offset() + n])
+                    }
+                    _ => None,
+                }
+            }
+            let (Some(xv), Some(wvs)) = (
+                f32s(&xs, xl, x.elem_count()),
+                guards
+                    .iter()
+                    .zip(&ws)
+                    .map(|((s, l), w)| f32s(s, l, w.elem_count()).map(|v| (v, w.dims()[0])))
+                    .collect::<Option<Vec<_>>>(),
+            ) else {
+                candle_core::bail!("forward_shared: expected f32 CPU tensors")
+            };
+            crate::few_rows::few_rows_matmul_many(xv, rows, &wvs, inner)
+        };
+        let Some(ys) = ys else {
+            return one_by_one(&x);
+        };
+        linears
+            .iter()
+            .zip(ys)
+            .map(|(l, y)| {
+                let mut y = Tensor::from_vec(y, (rows, l.out_dim()), x.device())?;
+                if let Some(b) = &l.bias {
+                    y = y.broadcast_add(&b.detach())?;
+                }
+                l.shaped_like(y, dims.clone())
+            })
+            .collect()
+    }
+
     /// `y: (rows, out)` in the input's leading dims (`in_dims`), unchanged when those are flat.
     fn shaped_like(&self, y: Tensor, in_dims: Vec<usize>) -> Result<Tensor> {
         if in_dims.len() == 2 {
@@ -684,10 +751,10 @@ mod tests {
         crate::testing::random_tensor(shape, seed, 1.0)
     }
 
-    /// Inference and the frozen gradient path run gemm between storages: the streaming kernel
-    /// up to 16 rows, blocks of the weight up to 48 (37 weight rows: blocks of 16, 16 and 5),
-    /// one threaded gemm beyond. Every row count on either side of each switch equals candle's
-    /// matmul.
+    /// Inference and the frozen gradient path run between storages: the streaming kernels up
+    /// to 48 rows (dot products up to 4, broadcasts beyond; without AVX-512, blocks of the
+    /// weight by gemm), one threaded gemm beyond. Every row count on either side of each switch
+    /// equals candle's matmul.
     #[test]
     fn linear_forward_equals_the_plain_product_for_every_row_count() {
         let w = rand(&[37, 64], 1);
@@ -696,7 +763,10 @@ mod tests {
         for rows in [
             1,
             2,
-            5,
+            crate::few_rows::DOT_MAX_ROWS,
+            crate::few_rows::DOT_MAX_ROWS + 1,
+            16,
+            17,
             streamed,
             streamed + 1,
             24,
@@ -711,6 +781,28 @@ mod tests {
                 assert_eq!(got.dims(), &[rows, 37]);
                 let d = max_diff(&got, &want);
                 assert!(d < 1e-5, "rows {rows} grad {grad}: max diff {d}");
+            }
+        }
+    }
+
+    /// Projections that share their input (q, k, v with biases, as Qwen2's) give the same
+    /// bits together as alone, at decoding sizes and beyond, with or without a gradient.
+    #[test]
+    fn shared_input_projections_equal_each_alone() {
+        let lins: Vec<Linear> = [(40, 1), (8, 2), (8, 3)]
+            .iter()
+            .map(|&(out, seed)| Linear::new(rand(&[out, 64], seed), Some(rand(&[out], seed + 10))))
+            .collect();
+        let refs: Vec<&Linear> = lins.iter().collect();
+        for rows in [1, 3, 20, 60] {
+            let x = rand(&[rows, 64], 100 + rows as u64);
+            for grad in [false, true] {
+                let together = Linear::forward_shared(&refs, &x, grad).unwrap();
+                for (l, y) in lins.iter().zip(&together) {
+                    let alone = l.forward(&x, grad).unwrap();
+                    assert_eq!(y.dims(), alone.dims());
+                    assert_eq!(max_diff(y, &alone), 0.0, "rows {rows} grad {grad}");
+                }
             }
         }
     }

@@ -135,9 +135,13 @@ impl Block for Gemma3Block {
         let g = ctx.grad;
         let xn = rms_norm(x, &self.attn_norm, c.rms_eps, g)?;
         let b = x.dim(0)?;
-        let q = heads(&self.p.q.forward(&xn, g)?, b, c.n_head, c.head_dim)?;
-        let k = heads(&self.p.k.forward(&xn, g)?, b, c.n_kv_head, c.head_dim)?;
-        let v = heads(&self.p.v.forward(&xn, g)?, b, c.n_kv_head, c.head_dim)?;
+        let [q, k, v]: [Tensor; 3] =
+            Linear::forward_shared(&[&self.p.q, &self.p.k, &self.p.v], &xn, g)?
+                .try_into()
+                .expect("three projections");
+        let q = heads(&q, b, c.n_head, c.head_dim)?;
+        let k = heads(&k, b, c.n_kv_head, c.head_dim)?;
+        let v = heads(&v, b, c.n_kv_head, c.head_dim)?;
         let q = rms_norm(&q, &self.q_norm, c.rms_eps, g)?;
         let k = rms_norm(&k, &self.k_norm, c.rms_eps, g)?;
         let (cos, sin, mask) = if c.is_local_layer(layer) {
@@ -154,7 +158,10 @@ impl Block for Gemma3Block {
         )?;
         let h = (x + site(Site::AttnOut, attn)?)?;
         let xn = rms_norm(&h, &self.ffn_norm, c.rms_eps, g)?;
-        let act = (self.p.gate.forward(&xn, g)?.gelu()? * self.p.up.forward(&xn, g)?)?;
+        let [gate, up]: [Tensor; 2] = Linear::forward_shared(&[&self.p.gate, &self.p.up], &xn, g)?
+            .try_into()
+            .expect("two projections");
+        let act = (gate.gelu()? * up)?;
         let mlp = rms_norm(
             &self.p.down.forward(&act, g)?,
             &self.post_ffn_norm,

@@ -137,18 +137,21 @@ impl Block for LlamaBlock {
         // projection (each a graph node whose backward adds a zeroed buffer and a pass).
         let (b, t, d) = x.dims3()?;
         let xn = rms_norm(x, &self.attn_norm, c.rms_eps, g)?.reshape((b * t, d))?;
-        let q = heads(&self.p.q.forward(&xn, g)?, b, c.n_head, c.head_dim)?;
-        let k = heads(&self.p.k.forward(&xn, g)?, b, c.n_kv_head, c.head_dim)?;
-        let v = heads(&self.p.v.forward(&xn, g)?, b, c.n_kv_head, c.head_dim)?;
+        let [q, k, v]: [Tensor; 3] =
+            Linear::forward_shared(&[&self.p.q, &self.p.k, &self.p.v], &xn, g)?
+                .try_into()
+                .expect("three projections");
+        let q = heads(&q, b, c.n_head, c.head_dim)?;
+        let k = heads(&k, b, c.n_kv_head, c.head_dim)?;
+        let v = heads(&v, b, c.n_kv_head, c.head_dim)?;
         let y = attend(&q, &k, &v, ctx.cos, ctx.sin, ctx.mask, c, cache, g, true)?;
         let attn_out = self.p.o.forward(&y, g)?.reshape((b, t, d))?;
         let h = (x + site(Site::AttnOut, attn_out)?)?;
         let xn = rms_norm(&h, &self.ffn_norm, c.rms_eps, g)?.reshape((b * t, d))?;
-        let act = swiglu(
-            &self.p.gate.forward(&xn, g)?,
-            &self.p.up.forward(&xn, g)?,
-            g,
-        )?;
+        let [gate, up]: [Tensor; 2] = Linear::forward_shared(&[&self.p.gate, &self.p.up], &xn, g)?
+            .try_into()
+            .expect("two projections");
+        let act = swiglu(&gate, &up, g)?;
         let mlp_out = self.p.down.forward(&act, g)?.reshape((b, t, d))?;
         h + site(Site::MlpOut, mlp_out)?
     }
