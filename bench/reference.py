@@ -175,8 +175,14 @@ def main():
     for _ in range(a.rounds):
         o = json.load(open(a.ours)) if a.ours else json.loads(subprocess.check_output([a.safegeo, "bench", "--json", "--only", COMPARED]))
         r = json.loads(subprocess.check_output([py, __file__, "--inner"] + flags).decode().strip().splitlines()[-1])
+        # MFU is a ratio of two timings taken seconds apart; its best over rounds can pair a slow
+        # sgemm with a fast prefill (164% once), so it is recomputed from the best of each.
+        if o.get("prefill_capture_mfu") is not None and o.get("sgemm_gflops"):
+            o["prefill_capture_gflops"] = o.pop("prefill_capture_mfu") * o["sgemm_gflops"]
         keep_best(ours, o)
         keep_best(ref, r)
+    if ours.get("prefill_capture_gflops") is not None and ours.get("sgemm_gflops"):
+        ours["prefill_capture_mfu"] = ours["prefill_capture_gflops"] / ours["sgemm_gflops"]
     rows = [
         ("sgemm 1024^3 GFLOP/s", "sgemm_gflops", "sgemm_gflops", True),
         ("prefill 32x64 + hidden states, tok/s", "prefill_capture_tok_s", "prefill_capture_tok_s", True),
