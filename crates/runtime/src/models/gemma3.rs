@@ -4,7 +4,7 @@
 use crate::config::{Arch, ModelConfig};
 use crate::hooks::Site;
 use crate::model::{attend, AttnCtx, Block, LayerCache};
-use crate::models::llama::heads;
+use crate::models::llama::qkv_heads;
 use crate::ops::{rms_norm, Linear, Projections};
 use crate::weights::{Meta, WeightSource};
 use crate::Result;
@@ -135,13 +135,7 @@ impl Block for Gemma3Block {
         let g = ctx.grad;
         let xn = rms_norm(x, &self.attn_norm, c.rms_eps, g)?;
         let b = x.dim(0)?;
-        let [q, k, v]: [Tensor; 3] =
-            Linear::forward_shared(&[&self.p.q, &self.p.k, &self.p.v], &xn, g)?
-                .try_into()
-                .expect("three projections");
-        let q = heads(&q, b, c.n_head, c.head_dim)?;
-        let k = heads(&k, b, c.n_kv_head, c.head_dim)?;
-        let v = heads(&v, b, c.n_kv_head, c.head_dim)?;
+        let (q, k, v) = qkv_heads(&self.p, &xn, b, c, g)?;
         let q = rms_norm(&q, &self.q_norm, c.rms_eps, g)?;
         let k = rms_norm(&k, &self.k_norm, c.rms_eps, g)?;
         let (cos, sin, mask) = if c.is_local_layer(layer) {

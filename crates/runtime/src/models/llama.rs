@@ -112,6 +112,25 @@ impl LlamaBlock {
     }
 }
 
+/// The query, key and value projections of normed rows `xn` (one pass when decoding), split
+/// into heads `(b, heads, t, hd)`.
+pub(crate) fn qkv_heads(
+    p: &Projections,
+    xn: &Tensor,
+    b: usize,
+    c: &ModelConfig,
+    grad: bool,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let [q, k, v]: [Tensor; 3] = Linear::forward_shared(&[&p.q, &p.k, &p.v], xn, grad)?
+        .try_into()
+        .expect("three projections");
+    Ok((
+        heads(&q, b, c.n_head, c.head_dim)?,
+        heads(&k, b, c.n_kv_head, c.head_dim)?,
+        heads(&v, b, c.n_kv_head, c.head_dim)?,
+    ))
+}
+
 /// Split `(b, t, heads*hd)`, or flat `(b*t, heads*hd)` rows, into `(b, heads, t, hd)`.
 pub(crate) fn heads(x: &Tensor, b: usize, n: usize, hd: usize) -> candle_core::Result<Tensor> {
     if crate::fused::serves(x) {
@@ -137,13 +156,7 @@ impl Block for LlamaBlock {
         // projection (each a graph node whose backward adds a zeroed buffer and a pass).
         let (b, t, d) = x.dims3()?;
         let xn = rms_norm(x, &self.attn_norm, c.rms_eps, g)?.reshape((b * t, d))?;
-        let [q, k, v]: [Tensor; 3] =
-            Linear::forward_shared(&[&self.p.q, &self.p.k, &self.p.v], &xn, g)?
-                .try_into()
-                .expect("three projections");
-        let q = heads(&q, b, c.n_head, c.head_dim)?;
-        let k = heads(&k, b, c.n_kv_head, c.head_dim)?;
-        let v = heads(&v, b, c.n_kv_head, c.head_dim)?;
+        let (q, k, v) = qkv_heads(&self.p, &xn, b, c, g)?;
         let y = attend(&q, &k, &v, ctx.cos, ctx.sin, ctx.mask, c, cache, g, true)?;
         let attn_out = self.p.o.forward(&y, g)?.reshape((b, t, d))?;
         let h = (x + site(Site::AttnOut, attn_out)?)?;
