@@ -79,43 +79,61 @@ def sft_step_tok_s(torch, g, V):
     return 8 * 96 / best(step)
 
 
-def torch_side(skip_llamacpp):
-    import torch
-    from transformers import AutoModelForCausalLM
-    torch.set_num_threads(os.cpu_count())
-    g = torch.Generator().manual_seed(0)
-    m = AutoModelForCausalLM.from_pretrained(os.path.dirname(MODEL), gguf_file=os.path.basename(MODEL),
-                                             dtype=torch.float32)
-    m.eval()
-    V = m.config.vocab_size
-    r = {"torch": torch.__version__}
-    n = 1024
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    r["sgemm_gflops"] = 2 * n**3 / best(lambda: a @ b, 5) / 1e9
-    ids = torch.randint(100, V, (32, 64), generator=g)
-    with torch.no_grad():
-        s = best(lambda: m(ids, output_hidden_states=True))
-    r["prefill_capture_tok_s"] = 32 * 64 / s
-    for bsz in (1, 32):
-        p = torch.randint(100, V, (bsz, 16), generator=g)
-        kw = dict(do_sample=False, pad_token_id=0)
+# Workload groups, each timed by both sides back to back (`safegeo bench --only GROUP` and
+# `--inner --only GROUP` here), so a drift of the machine's speed falls on both sides alike.
+GROUPS = ["sgemm,prefill", "decode", "fwd-bwd-lora,fwd-bwd-full", "adamw", "sft-step", "decode-quantized"]
+
+
+def torch_side(skip_llamacpp, only=None):
+    """The PyTorch (and llama.cpp) counterparts of `safegeo bench`'s workloads in `only` (a
+    comma-separated list of safegeo's workload names; all when None)."""
+    want = set((only or COMPARED).split(","))
+    r = {}
+    if want & {"sgemm", "prefill", "decode", "fwd-bwd-lora", "fwd-bwd-full", "adamw", "sft-step"}:
+        import torch
+        from transformers import AutoModelForCausalLM
+        torch.set_num_threads(os.cpu_count())
+        r["torch"] = torch.__version__
+        g = torch.Generator().manual_seed(0)
+        m = AutoModelForCausalLM.from_pretrained(os.path.dirname(MODEL), gguf_file=os.path.basename(MODEL),
+                                                 dtype=torch.float32)
+        m.eval()
+        V = m.config.vocab_size
+    if "sgemm" in want:
+        n = 1024
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        r["sgemm_gflops"] = 2 * n**3 / best(lambda: a @ b, 5) / 1e9
+    if "prefill" in want:
+        ids = torch.randint(100, V, (32, 64), generator=g)
         with torch.no_grad():
-            t1 = best(lambda: m.generate(p, max_new_tokens=1, min_new_tokens=1, **kw), 1)
-            t65 = best(lambda: m.generate(p, max_new_tokens=65, min_new_tokens=65, **kw), 1)
-        r[f"decode_b{bsz}_tok_s"] = bsz * 64 / (t65 - t1)
-    ids = torch.randint(100, V, (1, 257), generator=g)
-    m.train()
-    def fb():
-        m.zero_grad(set_to_none=True)
-        out = m(ids[:, :-1], labels=ids[:, :-1])
-        out.loss.backward()
-    r["fwd_bwd_full_tok_s"] = 256 / best(fb)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-5)
-    fb()
-    r["adamw_step_s"] = best(lambda: opt.step())
-    r["sft_step_lora_r16_b8_tok_s"] = sft_step_tok_s(torch, g, V)
+            s = best(lambda: m(ids, output_hidden_states=True))
+        r["prefill_capture_tok_s"] = 32 * 64 / s
+    if "decode" in want:
+        for bsz in (1, 32):
+            p = torch.randint(100, V, (bsz, 16), generator=g)
+            kw = dict(do_sample=False, pad_token_id=0)
+            with torch.no_grad():
+                t1 = best(lambda: m.generate(p, max_new_tokens=1, min_new_tokens=1, **kw), 1)
+                t65 = best(lambda: m.generate(p, max_new_tokens=65, min_new_tokens=65, **kw), 1)
+            r[f"decode_b{bsz}_tok_s"] = bsz * 64 / (t65 - t1)
+    if want & {"fwd-bwd-lora", "fwd-bwd-full", "adamw"}:
+        ids = torch.randint(100, V, (1, 257), generator=g)
+        m.train()
+
+        def fb():
+            m.zero_grad(set_to_none=True)
+            out = m(ids[:, :-1], labels=ids[:, :-1])
+            out.loss.backward()
+        if want & {"fwd-bwd-lora", "fwd-bwd-full"}:
+            r["fwd_bwd_full_tok_s"] = 256 / best(fb)
+        if "adamw" in want:
+            opt = torch.optim.AdamW(m.parameters(), lr=1e-5)
+            fb()
+            r["adamw_step_s"] = best(lambda: opt.step())
+    if "sft-step" in want:
+        r["sft_step_lora_r16_b8_tok_s"] = sft_step_tok_s(torch, g, V)
     print(json.dumps(r), file=sys.stderr, flush=True)  # partial results survive a crash below
-    if not skip_llamacpp:
+    if "decode-quantized" in want and not skip_llamacpp:
         llamacpp_side(r)
     return r
 
@@ -157,6 +175,7 @@ def main():
     ap.add_argument("--ours", help="reuse a saved `safegeo bench --json` output instead of running it")
     ap.add_argument("--rounds", type=int, default=2, help="alternate the two sides this many times; best of each (default 2)")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--only", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.inner:
         if a.only_llamacpp:
@@ -164,23 +183,31 @@ def main():
             llamacpp_side(r)
             print(json.dumps(r))
         else:
-            print(json.dumps(torch_side(a.skip_llamacpp)))
+            print(json.dumps(torch_side(a.skip_llamacpp, a.only)))
         return
     py = ensure_venv(a.skip_llamacpp, a.only_llamacpp)
     flags = (["--skip-llamacpp"] if a.skip_llamacpp else []) + (["--only-llamacpp"] if a.only_llamacpp else [])
-    # The two sides alternate for --rounds rounds and each keeps its best value per workload:
-    # on a shared VM the machine's speed drifts by 1.5x within minutes, and one pass of each
-    # side in sequence measured that drift as much as the code.
+    # Each workload group runs on both sides back to back, for --rounds rounds, and each side
+    # keeps its best value per workload: on a shared VM the machine's speed drifts by 20-50%
+    # within minutes, and a whole pass of one side then the other measured that drift as much
+    # as the code.
+    groups = [COMPARED] if (a.ours or a.only_llamacpp) else GROUPS
     ours, ref = {}, {}
     for _ in range(a.rounds):
-        o = json.load(open(a.ours)) if a.ours else json.loads(subprocess.check_output([a.safegeo, "bench", "--json", "--only", COMPARED]))
-        r = json.loads(subprocess.check_output([py, __file__, "--inner"] + flags).decode().strip().splitlines()[-1])
-        # MFU is a ratio of two timings taken seconds apart; its best over rounds can pair a slow
-        # sgemm with a fast prefill (164% once), so it is recomputed from the best of each.
-        if o.get("prefill_capture_mfu") is not None and o.get("sgemm_gflops"):
-            o["prefill_capture_gflops"] = o.pop("prefill_capture_mfu") * o["sgemm_gflops"]
-        keep_best(ours, o)
-        keep_best(ref, r)
+        for group in groups:
+            if a.ours:
+                o = json.load(open(a.ours))
+            elif a.only_llamacpp:
+                o = json.loads(subprocess.check_output([a.safegeo, "bench", "--json", "--only", "decode,decode-quantized"]))
+            else:
+                o = json.loads(subprocess.check_output([a.safegeo, "bench", "--json", "--only", group]))
+            r = json.loads(subprocess.check_output([py, __file__, "--inner", "--only", group] + flags).decode().strip().splitlines()[-1])
+            # MFU is a ratio of two timings; its best over rounds can pair a slow sgemm with a
+            # fast prefill (164% once), so it is recomputed from the best of each.
+            if o.get("prefill_capture_mfu") is not None and o.get("sgemm_gflops"):
+                o["prefill_capture_gflops"] = o.pop("prefill_capture_mfu") * o["sgemm_gflops"]
+            keep_best(ours, o)
+            keep_best(ref, r)
     if ours.get("prefill_capture_gflops") is not None and ours.get("sgemm_gflops"):
         ours["prefill_capture_mfu"] = ours["prefill_capture_gflops"] / ours["sgemm_gflops"]
     rows = [
