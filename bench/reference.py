@@ -4,8 +4,9 @@
 Usage:  python3 bench/reference.py [--safegeo target/release/safegeo] [--skip-llamacpp | --only-llamacpp]
 
 Creates a venv in $SAFEGEO_HOME/bench-venv on first use and installs torch (CPU), transformers,
-gguf and llama-cpp-python from PyPI. Every number is measured in this one run, side by side,
-on the same model file (the default SmolLM2-135M-Instruct GGUF, dequantized to f32 for torch).
+gguf and llama-cpp-python from PyPI. Every number is measured in this one run, side by side
+(the two sides alternate per workload group, --rounds times, each keeping its best), on the
+same model file (the default SmolLM2-135M-Instruct GGUF, dequantized to f32 for torch).
 Run it alone: a parallel build halves every number.
 """
 import argparse, json, os, subprocess, sys, time
