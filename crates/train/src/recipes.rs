@@ -15,20 +15,47 @@ use std::collections::BTreeMap;
 pub struct ExampleRecipe {
     name: &'static str,
     examples: Vec<Example>,
-    batch_size: usize,
+    /// Draws of the main batch: indices into `examples`.
+    main: Stream,
     grad_accum: usize,
-    seed: u64,
-    order: Option<(usize, Vec<usize>)>,
     decision_weight: f64,
     refusal_ids: Vec<u32>,
-    /// Prompts trained on the decision only: harmful (refuse) and harmless, `decision_batch` per
-    /// micro-batch, half of them harmful when there are any.
+    /// Prompts trained on the decision only: harmful (refuse) and harmless, each drawn in its
+    /// own seeded epoch order.
     decision_pos: Vec<Example>,
     decision_neg: Vec<Example>,
-    decision_batch: usize,
-    decision_pos_per_batch: usize,
-    pos_order: Option<(usize, Vec<usize>)>,
-    neg_order: Option<(usize, Vec<usize>)>,
+    pos_stream: Stream,
+    neg_stream: Stream,
+}
+
+/// `per_batch` draws per micro-batch from a list of `len` items in seeded epoch-wise shuffles.
+struct Stream {
+    len: usize,
+    per_batch: usize,
+    seed: u64,
+    order: Option<(usize, Vec<usize>)>,
+}
+
+impl Stream {
+    fn new(len: usize, per_batch: usize, seed: u64) -> Self {
+        Self {
+            len,
+            per_batch,
+            seed,
+            order: None,
+        }
+    }
+
+    /// The indices drawn for micro-batch number `slot` of the whole run.
+    fn draw(&mut self, slot: usize) -> Vec<usize> {
+        draw(
+            &mut self.order,
+            self.len,
+            slot * self.per_batch,
+            self.per_batch,
+            self.seed,
+        )
+    }
 }
 
 impl ExampleRecipe {
@@ -53,19 +80,15 @@ impl ExampleRecipe {
         }
         Ok(Self {
             name,
+            main: Stream::new(examples.len(), batch_size, seed),
             examples,
-            batch_size,
             grad_accum,
-            seed,
-            order: None,
             decision_weight: 0.0,
             refusal_ids: Vec::new(),
             decision_pos: Vec::new(),
             decision_neg: Vec::new(),
-            decision_batch: 0,
-            decision_pos_per_batch: 0,
-            pos_order: None,
-            neg_order: None,
+            pos_stream: Stream::new(0, 0, seed ^ 0xDEC1_5106),
+            neg_stream: Stream::new(0, 0, seed ^ 0xDEC1_5105),
         })
     }
 
@@ -117,50 +140,28 @@ impl ExampleRecipe {
                 e.ids.len()
             )));
         }
-        self.decision_pos = harmful;
-        self.decision_neg = harmless;
-        self.decision_batch = batch;
-        self.decision_pos_per_batch = if self.decision_pos.is_empty() {
+        let n_pos = if harmful.is_empty() {
             0
         } else {
             ((batch as f64 * harmful_share).round() as usize).clamp(1, batch - 1)
         };
+        self.pos_stream = Stream::new(harmful.len(), n_pos, self.pos_stream.seed);
+        self.neg_stream = Stream::new(harmless.len(), batch - n_pos, self.neg_stream.seed);
+        self.decision_pos = harmful;
+        self.decision_neg = harmless;
         Ok(self)
     }
 
     /// Example indices of micro-batch `micro` of step `step`.
     pub fn batch_indices(&mut self, step: usize, micro: usize) -> Vec<usize> {
-        let first = (step * self.grad_accum + micro) * self.batch_size;
-        draw(
-            &mut self.order,
-            self.examples.len(),
-            first,
-            self.batch_size,
-            self.seed,
-        )
+        self.main.draw(step * self.grad_accum + micro)
     }
 
     /// Decision-only draws of micro-batch `micro` of step `step`: indices into the harmful and
     /// the harmless decision lists.
     pub fn decision_indices(&mut self, step: usize, micro: usize) -> (Vec<usize>, Vec<usize>) {
-        let n_pos = self.decision_pos_per_batch;
-        let n_neg = self.decision_batch - n_pos;
         let slot = step * self.grad_accum + micro;
-        let pos = draw(
-            &mut self.pos_order,
-            self.decision_pos.len(),
-            slot * n_pos,
-            n_pos,
-            self.seed ^ 0xDEC1_5106,
-        );
-        let neg = draw(
-            &mut self.neg_order,
-            self.decision_neg.len(),
-            slot * n_neg,
-            n_neg,
-            self.seed ^ 0xDEC1_5105,
-        );
-        (pos, neg)
+        (self.pos_stream.draw(slot), self.neg_stream.draw(slot))
     }
 
     /// The examples.
