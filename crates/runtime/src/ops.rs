@@ -588,7 +588,16 @@ impl Linear {
     /// and value; the MLP's gate and up). Decoding (a few rows, no gradient, plain f32 weights)
     /// runs them in one pass of the streaming kernels, with the same bits as one at a time;
     /// anything else is each layer's own [`Linear::forward`].
-    pub fn forward_shared(linears: &[&Linear], x: &Tensor, grad: bool) -> Result<Vec<Tensor>> {
+    pub fn forward_shared<const N: usize>(
+        linears: [&Linear; N],
+        x: &Tensor,
+        grad: bool,
+    ) -> Result<[Tensor; N]> {
+        let ys = Self::forward_shared_vec(&linears, x, grad)?;
+        Ok(ys.try_into().expect("one output per layer"))
+    }
+
+    fn forward_shared_vec(linears: &[&Linear], x: &Tensor, grad: bool) -> Result<Vec<Tensor>> {
         let dims = x.dims().to_vec();
         let inner = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / inner.max(1);
@@ -793,11 +802,11 @@ mod tests {
             .iter()
             .map(|&(out, seed)| Linear::new(rand(&[out, 64], seed), Some(rand(&[out], seed + 10))))
             .collect();
-        let refs: Vec<&Linear> = lins.iter().collect();
+        let refs = [&lins[0], &lins[1], &lins[2]];
         for rows in [1, 3, 20, 60] {
             let x = rand(&[rows, 64], 100 + rows as u64);
             for grad in [false, true] {
-                let together = Linear::forward_shared(&refs, &x, grad).unwrap();
+                let together = Linear::forward_shared(refs, &x, grad).unwrap();
                 for (l, y) in lins.iter().zip(&together) {
                     let alone = l.forward(&x, grad).unwrap();
                     assert_eq!(y.dims(), alone.dims());

@@ -252,14 +252,13 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
         data::sample_excluding(&pool, &harmless, a.n_decision_negatives, a.seed);
     let model = common::load(&a.model)?;
     let hash = common::model_hash(&model.source)?;
-    let config = serde_json::json!({
+    let mut config = serde_json::json!({
         "safegeo_version": env!("CARGO_PKG_VERSION"),
         "model": model.source, "model_sha256": hash, "recipe": a.recipe, "strategy": strategy,
         "train": cfg, "harmful": a.harmful, "n_harmful": harmful.len(), "harmless": a.harmless,
         "n_harmless": a.n_harmless, "r2d2": (a.recipe == "r2d2").then_some(&r2d2_cfg), "n_hard_negatives": a.n_hard_negatives, "decision_weight": a.decision_weight, "n_framed_negatives": a.n_framed_negatives, "contrast_negatives": a.contrast_negatives, "utility_tokens": a.utility_tokens, "system": a.system,
     });
     // Recorded only when used, so runs started before these options existed still resume.
-    let mut config = config;
     if a.n_decision_negatives > 0 {
         config["n_decision_negatives"] = a.n_decision_negatives.into();
         config["decision_batch"] = a.decision_batch.into();

@@ -152,9 +152,7 @@ impl Block for Gemma3Block {
         )?;
         let h = (x + site(Site::AttnOut, attn)?)?;
         let xn = rms_norm(&h, &self.ffn_norm, c.rms_eps, g)?;
-        let [gate, up]: [Tensor; 2] = Linear::forward_shared(&[&self.p.gate, &self.p.up], &xn, g)?
-            .try_into()
-            .expect("two projections");
+        let [gate, up] = Linear::forward_shared([&self.p.gate, &self.p.up], &xn, g)?;
         let act = (gate.gelu()? * up)?;
         let mlp = rms_norm(
             &self.p.down.forward(&act, g)?,

@@ -121,9 +121,7 @@ pub(crate) fn qkv_heads(
     c: &ModelConfig,
     grad: bool,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    let [q, k, v]: [Tensor; 3] = Linear::forward_shared(&[&p.q, &p.k, &p.v], xn, grad)?
-        .try_into()
-        .expect("three projections");
+    let [q, k, v] = Linear::forward_shared([&p.q, &p.k, &p.v], xn, grad)?;
     Ok((
         heads(&q, b, c.n_head, c.head_dim)?,
         heads(&k, b, c.n_kv_head, c.head_dim)?,
@@ -161,9 +159,7 @@ impl Block for LlamaBlock {
         let attn_out = self.p.o.forward(&y, g)?.reshape((b, t, d))?;
         let h = (x + site(Site::AttnOut, attn_out)?)?;
         let xn = rms_norm(&h, &self.ffn_norm, c.rms_eps, g)?.reshape((b * t, d))?;
-        let [gate, up]: [Tensor; 2] = Linear::forward_shared(&[&self.p.gate, &self.p.up], &xn, g)?
-            .try_into()
-            .expect("two projections");
+        let [gate, up] = Linear::forward_shared([&self.p.gate, &self.p.up], &xn, g)?;
         let act = swiglu(&gate, &up, g)?;
         let mlp_out = self.p.down.forward(&act, g)?.reshape((b, t, d))?;
         h + site(Site::MlpOut, mlp_out)?
