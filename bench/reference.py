@@ -16,8 +16,11 @@ VENV = os.path.join(HOME, "bench-venv")
 MODEL = os.path.join(HOME, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-# The workloads with a counterpart here (`safegeo bench` also times its training recipes).
-COMPARED = "sgemm,prefill,decode,decode-quantized,sft-step,fwd-bwd-lora,fwd-bwd-full,adamw"
+# The workloads with a counterpart here (`safegeo bench` also times its training recipes), in
+# groups each timed by both sides back to back (`safegeo bench --only GROUP` and `--inner --only
+# GROUP` here), so a drift of the machine's speed falls on both sides alike.
+GROUPS = ["sgemm,prefill", "decode", "fwd-bwd-lora,fwd-bwd-full", "adamw", "sft-step", "decode-quantized"]
+COMPARED = ",".join(GROUPS)
 
 
 def ensure_venv(skip_llamacpp, only_llamacpp=False):
@@ -80,17 +83,12 @@ def sft_step_tok_s(torch, g, V):
     return 8 * 96 / best(step)
 
 
-# Workload groups, each timed by both sides back to back (`safegeo bench --only GROUP` and
-# `--inner --only GROUP` here), so a drift of the machine's speed falls on both sides alike.
-GROUPS = ["sgemm,prefill", "decode", "fwd-bwd-lora,fwd-bwd-full", "adamw", "sft-step", "decode-quantized"]
-
-
 def torch_side(skip_llamacpp, only=None):
     """The PyTorch (and llama.cpp) counterparts of `safegeo bench`'s workloads in `only` (a
     comma-separated list of safegeo's workload names; all when None)."""
     want = set((only or COMPARED).split(","))
     r = {}
-    if want & {"sgemm", "prefill", "decode", "fwd-bwd-lora", "fwd-bwd-full", "adamw", "sft-step"}:
+    if want - {"decode-quantized"}:
         import torch
         from transformers import AutoModelForCausalLM
         torch.set_num_threads(os.cpu_count())

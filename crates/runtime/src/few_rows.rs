@@ -43,16 +43,6 @@ pub fn few_rows_matmul(
     out: usize,
     inner: usize,
 ) -> Option<Vec<f32>> {
-    assert_eq!(
-        x.len(),
-        rows * inner,
-        "few_rows_matmul: x is not (rows, inner)"
-    );
-    assert_eq!(
-        w.len(),
-        out * inner,
-        "few_rows_matmul: w is not (out, inner)"
-    );
     few_rows_matmul_many(x, rows, &[(w, out)], inner).map(|mut ys| ys.remove(0))
 }
 
@@ -502,7 +492,12 @@ mod tests {
                 .unwrap()
                 .install(|| by_kernel(&x, rows, &[(&w, out)], inner, false))
         };
-        assert_eq!(run(1), run(3));
+        let one = run(1);
+        if one.is_none() {
+            eprintln!("no AVX-512 here: the kernel is not exercised");
+            return;
+        }
+        assert_eq!(one, run(3));
     }
 
     /// Not a test: times both kernels and gemm's blocked product on decode-sized products,
