@@ -822,14 +822,37 @@ impl Model {
         targets: &[&str],
         seed: u64,
     ) -> Result<Vec<Var>> {
+        self.attach_lora_at(rank, alpha, targets, None, seed)
+    }
+
+    /// [`Model::attach_lora`] on the blocks in `layers` only (every block when `None`). Blocks
+    /// below the first adapted one then stay out of the backward pass entirely.
+    pub fn attach_lora_at(
+        &mut self,
+        rank: usize,
+        alpha: f64,
+        targets: &[&str],
+        layers: Option<&[usize]>,
+        seed: u64,
+    ) -> Result<Vec<Var>> {
         use rand::{Rng, SeedableRng};
         if rank == 0 {
             candle_core::bail!("LoRA rank must be at least 1");
         }
+        let n_layer = self.blocks.len();
+        if let Some(&bad) = layers.and_then(|l| l.iter().find(|&&i| i >= n_layer)) {
+            candle_core::bail!(
+                "LoRA layer {bad} does not exist: this model has layers 0-{} (fix: --lora-layers within that range)",
+                n_layer - 1
+            );
+        }
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let dtype = self.embed.dtype();
         let mut vars = Vec::new();
-        for b in self.blocks.iter_mut() {
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            if layers.is_some_and(|l| !l.contains(&i)) {
+                continue;
+            }
             for (name, l) in b.linears_mut() {
                 if !targets.contains(&name) {
                     continue;

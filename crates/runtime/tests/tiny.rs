@@ -443,6 +443,29 @@ fn lora_gradients_match_finite_differences() {
 }
 
 #[test]
+fn lora_on_chosen_layers_adapts_only_those() {
+    let mut m = tiny_model(Arch::Llama, 9, DType::F32).unwrap();
+    let vars = m
+        .attach_lora_at(4, 8.0, &["q", "down"], Some(&[1]), 1)
+        .unwrap();
+    assert_eq!(vars.len(), 4, "A and B for q and down of block 1");
+    for (i, b) in m.blocks.iter_mut().enumerate() {
+        for (name, l) in b.linears_mut() {
+            let want = i == 1 && (name == "q" || name == "down");
+            assert_eq!(l.lora.is_some(), want, "block {i} {name}");
+        }
+    }
+    let e = m
+        .attach_lora_at(4, 8.0, &["q"], Some(&[0, 2]), 1)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("layer 2 does not exist") && e.contains("0-1"),
+        "{e}"
+    );
+}
+
+#[test]
 fn lora_with_zero_b_leaves_outputs_unchanged() {
     let base = tiny_model(Arch::Llama, 9, DType::F32).unwrap();
     let mut m = tiny_model(Arch::Llama, 9, DType::F32).unwrap();

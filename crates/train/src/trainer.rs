@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// LoRA adapters on every block.
+/// LoRA adapters.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LoraConfig {
     /// Rank.
@@ -20,6 +20,9 @@ pub struct LoraConfig {
     pub alpha: f64,
     /// Projections adapted (`q`, `k`, `v`, `o`, `gate`, `up`, `down`).
     pub targets: Vec<String>,
+    /// Blocks adapted (`None`: every block).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<Vec<usize>>,
 }
 
 impl Default for LoraConfig {
@@ -30,6 +33,7 @@ impl Default for LoraConfig {
             targets: ["q", "k", "v", "o", "gate", "up", "down"]
                 .map(String::from)
                 .to_vec(),
+            layers: None,
         }
     }
 }
@@ -104,6 +108,9 @@ impl TrainConfig {
         if let Some(l) = &self.lora {
             if l.rank == 0 || l.targets.is_empty() {
                 return bad("LoRA needs rank >= 1 and at least one target projection".into());
+            }
+            if l.layers.as_ref().is_some_and(Vec::is_empty) {
+                return bad("--lora-layers names no layer".into());
             }
         }
         Ok(())
@@ -361,7 +368,7 @@ pub fn train(
     let vars = match &cfg.lora {
         Some(l) => {
             let targets: Vec<&str> = l.targets.iter().map(String::as_str).collect();
-            model.attach_lora(l.rank, l.alpha, &targets, cfg.seed)?
+            model.attach_lora_at(l.rank, l.alpha, &targets, l.layers.as_deref(), cfg.seed)?
         }
         None => model.make_trainable()?,
     };

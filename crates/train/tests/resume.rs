@@ -74,6 +74,13 @@ fn resumed_run_equals_uninterrupted_run_and_anchors_load() {
             alpha: 8.0,
             ..Default::default()
         }),
+        // Adapters on the last block only: the first stays out of the backward pass.
+        Some(LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            layers: Some(vec![1]),
+            ..Default::default()
+        }),
         None,
     ] {
         let cfg = TrainConfig {

@@ -54,6 +54,11 @@ pub struct TrainArgs {
     /// LoRA target projections.
     #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
     pub lora_targets: Vec<String>,
+    /// Blocks that get LoRA adapters: `all`, or layers and ranges like `14-29` or `0,2,10-12`.
+    /// Adapting only late blocks leaves the earlier representation as the base model has it
+    /// (and out of the backward pass, so steps are faster).
+    #[arg(long, default_value = "all", value_parser = parse_layers)]
+    pub lora_layers: LayerSet,
     /// Refusal phrasing: polite or rebuttal.
     #[arg(long, default_value = "polite")]
     pub strategy: String,
@@ -187,6 +192,7 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
             rank: a.lora_rank,
             alpha: a.lora_alpha,
             targets: a.lora_targets.clone(),
+            layers: a.lora_layers.0.clone(),
         }),
         seed: a.seed,
         save_at: a.save_at.clone(),
@@ -464,4 +470,57 @@ pub fn run(a: TrainArgs) -> Result<()> {
     println!("anchors: {}", anchors.join(" "));
     println!("log: {}", a.out.join("train_log.jsonl").display());
     Ok(())
+}
+
+/// Blocks named by `--lora-layers` (`None`: all).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerSet(pub Option<Vec<usize>>);
+
+/// `all`, or comma-separated layers and inclusive ranges (`14-29`, `0,2,10-12`).
+fn parse_layers(spec: &str) -> std::result::Result<LayerSet, String> {
+    if spec.trim() == "all" {
+        return Ok(LayerSet(None));
+    }
+    let number = |t: &str| {
+        t.trim().parse::<usize>().map_err(|_| {
+            format!("`{t}` is not a layer number (use e.g. 14-29, or 0,2,10-12, or all)")
+        })
+    };
+    let mut layers = Vec::new();
+    for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (number(a)?, number(b)?);
+                if a > b {
+                    return Err(format!("range `{part}` runs backwards (write {b}-{a})"));
+                }
+                layers.extend(a..=b);
+            }
+            None => layers.push(number(part)?),
+        }
+    }
+    if layers.is_empty() {
+        return Err("no layer given (use e.g. 14-29, or all)".into());
+    }
+    layers.sort_unstable();
+    layers.dedup();
+    Ok(LayerSet(Some(layers)))
+}
+
+#[cfg(test)]
+mod layer_tests {
+    use super::*;
+
+    #[test]
+    fn layer_sets_parse_ranges_lists_and_all() {
+        assert_eq!(parse_layers("all"), Ok(LayerSet(None)));
+        assert_eq!(
+            parse_layers("3-5,1,4"),
+            Ok(LayerSet(Some(vec![1, 3, 4, 5])))
+        );
+        assert_eq!(parse_layers("7"), Ok(LayerSet(Some(vec![7]))));
+        assert!(parse_layers("5-3").unwrap_err().contains("backwards"));
+        assert!(parse_layers("x").unwrap_err().contains("not a layer"));
+        assert!(parse_layers(",").is_err());
+    }
 }
