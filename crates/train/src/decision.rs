@@ -14,6 +14,14 @@
 //! reply may start with "I"; pushing it away from R would contradict its own target). The
 //! harmless term's gradient grows as `q / (1 - q)`: it concentrates on harmless prompts the
 //! model is about to refuse, which is where over-refusal comes from.
+//!
+//! With a boundary `q_b` other than 1/2, the classifier's log-odds are shifted by
+//! `delta = ln((1 - q_b) / q_b)`: `p = q e^delta / (q e^delta + 1 - q)` takes the place of `q`.
+//! The two sides then part at refusal mass `q_b` instead of 1/2: harmless prompts are pushed below
+//! `q_b`, harmful ones need only clear it. Training prompts separate with room to spare, so the
+//! prompts that decide the over-refusal rate are the unseen borderline ones between the two
+//! sides; with `q_b` below 1/2 they sit near `q_b`, under the mass at which greedy decoding
+//! opens with a refusal.
 use crate::data::Example;
 use crate::Result;
 use candle_core::{DType, Tensor};
@@ -35,6 +43,17 @@ pub fn decision_loss(
     refuse: &[bool],
     refusal_ids: &[u32],
 ) -> Result<Option<Tensor>> {
+    decision_loss_at(first_log_probs, refuse, refusal_ids, 0.5)
+}
+
+/// [`decision_loss`] with the two sides parting at refusal mass `boundary` (in (0, 1); 1/2 is
+/// [`decision_loss`] itself).
+pub fn decision_loss_at(
+    first_log_probs: &Tensor,
+    refuse: &[bool],
+    refusal_ids: &[u32],
+    boundary: f64,
+) -> Result<Option<Tensor>> {
     let m = refuse.len();
     if m == 0 {
         return Ok(None);
@@ -47,6 +66,21 @@ pub fn decision_loss(
         .to_dtype(DType::F32)?
         .exp()?
         .sum(1)?;
+    if boundary != 0.5 {
+        // p_right = (q e^delta for harmful, 1 - q for harmless) / (q e^delta + 1 - q).
+        let shift = (1.0 - boundary) / boundary;
+        let q = q.clamp(1e-6f32, 1.0 - 1e-6)?;
+        let scale: Vec<f32> = refuse
+            .iter()
+            .map(|&h| if h { shift as f32 } else { -1.0 })
+            .collect();
+        let offset: Vec<f32> = refuse.iter().map(|&h| if h { 0.0 } else { 1.0 }).collect();
+        let numerator =
+            ((&q * Tensor::new(scale.as_slice(), dev)?)? + Tensor::new(offset.as_slice(), dev)?)?;
+        let denominator = ((q * (shift - 1.0))? + 1.0)?;
+        let p_right = (numerator / denominator)?.clamp(1e-6f32, 1.0f32)?;
+        return Ok(Some((p_right.log()?.mean_all()? * -1.0)?));
+    }
     // Per example: q for a harmful prompt, 1 - q for a harmless one.
     let sign: Vec<f32> = refuse.iter().map(|&h| if h { 1.0 } else { -1.0 }).collect();
     let offset: Vec<f32> = refuse.iter().map(|&h| if h { 0.0 } else { 1.0 }).collect();
@@ -78,6 +112,15 @@ mod tests {
         let want = -(0.4f64.ln() + 0.25f64.ln()) / 2.0;
         assert!((got as f64 - want).abs() < 1e-6, "{got} vs {want}");
         assert!(decision_loss(&lp, &[], &[0]).unwrap().is_none());
+        // Boundary 0.2 (e^delta = 4): harmful p = 0.4*4 / (0.4*4 + 0.6) = 1.6 / 2.2; harmless
+        // 1 - p = 0.25 / (0.75*4 + 0.25) = 0.25 / 3.25.
+        let got = decision_loss_at(&lp, &[true, false], &[0, 2], 0.2)
+            .unwrap()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let want = -((1.6f64 / 2.2).ln() + (0.25f64 / 3.25).ln()) / 2.0;
+        assert!((got as f64 - want).abs() < 1e-5, "{got} vs {want}");
     }
 
     #[test]

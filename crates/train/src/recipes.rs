@@ -19,6 +19,8 @@ pub struct ExampleRecipe {
     main: Stream,
     grad_accum: usize,
     decision_weight: f64,
+    /// Refusal mass at which the decision loss parts harmful from harmless (1/2 by default).
+    decision_boundary: f64,
     refusal_ids: Vec<u32>,
     /// Prompts trained on the decision only: harmful (refuse) and harmless, each drawn in its
     /// own seeded epoch order.
@@ -84,6 +86,7 @@ impl ExampleRecipe {
             examples,
             grad_accum,
             decision_weight: 0.0,
+            decision_boundary: 0.5,
             refusal_ids: Vec::new(),
             decision_pos: Vec::new(),
             decision_neg: Vec::new(),
@@ -101,6 +104,19 @@ impl ExampleRecipe {
         }
         self.decision_weight = weight;
         self.refusal_ids = refusal_ids;
+        Ok(self)
+    }
+
+    /// Parts the decision loss's two sides at refusal mass `boundary` instead of 1/2
+    /// ([`decision::decision_loss_at`]): below 1/2, borderline prompts end under greedy
+    /// decoding's refusal threshold.
+    pub fn with_decision_boundary(mut self, boundary: f64) -> Result<Self> {
+        if !(boundary > 0.0 && boundary < 1.0) {
+            return Err(Error::Invalid(format!(
+                "decision boundary {boundary}: use a refusal mass strictly between 0 and 1"
+            )));
+        }
+        self.decision_boundary = boundary;
         Ok(self)
     }
 
@@ -220,7 +236,12 @@ impl Recipe for ExampleRecipe {
                 .unzip();
             if !at.is_empty() {
                 let first = rows.log_probs_at(&at)?;
-                if let Some(d) = decision::decision_loss(&first, &refuse, &self.refusal_ids)? {
+                if let Some(d) = decision::decision_loss_at(
+                    &first,
+                    &refuse,
+                    &self.refusal_ids,
+                    self.decision_boundary,
+                )? {
                     parts.insert("decision".into(), d.to_scalar::<f32>()? as f64);
                     loss = (loss + (d * self.decision_weight)?)?;
                 }
@@ -238,7 +259,12 @@ impl Recipe for ExampleRecipe {
             let at: Vec<u32> = rows.first.iter().map(|&r| r as u32).collect();
             let first = rows.log_probs_at(&at)?;
             let refuse: Vec<bool> = (0..at.len()).map(|i| i < pos.len()).collect();
-            if let Some(d) = decision::decision_loss(&first, &refuse, &self.refusal_ids)? {
+            if let Some(d) = decision::decision_loss_at(
+                &first,
+                &refuse,
+                &self.refusal_ids,
+                self.decision_boundary,
+            )? {
                 parts.insert("decision_only".into(), d.to_scalar::<f32>()? as f64);
                 loss = (loss + (d * self.decision_weight)?)?;
             }

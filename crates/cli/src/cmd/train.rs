@@ -111,6 +111,12 @@ pub struct TrainArgs {
     /// Below 0.5 the decision is trained to refuse less readily.
     #[arg(long, default_value_t = 0.5)]
     pub decision_harmful_share: f64,
+    /// Refusal mass at which the decision loss parts harmful from harmless prompts
+    /// (crates/train/src/decision.rs). Below 0.5 the unseen borderline prompts, which land
+    /// between the two sides, end under the mass at which greedy decoding refuses: the model
+    /// refuses less readily without ranking prompts differently.
+    #[arg(long, default_value_t = 0.5)]
+    pub decision_boundary: f64,
     /// Longest self-distilled reply, in tokens.
     #[arg(long, default_value_t = 64)]
     pub utility_tokens: usize,
@@ -273,6 +279,9 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
             config["decision_harmful_share"] = a.decision_harmful_share.into();
         }
     }
+    if a.decision_boundary != 0.5 {
+        config["decision_boundary"] = a.decision_boundary.into();
+    }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     common::check_or_write_config(&a.out, &config)?;
     // The base model's own replies are cached per model and prompt set, shared across runs.
@@ -383,6 +392,7 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
     let decision_neg = decision_examples(&decision_negatives, "harmless")?;
     let sft = ExampleRecipe::new(name, examples, a.batch_size, a.grad_accum, a.seed)?
         .with_decision(a.decision_weight, refusal_ids)?
+        .with_decision_boundary(a.decision_boundary)?
         .with_decision_only(
             decision_pos,
             decision_neg,
