@@ -54,7 +54,8 @@ pub struct TrainArgs {
     /// LoRA target projections.
     #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
     pub lora_targets: Vec<String>,
-    /// Blocks that get LoRA adapters: `all`, or layers and ranges like `14-29` or `0,2,10-12`.
+    /// Blocks that get LoRA adapters: `all`, layers and ranges like `14-29` or `0,2,10-12`, or a
+    /// share of the depth like `40%-` (on 30 blocks: 12-29).
     /// Adapting only late blocks leaves the earlier representation as the base model has it
     /// (and out of the backward pass, so steps are faster).
     #[arg(long, default_value = "all", value_parser = parse_layers)]
@@ -185,7 +186,7 @@ pub struct Prepared {
 /// self-distilled replies, and assemble the recipe.
 pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
     let strategy = Strategy::parse(&a.strategy)?;
-    let cfg = TrainConfig {
+    let mut cfg = TrainConfig {
         steps: a.steps,
         batch_size: a.batch_size,
         grad_accum: a.grad_accum,
@@ -198,7 +199,11 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
             rank: a.lora_rank,
             alpha: a.lora_alpha,
             targets: a.lora_targets.clone(),
-            layers: a.lora_layers.0.clone(),
+            // Depth shares are resolved once the model's depth is known (below).
+            layers: match &a.lora_layers {
+                LayerSet::Layers(l) => Some(l.clone()),
+                LayerSet::All | LayerSet::Depth { .. } => None,
+            },
         }),
         seed: a.seed,
         save_at: a.save_at.clone(),
@@ -263,6 +268,10 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
     let decision_negatives =
         data::sample_excluding(&pool, &harmless, a.n_decision_negatives, a.seed);
     let model = common::load(&a.model)?;
+    if let (Some(l), LayerSet::Depth { .. }) = (cfg.lora.as_mut(), &a.lora_layers) {
+        l.layers = a.lora_layers.resolve(model.cfg.n_layer);
+        cfg.check()?;
+    }
     let hash = common::model_hash(&model.source)?;
     let mut config = serde_json::json!({
         "safegeo_version": env!("CARGO_PKG_VERSION"),
@@ -482,14 +491,68 @@ pub fn run(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// Blocks named by `--lora-layers` (`None`: all).
+/// Blocks named by `--lora-layers`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct LayerSet(pub Option<Vec<usize>>);
+pub enum LayerSet {
+    /// Every block.
+    All,
+    /// These blocks.
+    Layers(Vec<usize>),
+    /// The blocks in a share of the depth, in percent: block `i` of `n` when
+    /// `from <= 100 i / n < to` (`40%-` on 30 blocks: 12-29).
+    Depth { from: f64, to: f64 },
+}
 
-/// `all`, or comma-separated layers and inclusive ranges (`14-29`, `0,2,10-12`).
+impl LayerSet {
+    /// The blocks of a model with `n_layer` of them (`None`: all).
+    pub fn resolve(&self, n_layer: usize) -> Option<Vec<usize>> {
+        match self {
+            LayerSet::All => None,
+            LayerSet::Layers(l) => Some(l.clone()),
+            LayerSet::Depth { from, to } => Some(
+                (0..n_layer)
+                    .filter(|&i| {
+                        let at = 100.0 * i as f64 / n_layer as f64;
+                        *from <= at && at < *to
+                    })
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// `all`; comma-separated layers and inclusive ranges (`14-29`, `0,2,10-12`); or a share of
+/// the depth in percent (`40%-`, `40%-80%`).
 fn parse_layers(spec: &str) -> std::result::Result<LayerSet, String> {
     if spec.trim() == "all" {
-        return Ok(LayerSet(None));
+        return Ok(LayerSet::All);
+    }
+    if spec.contains('%') {
+        let percent = |t: &str| {
+            t.trim()
+                .trim_end_matches('%')
+                .parse::<f64>()
+                .ok()
+                .filter(|v| (0.0..=100.0).contains(v))
+                .ok_or_else(|| {
+                    format!("`{t}` is not a share of the depth (use e.g. 40%-, or 40%-80%)")
+                })
+        };
+        let (a, b) = spec.split_once('-').ok_or_else(|| {
+            format!("`{spec}`: a share of the depth is a range, e.g. 40%- or 40%-80%")
+        })?;
+        let from = percent(a)?;
+        let to = if b.trim().is_empty() {
+            100.0 + 1e-9
+        } else {
+            percent(b)?
+        };
+        if from >= to {
+            return Err(format!(
+                "`{spec}` holds no layer (the range is empty or backwards)"
+            ));
+        }
+        return Ok(LayerSet::Depth { from, to });
     }
     let number = |t: &str| {
         t.trim().parse::<usize>().map_err(|_| {
@@ -514,7 +577,7 @@ fn parse_layers(spec: &str) -> std::result::Result<LayerSet, String> {
     }
     layers.sort_unstable();
     layers.dedup();
-    Ok(LayerSet(Some(layers)))
+    Ok(LayerSet::Layers(layers))
 }
 
 #[cfg(test)]
@@ -523,12 +586,24 @@ mod layer_tests {
 
     #[test]
     fn layer_sets_parse_ranges_lists_and_all() {
-        assert_eq!(parse_layers("all"), Ok(LayerSet(None)));
+        assert_eq!(parse_layers("all"), Ok(LayerSet::All));
         assert_eq!(
             parse_layers("3-5,1,4"),
-            Ok(LayerSet(Some(vec![1, 3, 4, 5])))
+            Ok(LayerSet::Layers(vec![1, 3, 4, 5]))
         );
-        assert_eq!(parse_layers("7"), Ok(LayerSet(Some(vec![7]))));
+        assert_eq!(parse_layers("7"), Ok(LayerSet::Layers(vec![7])));
+        // Shares of the depth: 40% of 30 blocks starts at block 12, of 32 at block 13 (12.8).
+        let upper = parse_layers("40%-").unwrap();
+        assert_eq!(upper.resolve(30), Some((12..30).collect()));
+        assert_eq!(upper.resolve(32), Some((13..32).collect()));
+        assert_eq!(parse_layers("0%-50%").unwrap().resolve(4), Some(vec![0, 1]));
+        assert!(parse_layers("50%-20%")
+            .unwrap_err()
+            .contains("empty or backwards"));
+        assert!(parse_layers("140%-")
+            .unwrap_err()
+            .contains("share of the depth"));
+        assert!(parse_layers("40%").is_err());
         assert!(parse_layers("5-3").unwrap_err().contains("backwards"));
         assert!(parse_layers("x").unwrap_err().contains("not a layer"));
         assert!(parse_layers(",").is_err());
