@@ -235,6 +235,12 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
     if a.recipe == "r2d2" && a.grad_accum != 1 {
         bail!("r2d2 runs one micro-batch per step: use --grad-accum 1");
     }
+    if !(a.decision_boundary > 0.0 && a.decision_boundary < 1.0) {
+        bail!(
+            "--decision-boundary {}: use a refusal mass strictly between 0 and 1 (e.g. 0.05)",
+            a.decision_boundary
+        );
+    }
     if a.n_decision_negatives > 0 && a.decision_weight <= 0.0 {
         bail!(
             "--n-decision-negatives {} trains the refusal decision only: add --decision-weight \
