@@ -6,6 +6,7 @@ use crate::data::Example;
 use crate::decision;
 use crate::trainer::{target_rows, MicroLoss, Recipe};
 use crate::{Error, Result};
+use candle_core::Tensor;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use safegeo_runtime::Model;
@@ -105,6 +106,15 @@ impl ExampleRecipe {
         self.decision_weight = weight;
         self.refusal_ids = refusal_ids;
         Ok(self)
+    }
+
+    /// `L_decision` over the log-probabilities `first` at the reply positions, and its weighted
+    /// tensor for the loss; `None` without examples.
+    fn decision_term(&self, first: &Tensor, refuse: &[bool]) -> Result<Option<(f64, Tensor)>> {
+        let d =
+            decision::decision_loss_at(first, refuse, &self.refusal_ids, self.decision_boundary)?;
+        d.map(|d| Ok((d.to_scalar::<f32>()? as f64, (d * self.decision_weight)?)))
+            .transpose()
     }
 
     /// Parts the decision loss's two sides at refusal mass `boundary` instead of 1/2
@@ -236,14 +246,9 @@ impl Recipe for ExampleRecipe {
                 .unzip();
             if !at.is_empty() {
                 let first = rows.log_probs_at(&at)?;
-                if let Some(d) = decision::decision_loss_at(
-                    &first,
-                    &refuse,
-                    &self.refusal_ids,
-                    self.decision_boundary,
-                )? {
-                    parts.insert("decision".into(), d.to_scalar::<f32>()? as f64);
-                    loss = (loss + (d * self.decision_weight)?)?;
+                if let Some((d, weighted)) = self.decision_term(&first, &refuse)? {
+                    parts.insert("decision".into(), d);
+                    loss = (loss + weighted)?;
                 }
             }
         }
@@ -259,14 +264,9 @@ impl Recipe for ExampleRecipe {
             let at: Vec<u32> = rows.first.iter().map(|&r| r as u32).collect();
             let first = rows.log_probs_at(&at)?;
             let refuse: Vec<bool> = (0..at.len()).map(|i| i < pos.len()).collect();
-            if let Some(d) = decision::decision_loss_at(
-                &first,
-                &refuse,
-                &self.refusal_ids,
-                self.decision_boundary,
-            )? {
-                parts.insert("decision_only".into(), d.to_scalar::<f32>()? as f64);
-                loss = (loss + (d * self.decision_weight)?)?;
+            if let Some((d, weighted)) = self.decision_term(&first, &refuse)? {
+                parts.insert("decision_only".into(), d);
+                loss = (loss + weighted)?;
             }
             tokens += rows.tokens;
         }
