@@ -66,27 +66,20 @@ pub fn decision_loss_at(
         .to_dtype(DType::F32)?
         .exp()?
         .sum(1)?;
-    if boundary != 0.5 {
-        // p_right = (q e^delta for harmful, 1 - q for harmless) / (q e^delta + 1 - q).
-        let shift = (1.0 - boundary) / boundary;
-        let q = q.clamp(1e-6f32, 1.0 - 1e-6)?;
-        let scale: Vec<f32> = refuse
-            .iter()
-            .map(|&h| if h { shift as f32 } else { -1.0 })
-            .collect();
-        let offset: Vec<f32> = refuse.iter().map(|&h| if h { 0.0 } else { 1.0 }).collect();
-        let numerator =
-            ((&q * Tensor::new(scale.as_slice(), dev)?)? + Tensor::new(offset.as_slice(), dev)?)?;
-        let denominator = ((q * (shift - 1.0))? + 1.0)?;
-        let p_right = (numerator / denominator)?.clamp(1e-6f32, 1.0f32)?;
-        return Ok(Some((p_right.log()?.mean_all()? * -1.0)?));
-    }
-    // Per example: q for a harmful prompt, 1 - q for a harmless one.
-    let sign: Vec<f32> = refuse.iter().map(|&h| if h { 1.0 } else { -1.0 }).collect();
+    // Per example, with e^delta = (1 - q_b) / q_b (1 at the default boundary, where this is
+    // q for a harmful prompt and 1 - q for a harmless one):
+    // p_right = (q e^delta for harmful, 1 - q for harmless) / (q e^delta + 1 - q).
+    let shift = (1.0 - boundary) / boundary;
+    let scale: Vec<f32> = refuse
+        .iter()
+        .map(|&h| if h { shift as f32 } else { -1.0 })
+        .collect();
     let offset: Vec<f32> = refuse.iter().map(|&h| if h { 0.0 } else { 1.0 }).collect();
-    let p_right = ((q * Tensor::new(sign.as_slice(), dev)?)?
-        + Tensor::new(offset.as_slice(), dev)?)?
-    .clamp(1e-6f32, 1.0f32)?;
+    let numerator =
+        ((&q * Tensor::new(scale.as_slice(), dev)?)? + Tensor::new(offset.as_slice(), dev)?)?;
+    // Positive for q in [0, 1] since e^delta > 0.
+    let denominator = ((q * (shift - 1.0))? + 1.0)?;
+    let p_right = (numerator / denominator)?.clamp(1e-6f32, 1.0f32)?;
     Ok(Some((p_right.log()?.mean_all()? * -1.0)?))
 }
 

@@ -199,11 +199,8 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
             rank: a.lora_rank,
             alpha: a.lora_alpha,
             targets: a.lora_targets.clone(),
-            // Depth shares are resolved once the model's depth is known (below).
-            layers: match &a.lora_layers {
-                LayerSet::Layers(l) => Some(l.clone()),
-                LayerSet::All | LayerSet::Depth { .. } => None,
-            },
+            // Resolved once the model's depth is known (below).
+            layers: None,
         }),
         seed: a.seed,
         save_at: a.save_at.clone(),
@@ -274,7 +271,7 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
     let decision_negatives =
         data::sample_excluding(&pool, &harmless, a.n_decision_negatives, a.seed);
     let model = common::load(&a.model)?;
-    if let (Some(l), LayerSet::Depth { .. }) = (cfg.lora.as_mut(), &a.lora_layers) {
+    if let Some(l) = cfg.lora.as_mut() {
         l.layers = a.lora_layers.resolve(model.cfg.n_layer);
         cfg.check()?;
     }
