@@ -343,3 +343,11 @@ pub fn args_of<T: clap::Args>(argv: &[String]) -> Result<T> {
 pub fn display(p: &std::path::Path) -> String {
     p.display().to_string()
 }
+
+/// A bad option value, as an error that exits with code 2 (like clap's own usage errors).
+macro_rules! invalid {
+    ($($arg:tt)*) => {
+        anyhow::Error::from(safegeo_data::Error::Invalid(format!($($arg)*)))
+    };
+}
+pub(crate) use invalid;

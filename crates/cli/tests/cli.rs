@@ -2038,3 +2038,39 @@ fn bench_measures_quantized_decoding_in_its_own_process() {
         "stderr: {err}"
     );
 }
+
+#[test]
+fn bad_training_options_are_refused_before_the_model_loads() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let out = h.join("run");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "-m",
+            "/nonexistent/model.gguf",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        safegeo(&args, h)
+    };
+    fails_with(
+        &run(&["--decision-boundary", "1.5"]),
+        2,
+        "--decision-boundary 1.5",
+    );
+    fails_with(
+        &run(&["--decision-against", "middle"]),
+        2,
+        "use rest or top",
+    );
+    fails_with(&run(&["--recipe", "rlhf"]), 2, "unknown recipe `rlhf`");
+    fails_with(
+        &run(&["--decision-harmful"]),
+        2,
+        "add --n-decision-negatives",
+    );
+    // Nothing was written for a run that never started.
+    assert!(!out.exists());
+}

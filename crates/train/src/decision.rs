@@ -22,9 +22,50 @@
 //! prompts that decide the over-refusal rate are the unseen borderline ones between the two
 //! sides; with `q_b` below 1/2 they sit near `q_b`, under the mass at which greedy decoding
 //! opens with a refusal.
+//!
+//! Greedy decoding does not compare `q` with `1 - q`, though: it opens with a refusal when the
+//! likeliest refusal token beats the likeliest other token, and a helpful opening's mass is
+//! spread over many tokens, so a prompt with `q` well under 1/2 is often refused. With
+//! [`Against::Top`] the classifier's log-odds are that comparison itself,
+//!
+//! `z = max_{t in R} ln p(t) - max_{t not in R} ln p(t) + delta`,
+//!
+//! positive exactly when greedy decoding opens with a refusal token (at `delta = 0`), and the
+//! loss is `-(1/m) * ( sum_{harmful} ln sigmoid(z) + sum_{harmless} ln sigmoid(-z) )`. With
+//! [`Against::Rest`] it is `z = ln q - ln(1 - q) + delta`, the loss above.
 use crate::data::Example;
 use crate::Result;
 use candle_core::{DType, Tensor};
+
+/// What the refusal side is weighed against in the decision's log-odds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Against {
+    /// The refusal mass `q` against the rest, `1 - q`.
+    #[default]
+    Rest,
+    /// The likeliest refusal token against the likeliest other token: greedy decoding's choice.
+    Top,
+}
+
+impl std::str::FromStr for Against {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "rest" => Ok(Self::Rest),
+            "top" => Ok(Self::Top),
+            _ => Err(format!("`{s}`: use rest or top")),
+        }
+    }
+}
+
+impl std::fmt::Display for Against {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Rest => "rest",
+            Self::Top => "top",
+        })
+    }
+}
 
 /// The side of the decision an example trains, if any.
 pub fn side(example: &Example, refusal_ids: &[u32]) -> Option<bool> {
@@ -43,44 +84,50 @@ pub fn decision_loss(
     refuse: &[bool],
     refusal_ids: &[u32],
 ) -> Result<Option<Tensor>> {
-    decision_loss_at(first_log_probs, refuse, refusal_ids, 0.5)
+    decision_loss_at(first_log_probs, refuse, refusal_ids, 0.5, Against::Rest)
 }
 
 /// [`decision_loss`] with the two sides parting at refusal mass `boundary` (in (0, 1); 1/2 is
-/// [`decision_loss`] itself).
+/// [`decision_loss`] itself), the refusal side weighed `against` the rest or the top other token.
 pub fn decision_loss_at(
     first_log_probs: &Tensor,
     refuse: &[bool],
     refusal_ids: &[u32],
     boundary: f64,
+    against: Against,
 ) -> Result<Option<Tensor>> {
     let m = refuse.len();
     if m == 0 {
         return Ok(None);
     }
     let dev = first_log_probs.device();
+    let lp = first_log_probs.to_dtype(DType::F32)?;
     let r = Tensor::new(refusal_ids, dev)?;
-    // Probabilities are below 1, so summing exponentials cannot overflow.
-    let q = first_log_probs
-        .index_select(&r, 1)?
-        .to_dtype(DType::F32)?
-        .exp()?
-        .sum(1)?;
-    // Per example, with e^delta = (1 - q_b) / q_b (1 at the default boundary, where this is
-    // q for a harmful prompt and 1 - q for a harmless one):
-    // p_right = (q e^delta for harmful, 1 - q for harmless) / (q e^delta + 1 - q).
-    let shift = (1.0 - boundary) / boundary;
-    let scale: Vec<f32> = refuse
-        .iter()
-        .map(|&h| if h { shift as f32 } else { -1.0 })
-        .collect();
-    let offset: Vec<f32> = refuse.iter().map(|&h| if h { 0.0 } else { 1.0 }).collect();
-    let numerator =
-        ((&q * Tensor::new(scale.as_slice(), dev)?)? + Tensor::new(offset.as_slice(), dev)?)?;
-    // Positive for q in [0, 1] since e^delta > 0.
-    let denominator = ((q * (shift - 1.0))? + 1.0)?;
-    let p_right = (numerator / denominator)?.clamp(1e-6f32, 1.0f32)?;
-    Ok(Some((p_right.log()?.mean_all()? * -1.0)?))
+    let refusal_lp = lp.index_select(&r, 1)?;
+    let log_odds = match against {
+        Against::Rest => {
+            // Probabilities are below 1, so summing exponentials cannot overflow; the floors
+            // keep the logarithms finite when a side's mass rounds to 0 in f32.
+            let q = refusal_lp.exp()?.sum(1)?;
+            let rest = (q.affine(-1.0, 1.0)?).clamp(1e-7f32, 1.0f32)?;
+            (q.clamp(1e-30f32, 1.0f32)?.log()? - rest.log()?)?
+        }
+        Against::Top => {
+            let mut mask = vec![0f32; lp.dim(1)?];
+            for &t in refusal_ids {
+                mask[t as usize] = f32::NEG_INFINITY;
+            }
+            let others = lp.broadcast_add(&Tensor::new(mask.as_slice(), dev)?)?;
+            (refusal_lp.max(1)? - others.max(1)?)?
+        }
+    };
+    let delta = ((1.0 - boundary) / boundary).ln();
+    // z for a harmful prompt, -z for a harmless one: the log-odds of the right side.
+    let sign: Vec<f32> = refuse.iter().map(|&h| if h { 1.0 } else { -1.0 }).collect();
+    let right = ((log_odds + delta)? * Tensor::new(sign.as_slice(), dev)?)?;
+    // -ln sigmoid(x) = softplus(-x) = relu(-x) + ln(1 + e^{-|x|}), stable for any x.
+    let loss = (right.neg()?.relu()? + (right.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
+    Ok(Some(loss.mean_all()?))
 }
 
 #[cfg(test)]
@@ -107,7 +154,7 @@ mod tests {
         assert!(decision_loss(&lp, &[], &[0]).unwrap().is_none());
         // Boundary 0.2 (e^delta = 4): harmful p = 0.4*4 / (0.4*4 + 0.6) = 1.6 / 2.2; harmless
         // 1 - p = 0.25 / (0.75*4 + 0.25) = 0.25 / 3.25.
-        let got = decision_loss_at(&lp, &[true, false], &[0, 2], 0.2)
+        let got = decision_loss_at(&lp, &[true, false], &[0, 2], 0.2, Against::Rest)
             .unwrap()
             .unwrap()
             .to_scalar::<f32>()
@@ -117,11 +164,37 @@ mod tests {
     }
 
     #[test]
+    fn top_weighs_the_likeliest_refusal_token_against_the_likeliest_other() {
+        // R = {0, 2}. Row 0 (harmful): 0.3 against 0.4, odds 3/4, so greedy decoding would not
+        // refuse although q = 0.4. Row 1 (harmless): 0.5 against 0.15.
+        let lp = rows(&[[0.1, 0.2, 0.3, 0.4], [0.5, 0.1, 0.25, 0.15]]);
+        let loss = |boundary| {
+            decision_loss_at(&lp, &[true, false], &[0, 2], boundary, Against::Top)
+                .unwrap()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
+        };
+        let want = -((0.3f64 / 0.7).ln() + (0.15f64 / 0.65).ln()) / 2.0;
+        assert!((loss(0.5) - want).abs() < 1e-5, "{} vs {want}", loss(0.5));
+        // Boundary 0.2 multiplies the odds by 4: harmful 3/1, harmless 2.0/0.15.
+        let want = -((3.0f64 / 4.0).ln() + (0.15f64 / 2.15).ln()) / 2.0;
+        assert!((loss(0.2) - want).abs() < 1e-5, "{} vs {want}", loss(0.2));
+    }
+
+    #[test]
     fn gradient_matches_finite_differences() {
+        for against in [Against::Rest, Against::Top] {
+            gradient_matches_finite_differences_for(against);
+        }
+    }
+
+    fn gradient_matches_finite_differences_for(against: Against) {
+        // No ties among the maxima, where the top-token loss has no derivative.
         let base = [0.3f64, -1.2, 0.5, 2.0, -0.7, 0.1, 1.1, -0.4];
         let loss = |x: &Tensor| -> Tensor {
             let lp = safegeo_runtime::log_softmax_last(x).unwrap();
-            decision_loss(&lp, &[true, false], &[1, 3])
+            decision_loss_at(&lp, &[true, false], &[1, 3], 0.3, against)
                 .unwrap()
                 .unwrap()
         };
@@ -147,7 +220,11 @@ mod tests {
             up[i] += 1e-3;
             down[i] -= 1e-3;
             let fd = (value(&up) - value(&down)) / 2e-3;
-            assert!((fd - g[i]).abs() < 1e-3, "logit {i}: {fd} vs {}", g[i]);
+            assert!(
+                (fd - g[i]).abs() < 1e-3,
+                "{against}, logit {i}: {fd} vs {}",
+                g[i]
+            );
         }
     }
 

@@ -22,6 +22,8 @@ pub struct ExampleRecipe {
     decision_weight: f64,
     /// Refusal mass at which the decision loss parts harmful from harmless (1/2 by default).
     decision_boundary: f64,
+    /// What the refusal side is weighed against (the rest of the mass by default).
+    decision_against: decision::Against,
     refusal_ids: Vec<u32>,
     /// Prompts trained on the decision only: harmful (refuse) and harmless, each drawn in its
     /// own seeded epoch order.
@@ -88,6 +90,7 @@ impl ExampleRecipe {
             grad_accum,
             decision_weight: 0.0,
             decision_boundary: 0.5,
+            decision_against: decision::Against::Rest,
             refusal_ids: Vec::new(),
             decision_pos: Vec::new(),
             decision_neg: Vec::new(),
@@ -111,22 +114,29 @@ impl ExampleRecipe {
     /// `L_decision` over the log-probabilities `first` at the reply positions, and its weighted
     /// tensor for the loss; `None` without examples.
     fn decision_term(&self, first: &Tensor, refuse: &[bool]) -> Result<Option<(f64, Tensor)>> {
-        let d =
-            decision::decision_loss_at(first, refuse, &self.refusal_ids, self.decision_boundary)?;
+        let d = decision::decision_loss_at(
+            first,
+            refuse,
+            &self.refusal_ids,
+            self.decision_boundary,
+            self.decision_against,
+        )?;
         d.map(|d| Ok((d.to_scalar::<f32>()? as f64, (d * self.decision_weight)?)))
             .transpose()
     }
 
-    /// Parts the decision loss's two sides at refusal mass `boundary` instead of 1/2
+    /// Parts the decision loss's two sides at refusal mass `boundary` instead of 1/2, with the
+    /// refusal side weighed `against` the rest of the mass or the likeliest other token
     /// ([`decision::decision_loss_at`]): below 1/2, borderline prompts end under greedy
     /// decoding's refusal threshold.
-    pub fn with_decision_boundary(mut self, boundary: f64) -> Result<Self> {
+    pub fn with_decision_rule(mut self, boundary: f64, against: decision::Against) -> Result<Self> {
         if !(boundary > 0.0 && boundary < 1.0) {
             return Err(Error::Invalid(format!(
                 "decision boundary {boundary}: use a refusal mass strictly between 0 and 1"
             )));
         }
         self.decision_boundary = boundary;
+        self.decision_against = against;
         Ok(self)
     }
 

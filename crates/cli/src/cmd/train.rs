@@ -1,6 +1,6 @@
 //! `safegeo train`: safety-train a model and write a trajectory of anchor checkpoints.
 use crate::common::{self, ModelArgs};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use safegeo_train::data::{self, Strategy};
 use safegeo_train::recipes::ExampleRecipe;
 use safegeo_train::trainer::{train, LoraConfig, TrainConfig};
@@ -118,6 +118,12 @@ pub struct TrainArgs {
     /// refuses less readily without ranking prompts differently.
     #[arg(long, default_value_t = 0.5)]
     pub decision_boundary: f64,
+    /// What the decision loss weighs the refusal side against: `rest` (refusal mass q against
+    /// 1 - q) or `top` (the likeliest refusal token against the likeliest other token, the
+    /// comparison greedy decoding makes: a helpful opening's mass is spread over many tokens, so
+    /// greedy decoding refuses prompts whose q is well under 1/2).
+    #[arg(long, default_value = "rest")]
+    pub decision_against: safegeo_train::decision::Against,
     /// Longest self-distilled reply, in tokens.
     #[arg(long, default_value_t = 64)]
     pub utility_tokens: usize,
@@ -154,10 +160,10 @@ pub struct TrainArgs {
 fn load_train_split(name: &str, limit: Option<usize>, a: &TrainArgs) -> Result<Vec<String>> {
     if let Ok(n) = safegeo_data::DatasetName::parse(name) {
         if !n.is_train_split() {
-            bail!(
+            return Err(common::invalid!(
                 "`{name}` is an evaluation set; training uses *_train splits only (harmful-train, \
                  harmless-train) or your own files"
-            );
+            ));
         }
     }
     let d = safegeo_data::load_dataset(
@@ -211,16 +217,20 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
         a.recipe.as_str(),
         "sft" | "r2d2" | "worst-insertion" | "harmful-prefix" | "derta"
     ) {
-        bail!(
+        return Err(common::invalid!(
             "unknown recipe `{}`: use sft, r2d2, worst-insertion, harmful-prefix or derta",
             a.recipe
-        );
+        ));
     }
     let r2d2_cfg = {
         let mut c = match a.r2d2_preset.as_str() {
             "cpu" => safegeo_train::r2d2::R2d2Config::default(),
             "reference" => safegeo_train::r2d2::R2d2Config::reference(),
-            p => bail!("--r2d2-preset `{p}`: use cpu or reference"),
+            p => {
+                return Err(common::invalid!(
+                    "--r2d2-preset `{p}`: use cpu or reference"
+                ))
+            }
         };
         c.pool_size = a.pool_size.unwrap_or(c.pool_size);
         c.gcg_steps = a.gcg_steps.unwrap_or(c.gcg_steps);
@@ -230,26 +240,28 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
         c
     };
     if a.recipe == "r2d2" && a.grad_accum != 1 {
-        bail!("r2d2 runs one micro-batch per step: use --grad-accum 1");
+        return Err(common::invalid!(
+            "r2d2 runs one micro-batch per step: use --grad-accum 1"
+        ));
     }
     if !(a.decision_boundary > 0.0 && a.decision_boundary < 1.0) {
-        bail!(
+        return Err(common::invalid!(
             "--decision-boundary {}: use a refusal mass strictly between 0 and 1 (e.g. 0.05)",
             a.decision_boundary
-        );
+        ));
     }
     if a.n_decision_negatives > 0 && a.decision_weight <= 0.0 {
-        bail!(
+        return Err(common::invalid!(
             "--n-decision-negatives {} trains the refusal decision only: add --decision-weight \
              (e.g. 1)",
             a.n_decision_negatives
-        );
+        ));
     }
     if a.decision_harmful && a.n_decision_negatives == 0 {
-        bail!(
+        return Err(common::invalid!(
             "--decision-harmful pairs the harmful prompts with decision negatives: add \
              --n-decision-negatives (e.g. 2048)"
-        );
+        ));
     }
     let harmful = load_train_split(&a.harmful, a.n_harmful, a)?;
     let mut harmless = load_train_split(&a.harmless, Some(a.n_harmless), a)?;
@@ -293,6 +305,9 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
     }
     if a.decision_boundary != 0.5 {
         config["decision_boundary"] = a.decision_boundary.into();
+    }
+    if a.decision_against != safegeo_train::decision::Against::Rest {
+        config["decision_against"] = a.decision_against.to_string().into();
     }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     common::check_or_write_config(&a.out, &config)?;
@@ -404,7 +419,7 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
     let decision_neg = decision_examples(&decision_negatives, "harmless")?;
     let sft = ExampleRecipe::new(name, examples, a.batch_size, a.grad_accum, a.seed)?
         .with_decision(a.decision_weight, refusal_ids)?
-        .with_decision_boundary(a.decision_boundary)?
+        .with_decision_rule(a.decision_boundary, a.decision_against)?
         .with_decision_only(
             decision_pos,
             decision_neg,
