@@ -96,38 +96,98 @@ pub fn decision_loss_at(
     boundary: f64,
     against: Against,
 ) -> Result<Option<Tensor>> {
-    let m = refuse.len();
-    if m == 0 {
+    if refuse.is_empty() {
         return Ok(None);
     }
-    let dev = first_log_probs.device();
-    let lp = first_log_probs.to_dtype(DType::F32)?;
-    let r = Tensor::new(refusal_ids, dev)?;
-    let refusal_lp = lp.index_select(&r, 1)?;
-    let log_odds = match against {
-        Against::Rest => {
-            // Probabilities are below 1, so summing exponentials cannot overflow; the floors
-            // keep the logarithms finite when a side's mass rounds to 0 in f32.
-            let q = refusal_lp.exp()?.sum(1)?;
-            let rest = (q.affine(-1.0, 1.0)?).clamp(1e-7f32, 1.0f32)?;
-            (q.clamp(1e-30f32, 1.0f32)?.log()? - rest.log()?)?
+    if against == Against::Top {
+        let unforced = vec![None; refuse.len()];
+        return opening_loss(
+            std::slice::from_ref(first_log_probs),
+            &[unforced],
+            refuse,
+            refusal_ids,
+            boundary,
+        );
+    }
+    let r = Tensor::new(refusal_ids, first_log_probs.device())?;
+    // Probabilities are below 1, so summing exponentials cannot overflow; the floors keep the
+    // logarithms finite when a side's mass rounds to 0 in f32.
+    let q = first_log_probs
+        .index_select(&r, 1)?
+        .to_dtype(DType::F32)?
+        .exp()?
+        .sum(1)?;
+    let rest = q.affine(-1.0, 1.0)?.clamp(1e-7f32, 1.0f32)?;
+    let log_odds = (q.clamp(1e-30f32, 1.0f32)?.log()? - rest.log()?)?;
+    Ok(Some(side_loss(&log_odds, refuse, boundary)?))
+}
+
+/// `L_decision` over the teacher-forced opening of a refusal: [`Against::Top`] continued past the
+/// first token. Greedy decoding writes an opening `y_1..y_k` (its first token any of `R`) when
+/// every position's token beats the likeliest other token, so the log-odds are the least margin
+///
+/// `z = min( max_{t in R} ln p_1(t) - max_{t not in R} ln p_1(t),
+///           min_{j >= 2} ln p_j(y_j) - max_{t != y_j} ln p_j(t) ) + delta`.
+///
+/// A first token alone does not decide: "I" opens "I'm sorry" and "I'm here to help" alike.
+/// `steps[j]` holds the log-probabilities `(m, V)` at opening position `j` (0-based) and
+/// `tokens[j][i]` example `i`'s forced token there; `None` leaves the position out of its minimum
+/// (`tokens[0]` is not read: the first position weighs all of `R`).
+pub fn opening_loss(
+    steps: &[Tensor],
+    tokens: &[Vec<Option<u32>>],
+    refuse: &[bool],
+    refusal_ids: &[u32],
+    boundary: f64,
+) -> Result<Option<Tensor>> {
+    let m = refuse.len();
+    if m == 0 || steps.is_empty() {
+        return Ok(None);
+    }
+    let first = steps[0].to_dtype(DType::F32)?;
+    let dev = first.device().clone();
+    let vocab = first.dim(1)?;
+    let r = Tensor::new(refusal_ids, &dev)?;
+    let mut mask = vec![0f32; vocab];
+    for &t in refusal_ids {
+        mask[t as usize] = f32::NEG_INFINITY;
+    }
+    let others = first.broadcast_add(&Tensor::new(mask.as_slice(), &dev)?)?;
+    let mut margins = vec![(first.index_select(&r, 1)?.max(1)? - others.max(1)?)?];
+    for (lp, forced) in steps.iter().zip(tokens).skip(1) {
+        if forced.iter().all(Option::is_none) {
+            continue;
         }
-        Against::Top => {
-            let mut mask = vec![0f32; lp.dim(1)?];
-            for &t in refusal_ids {
-                mask[t as usize] = f32::NEG_INFINITY;
-            }
-            let others = lp.broadcast_add(&Tensor::new(mask.as_slice(), dev)?)?;
-            (refusal_lp.max(1)? - others.max(1)?)?
+        let lp = lp.to_dtype(DType::F32)?;
+        let y: Vec<u32> = forced.iter().map(|t| t.unwrap_or(0)).collect();
+        let own = lp
+            .gather(&Tensor::new(y.as_slice(), &dev)?.unsqueeze(1)?, 1)?
+            .squeeze(1)?;
+        let mut mask = vec![0f32; m * vocab];
+        for (i, &t) in y.iter().enumerate() {
+            mask[i * vocab + t as usize] = f32::NEG_INFINITY;
         }
-    };
+        let rival = (&lp + Tensor::from_vec(mask, (m, vocab), &dev)?)?.max(1)?;
+        // A position an example does not force cannot be its least margin.
+        let skip: Vec<f32> = forced
+            .iter()
+            .map(|t| if t.is_some() { 0.0 } else { 1e4 })
+            .collect();
+        margins.push(((own - rival)? + Tensor::new(skip.as_slice(), &dev)?)?);
+    }
+    let log_odds = Tensor::stack(&margins, 1)?.min(1)?;
+    Ok(Some(side_loss(&log_odds, refuse, boundary)?))
+}
+
+/// `-(1/m) * sum_i ln sigmoid(s_i (z_i + delta))`, `s_i = +1` for a prompt that should refuse
+/// and `-1` otherwise, with `delta = ln((1 - q_b) / q_b)`.
+fn side_loss(log_odds: &Tensor, refuse: &[bool], boundary: f64) -> Result<Tensor> {
     let delta = ((1.0 - boundary) / boundary).ln();
-    // z for a harmful prompt, -z for a harmless one: the log-odds of the right side.
     let sign: Vec<f32> = refuse.iter().map(|&h| if h { 1.0 } else { -1.0 }).collect();
-    let right = ((log_odds + delta)? * Tensor::new(sign.as_slice(), dev)?)?;
+    let right = ((log_odds + delta)? * Tensor::new(sign.as_slice(), log_odds.device())?)?;
     // -ln sigmoid(x) = softplus(-x) = relu(-x) + ln(1 + e^{-|x|}), stable for any x.
     let loss = (right.neg()?.relu()? + (right.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
-    Ok(Some(loss.mean_all()?))
+    Ok(loss.mean_all()?)
 }
 
 #[cfg(test)]
@@ -225,6 +285,87 @@ mod tests {
                 "{against}, logit {i}: {fd} vs {}",
                 g[i]
             );
+        }
+    }
+
+    #[test]
+    fn opening_takes_the_least_margin_over_the_forced_tokens() {
+        // R = {0}. Example 0 (harmful): first position 0.5 against 0.2, then its forced token 2
+        // at 0.4 against 0.3: z = ln(4/3). Example 1 (harmless): 0.6 against 0.2, then forced
+        // token 1 at 0.2 against 0.5: z = ln(0.4), so greedy decoding leaves the opening.
+        let step0 = rows(&[[0.5, 0.2, 0.2, 0.1], [0.6, 0.1, 0.2, 0.1]]);
+        let step1 = rows(&[[0.1, 0.3, 0.4, 0.2], [0.1, 0.2, 0.5, 0.2]]);
+        let loss = |second: Vec<Option<u32>>| {
+            opening_loss(
+                &[step0.clone(), step1.clone()],
+                &[vec![None, None], second],
+                &[true, false],
+                &[0],
+                0.5,
+            )
+            .unwrap()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64
+        };
+        let want = (-(4.0f64 / 7.0).ln() + 1.4f64.ln()) / 2.0;
+        let got = loss(vec![Some(2), Some(1)]);
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+        // Unforced, the harmless example's second position does not count: z = ln 3.
+        let want = (-(4.0f64 / 7.0).ln() + 4.0f64.ln()) / 2.0;
+        let got = loss(vec![Some(2), None]);
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+        // One position is the top-token rule.
+        let top = decision_loss_at(&step0, &[true, false], &[0], 0.5, Against::Top)
+            .unwrap()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        let want = (-(2.5f64 / 3.5).ln() + 4.0f64.ln()) / 2.0;
+        assert!((top - want).abs() < 1e-5, "{top} vs {want}");
+    }
+
+    #[test]
+    fn opening_gradient_matches_finite_differences() {
+        let base = [
+            0.3f64, -1.2, 0.5, 2.0, -0.7, 0.1, 1.1, -0.4, 0.9, 0.2, -0.3, 0.6, -1.0, 1.4, 0.0, 0.35,
+        ];
+        let loss = |x: &Tensor| -> Tensor {
+            let lp = safegeo_runtime::log_softmax_last(x).unwrap();
+            let steps = [lp.narrow(0, 0, 2).unwrap(), lp.narrow(0, 2, 2).unwrap()];
+            opening_loss(
+                &steps,
+                &[vec![None, None], vec![Some(0), Some(1)]],
+                &[true, false],
+                &[3],
+                0.3,
+            )
+            .unwrap()
+            .unwrap()
+        };
+        let v = Var::from_vec(base.to_vec(), (4, 4), &Device::Cpu).unwrap();
+        let logits = v.as_tensor().to_dtype(DType::F32).unwrap();
+        let grads = loss(&logits).backward().unwrap();
+        let g: Vec<f64> = grads
+            .get(v.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let value = |x: &[f64]| {
+            let t = Tensor::from_vec(x.to_vec(), (4, 4), &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            loss(&t).to_scalar::<f32>().unwrap() as f64
+        };
+        for i in 0..base.len() {
+            let (mut up, mut down) = (base, base);
+            up[i] += 1e-3;
+            down[i] -= 1e-3;
+            let fd = (value(&up) - value(&down)) / 2e-3;
+            assert!((fd - g[i]).abs() < 1e-3, "logit {i}: {fd} vs {}", g[i]);
         }
     }
 

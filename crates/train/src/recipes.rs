@@ -4,7 +4,7 @@
 //! seeded by `(seed, epoch)`, so the batch of any step is known without replaying the run.
 use crate::data::Example;
 use crate::decision;
-use crate::trainer::{target_rows, MicroLoss, Recipe};
+use crate::trainer::{target_rows, MicroLoss, Recipe, TargetRows};
 use crate::{Error, Result};
 use candle_core::Tensor;
 use rand::seq::SliceRandom;
@@ -24,6 +24,8 @@ pub struct ExampleRecipe {
     decision_boundary: f64,
     /// What the refusal side is weighed against (the rest of the mass by default).
     decision_against: decision::Against,
+    /// Refusal-opening tokens the top-token decision reads (1: the first only).
+    decision_opening: usize,
     refusal_ids: Vec<u32>,
     /// Prompts trained on the decision only: harmful (refuse) and harmless, each drawn in its
     /// own seeded epoch order.
@@ -91,6 +93,7 @@ impl ExampleRecipe {
             decision_weight: 0.0,
             decision_boundary: 0.5,
             decision_against: decision::Against::Rest,
+            decision_opening: 1,
             refusal_ids: Vec::new(),
             decision_pos: Vec::new(),
             decision_neg: Vec::new(),
@@ -111,16 +114,54 @@ impl ExampleRecipe {
         Ok(self)
     }
 
-    /// `L_decision` over the log-probabilities `first` at the reply positions, and its weighted
-    /// tensor for the loss; `None` without examples.
-    fn decision_term(&self, first: &Tensor, refuse: &[bool]) -> Result<Option<(f64, Tensor)>> {
-        let d = decision::decision_loss_at(
-            first,
-            refuse,
-            &self.refusal_ids,
-            self.decision_boundary,
-            self.decision_against,
-        )?;
+    /// `L_decision` over `picks` of `rows`: each example's first target row, whether it should
+    /// refuse, and how many of its targets are a refusal opening to force (the top-token rule
+    /// reads up to `decision_opening` of them). The loss and its weighted tensor; `None` without
+    /// examples.
+    fn decision_term(
+        &self,
+        rows: &TargetRows,
+        picks: &[(usize, bool, usize)],
+    ) -> Result<Option<(f64, Tensor)>> {
+        if picks.is_empty() {
+            return Ok(None);
+        }
+        let refuse: Vec<bool> = picks.iter().map(|p| p.1).collect();
+        let first: Vec<u32> = picks.iter().map(|p| p.0 as u32).collect();
+        let d = if self.decision_against == decision::Against::Top && self.decision_opening > 1 {
+            let mut steps = Vec::new();
+            let mut tokens = Vec::new();
+            for j in 0..self.decision_opening {
+                let forced: Vec<Option<u32>> = picks
+                    .iter()
+                    .map(|&(row, _, n)| (j > 0 && j < n).then(|| rows.labels[row + j]))
+                    .collect();
+                if j > 0 && forced.iter().all(Option::is_none) {
+                    break;
+                }
+                let at: Vec<u32> = picks
+                    .iter()
+                    .map(|&(row, _, n)| (if j < n { row + j } else { row }) as u32)
+                    .collect();
+                steps.push(rows.log_probs_at(&at)?);
+                tokens.push(forced);
+            }
+            decision::opening_loss(
+                &steps,
+                &tokens,
+                &refuse,
+                &self.refusal_ids,
+                self.decision_boundary,
+            )?
+        } else {
+            decision::decision_loss_at(
+                &rows.log_probs_at(&first)?,
+                &refuse,
+                &self.refusal_ids,
+                self.decision_boundary,
+                self.decision_against,
+            )?
+        };
         d.map(|d| Ok((d.to_scalar::<f32>()? as f64, (d * self.decision_weight)?)))
             .transpose()
     }
@@ -130,13 +171,26 @@ impl ExampleRecipe {
     /// ([`decision::decision_loss_at`]): below 1/2, borderline prompts end under greedy
     /// decoding's refusal threshold.
     pub fn with_decision_rule(mut self, boundary: f64, against: decision::Against) -> Result<Self> {
+        self.decision_against = against;
         if !(boundary > 0.0 && boundary < 1.0) {
             return Err(Error::Invalid(format!(
                 "decision boundary {boundary}: use a refusal mass strictly between 0 and 1"
             )));
         }
         self.decision_boundary = boundary;
-        self.decision_against = against;
+        Ok(self)
+    }
+
+    /// Reads the top-token decision over the first `tokens` tokens of each refusal opening
+    /// ([`decision::opening_loss`]): a harmful example's own refusal, and for decision-only
+    /// prompts the opening their targets hold. Needs the top-token rule when `tokens > 1`.
+    pub fn with_decision_opening(mut self, tokens: usize) -> Result<Self> {
+        if tokens == 0 || (tokens > 1 && self.decision_against != decision::Against::Top) {
+            return Err(Error::Invalid(format!(
+                "decision opening of {tokens} tokens: use 1, or more with the top-token rule"
+            )));
+        }
+        self.decision_opening = tokens;
         Ok(self)
     }
 
@@ -247,19 +301,19 @@ impl Recipe for ExampleRecipe {
         parts.insert("harmful_share".into(), harmful as f64 / batch.len() as f64);
         if self.decision_weight > 0.0 {
             parts.insert("ce".into(), loss.to_scalar::<f32>()? as f64);
-            let (at, refuse): (Vec<u32>, Vec<bool>) = batch
+            // A harmful example forces its own refusal's opening; a helpful reply forces nothing
+            // past the first position (it does not open with a refusal).
+            let picks: Vec<(usize, bool, usize)> = batch
                 .iter()
                 .zip(&rows.first)
                 .filter_map(|(e, &row)| {
-                    decision::side(e, &self.refusal_ids).map(|h| (row as u32, h))
+                    decision::side(e, &self.refusal_ids)
+                        .map(|h| (row, h, if h { e.n_targets() } else { 1 }))
                 })
-                .unzip();
-            if !at.is_empty() {
-                let first = rows.log_probs_at(&at)?;
-                if let Some((d, weighted)) = self.decision_term(&first, &refuse)? {
-                    parts.insert("decision".into(), d);
-                    loss = (loss + weighted)?;
-                }
+                .collect();
+            if let Some((d, weighted)) = self.decision_term(&rows, &picks)? {
+                parts.insert("decision".into(), d);
+                loss = (loss + weighted)?;
             }
         }
         let mut tokens = rows.tokens;
@@ -271,10 +325,13 @@ impl Recipe for ExampleRecipe {
                 .chain(neg.iter().map(|&i| &self.decision_neg[i]))
                 .collect();
             let rows = target_rows(model, &batch)?;
-            let at: Vec<u32> = rows.first.iter().map(|&r| r as u32).collect();
-            let first = rows.log_probs_at(&at)?;
-            let refuse: Vec<bool> = (0..at.len()).map(|i| i < pos.len()).collect();
-            if let Some((d, weighted)) = self.decision_term(&first, &refuse)? {
+            let picks: Vec<(usize, bool, usize)> = batch
+                .iter()
+                .zip(&rows.first)
+                .enumerate()
+                .map(|(i, (e, &row))| (row, i < pos.len(), e.n_targets()))
+                .collect();
+            if let Some((d, weighted)) = self.decision_term(&rows, &picks)? {
                 parts.insert("decision_only".into(), d);
                 loss = (loss + weighted)?;
             }

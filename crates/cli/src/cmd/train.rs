@@ -124,6 +124,13 @@ pub struct TrainArgs {
     /// greedy decoding refuses prompts whose q is well under 1/2).
     #[arg(long, default_value = "rest")]
     pub decision_against: safegeo_train::decision::Against,
+    /// With --decision-against top: read the decision over the first K tokens of the refusal
+    /// (teacher-forced; the least margin counts), so a prompt counts as refused only when greedy
+    /// decoding would write the whole opening ("I'm sorry"), not just its first token ("I",
+    /// which opens "I'm here to help" too). Decision-only prompts are forced through the opening
+    /// of the first refusal of --strategy.
+    #[arg(long, default_value_t = 1)]
+    pub decision_opening: usize,
     /// Longest self-distilled reply, in tokens.
     #[arg(long, default_value_t = 64)]
     pub utility_tokens: usize,
@@ -250,6 +257,14 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
             a.decision_boundary
         ));
     }
+    if a.decision_opening == 0
+        || (a.decision_opening > 1 && a.decision_against != safegeo_train::decision::Against::Top)
+    {
+        return Err(common::invalid!(
+            "--decision-opening {}: use 1, or more with --decision-against top",
+            a.decision_opening
+        ));
+    }
     if a.n_decision_negatives > 0 && a.decision_weight <= 0.0 {
         return Err(common::invalid!(
             "--n-decision-negatives {} trains the refusal decision only: add --decision-weight \
@@ -308,6 +323,9 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
     }
     if a.decision_against != safegeo_train::decision::Against::Rest {
         config["decision_against"] = a.decision_against.to_string().into();
+    }
+    if a.decision_opening != 1 {
+        config["decision_opening"] = a.decision_opening.into();
     }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     common::check_or_write_config(&a.out, &config)?;
@@ -400,14 +418,20 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
         .collect();
     let refusal_ids =
         safegeo_data::judges::refusal_score::refusal_token_ids(&model.tok, &openings)?;
-    // A decision prompt needs only its reply position: the prompt plus one placeholder target.
-    let placeholder = model.tok.encode(" ", false)?;
+    // A decision prompt needs only its reply position: the prompt plus one placeholder target,
+    // or the refusal opening its decision is read over.
+    let decision_target = if a.decision_opening > 1 {
+        let opening = model.tok.encode(data::refusals(strategy)[0], false)?;
+        opening[..a.decision_opening.min(opening.len())].to_vec()
+    } else {
+        model.tok.encode(" ", false)?
+    };
     let decision_examples = |prompts: &[String], kind: &str| {
         prompts
             .iter()
             .map(|p| {
                 let prompt = model.tok.encode_chat(&data::messages(system, p), false)?;
-                Ok(data::Example::reply(prompt, placeholder.clone(), kind))
+                Ok(data::Example::reply(prompt, decision_target.clone(), kind))
             })
             .collect::<Result<Vec<_>>>()
     };
@@ -420,6 +444,7 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
     let sft = ExampleRecipe::new(name, examples, a.batch_size, a.grad_accum, a.seed)?
         .with_decision(a.decision_weight, refusal_ids)?
         .with_decision_rule(a.decision_boundary, a.decision_against)?
+        .with_decision_opening(a.decision_opening)?
         .with_decision_only(
             decision_pos,
             decision_neg,
