@@ -95,11 +95,13 @@ pub struct EvalArgs {
 /// `--ablate` / `--add`: interventions active while the model runs (evaluation or attack).
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct InterventionArgs {
-    /// Ablate a carrier while the model runs: DIR (the selected carrier in DIR/selection.json)
-    /// or DIR:LAYER:POS, DIR being a `safegeo carriers` folder.
+    /// Ablate a carrier while the model runs: DIR (the selected carrier in DIR/selection.json,
+    /// orthogonalized if `select --orth` chose it) or DIR:LAYER:POS (DIR:LAYER:POS:orth for the
+    /// orthogonalized one), DIR being a `safegeo carriers` folder.
     #[arg(long)]
     pub ablate: Option<String>,
-    /// Add a carrier at its layer while the model runs: DIR:COEF or DIR:LAYER:POS:COEF.
+    /// Add a carrier at its layer while the model runs: DIR:COEF or DIR:LAYER:POS:COEF
+    /// (DIR:LAYER:POS:orth:COEF for an orthogonalized one).
     #[arg(long, allow_hyphen_values = true)]
     pub add: Option<String>,
 }
@@ -154,49 +156,63 @@ fn judges(a: &EvalArgs) -> Result<Vec<Box<dyn Judge>>> {
     Ok(out)
 }
 
-/// A carrier chosen on the command line: `DIR` (selected) or `DIR:LAYER:POS`.
+/// A carrier chosen on the command line: `DIR` (the one selected in DIR/selection.json, of the
+/// family it was selected from: plain or orthogonalized by `select --orth`) or `DIR:LAYER:POS`
+/// (plain), `DIR:LAYER:POS:orth` (orthogonalized). An orthogonalized carrier comes at the plain
+/// carrier's scale along its own direction, as `select` adds it.
 pub fn carrier(spec: &str) -> Result<(Vec<f64>, usize, usize, String)> {
     let parts: Vec<&str> = spec.split(':').collect();
     let dir = PathBuf::from(parts[0]);
-    let (layer, pos) = match parts.len() {
+    let (layer, pos, orth) = match parts.len() {
         1 => {
             let text = std::fs::read_to_string(dir.join("selection.json")).with_context(|| {
                 format!("{}: no selection.json\n  fix: run `safegeo select {}` or name the carrier as DIR:LAYER:POS", dir.display(), dir.display())
             })?;
             let sel: serde_json::Value = serde_json::from_str(&text)?;
             let s = &sel["result"]["selected"];
+            let orth = sel["result"]["direction"].as_str() == Some("refusal_orth");
             match (s["layer"].as_u64(), s["pos"].as_u64()) {
-                (Some(l), Some(p)) => (l as usize, p as usize),
+                (Some(l), Some(p)) => (l as usize, p as usize, orth),
                 _ => bail!(
                     "{}: no admissible carrier was selected\n  fix: name one as DIR:LAYER:POS",
                     dir.display()
                 ),
             }
         }
-        3 => (
+        3 | 4 => (
             parts[1].parse().context("LAYER must be a number")?,
             parts[2].parse().context("POS must be a number")?,
+            match parts.get(3) {
+                None => false,
+                Some(&"orth") => true,
+                Some(other) => bail!("carrier `{spec}`: `{other}` is not a family; use DIR:LAYER:POS or DIR:LAYER:POS:orth"),
+            },
         ),
-        _ => bail!("carrier `{spec}`: use DIR or DIR:LAYER:POS"),
+        _ => bail!("carrier `{spec}`: use DIR, DIR:LAYER:POS or DIR:LAYER:POS:orth"),
     };
     let c = safegeo_geometry::store::load(&dir.join("carriers.safetensors"))?;
-    let r = c
-        .refusal
+    let family = if orth {
+        c.refusal_orth_at_scale()
+    } else {
+        c.refusal
+    };
+    let r = family
         .get(layer)
         .and_then(|l| l.get(pos))
         .with_context(|| {
             format!(
                 "no carrier at layer {layer} position {pos} in {} (it has {} layers x {} positions)\n  fix: pick LAYER and POS in range (positions are named in carriers.json)",
                 dir.display(),
-                c.n_layer(),
-                c.n_pos()
+                family.len(),
+                family[0].len()
             )
         })?;
+    let suffix = if orth { ":orth" } else { "" };
     Ok((
         r.clone(),
         layer,
         pos,
-        format!("{}:{layer}:{pos}", dir.display()),
+        format!("{}:{layer}:{pos}{suffix}", dir.display()),
     ))
 }
 
@@ -359,4 +375,40 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
     }
     println!("results in {}", a.out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safegeo_geometry::carriers::Carriers;
+
+    #[test]
+    fn a_selected_carrier_comes_from_the_family_it_was_selected_from() {
+        let dir = tempfile::tempdir().unwrap();
+        // One layer, two positions, width 2. Position 1: r = (3, 4), orthogonalized direction
+        // u = (0, 1), so at the plain carrier's scale (r . u) u = (0, 4).
+        let c = Carriers {
+            refusal: vec![vec![vec![1.0, 0.0], vec![3.0, 4.0]]],
+            refusal_orth: vec![vec![vec![1.0, 0.0], vec![0.0, 1.0]]],
+            mean_harmful: vec![vec![vec![0.0; 2]; 2]],
+            mean_harmless: vec![vec![vec![0.0; 2]; 2]],
+        };
+        safegeo_geometry::store::save(&c, &dir.path().join("carriers.safetensors")).unwrap();
+        let d = dir.path().display().to_string();
+        let select = |direction: &str| {
+            let sel = serde_json::json!({"result": {"selected": {"layer": 0, "pos": 1}, "direction": direction}});
+            std::fs::write(dir.path().join("selection.json"), sel.to_string()).unwrap();
+            carrier(&d).unwrap()
+        };
+        let (r, layer, pos, name) = select("refusal_orth");
+        assert_eq!((r, layer, pos), (vec![0.0, 4.0], 0, 1));
+        assert!(name.ends_with(":0:1:orth"), "{name}");
+        assert_eq!(select("refusal").0, vec![3.0, 4.0]);
+        assert_eq!(carrier(&format!("{d}:0:1")).unwrap().0, vec![3.0, 4.0]);
+        assert_eq!(carrier(&format!("{d}:0:1:orth")).unwrap().0, vec![0.0, 4.0]);
+        let err = carrier(&format!("{d}:0:1:ortho")).unwrap_err().to_string();
+        assert!(err.contains("not a family"), "{err}");
+        let err = format!("{:#}", carrier(&format!("{d}:3:0")).unwrap_err());
+        assert!(err.contains("1 layers x 2 positions"), "{err}");
+    }
 }

@@ -589,7 +589,8 @@ pub fn drift(a: DriftArgs) -> Result<()> {
 pub struct AbliterateArgs {
     /// A folder written by `safegeo carriers` (and `safegeo select`).
     pub dir: PathBuf,
-    /// The carrier as LAYER:POS [default: the one selected in DIR/selection.json].
+    /// The carrier as LAYER:POS, or LAYER:POS:orth for an orthogonalized one [default: the one
+    /// selected in DIR/selection.json, of the family it was selected from].
     #[arg(long)]
     pub carrier: Option<String>,
     /// Model [default: the one recorded in DIR/carriers.json].
@@ -621,7 +622,8 @@ pub fn abliterate(a: AbliterateArgs) -> Result<()> {
 pub struct SweepArgs {
     /// A folder written by `safegeo carriers` (and `safegeo select`).
     pub dir: PathBuf,
-    /// The carrier as LAYER:POS [default: the one selected in DIR/selection.json].
+    /// The carrier as LAYER:POS, or LAYER:POS:orth for an orthogonalized one [default: the one
+    /// selected in DIR/selection.json, of the family it was selected from].
     #[arg(long)]
     pub carrier: Option<String>,
     /// Coefficients in units of the carrier (controls: of the refusal carrier's norm).

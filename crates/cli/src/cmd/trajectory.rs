@@ -83,6 +83,11 @@ pub struct TrajectoryArgs {
     /// Select among carriers at every position instead of t_post only (~6x slower).
     #[arg(long)]
     pub all_positions: bool,
+    /// Select among the orthogonalized carriers (heretic: `r - (r.g) g`, `g` the harmless
+    /// mean's direction; `select --orth`). On safety-trained checkpoints of the default model
+    /// their ablation costs far less KL than the plain ones'.
+    #[arg(long)]
+    pub orth: bool,
     /// Maximum KL for admissibility.
     #[arg(long, default_value_t = 0.1)]
     pub kl_max: f64,
@@ -320,6 +325,9 @@ fn measure(a: &TrajectoryArgs, anchor: &Anchor, dir: &Path) -> Result<()> {
         ];
         if !a.all_positions {
             v.extend(["--positions".into(), (n_pos - 1).to_string()]);
+        }
+        if a.orth {
+            v.push("--orth".into());
         }
         v.extend(data_argv(a));
         crate::cmd::geometry::run_select(common::args_of(&v)?)?;
