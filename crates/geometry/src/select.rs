@@ -98,7 +98,7 @@ pub struct Candidate {
     /// Mean KL on harmless prompts under ablation.
     pub kl: f64,
     /// The last stage measured: `prescreen` (bypass and KL), `screen` or `full`; `zero` for a
-    /// zero carrier, never measured.
+    /// zero carrier and `cutoff` for one at or above the layer cut-off, never measured.
     pub stage: &'static str,
     /// Passed every test.
     pub admissible: bool,
@@ -446,6 +446,18 @@ pub fn select(
             "every carrier is zero: the harmful and harmless activations are identical".into(),
         ));
     }
+    // A candidate at or above the layer cut-off cannot be selected: it is listed, never measured,
+    // so the screen and the finalists go to candidates that can.
+    let (above, all): (Vec<_>, Vec<_>) = all
+        .into_iter()
+        .partition(|&(l, _)| (l as f64) >= cfg.layer_cutoff * n_layer as f64);
+    if all.is_empty() {
+        return Err(crate::Error::Invalid(format!(
+            "layer cut-off {}: no candidate lies below layer {:.1} of {n_layer}; raise the cut-off",
+            cfg.layer_cutoff,
+            cfg.layer_cutoff * n_layer as f64
+        )));
+    }
     let prescreen = cfg.prescreen_prompts > 0 && cfg.screen_keep < all.len();
     let n_screen = if prescreen {
         cfg.screen_keep
@@ -541,16 +553,18 @@ pub fn select(
     run.measure(
         "full", &mut cands, &finalists, harmful, harmless, &base, &mut step,
     )?;
-    cands.extend(zero.into_iter().map(|(layer, pos)| Candidate {
+    let unmeasured = |(layer, pos), stage, failed| Candidate {
         layer,
         pos,
         bypass: f64::NAN,
         induce: f64::NAN,
         kl: f64::NAN,
-        stage: "zero",
+        stage,
         admissible: false,
-        failed: vec!["zero"],
-    }));
+        failed: vec![failed],
+    };
+    cands.extend(zero.into_iter().map(|c| unmeasured(c, "zero", "zero")));
+    cands.extend(above.into_iter().map(|c| unmeasured(c, "cutoff", "layer")));
     cands.sort_by_key(|c| (c.layer, c.pos));
     let best = (0..cands.len())
         .filter(|&i| cands[i].admissible)

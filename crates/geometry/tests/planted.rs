@@ -314,3 +314,69 @@ fn bypass_is_skipped_for_candidates_that_failed_a_test_unless_asked_for() {
         assert_eq!((a.induce, a.kl, &a.failed), (c.induce, c.kl, &c.failed));
     }
 }
+
+#[test]
+fn candidates_at_or_above_the_layer_cutoff_are_listed_but_never_measured() {
+    let u = unit_u(16);
+    let m = planted_model(&u, 30.0);
+    let h = capture(&m, &prompts(2, 12, 16), 0, 8, &mut |_| {}).unwrap();
+    let l = capture(&m, &prompts(20, 44, 16), 0, 8, &mut |_| {}).unwrap();
+    let carriers = difference_of_means(&h, &l, None, None).refusal;
+    let n_layer = carriers.len();
+    assert!(n_layer > 1);
+    // Only layer 0 lies below the cut-off.
+    let cfg = SelectConfig {
+        kl_max: 50.0,
+        finalists: 2,
+        screen_prompts: 4,
+        prescreen_prompts: 0,
+        random_directions: 0,
+        positions: None,
+        layer_cutoff: 1.0 / n_layer as f64,
+        ..Default::default()
+    };
+    let (val_h, val_l) = (prompts(2, 12, 4), prompts(20, 44, 4));
+    let dir = tempfile::tempdir().unwrap();
+    let mut journal = Journal::open(&dir.path().join("j.jsonl"), &"cutoff").unwrap();
+    let (cands, best, _) = select(
+        &m,
+        &carriers,
+        &val_h,
+        &val_l,
+        &[REFUSAL_TOKEN],
+        &cfg,
+        Some(&mut journal),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(cands.len(), carriers.iter().map(Vec::len).sum::<usize>());
+    for c in cands.iter().filter(|c| c.layer > 0) {
+        assert_eq!((c.stage, c.failed.clone()), ("cutoff", vec!["layer"]));
+        assert!(c.bypass.is_nan() && c.kl.is_nan() && !c.admissible);
+    }
+    assert!(cands.iter().any(|c| c.layer == 0 && c.stage == "full"));
+    let text = std::fs::read_to_string(dir.path().join("j.jsonl")).unwrap();
+    assert!(!text.contains("/1/"), "{text}");
+    if let Some(b) = best {
+        assert_eq!(cands[b].layer, 0);
+    }
+    // A cut-off that leaves nothing is an error that says what to change.
+    let none = SelectConfig {
+        layer_cutoff: 0.0,
+        ..cfg
+    };
+    let Err(err) = select(
+        &m,
+        &carriers,
+        &val_h,
+        &val_l,
+        &[REFUSAL_TOKEN],
+        &none,
+        None,
+        &mut |_, _| {},
+    ) else {
+        panic!("a cut-off of 0 leaves no candidate")
+    };
+    let err = err.to_string();
+    assert!(err.contains("raise the cut-off"), "{err}");
+}

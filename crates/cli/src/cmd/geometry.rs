@@ -473,8 +473,8 @@ pub fn run_select(a: SelectArgs) -> Result<()> {
         None => serde_json::json!({
             "selected": null,
             "reason": format!(
-                "no admissible carrier among {} fully measured candidates: induce <= 0 for {}, KL > {} for {} (lowest {:.3}; ablating a random direction: {}), NaN for {}, above the layer cut-off for {} (baseline refusal score on harmful prompts {:.3}; a model that does not refuse has no refusal carrier to find)",
-                full.len(), count("induce"), a.kl_max, count("kl"), lowest_kl, random_kl, count("nan"), count("layer"), base.harmful_score
+                "no admissible carrier among {} fully measured candidates: induce <= 0 for {}, KL > {} for {} (lowest {:.3}; ablating a random direction: {}), NaN for {}; {} candidates at or above the layer cut-off left out (baseline refusal score on harmful prompts {:.3}; a model that does not refuse has no refusal carrier to find)",
+                full.len(), count("induce"), a.kl_max, count("kl"), lowest_kl, random_kl, count("nan"), cands.iter().filter(|k| k.stage == "cutoff").count(), base.harmful_score
             ),
         }),
     };
