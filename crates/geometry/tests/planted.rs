@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use safegeo_data::jsonl::Journal;
 use safegeo_geometry::carriers::{capture, difference_of_means};
 use safegeo_geometry::linalg::cosine;
-use safegeo_geometry::select::{select, SelectConfig};
+use safegeo_geometry::select::{select, Candidate, SelectConfig};
 use safegeo_runtime::testing::tiny_model;
 use safegeo_runtime::{Arch, Linear, Model};
 
@@ -44,6 +44,54 @@ fn prompts(lo: u32, hi: u32, n: usize) -> Vec<Vec<u32>> {
                 .collect()
         })
         .collect()
+}
+
+/// The planted model (strength 30) and its refusal carriers from 16 + 16 prompts.
+fn planted_carriers() -> (Model, Vec<Vec<Vec<f64>>>) {
+    let m = planted_model(&unit_u(16), 30.0);
+    let h = capture(&m, &prompts(2, 12, 16), 0, 8, &mut |_| {}).unwrap();
+    let l = capture(&m, &prompts(20, 44, 16), 0, 8, &mut |_| {}).unwrap();
+    let carriers = difference_of_means(&h, &l, None, None).refusal;
+    (m, carriers)
+}
+
+/// A selection that any plant passes (KL up to 50), screening every candidate on 4 prompts and
+/// re-measuring 2.
+fn loose_select() -> SelectConfig {
+    SelectConfig {
+        kl_max: 50.0,
+        finalists: 2,
+        screen_prompts: 4,
+        prescreen_prompts: 0,
+        random_directions: 0,
+        positions: None,
+        ..Default::default()
+    }
+}
+
+/// `select` on 4 + 4 validation prompts with a journal: candidates, the selected one, and the
+/// journal's text.
+fn journaled_select(
+    m: &Model,
+    carriers: &[Vec<Vec<f64>>],
+    cfg: &SelectConfig,
+) -> (Vec<Candidate>, Option<usize>, String) {
+    let (val_h, val_l) = (prompts(2, 12, 4), prompts(20, 44, 4));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.jsonl");
+    let mut journal = Journal::open(&path, &"planted").unwrap();
+    let (cands, best, _) = select(
+        m,
+        carriers,
+        &val_h,
+        &val_l,
+        &[REFUSAL_TOKEN],
+        cfg,
+        Some(&mut journal),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    (cands, best, std::fs::read_to_string(&path).unwrap())
 }
 
 #[test]
@@ -168,44 +216,18 @@ fn selection_picks_a_carrier_along_the_plant_whose_ablation_removes_refusal() {
 
 #[test]
 fn a_zero_carrier_is_listed_but_never_measured() {
-    let u = unit_u(16);
-    let m = planted_model(&u, 30.0);
-    let h = capture(&m, &prompts(2, 12, 16), 0, 8, &mut |_| {}).unwrap();
-    let l = capture(&m, &prompts(20, 44, 16), 0, 8, &mut |_| {}).unwrap();
-    let mut carriers = difference_of_means(&h, &l, None, None).refusal;
+    let (m, mut carriers) = planted_carriers();
     let d = carriers[0][0].len();
     carriers[0].push(vec![0.0; d]); // layer 0 gains a zero candidate at a new position
     let zero_pos = carriers[0].len() - 1;
-    let cfg = SelectConfig {
-        kl_max: 50.0,
-        finalists: 2,
-        screen_prompts: 4,
-        prescreen_prompts: 0,
-        random_directions: 0,
-        positions: None,
-        ..Default::default()
-    };
-    let (val_h, val_l) = (prompts(2, 12, 4), prompts(20, 44, 4));
-    let dir = tempfile::tempdir().unwrap();
-    let mut journal = Journal::open(&dir.path().join("j.jsonl"), &"zero").unwrap();
-    let (cands, best, _) = select(
-        &m,
-        &carriers,
-        &val_h,
-        &val_l,
-        &[REFUSAL_TOKEN],
-        &cfg,
-        Some(&mut journal),
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let cfg = loose_select();
+    let (cands, best, text) = journaled_select(&m, &carriers, &cfg);
     let z = cands
         .iter()
         .find(|c| c.layer == 0 && c.pos == zero_pos)
         .expect("the zero candidate is listed");
     assert_eq!((z.stage, z.failed.clone()), ("zero", vec!["zero"]));
     assert!(z.bypass.is_nan() && z.kl.is_nan() && !z.admissible);
-    let text = std::fs::read_to_string(dir.path().join("j.jsonl")).unwrap();
     assert!(!text.contains(&format!("/0/{zero_pos}\"")), "{text}");
     // The listing stays in (layer, pos) order, and `best` still points at an admissible one.
     assert!(cands
@@ -217,11 +239,7 @@ fn a_zero_carrier_is_listed_but_never_measured() {
 #[test]
 fn candidates_measured_together_equal_candidates_measured_alone() {
     use safegeo_geometry::select::{ablation_kls, baseline, bypass, induce};
-    let u = unit_u(16);
-    let m = planted_model(&u, 30.0);
-    let h = capture(&m, &prompts(2, 12, 16), 0, 8, &mut |_| {}).unwrap();
-    let l = capture(&m, &prompts(20, 44, 16), 0, 8, &mut |_| {}).unwrap();
-    let c = difference_of_means(&h, &l, None, None).refusal;
+    let (m, c) = planted_carriers();
     // Lengths 4 to 8 in mixed order, so the prompts are regrouped by length and put back.
     let ragged = |mut ps: Vec<Vec<u32>>| {
         for (i, p) in ps.iter_mut().enumerate() {
@@ -267,11 +285,7 @@ fn candidates_measured_together_equal_candidates_measured_alone() {
 
 #[test]
 fn bypass_is_skipped_for_candidates_that_failed_a_test_unless_asked_for() {
-    let u = unit_u(16);
-    let m = planted_model(&u, 30.0);
-    let h = capture(&m, &prompts(2, 12, 16), 0, 8, &mut |_| {}).unwrap();
-    let l = capture(&m, &prompts(20, 44, 16), 0, 8, &mut |_| {}).unwrap();
-    let carriers = difference_of_means(&h, &l, None, None).refusal;
+    let (m, carriers) = planted_carriers();
     let (val_h, val_l) = (prompts(2, 12, 4), prompts(20, 44, 4));
     let run = |cfg: &SelectConfig| {
         select(
@@ -317,45 +331,21 @@ fn bypass_is_skipped_for_candidates_that_failed_a_test_unless_asked_for() {
 
 #[test]
 fn candidates_at_or_above_the_layer_cutoff_are_listed_but_never_measured() {
-    let u = unit_u(16);
-    let m = planted_model(&u, 30.0);
-    let h = capture(&m, &prompts(2, 12, 16), 0, 8, &mut |_| {}).unwrap();
-    let l = capture(&m, &prompts(20, 44, 16), 0, 8, &mut |_| {}).unwrap();
-    let carriers = difference_of_means(&h, &l, None, None).refusal;
+    let (m, carriers) = planted_carriers();
     let n_layer = carriers.len();
     assert!(n_layer > 1);
     // Only layer 0 lies below the cut-off.
     let cfg = SelectConfig {
-        kl_max: 50.0,
-        finalists: 2,
-        screen_prompts: 4,
-        prescreen_prompts: 0,
-        random_directions: 0,
-        positions: None,
         layer_cutoff: 1.0 / n_layer as f64,
-        ..Default::default()
+        ..loose_select()
     };
-    let (val_h, val_l) = (prompts(2, 12, 4), prompts(20, 44, 4));
-    let dir = tempfile::tempdir().unwrap();
-    let mut journal = Journal::open(&dir.path().join("j.jsonl"), &"cutoff").unwrap();
-    let (cands, best, _) = select(
-        &m,
-        &carriers,
-        &val_h,
-        &val_l,
-        &[REFUSAL_TOKEN],
-        &cfg,
-        Some(&mut journal),
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let (cands, best, text) = journaled_select(&m, &carriers, &cfg);
     assert_eq!(cands.len(), carriers.iter().map(Vec::len).sum::<usize>());
     for c in cands.iter().filter(|c| c.layer > 0) {
         assert_eq!((c.stage, c.failed.clone()), ("cutoff", vec!["layer"]));
         assert!(c.bypass.is_nan() && c.kl.is_nan() && !c.admissible);
     }
     assert!(cands.iter().any(|c| c.layer == 0 && c.stage == "full"));
-    let text = std::fs::read_to_string(dir.path().join("j.jsonl")).unwrap();
     assert!(!text.contains("/1/"), "{text}");
     if let Some(b) = best {
         assert_eq!(cands[b].layer, 0);
@@ -365,6 +355,7 @@ fn candidates_at_or_above_the_layer_cutoff_are_listed_but_never_measured() {
         layer_cutoff: 0.0,
         ..cfg
     };
+    let (val_h, val_l) = (prompts(2, 12, 4), prompts(20, 44, 4));
     let Err(err) = select(
         &m,
         &carriers,

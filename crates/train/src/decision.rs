@@ -242,23 +242,10 @@ mod tests {
         assert!((loss(0.2) - want).abs() < 1e-5, "{} vs {want}", loss(0.2));
     }
 
-    #[test]
-    fn gradient_matches_finite_differences() {
-        for against in [Against::Rest, Against::Top] {
-            gradient_matches_finite_differences_for(against);
-        }
-    }
-
-    fn gradient_matches_finite_differences_for(against: Against) {
-        // No ties among the maxima, where the top-token loss has no derivative.
-        let base = [0.3f64, -1.2, 0.5, 2.0, -0.7, 0.1, 1.1, -0.4];
-        let loss = |x: &Tensor| -> Tensor {
-            let lp = safegeo_runtime::log_softmax_last(x).unwrap();
-            decision_loss_at(&lp, &[true, false], &[1, 3], 0.3, against)
-                .unwrap()
-                .unwrap()
-        };
-        let v = Var::from_vec(base.to_vec(), (2, 4), &Device::Cpu).unwrap();
+    /// The gradient of `loss` at the logits `base` (rows of 4) against central differences.
+    fn assert_gradient_matches_finite_differences(base: &[f64], loss: impl Fn(&Tensor) -> Tensor) {
+        let shape = (base.len() / 4, 4);
+        let v = Var::from_vec(base.to_vec(), shape, &Device::Cpu).unwrap();
         let logits = v.as_tensor().to_dtype(DType::F32).unwrap();
         let grads = loss(&logits).backward().unwrap();
         let g: Vec<f64> = grads
@@ -269,22 +256,32 @@ mod tests {
             .to_vec1()
             .unwrap();
         let value = |x: &[f64]| {
-            let t = Tensor::from_vec(x.to_vec(), (2, 4), &Device::Cpu)
+            let t = Tensor::from_vec(x.to_vec(), shape, &Device::Cpu)
                 .unwrap()
                 .to_dtype(DType::F32)
                 .unwrap();
             loss(&t).to_scalar::<f32>().unwrap() as f64
         };
         for i in 0..base.len() {
-            let (mut up, mut down) = (base, base);
+            let (mut up, mut down) = (base.to_vec(), base.to_vec());
             up[i] += 1e-3;
             down[i] -= 1e-3;
             let fd = (value(&up) - value(&down)) / 2e-3;
-            assert!(
-                (fd - g[i]).abs() < 1e-3,
-                "{against}, logit {i}: {fd} vs {}",
-                g[i]
-            );
+            assert!((fd - g[i]).abs() < 1e-3, "logit {i}: {fd} vs {}", g[i]);
+        }
+    }
+
+    #[test]
+    fn gradient_matches_finite_differences() {
+        // No ties among the maxima, where the top-token loss has no derivative.
+        let base = [0.3f64, -1.2, 0.5, 2.0, -0.7, 0.1, 1.1, -0.4];
+        for against in [Against::Rest, Against::Top] {
+            assert_gradient_matches_finite_differences(&base, |x| {
+                let lp = safegeo_runtime::log_softmax_last(x).unwrap();
+                decision_loss_at(&lp, &[true, false], &[1, 3], 0.3, against)
+                    .unwrap()
+                    .unwrap()
+            });
         }
     }
 
@@ -327,10 +324,11 @@ mod tests {
 
     #[test]
     fn opening_gradient_matches_finite_differences() {
+        // Example 0's least margin is at its forced second token, example 1's at the first.
         let base = [
             0.3f64, -1.2, 0.5, 2.0, -0.7, 0.1, 1.1, -0.4, 0.9, 0.2, -0.3, 0.6, -1.0, 1.4, 0.0, 0.35,
         ];
-        let loss = |x: &Tensor| -> Tensor {
+        assert_gradient_matches_finite_differences(&base, |x| {
             let lp = safegeo_runtime::log_softmax_last(x).unwrap();
             let steps = [lp.narrow(0, 0, 2).unwrap(), lp.narrow(0, 2, 2).unwrap()];
             opening_loss(
@@ -342,31 +340,7 @@ mod tests {
             )
             .unwrap()
             .unwrap()
-        };
-        let v = Var::from_vec(base.to_vec(), (4, 4), &Device::Cpu).unwrap();
-        let logits = v.as_tensor().to_dtype(DType::F32).unwrap();
-        let grads = loss(&logits).backward().unwrap();
-        let g: Vec<f64> = grads
-            .get(v.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let value = |x: &[f64]| {
-            let t = Tensor::from_vec(x.to_vec(), (4, 4), &Device::Cpu)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap();
-            loss(&t).to_scalar::<f32>().unwrap() as f64
-        };
-        for i in 0..base.len() {
-            let (mut up, mut down) = (base, base);
-            up[i] += 1e-3;
-            down[i] -= 1e-3;
-            let fd = (value(&up) - value(&down)) / 2e-3;
-            assert!((fd - g[i]).abs() < 1e-3, "logit {i}: {fd} vs {}", g[i]);
-        }
+        });
     }
 
     #[test]

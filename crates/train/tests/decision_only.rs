@@ -25,6 +25,19 @@ fn negatives() -> Vec<Example> {
         .collect()
 }
 
+/// Full fine-tuning of the tiny model for `steps` steps of 4 examples at lr 1e-2.
+fn full_training(steps: usize) -> TrainConfig {
+    TrainConfig {
+        steps,
+        batch_size: 4,
+        lr: 1e-2,
+        warmup_steps: 1,
+        lora: None,
+        save_at: vec![],
+        ..Default::default()
+    }
+}
+
 /// Mean refusal probability at the reply position of the decision negatives after training.
 fn refusal_mass_after(with_negatives: bool, dir: &std::path::Path) -> (f64, Vec<String>) {
     let mut model = tiny_model(Arch::Llama, 3, DType::F32).unwrap();
@@ -37,15 +50,7 @@ fn refusal_mass_after(with_negatives: bool, dir: &std::path::Path) -> (f64, Vec<
             .with_decision_only(vec![], negatives(), 4, 0.5)
             .unwrap();
     }
-    let cfg = TrainConfig {
-        steps: 12,
-        batch_size: 4,
-        lr: 1e-2,
-        warmup_steps: 1,
-        lora: None,
-        save_at: vec![],
-        ..Default::default()
-    };
+    let cfg = full_training(12);
     let lines = train(&mut model, &mut recipe, &cfg, dir, &mut |_, _, _| {}).unwrap();
     let parts = lines[0].parts.keys().cloned().collect();
     let negs = negatives();
@@ -202,15 +207,7 @@ fn openings_after(opening: usize) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
         .unwrap()
         .with_decision_only(harmful.clone(), negatives, 4, 0.5)
         .unwrap();
-    let cfg = TrainConfig {
-        steps: 80,
-        batch_size: 4,
-        lr: 1e-2,
-        warmup_steps: 1,
-        lora: None,
-        save_at: vec![],
-        ..Default::default()
-    };
+    let cfg = full_training(80);
     let dir = tempfile::tempdir().unwrap();
     train(&mut model, &mut recipe, &cfg, dir.path(), &mut |_, _, _| {}).unwrap();
     (
