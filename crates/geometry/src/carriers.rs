@@ -153,19 +153,21 @@ impl Carriers {
     /// `g`). Activation addition (`induce`) needs this: a unit vector added to a residual stream
     /// whose norm is in the tens does nothing measurable.
     pub fn refusal_orth_at_scale(&self) -> Vec<Vec<Vec<f64>>> {
-        self.refusal
-            .iter()
-            .zip(&self.refusal_orth)
-            .map(|(rl, ul)| {
-                rl.iter()
-                    .zip(ul)
-                    .map(|(r, u)| {
-                        let along: f64 = r.iter().zip(u).map(|(a, b)| a * b).sum();
-                        u.iter().map(|x| along * x).collect()
-                    })
+        (0..self.n_layer())
+            .map(|l| {
+                (0..self.n_pos())
+                    .map(|p| self.orth_at_scale(l, p))
                     .collect()
             })
             .collect()
+    }
+
+    /// [`Carriers::refusal_orth_at_scale`] of one candidate, `(r . u) u` at layer `l`, position
+    /// `p`.
+    pub fn orth_at_scale(&self, l: usize, p: usize) -> Vec<f64> {
+        let (r, u) = (&self.refusal[l][p], &self.refusal_orth[l][p]);
+        let along: f64 = r.iter().zip(u).map(|(a, b)| a * b).sum();
+        u.iter().map(|x| along * x).collect()
     }
 }
 

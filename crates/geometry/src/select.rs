@@ -370,15 +370,9 @@ pub fn bypass(
         .collect()
 }
 
-/// The admissibility tests a measurement fails.
-pub fn failed_tests(
-    bypass: f64,
-    induce: f64,
-    kl: f64,
-    layer: usize,
-    n_layer: usize,
-    cfg: &SelectConfig,
-) -> Vec<&'static str> {
+/// The admissibility tests a measurement fails (the layer cut-off is applied before anything is
+/// measured).
+pub fn failed_tests(bypass: f64, induce: f64, kl: f64, cfg: &SelectConfig) -> Vec<&'static str> {
     let mut f = Vec::new();
     if !(bypass.is_finite() && induce.is_finite() && kl.is_finite()) {
         f.push("nan");
@@ -388,9 +382,6 @@ pub fn failed_tests(
     }
     if induce <= 0.0 {
         f.push("induce");
-    }
-    if (layer as f64) >= cfg.layer_cutoff * n_layer as f64 {
-        f.push("layer");
     }
     f
 }
@@ -628,7 +619,6 @@ impl Staged<'_, '_> {
     ) -> Result<()> {
         let (model, refusal_ids, batch) = (self.model, self.refusal_ids, self.cfg.batch);
         let carriers = self.carriers;
-        let n_layer = carriers.len();
         let key = |what: &str, c: &Candidate| format!("{stage}/{what}/{}/{}", c.layer, c.pos);
         for group in which.chunks(chunk_of(batch, 2 * harmless.len())) {
             let keys: Vec<String> = group.iter().map(|&i| key("tests", &cands[i])).collect();
@@ -655,7 +645,7 @@ impl Staged<'_, '_> {
                 let c = &mut cands[i];
                 (c.bypass, c.induce, c.kl, c.stage) = (f64::NAN, induce, kl, stage);
                 // Bypass is not measured yet: only the other tests count here.
-                c.failed = failed_tests(0.0, induce, kl, c.layer, n_layer, self.cfg);
+                c.failed = failed_tests(0.0, induce, kl, self.cfg);
                 c.admissible = false;
             }
             let need: Vec<usize> = group
@@ -676,7 +666,7 @@ impl Staged<'_, '_> {
                 for (&i, [b, _, _]) in need.iter().zip(got) {
                     let c = &mut cands[i];
                     c.bypass = b;
-                    c.failed = failed_tests(b, c.induce, c.kl, c.layer, n_layer, self.cfg);
+                    c.failed = failed_tests(b, c.induce, c.kl, self.cfg);
                     c.admissible = stage == "full" && c.failed.is_empty();
                 }
             }

@@ -67,6 +67,48 @@ impl std::fmt::Display for Against {
     }
 }
 
+/// How the decision loss reads the refusal decision: where the two sides part (`boundary`), what
+/// the refusal side is weighed against, and over how many refusal-opening tokens (more than one
+/// only with [`Against::Top`], through [`opening_loss`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DecisionRule {
+    /// Refusal mass at which harmful and harmless prompts part, in (0, 1).
+    pub boundary: f64,
+    /// What the refusal side is weighed against.
+    pub against: Against,
+    /// Refusal-opening tokens read (1: the first reply token only).
+    pub opening: usize,
+}
+
+impl Default for DecisionRule {
+    fn default() -> Self {
+        Self {
+            boundary: 0.5,
+            against: Against::Rest,
+            opening: 1,
+        }
+    }
+}
+
+impl DecisionRule {
+    /// What is wrong with the rule, naming the field first (`boundary 1.5: ...`).
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if !(self.boundary > 0.0 && self.boundary < 1.0) {
+            return Err(format!(
+                "boundary {}: use a refusal mass strictly between 0 and 1 (e.g. 0.05)",
+                self.boundary
+            ));
+        }
+        if self.opening == 0 || (self.opening > 1 && self.against != Against::Top) {
+            return Err(format!(
+                "opening {}: use 1, or more with the top-token rule (against top)",
+                self.opening
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The side of the decision an example trains, if any.
 pub fn side(example: &Example, refusal_ids: &[u32]) -> Option<bool> {
     let first = example.target.iter().flatten().next()?;
@@ -78,17 +120,9 @@ pub fn side(example: &Example, refusal_ids: &[u32]) -> Option<bool> {
 }
 
 /// `L_decision` from the log-probabilities `(m, V)` at each example's first reply position and
-/// whether each should refuse. `None` when `m = 0`.
-pub fn decision_loss(
-    first_log_probs: &Tensor,
-    refuse: &[bool],
-    refusal_ids: &[u32],
-) -> Result<Option<Tensor>> {
-    decision_loss_at(first_log_probs, refuse, refusal_ids, 0.5, Against::Rest)
-}
-
-/// [`decision_loss`] with the two sides parting at refusal mass `boundary` (in (0, 1); 1/2 is
-/// [`decision_loss`] itself), the refusal side weighed `against` the rest or the top other token.
+/// whether each should refuse (`None` when `m = 0`), the two sides parting at refusal mass
+/// `boundary` (in (0, 1); 1/2 is the plain classifier), the refusal side weighed `against` the
+/// rest or the top other token.
 pub fn decision_loss_at(
     first_log_probs: &Tensor,
     refuse: &[bool],
@@ -204,14 +238,16 @@ mod tests {
     fn matches_the_formula_by_hand() {
         // R = {0, 2}. Row 0 (harmful): q = 0.1 + 0.3 = 0.4. Row 1 (harmless): q = 0.5 + 0.25.
         let lp = rows(&[[0.1, 0.2, 0.3, 0.4], [0.5, 0.1, 0.25, 0.15]]);
-        let got = decision_loss(&lp, &[true, false], &[0, 2])
+        let got = decision_loss_at(&lp, &[true, false], &[0, 2], 0.5, Against::Rest)
             .unwrap()
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
         let want = -(0.4f64.ln() + 0.25f64.ln()) / 2.0;
         assert!((got as f64 - want).abs() < 1e-6, "{got} vs {want}");
-        assert!(decision_loss(&lp, &[], &[0]).unwrap().is_none());
+        assert!(decision_loss_at(&lp, &[], &[0], 0.5, Against::Rest)
+            .unwrap()
+            .is_none());
         // Boundary 0.2 (e^delta = 4): harmful p = 0.4*4 / (0.4*4 + 0.6) = 1.6 / 2.2; harmless
         // 1 - p = 0.25 / (0.75*4 + 0.25) = 0.25 / 3.25.
         let got = decision_loss_at(&lp, &[true, false], &[0, 2], 0.2, Against::Rest)

@@ -20,12 +20,9 @@ pub struct ExampleRecipe {
     main: Stream,
     grad_accum: usize,
     decision_weight: f64,
-    /// Refusal mass at which the decision loss parts harmful from harmless (1/2 by default).
-    decision_boundary: f64,
-    /// What the refusal side is weighed against (the rest of the mass by default).
-    decision_against: decision::Against,
-    /// Refusal-opening tokens the top-token decision reads (1: the first only).
-    decision_opening: usize,
+    /// How the decision loss reads the decision (boundary 1/2, the rest of the mass, one token
+    /// by default).
+    decision_rule: decision::DecisionRule,
     refusal_ids: Vec<u32>,
     /// Prompts trained on the decision only: harmful (refuse) and harmless, each drawn in its
     /// own seeded epoch order.
@@ -91,9 +88,7 @@ impl ExampleRecipe {
             examples,
             grad_accum,
             decision_weight: 0.0,
-            decision_boundary: 0.5,
-            decision_against: decision::Against::Rest,
-            decision_opening: 1,
+            decision_rule: decision::DecisionRule::default(),
             refusal_ids: Vec::new(),
             decision_pos: Vec::new(),
             decision_neg: Vec::new(),
@@ -127,11 +122,11 @@ impl ExampleRecipe {
             return Ok(None);
         }
         let refuse: Vec<bool> = picks.iter().map(|p| p.1).collect();
-        let first: Vec<u32> = picks.iter().map(|p| p.0 as u32).collect();
-        let d = if self.decision_against == decision::Against::Top && self.decision_opening > 1 {
+        let rule = &self.decision_rule;
+        let d = if rule.opening > 1 {
             let mut steps = Vec::new();
             let mut tokens = Vec::new();
-            for j in 0..self.decision_opening {
+            for j in 0..rule.opening {
                 let forced: Vec<Option<u32>> = picks
                     .iter()
                     .map(|&(row, _, n)| (j > 0 && j < n).then(|| rows.labels[row + j]))
@@ -146,51 +141,30 @@ impl ExampleRecipe {
                 steps.push(rows.log_probs_at(&at)?);
                 tokens.push(forced);
             }
-            decision::opening_loss(
-                &steps,
-                &tokens,
-                &refuse,
-                &self.refusal_ids,
-                self.decision_boundary,
-            )?
+            decision::opening_loss(&steps, &tokens, &refuse, &self.refusal_ids, rule.boundary)?
         } else {
+            let first: Vec<u32> = picks.iter().map(|p| p.0 as u32).collect();
             decision::decision_loss_at(
                 &rows.log_probs_at(&first)?,
                 &refuse,
                 &self.refusal_ids,
-                self.decision_boundary,
-                self.decision_against,
+                rule.boundary,
+                rule.against,
             )?
         };
         d.map(|d| Ok((d.to_scalar::<f32>()? as f64, (d * self.decision_weight)?)))
             .transpose()
     }
 
-    /// Parts the decision loss's two sides at refusal mass `boundary` instead of 1/2, with the
-    /// refusal side weighed `against` the rest of the mass or the likeliest other token
-    /// ([`decision::decision_loss_at`]): below 1/2, borderline prompts end under greedy
-    /// decoding's refusal threshold.
-    pub fn with_decision_rule(mut self, boundary: f64, against: decision::Against) -> Result<Self> {
-        self.decision_against = against;
-        if !(boundary > 0.0 && boundary < 1.0) {
-            return Err(Error::Invalid(format!(
-                "decision boundary {boundary}: use a refusal mass strictly between 0 and 1"
-            )));
-        }
-        self.decision_boundary = boundary;
-        Ok(self)
-    }
-
-    /// Reads the top-token decision over the first `tokens` tokens of each refusal opening
-    /// ([`decision::opening_loss`]): a harmful example's own refusal, and for decision-only
-    /// prompts the opening their targets hold. Needs the top-token rule when `tokens > 1`.
-    pub fn with_decision_opening(mut self, tokens: usize) -> Result<Self> {
-        if tokens == 0 || (tokens > 1 && self.decision_against != decision::Against::Top) {
-            return Err(Error::Invalid(format!(
-                "decision opening of {tokens} tokens: use 1, or more with the top-token rule"
-            )));
-        }
-        self.decision_opening = tokens;
+    /// Reads the decision by `rule` ([`decision::DecisionRule`]): a boundary below 1/2 puts
+    /// borderline prompts under greedy decoding's refusal threshold; the top-token rule weighs
+    /// the likeliest refusal token against the likeliest other one, over the first
+    /// `rule.opening` tokens of each refusal opening ([`decision::opening_loss`]: a harmful
+    /// example's own refusal, and for decision-only prompts the opening their targets hold).
+    pub fn with_decision_rule(mut self, rule: decision::DecisionRule) -> Result<Self> {
+        rule.check()
+            .map_err(|e| Error::Invalid(format!("decision {e}")))?;
+        self.decision_rule = rule;
         Ok(self)
     }
 

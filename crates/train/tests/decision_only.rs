@@ -6,6 +6,7 @@ use candle_core::DType;
 use safegeo_runtime::testing::tiny_model;
 use safegeo_runtime::Arch;
 use safegeo_train::data::Example;
+use safegeo_train::decision::{Against, DecisionRule};
 use safegeo_train::recipes::ExampleRecipe;
 use safegeo_train::trainer::{target_rows, train, TrainConfig};
 
@@ -201,9 +202,11 @@ fn openings_after(opening: usize) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
         .unwrap()
         .with_decision(3.0, vec![REFUSAL])
         .unwrap()
-        .with_decision_rule(0.5, safegeo_train::decision::Against::Top)
-        .unwrap()
-        .with_decision_opening(opening)
+        .with_decision_rule(DecisionRule {
+            against: Against::Top,
+            opening,
+            ..Default::default()
+        })
         .unwrap()
         .with_decision_only(harmful.clone(), negatives, 4, 0.5)
         .unwrap();
@@ -232,6 +235,9 @@ fn the_opening_rule_trains_the_decision_where_refusals_and_helpful_replies_part(
         .unwrap()
         .with_decision(1.0, vec![REFUSAL])
         .unwrap()
-        .with_decision_opening(2);
+        .with_decision_rule(DecisionRule {
+            opening: 2,
+            ..Default::default()
+        });
     assert!(rest.is_err());
 }

@@ -191,25 +191,22 @@ pub fn carrier(spec: &str) -> Result<(Vec<f64>, usize, usize, String)> {
         _ => bail!("carrier `{spec}`: use DIR, DIR:LAYER:POS or DIR:LAYER:POS:orth"),
     };
     let c = safegeo_geometry::store::load(&dir.join("carriers.safetensors"))?;
-    let family = if orth {
-        c.refusal_orth_at_scale()
+    if layer >= c.n_layer() || pos >= c.n_pos() {
+        bail!(
+            "no carrier at layer {layer} position {pos} in {} (it has {} layers x {} positions)\n  fix: pick LAYER and POS in range (positions are named in carriers.json)",
+            dir.display(),
+            c.n_layer(),
+            c.n_pos()
+        );
+    }
+    let r = if orth {
+        c.orth_at_scale(layer, pos)
     } else {
-        c.refusal
+        c.refusal[layer][pos].clone()
     };
-    let r = family
-        .get(layer)
-        .and_then(|l| l.get(pos))
-        .with_context(|| {
-            format!(
-                "no carrier at layer {layer} position {pos} in {} (it has {} layers x {} positions)\n  fix: pick LAYER and POS in range (positions are named in carriers.json)",
-                dir.display(),
-                family.len(),
-                family[0].len()
-            )
-        })?;
     let suffix = if orth { ":orth" } else { "" };
     Ok((
-        r.clone(),
+        r,
         layer,
         pos,
         format!("{}:{layer}:{pos}{suffix}", dir.display()),

@@ -2,6 +2,7 @@
 use crate::common::{self, ModelArgs};
 use anyhow::{Context, Result};
 use safegeo_train::data::{self, Strategy};
+use safegeo_train::decision::{Against, DecisionRule};
 use safegeo_train::recipes::ExampleRecipe;
 use safegeo_train::trainer::{train, LoraConfig, TrainConfig};
 use std::path::PathBuf;
@@ -123,7 +124,7 @@ pub struct TrainArgs {
     /// comparison greedy decoding makes: a helpful opening's mass is spread over many tokens, so
     /// greedy decoding refuses prompts whose q is well under 1/2).
     #[arg(long, default_value = "rest")]
-    pub decision_against: safegeo_train::decision::Against,
+    pub decision_against: Against,
     /// With --decision-against top: read the decision over the first K tokens of the refusal
     /// (teacher-forced; the least margin counts), so a prompt counts as refused only when greedy
     /// decoding would write the whole opening ("I'm sorry"), not just its first token ("I",
@@ -251,20 +252,15 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
             "r2d2 runs one micro-batch per step: use --grad-accum 1"
         ));
     }
-    if !(a.decision_boundary > 0.0 && a.decision_boundary < 1.0) {
-        return Err(common::invalid!(
-            "--decision-boundary {}: use a refusal mass strictly between 0 and 1 (e.g. 0.05)",
-            a.decision_boundary
-        ));
-    }
-    if a.decision_opening == 0
-        || (a.decision_opening > 1 && a.decision_against != safegeo_train::decision::Against::Top)
-    {
-        return Err(common::invalid!(
-            "--decision-opening {}: use 1, or more with --decision-against top",
-            a.decision_opening
-        ));
-    }
+    let decision_rule = DecisionRule {
+        boundary: a.decision_boundary,
+        against: a.decision_against,
+        opening: a.decision_opening,
+    };
+    // Checked here too so a bad value is refused before the model loads.
+    decision_rule
+        .check()
+        .map_err(|e| common::invalid!("--decision-{e}"))?;
     if a.n_decision_negatives > 0 && a.decision_weight <= 0.0 {
         return Err(common::invalid!(
             "--n-decision-negatives {} trains the refusal decision only: add --decision-weight \
@@ -321,7 +317,7 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
     if a.decision_boundary != 0.5 {
         config["decision_boundary"] = a.decision_boundary.into();
     }
-    if a.decision_against != safegeo_train::decision::Against::Rest {
+    if a.decision_against != Against::Rest {
         config["decision_against"] = a.decision_against.to_string().into();
     }
     if a.decision_opening != 1 {
@@ -443,8 +439,7 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
     let decision_neg = decision_examples(&decision_negatives, "harmless")?;
     let sft = ExampleRecipe::new(name, examples, a.batch_size, a.grad_accum, a.seed)?
         .with_decision(a.decision_weight, refusal_ids)?
-        .with_decision_rule(a.decision_boundary, a.decision_against)?
-        .with_decision_opening(a.decision_opening)?
+        .with_decision_rule(decision_rule)?
         .with_decision_only(
             decision_pos,
             decision_neg,
