@@ -458,6 +458,17 @@ fn geometry_pipeline_on_a_tiny_model_then_eval_with_ablation() {
     // so the best carrier separates the sets better than chance.
     let geometry: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(geo.join("geometry.json")).unwrap()).unwrap();
+    // A belief score per captured prompt, higher on the harmful side.
+    for at in ["belief_t_inst", "belief_t_post"] {
+        let b = &geometry[at];
+        assert_eq!(b["harmful"].as_array().unwrap().len(), 12, "{b}");
+        assert_eq!(b["harmless"].as_array().unwrap().len(), 12, "{b}");
+    }
+    let b = &geometry["belief_t_inst"];
+    assert!(
+        b["harmful_mean"].as_f64().unwrap() > b["harmless_mean"].as_f64().unwrap(),
+        "{b}"
+    );
     let held = &geometry["heldout"];
     assert_eq!(held["auc_t_inst"].as_array().unwrap().len(), 2, "{held}");
     assert_eq!(
@@ -510,6 +521,19 @@ fn geometry_pipeline_on_a_tiny_model_then_eval_with_ablation() {
                 .unwrap()
                 .contains("no admissible carrier")
     );
+    // geometry.json gains the coupling and effective rank at the selected layer, if any.
+    let geometry: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(geo.join("geometry.json")).unwrap()).unwrap();
+    let chosen = &geometry["selected"];
+    match sel["result"]["selected"]["layer"].as_u64() {
+        Some(l) => {
+            assert_eq!(chosen["layer"].as_u64(), Some(l), "{chosen}");
+            let cos = chosen["coupling_abs_cos"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&cos), "{chosen}");
+            assert!(chosen["effective_rank"]["erank"].is_number(), "{chosen}");
+        }
+        None => assert!(chosen.is_null(), "{chosen}"),
+    }
     let out = safegeo(&["drift", g, g, "--json"], h);
     assert!(out.status.success());
     let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

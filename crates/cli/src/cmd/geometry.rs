@@ -5,7 +5,7 @@ use safegeo_data::jsonl::Journal;
 use safegeo_data::judges::refusal_score::{refusal_scores, refusal_token_ids, REFUSAL_OPENINGS};
 use safegeo_data::{load_dataset, LoadSpec};
 use safegeo_geometry::carriers::{capture, difference_of_means, prompt_ids};
-use safegeo_geometry::measures::{coupling_curve, effective_rank_at};
+use safegeo_geometry::measures::{belief_score, coupling_curve, effective_rank_at};
 use safegeo_geometry::select::{select, SelectConfig};
 use safegeo_geometry::separation::{probe_separation, separation, Separation};
 use safegeo_geometry::{linalg, store};
@@ -326,14 +326,25 @@ pub fn carriers(a: CarriersArgs) -> Result<()> {
         .iter()
         .map(|per| per.iter().map(|r| linalg::norm(r)).collect())
         .collect();
+    // Belief scores of Zhao et al. for every captured prompt, at t_inst and t_post.
+    let beliefs = |p: usize| {
+        let of = |acts: &safegeo_geometry::carriers::Activations| -> Vec<f64> {
+            acts.acts.iter().map(|x| belief_score(x, &c, p)).collect()
+        };
+        let (h, l) = (of(&hacts), of(&lacts));
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        serde_json::json!({"harmful_mean": mean(&h), "harmless_mean": mean(&l), "harmful": h, "harmless": l})
+    };
     write_json(
         &a.out.join("geometry.json"),
         &serde_json::json!({
             "effective_rank": erank,
             "coupling_abs_cos_t_post": coupling_curve(&c, t_post),
+            "belief_t_inst": beliefs(0),
+            "belief_t_post": beliefs(t_post),
             "refusal_norms": norms,
             "heldout": heldout,
-            "note": "coupling = |cos(harmfulness carrier at t_inst, refusal carrier at t_post)| per layer; `safegeo select` adds the selected layer",
+            "note": "coupling = |cos(harmfulness carrier at t_inst, refusal carrier at t_post)| per layer; belief = Zhao et al.'s mean over layers of cos(h_l, mean harmful_l) - cos(h_l, mean harmless_l) for each capture prompt (harmful, harmless) at that position; `safegeo select` adds `selected` (layer, coupling and effective rank there)",
         }),
     )?;
     eprintln!(
@@ -486,6 +497,29 @@ pub fn run_select(a: SelectArgs) -> Result<()> {
         "refusal_token_ids": refusal_ids, "result": verdict,
     });
     write_json(&a.dir.join("selection.json"), &out)?;
+    // geometry.json gains the numbers at the selected layer (or loses stale ones).
+    let geometry_path = a.dir.join("geometry.json");
+    if let Ok(text) = std::fs::read_to_string(&geometry_path) {
+        let mut geo: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", geometry_path.display()))?;
+        geo["selected"] = match best {
+            Some(i) => {
+                let (l, p) = (cands[i].layer, cands[i].pos);
+                let r = if a.orth {
+                    c.orth_at_scale(l, p)
+                } else {
+                    c.refusal[l][p].clone()
+                };
+                serde_json::json!({
+                    "layer": l, "pos": p, "direction": if a.orth { "refusal_orth" } else { "refusal" },
+                    "coupling_abs_cos": linalg::cosine(c.harmfulness(l), &r).abs(),
+                    "effective_rank": geo["effective_rank"].get(l).cloned().unwrap_or_default(),
+                })
+            }
+            None => serde_json::Value::Null,
+        };
+        write_json(&geometry_path, &geo)?;
+    }
     if a.json {
         common::print_json(&out)?;
     } else if let Some(i) = best {
