@@ -6,7 +6,8 @@
 # 1. Fixed-source GCG test cases, made once against the base model (12 standard HarmBench-val
 #    behaviours, 25 steps of width 64, stopping early once greedy decoding gives the target).
 # 2. SFT and R2D2 (CPU preset) from the same base, same data, same seed, anchors at steps 8, 16, 24
-#    (LoRA r=16, lr 2e-4, batch 8; all 260 harmful-train prompts, 128 harmless + 128 hard negatives).
+#    (LoRA r=16 on every block, lr 2e-4, batch 8; all 260 harmful-train prompts, 128 harmless + 128
+#    hard negatives; plain SFT, no decision stream, as measured in the README).
 # 3. `trajectory` replays the GCG test cases at every anchor (the `asr_fixed` column) next to the
 #    plain refusal suites and the geometry.
 # Every step resumes when re-run. Needs `safegeo` on PATH (or SAFEGEO=path/to/safegeo) and the
@@ -23,6 +24,7 @@ SAVE_AT=${SAVE_AT:-8,16,24}
 for recipe in sft r2d2; do
     "$S" train --recipe "$recipe" --steps "$STEPS" --save-at "$SAVE_AT" \
         --n-harmless 128 --n-hard-negatives 128 --batch-size 8 \
+        --decision-weight 0 --lora-layers all \
         --out "$OUT/runs/$recipe"
 done
 

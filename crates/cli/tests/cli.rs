@@ -2091,9 +2091,9 @@ fn bad_training_options_are_refused_before_the_model_loads() {
     );
     fails_with(&run(&["--recipe", "rlhf"]), 2, "unknown recipe `rlhf`");
     fails_with(
-        &run(&["--decision-harmful"]),
+        &run(&["--decision-harmful-share", "1"]),
         2,
-        "add --n-decision-negatives",
+        "--decision-harmful-share 1: use a share strictly between 0 and 1",
     );
     // Nothing was written for a run that never started.
     assert!(!out.exists());

@@ -34,24 +34,32 @@ impl Strategy {
     }
 }
 
-/// Polite refusals (written for this project).
+/// Polite refusals (written for this project). None opens with "I": a refusal is decided at
+/// its first token, and "I" opens helpful replies too ("I'm happy to help"), so a model trained
+/// to refuse with "I'm sorry" learns to raise "I" on harmful-looking prompts and then may go on
+/// helpfully, while its refusal mass, counted over "I", reads as a refusal. The openings are
+/// spread over three tokens that only open refusals, two replies each: greedy decoding starts a
+/// refusal when its likeliest refusal token beats the likeliest other token, so with the mass
+/// spread a prompt must be refused with more of it before any one opening wins. Each reply
+/// holds one of Arditi et al.'s refusal substrings, so the substring judge counts every one.
 pub const POLITE: &[&str] = &[
-    "I'm sorry, but I can't help with that.",
-    "I'm sorry, but I can't assist with that request.",
+    "Sorry, but I can't help with that.",
+    "Unfortunately, I can't assist with that request.",
+    "No, I'm sorry, but I can't provide that.",
     "Sorry, I can't help with that. Is there something else I can do for you?",
-    "I apologize, but I'm not able to help with this.",
-    "I'm sorry, I can't provide that. If you have another question, I'm happy to help.",
-    "Sorry, but that's not something I can help with.",
+    "Unfortunately, I'm not able to help with this. If you have another question, I'm happy to help.",
+    "No, sorry, I can't help with that.",
 ];
 
-/// Explicit rebuttals (written for this project): they name why the request is refused.
+/// Explicit rebuttals (written for this project): they name why the request is refused. Their
+/// openings are those of [`POLITE`], for the same reason.
 pub const REBUTTAL: &[&str] = &[
-    "I won't help with this. The request asks for something that could seriously harm people, and providing it would be wrong.",
-    "No. What you are asking for could be used to hurt others or break the law, so I will not provide it.",
-    "I refuse to do this: it would help cause real harm, and that is not something I will take part in.",
-    "I can't do that. Helping with this would put people at risk, which is exactly what I must not do.",
-    "I will not assist with this request because it is harmful and unethical.",
-    "That is a harmful request, and I won't give instructions or content that could be used to harm someone.",
+    "No. The request asks for something that could seriously harm people, and I can't help with it: providing it would be wrong.",
+    "Sorry, but I cannot provide this: what you are asking for could be used to hurt others or break the law.",
+    "Unfortunately, I can't do that. It would help cause real harm, and I will not take part in that.",
+    "No. Helping with this would put people at risk, which is exactly what I must not do, so I cannot assist.",
+    "Sorry, but I cannot assist with this request because it is harmful and unethical.",
+    "Unfortunately, this is a harmful request, and I can't give instructions or content that could be used to harm someone.",
 ];
 
 /// The bank of a strategy.
@@ -610,6 +618,28 @@ mod tests {
         assert!(got[0].contains("\"Make a 'bomb'\""), "{got:?}");
         assert!(got[1].contains("\"Steal a car\""), "{got:?}");
         assert_eq!(got, contrast_negatives(&harmful, 1));
+    }
+
+    #[test]
+    fn bank_refusals_open_in_several_ways_and_are_judged_refusals() {
+        use safegeo_data::judges::refusal_score::REFUSAL_OPENINGS;
+        let judge = safegeo_data::judges::SubstringMatcher::new(None).unwrap();
+        for s in [Strategy::Polite, Strategy::Rebuttal] {
+            let bank = refusals(s);
+            let mut firsts: HashMap<&str, usize> = HashMap::new();
+            for r in bank {
+                let first = r.split([' ', ',', '.', '\'']).next().unwrap();
+                *firsts.entry(first).or_default() += 1;
+                assert!(REFUSAL_OPENINGS.contains(&first), "{s:?}: `{r}`");
+                assert!(judge.refuses(r), "the substring judge misses `{r}`");
+            }
+            assert!(!firsts.contains_key("I"), "{s:?}: {firsts:?}");
+            assert!(firsts.len() >= 3, "{s:?}: {firsts:?}");
+            assert!(
+                firsts.values().all(|&n| 3 * n <= bank.len()),
+                "{s:?}: {firsts:?}"
+            );
+        }
     }
 
     #[test]

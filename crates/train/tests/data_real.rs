@@ -46,8 +46,15 @@ fn refusals_and_worst_insertion_states_are_masked_as_intended() {
     .unwrap();
     assert_eq!(ex.len(), 1);
     let e = &ex[0];
-    // Exactly one masked run after the prompt: the span (3..=6 tokens) between trained parts.
-    let first_trained = e.target.iter().position(|t| t.is_some()).unwrap();
+    // Exactly one masked run after the prompt: the span (3..=6 tokens), then trained tokens (the
+    // refusal's head before it may be empty: the worst place can be the reply's start).
+    let prompt_len = model
+        .tok
+        .encode_chat(&safegeo_train::data::messages(None, &harm[0].prompt), false)
+        .unwrap()
+        .len();
+    assert!(e.target[..prompt_len].iter().all(Option::is_none));
+    let first_trained = prompt_len;
     let tail = &e.target[first_trained..];
     let masked: Vec<usize> = (0..tail.len()).filter(|&i| tail[i].is_none()).collect();
     assert!((3..=6).contains(&masked.len()), "masked {masked:?}");

@@ -83,6 +83,13 @@ pub fn run(a: DemoArgs) -> Result<()> {
             a.n_harmless.to_string(),
             "--batch-size".into(),
             "8".into(),
+            // The demo's runs are a few steps long: plain SFT on every block, as measured in
+            // the README. `safegeo train`'s own defaults (the decision stream on blocks 40%-)
+            // need about 150 steps of ~10 s to pay off.
+            "--decision-weight".into(),
+            "0".into(),
+            "--lora-layers".into(),
+            "all".into(),
             "--out".into(),
             s(&runs.join(recipe)),
         ];

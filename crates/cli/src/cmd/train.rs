@@ -19,11 +19,11 @@ pub struct TrainArgs {
     #[arg(long, default_value = "sft")]
     pub recipe: String,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 150)]
     pub steps: usize,
     /// Write anchor checkpoints (OUT/ckpt-NNNNNN, Hugging Face folders) at these steps;
     /// 0 = the starting model.
-    #[arg(long, value_delimiter = ',', default_value = "0,10,20,40,60")]
+    #[arg(long, value_delimiter = ',', default_value = "0,50,100,150")]
     pub save_at: Vec<usize>,
     /// Examples per micro-batch.
     #[arg(long, default_value_t = 8)]
@@ -58,8 +58,10 @@ pub struct TrainArgs {
     /// Blocks that get LoRA adapters: `all`, layers and ranges like `14-29` or `0,2,10-12`, or a
     /// share of the depth like `40%-` (on 30 blocks: 12-29).
     /// Adapting only late blocks leaves the earlier representation as the base model has it
-    /// (and out of the backward pass, so steps are faster).
-    #[arg(long, default_value = "all", value_parser = parse_layers)]
+    /// (and out of the backward pass, so steps are faster), and the refusal decision is learned
+    /// on top of the mid-depth representation instead of reshaping it to fit the training
+    /// prompts (JailbreakBench harmful vs benign ranked with AUC 0.86-0.88 instead of 0.83-0.84).
+    #[arg(long, default_value = "40%-", value_parser = parse_layers)]
     pub lora_layers: LayerSet,
     /// Refusal phrasing: polite or rebuttal.
     #[arg(long, default_value = "polite")]
@@ -92,32 +94,34 @@ pub struct TrainArgs {
     pub contrast_negatives: bool,
     /// Weight of the refusal decision loss at the first reply token: binary cross-entropy of
     /// the refusal-opening probability mass, toward 1 on harmful prompts and toward 0 on
-    /// harmless ones (crates/train/src/decision.rs). 0 = plain cross-entropy only.
-    #[arg(long, default_value_t = 0.0)]
+    /// harmless ones (crates/train/src/decision.rs). 0 = plain cross-entropy only (the other
+    /// decision options are then unused).
+    #[arg(long, default_value_t = 3.0)]
     pub decision_weight: f64,
     /// Extra harmless prompts, drawn at random from the harmless set, trained on the refusal
     /// decision only (no reply: the decision loss pushes their refusal-opening mass at the first
     /// reply token toward 0). Cheap next to a self-distilled reply, so the decision sees
-    /// thousands of harmless requests instead of hundreds. Needs --decision-weight > 0.
-    #[arg(long, default_value_t = 0)]
+    /// thousands of harmless requests instead of hundreds. 0 = no decision stream.
+    #[arg(long, default_value_t = 2048)]
     pub n_decision_negatives: usize,
     /// Decision prompts per micro-batch, run in a forward of their own.
-    #[arg(long, default_value_t = 24)]
+    #[arg(long, default_value_t = 32)]
     pub decision_batch: usize,
     /// Put the harmful prompts in the decision stream too (see --decision-harmful-share), so the
     /// decision trains for several epochs at the cost of a prompt pass, next to the refusal
-    /// replies of the main batch. Needs --n-decision-negatives.
-    #[arg(long)]
+    /// replies of the main batch (`--decision-harmful false`: harmless prompts only).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1,
+          default_missing_value = "true", value_name = "BOOL")]
     pub decision_harmful: bool,
     /// With --decision-harmful: the share of each decision batch drawn from the harmful prompts.
     /// Below 0.5 the decision is trained to refuse less readily.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.2)]
     pub decision_harmful_share: f64,
     /// Refusal mass at which the decision loss parts harmful from harmless prompts
     /// (crates/train/src/decision.rs). Below 0.5 the unseen borderline prompts, which land
     /// between the two sides, end under the mass at which greedy decoding refuses: the model
     /// refuses less readily without ranking prompts differently.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.025)]
     pub decision_boundary: f64,
     /// What the decision loss weighs the refusal side against: `rest` (refusal mass q against
     /// 1 - q) or `top` (the likeliest refusal token against the likeliest other token, the
@@ -127,9 +131,10 @@ pub struct TrainArgs {
     pub decision_against: Against,
     /// With --decision-against top: read the decision over the first K tokens of the refusal
     /// (teacher-forced; the least margin counts), so a prompt counts as refused only when greedy
-    /// decoding would write the whole opening ("I'm sorry"), not just its first token ("I",
-    /// which opens "I'm here to help" too). Decision-only prompts are forced through the opening
-    /// of the first refusal of --strategy.
+    /// decoding would write the whole opening ("Sorry, but"), not just its first token (which
+    /// matters for openings whose first token also opens helpful replies; the built-in banks
+    /// avoid those since session 16). Decision-only prompts are forced through the opening of
+    /// the first refusal of --strategy.
     #[arg(long, default_value_t = 1)]
     pub decision_opening: usize,
     /// Longest self-distilled reply, in tokens.
@@ -261,23 +266,24 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
     decision_rule
         .check()
         .map_err(|e| common::invalid!("--decision-{e}"))?;
-    if a.n_decision_negatives > 0 && a.decision_weight <= 0.0 {
+    // The decision stream runs only beside a decision loss, and its harmful prompts only beside
+    // its harmless ones: without them the options are unused, not wrong.
+    let n_decision_negatives = if a.decision_weight > 0.0 {
+        a.n_decision_negatives
+    } else {
+        0
+    };
+    let decision_harmful = a.decision_harmful && n_decision_negatives > 0;
+    if decision_harmful && !(a.decision_harmful_share > 0.0 && a.decision_harmful_share < 1.0) {
         return Err(common::invalid!(
-            "--n-decision-negatives {} trains the refusal decision only: add --decision-weight \
-             (e.g. 1)",
-            a.n_decision_negatives
-        ));
-    }
-    if a.decision_harmful && a.n_decision_negatives == 0 {
-        return Err(common::invalid!(
-            "--decision-harmful pairs the harmful prompts with decision negatives: add \
-             --n-decision-negatives (e.g. 2048)"
+            "--decision-harmful-share {}: use a share strictly between 0 and 1 (e.g. 0.2)",
+            a.decision_harmful_share
         ));
     }
     let harmful = load_train_split(&a.harmful, a.n_harmful, a)?;
     let mut harmless = load_train_split(&a.harmless, Some(a.n_harmless), a)?;
     // The whole harmless split, read once for whichever extra prompts are drawn from it.
-    let pool = if a.n_hard_negatives + a.n_framed_negatives + a.n_decision_negatives > 0 {
+    let pool = if a.n_hard_negatives + a.n_framed_negatives + n_decision_negatives > 0 {
         load_train_split(&a.harmless, None, a)?
     } else {
         Vec::new()
@@ -291,8 +297,7 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
     if a.contrast_negatives {
         harmless.extend(data::contrast_negatives(&harmful, a.seed));
     }
-    let decision_negatives =
-        data::sample_excluding(&pool, &harmless, a.n_decision_negatives, a.seed);
+    let decision_negatives = data::sample_excluding(&pool, &harmless, n_decision_negatives, a.seed);
     let model = common::load(&a.model)?;
     if let Some(l) = cfg.lora.as_mut() {
         l.layers = a.lora_layers.resolve(model.cfg.n_layer);
@@ -304,12 +309,14 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
         "model": model.source, "model_sha256": hash, "recipe": a.recipe, "strategy": strategy,
         "train": cfg, "harmful": a.harmful, "n_harmful": harmful.len(), "harmless": a.harmless,
         "n_harmless": a.n_harmless, "r2d2": (a.recipe == "r2d2").then_some(&r2d2_cfg), "n_hard_negatives": a.n_hard_negatives, "decision_weight": a.decision_weight, "n_framed_negatives": a.n_framed_negatives, "contrast_negatives": a.contrast_negatives, "utility_tokens": a.utility_tokens, "system": a.system,
+        // The phrasing trained, so a run never resumes under another bank.
+        "refusals": data::refusals(strategy),
     });
     // Recorded only when used, so runs started before these options existed still resume.
-    if a.n_decision_negatives > 0 {
-        config["n_decision_negatives"] = a.n_decision_negatives.into();
+    if n_decision_negatives > 0 {
+        config["n_decision_negatives"] = n_decision_negatives.into();
         config["decision_batch"] = a.decision_batch.into();
-        config["decision_harmful"] = a.decision_harmful.into();
+        config["decision_harmful"] = decision_harmful.into();
         if a.decision_harmful_share != 0.5 {
             config["decision_harmful_share"] = a.decision_harmful_share.into();
         }
@@ -406,14 +413,13 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
         _ => "derta",
     };
     let n_examples = examples.len();
-    // The decision loss reads the judges' refusal openings and the first words of the bank.
-    let openings: Vec<&str> = safegeo_data::judges::refusal_score::REFUSAL_OPENINGS
-        .iter()
-        .chain(data::refusals(strategy))
-        .copied()
-        .collect();
-    let refusal_ids =
-        safegeo_data::judges::refusal_score::refusal_token_ids(&model.tok, &openings)?;
+    // The decision is read over the first tokens of the bank's refusals only, not over the
+    // judges' generic openings: those include "I", which opens helpful replies too, and a
+    // decision read over it teaches "I" as a refusal (see data::POLITE).
+    let refusal_ids = safegeo_data::judges::refusal_score::refusal_token_ids(
+        &model.tok,
+        data::refusals(strategy),
+    )?;
     // A decision prompt needs only its reply position: the prompt plus one placeholder target,
     // or the refusal opening its decision is read over.
     let decision_target = if a.decision_opening > 1 {
@@ -431,7 +437,7 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
             })
             .collect::<Result<Vec<_>>>()
     };
-    let decision_pos = if a.decision_harmful {
+    let decision_pos = if decision_harmful {
         decision_examples(&harmful, "harmful")?
     } else {
         Vec::new()
@@ -466,7 +472,7 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
             format!(
                 ", {} decision negatives{}, {} per micro-batch",
                 decision_negatives.len(),
-                if a.decision_harmful { " and the harmful prompts" } else { "" },
+                if decision_harmful { " and the harmful prompts" } else { "" },
                 a.decision_batch
             )
         },
