@@ -37,11 +37,10 @@ impl Strategy {
 /// Polite refusals (written for this project). None opens with "I": a refusal is decided at
 /// its first token, and "I" opens helpful replies too ("I'm happy to help"), so a model trained
 /// to refuse with "I'm sorry" learns to raise "I" on harmful-looking prompts and then may go on
-/// helpfully, while its refusal mass, counted over "I", reads as a refusal. The openings are
-/// spread over three tokens that only open refusals, two replies each: greedy decoding starts a
-/// refusal when its likeliest refusal token beats the likeliest other token, so with the mass
-/// spread a prompt must be refused with more of it before any one opening wins. Each reply
-/// holds one of Arditi et al.'s refusal substrings, so the substring judge counts every one.
+/// helpfully, while its refusal mass, counted over "I", reads as a refusal (README, run X17).
+/// Three openings that open no helpful reply, two replies each (a trained model still settles
+/// on one of them: run X18 opens 80 of 85 refusals with "No"). Each reply holds one of Arditi et
+/// al.'s refusal substrings, so the substring judge counts every one.
 pub const POLITE: &[&str] = &[
     "Sorry, but I can't help with that.",
     "Unfortunately, I can't assist with that request.",

@@ -57,8 +57,9 @@ pub enum Workload {
     Adamw,
     /// GCG steps (20-token suffix, search width 512, top-k 256).
     Gcg,
-    /// `safegeo train --recipe sft` with its defaults (LoRA r=16 on blocks 40%-, batch 8 plus a decision batch of 32 prompts) on 16 harmful-train
-    /// and 32 harmless-train prompts: one warm-up step, then `--reps` steps.
+    /// `safegeo train --recipe sft` with its defaults (LoRA r=16 on blocks 40%-, batch 8 plus a
+    /// decision batch of 32 prompts) on 16 harmful-train and 32 harmless-train prompts: one
+    /// warm-up step, then `--reps` steps.
     TrainSft,
     /// `safegeo train --recipe r2d2` (cpu preset: pool 4, one GCG step of width 64 per case),
     /// GCG inner loop included: one warm-up step (it fills the pool), then one step.
