@@ -422,12 +422,16 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
     )?;
     // A decision prompt needs only its reply position: the prompt plus one placeholder target,
     // or the refusal opening its decision is read over.
-    let decision_target = if a.decision_opening > 1 {
-        let opening = model.tok.encode(data::refusals(strategy)[0], false)?;
-        opening[..a.decision_opening.min(opening.len())].to_vec()
-    } else {
-        model.tok.encode(" ", false)?
-    };
+    // With one token it is only a placeholder (the decision reads the position before it); a
+    // refusal's first token is one on every tokenizer, where " " may encode to nothing.
+    let opening = model.tok.encode(data::refusals(strategy)[0], false)?;
+    if opening.is_empty() {
+        anyhow::bail!(
+            "the tokenizer encodes the refusal `{}` to no tokens: check the model's tokenizer",
+            data::refusals(strategy)[0]
+        );
+    }
+    let decision_target = opening[..a.decision_opening.clamp(1, opening.len())].to_vec();
     let decision_examples = |prompts: &[String], kind: &str| {
         prompts
             .iter()
