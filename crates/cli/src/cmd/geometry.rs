@@ -505,14 +505,9 @@ pub fn run_select(a: SelectArgs) -> Result<()> {
         geo["selected"] = match best {
             Some(i) => {
                 let (l, p) = (cands[i].layer, cands[i].pos);
-                let r = if a.orth {
-                    c.orth_at_scale(l, p)
-                } else {
-                    c.refusal[l][p].clone()
-                };
                 serde_json::json!({
                     "layer": l, "pos": p, "direction": if a.orth { "refusal_orth" } else { "refusal" },
-                    "coupling_abs_cos": linalg::cosine(c.harmfulness(l), &r).abs(),
+                    "coupling_abs_cos": linalg::cosine(c.harmfulness(l), &carriers[l][p]).abs(),
                     "effective_rank": geo["effective_rank"].get(l).cloned().unwrap_or_default(),
                 })
             }

@@ -420,10 +420,9 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
         &model.tok,
         data::refusals(strategy),
     )?;
-    // A decision prompt needs only its reply position: the prompt plus one placeholder target,
-    // or the refusal opening its decision is read over.
-    // With one token it is only a placeholder (the decision reads the position before it); a
-    // refusal's first token is one on every tokenizer, where " " may encode to nothing.
+    // A decision prompt needs only its reply position: the prompt plus the first K tokens of a
+    // refusal the decision is read over. With K = 1 the token is a placeholder (the decision
+    // reads the position before it); " " would do, but encodes to nothing on some tokenizers.
     let opening = model.tok.encode(data::refusals(strategy)[0], false)?;
     if opening.is_empty() {
         anyhow::bail!(
