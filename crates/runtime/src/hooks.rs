@@ -39,7 +39,7 @@ pub struct SiteInfo {
 
 /// Called by the runtime at every site with `x: (batch, tokens, d)`; returns the (possibly edited)
 /// activation that the model continues with.
-pub trait Observer {
+pub trait Observer: Send {
     /// Observe and optionally edit.
     fn visit(&mut self, at: &SiteInfo, x: Tensor) -> Result<Tensor>;
 }

@@ -152,6 +152,21 @@ impl Observer for TapeRecorder {
     }
 }
 
+/// Runs `f` on a worker of the global thread pool (inline when already on one). The kernels of
+/// a forward are parallel loops of a fraction of a millisecond each (a decoding step has ~15 per
+/// block); called from a thread outside the pool, each one hands its work to the pool and
+/// sleeps until a worker wakes up and finishes it. From a worker, the loop's first part starts
+/// at once on the calling thread and the other worker joins when it is awake. Measured on 2
+/// cores over interleaved rounds: batch-1 decoding ~5% faster; prefill and batch-32 decoding
+/// moved within this machine's noise (±10%).
+pub(crate) fn on_thread_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::join(f, || ()).0
+    }
+}
+
 /// Keys and values of every layer, for incremental decoding.
 #[derive(Clone)]
 pub struct KvCache {
@@ -464,6 +479,22 @@ impl Model {
     /// their caches stay empty. Edits at layers `>= first` then cost only the layers they touch.
     #[allow(clippy::too_many_arguments)]
     pub fn forward_from(
+        &self,
+        first: usize,
+        x: Tensor,
+        layout: &Layout,
+        cache: Option<&mut KvCache>,
+        logits: LogitsAt,
+        phase: Phase,
+        grad: bool,
+        obs: &mut dyn Observer,
+    ) -> Result<Option<Tensor>> {
+        on_thread_pool(|| self.forward_here(first, x, layout, cache, logits, phase, grad, obs))
+    }
+
+    /// [`Model::forward_from`] on the calling thread.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_here(
         &self,
         first: usize,
         mut x: Tensor,

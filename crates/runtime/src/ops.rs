@@ -263,7 +263,7 @@ fn many_small_matmuls(
             )
         }
     };
-    let mut out = vec![0f32; batch * m * n];
+    let mut out = fused::zeroed(batch * m * n);
     if few {
         out.chunks_mut((m * n).max(1))
             .enumerate()

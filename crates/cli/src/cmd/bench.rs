@@ -239,7 +239,8 @@ fn prefill(model: &Model, reps: usize) -> Result<(f64, f64)> {
 fn decode(model: &Model, batch: usize, steps: usize) -> Result<f64> {
     let prompts = random_ids(batch, 16, model.cfg.vocab, 2);
     let (ids, layout) = model.pad_batch(&prompts)?;
-    let mut cache = KvCache::new(model.cfg.n_layer);
+    // Room for every position up front, as `generate` reserves it (no regrowth mid-run).
+    let mut cache = KvCache::with_capacity(model.cfg.n_layer, 16 + steps);
     let logits = model.forward_ids(
         &ids,
         &layout,
