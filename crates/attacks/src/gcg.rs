@@ -312,7 +312,7 @@ impl<'a> Gcg<'a> {
         let onehot = Var::from_tensor(
             &Tensor::from_vec(oh, (ids.len(), v), &m.device)?.to_dtype(m.embed.dtype())?,
         )?;
-        let grads = self.onehot_loss(onehot.as_tensor(), obs)?.backward()?;
+        let grads = safegeo_runtime::backward(&self.onehot_loss(onehot.as_tensor(), obs)?)?;
         Ok(grads
             .get(onehot.as_tensor())
             .ok_or_else(|| Error::Invalid("GCG: no gradient reached the suffix".into()))?

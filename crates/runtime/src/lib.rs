@@ -35,7 +35,9 @@ pub use hooks::{
     unit, Captured, Hooks, Intervention, NoHooks, Observer, Phase, Positions, Scope, Site, SiteInfo,
 };
 pub use load::{load_model, load_model_with, LoadOptions};
-pub use model::{attend, AttnCtx, Block, KvCache, LayerCache, Layout, LogitsAt, Model, Tape};
+pub use model::{
+    attend, backward, AttnCtx, Block, KvCache, LayerCache, Layout, LogitsAt, Model, Tape,
+};
 pub use ops::{
     log_softmax_last, rms_norm, rope, softmax_last, target_log_probs, Linear, Lora, QuantizedWeight,
 };

@@ -167,6 +167,12 @@ pub(crate) fn on_thread_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
+/// `loss.backward()` on a worker of the thread pool, for the reason [`Model::forward_from`]
+/// runs there: the backward's kernels are parallel loops too.
+pub fn backward(loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
+    on_thread_pool(|| loss.backward())
+}
+
 /// Keys and values of every layer, for incremental decoding.
 #[derive(Clone)]
 pub struct KvCache {

@@ -455,7 +455,7 @@ pub fn train(
             for (k, v) in m.parts {
                 *parts.entry(k).or_default() += v / cfg.grad_accum as f64;
             }
-            let grads = (m.loss / cfg.grad_accum as f64)?.backward()?;
+            let grads = safegeo_runtime::backward(&(m.loss / cfg.grad_accum as f64)?)?;
             for (a, v) in acc.iter_mut().zip(&vars) {
                 if let Some(g) = grads.get(v.as_tensor()) {
                     *a = Some(match a.take() {

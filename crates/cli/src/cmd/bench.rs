@@ -298,7 +298,7 @@ fn loss(model: &Model, ids: &Tensor) -> Result<Tensor> {
 fn fwd_bwd(model: &Model, reps: usize, tokens: usize) -> Result<f64> {
     let ids = Tensor::new(random_ids(1, tokens + 1, model.cfg.vocab, 3), &Device::Cpu)?;
     let s = best(reps, || {
-        loss(model, &ids)?.backward()?;
+        safegeo_runtime::backward(&loss(model, &ids)?)?;
         Ok(())
     })?;
     Ok(tokens as f64 / s)
@@ -319,7 +319,7 @@ fn sft_step(a: &BenchArgs, reps: usize) -> Result<f64> {
     };
     let mut opt = safegeo_runtime::AdamW::new(vars, cfg)?;
     let s = best(reps, || {
-        let grads = loss(&model, &ids)?.backward()?;
+        let grads = safegeo_runtime::backward(&loss(&model, &ids)?)?;
         opt.step(&grads)?;
         Ok(())
     })?;
@@ -488,7 +488,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if wanted(Workload::Adamw) {
             step("AdamW step, all parameters");
             let ids = Tensor::new(random_ids(1, 257, model.cfg.vocab, 4), &Device::Cpu)?;
-            let grads = loss(&model, &ids)?.backward()?;
+            let grads = safegeo_runtime::backward(&loss(&model, &ids)?)?;
             let cfg = safegeo_runtime::AdamWConfig {
                 lr: 1e-5,
                 ..Default::default()
