@@ -236,15 +236,22 @@ fn many_small_matmuls(
     } else {
         gemm::Parallelism::None
     };
-    let one = |i: usize, dst: &mut [f32]| {
+    let total = batch * m * n;
+    if k == 0 {
+        let mut shape = da.to_vec();
+        shape[r - 1] = n;
+        return Ok((CpuStorage::F32(vec![0f32; total]), Shape::from(shape)));
+    }
+    let one = |i: usize, dst: &mut [std::mem::MaybeUninit<f32>]| {
         // SAFETY: the layouts were checked above; element (i, row, col) of each input lies
-        // inside its storage, and each call writes only its own output chunk.
+        // inside its storage, and each call writes only its own output chunk. With k > 0 and
+        // read_dst = false, gemm stores every element of its (m, n) chunk without reading it.
         unsafe {
             gemm::gemm(
                 m,
                 n,
                 k,
-                dst.as_mut_ptr(),
+                dst.as_mut_ptr() as *mut f32,
                 1,
                 n as isize,
                 false,
@@ -263,16 +270,22 @@ fn many_small_matmuls(
             )
         }
     };
-    let mut out = fused::zeroed(batch * m * n);
+    // Not zeroed first: gemm writes every element (see `one`).
+    let mut out = Vec::<f32>::with_capacity(total);
+    let chunks = &mut out.spare_capacity_mut()[..total];
     if few {
-        out.chunks_mut((m * n).max(1))
+        chunks
+            .chunks_mut((m * n).max(1))
             .enumerate()
             .for_each(|(i, dst)| one(i, dst));
     } else {
-        out.par_chunks_mut((m * n).max(1))
+        chunks
+            .par_chunks_mut((m * n).max(1))
             .enumerate()
             .for_each(|(i, dst)| one(i, dst));
     }
+    // SAFETY: the chunks cover all `total` elements and each gemm wrote its whole chunk.
+    unsafe { out.set_len(total) };
     let mut shape = da.to_vec();
     shape[r - 1] = n;
     Ok((CpuStorage::F32(out), Shape::from(shape)))
