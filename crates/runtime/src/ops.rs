@@ -552,6 +552,12 @@ impl Linear {
             .filter(|_| !grad && !self.trainable && self.lora.is_none())
             .filter(|_| x2.dtype() == DType::F32 && rows <= QUANTIZED_MAX_ROWS);
         let inference = !grad && !self.trainable && fused::serves(&x2);
+        if inference && self.q4_1_stream(rows).is_some() {
+            if let Some(y) = Self::stream_few_rows(&[self], &x2.contiguous()?, rows, inner)? {
+                let y = y.into_iter().next().expect("one output");
+                return self.shaped_like(y, dims);
+            }
+        }
         let lora_fused = self.lora.as_ref().filter(|l| {
             (frozen_path || inference) && fused::serves(&self.w) && fused::serves(l.a.as_tensor())
         });
@@ -629,7 +635,45 @@ impl Linear {
         {
             return one_by_one(x);
         }
-        let x = x.contiguous()?;
+        match Self::stream_few_rows(linears, &x.contiguous()?, rows, inner)? {
+            Some(ys) => linears
+                .iter()
+                .zip(ys)
+                .map(|(l, y)| l.shaped_like(y, dims.clone()))
+                .collect(),
+            None => one_by_one(x),
+        }
+    }
+
+    /// The kept Q4_1 blocks, when a product of `rows` rows should stream them instead of the
+    /// f32 weight (same bits, a sixth of the bytes): past the dot-product kernel's rows (which
+    /// read f32, and where `--quantized` runs its own 8-bit kernel up to 3 rows) and up to the
+    /// streaming kernels' limit, for a frozen weight without an adapter.
+    fn q4_1_stream(&self, rows: usize) -> Option<&crate::q4_1::Q41Matrix> {
+        match self.quantized.as_deref() {
+            Some(QuantizedWeight::Q4_1(m))
+                if rows > crate::few_rows::DOT_MAX_ROWS
+                    && rows <= crate::few_rows::MAX_ROWS
+                    && !self.trainable
+                    && self.lora.is_none()
+                    && !few_rows_disabled() =>
+            {
+                Some(m)
+            }
+            _ => None,
+        }
+    }
+
+    /// `x W_j^T (+ b_j)` for flat rows `x: (rows, inner)` (contiguous f32) in one pass of the
+    /// streaming kernels, each weight as f32 or as its kept Q4_1 blocks ([`Self::q4_1_stream`]);
+    /// `None` when the kernels do not serve this CPU or these rows.
+    fn stream_few_rows(
+        linears: &[&Linear],
+        x: &Tensor,
+        rows: usize,
+        inner: usize,
+    ) -> Result<Option<Vec<Tensor>>> {
+        use crate::few_rows::StreamWeight;
         let ws: Vec<Tensor> = linears
             .iter()
             .map(|l| l.w.contiguous())
@@ -645,20 +689,27 @@ impl Linear {
                     _ => None,
                 }
             }
-            let (Some(xv), Some(wvs)) = (
+            let (Some(xv), Some(streams)) = (
                 f32s(&xs, xl, x.elem_count()),
                 guards
                     .iter()
                     .zip(&ws)
-                    .map(|((s, l), w)| f32s(s, l, w.elem_count()).map(|v| (v, w.dims()[0])))
+                    .zip(linears)
+                    .map(|(((s, l), w), lin)| {
+                        let out = w.dims()[0];
+                        match lin.q4_1_stream(rows) {
+                            Some(m) => Some((StreamWeight::Q4_1(m.blocks()), out)),
+                            None => f32s(s, l, w.elem_count()).map(|v| (StreamWeight::F32(v), out)),
+                        }
+                    })
                     .collect::<Option<Vec<_>>>(),
             ) else {
-                candle_core::bail!("forward_shared: expected f32 CPU tensors")
+                candle_core::bail!("stream_few_rows: expected f32 CPU tensors")
             };
-            crate::few_rows::few_rows_matmul_many(xv, rows, &wvs, inner)
+            crate::few_rows::few_rows_matmul_streams(xv, rows, &streams, inner)
         };
         let Some(ys) = ys else {
-            return one_by_one(&x);
+            return Ok(None);
         };
         linears
             .iter()
@@ -668,9 +719,10 @@ impl Linear {
                 if let Some(b) = &l.bias {
                     y = y.broadcast_add(&b.detach())?;
                 }
-                l.shaped_like(y, dims.clone())
+                Ok(y)
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
     }
 
     /// `y: (rows, out)` in the input's leading dims (`in_dims`), unchanged when those are flat.

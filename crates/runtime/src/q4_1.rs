@@ -24,6 +24,18 @@ pub struct BlockQ4_1 {
     qs: [u8; 16],
 }
 
+impl BlockQ4_1 {
+    /// The block's scale `d` and minimum `m` as f32 (exact).
+    pub fn scale_and_min(&self) -> (f32, f32) {
+        (f16_to_f32(self.d), f16_to_f32(self.m))
+    }
+
+    /// The 16 packed bytes: weight `j` in byte `j`'s low nibble, weight `j + 16` in its high one.
+    pub fn packed(&self) -> &[u8; 16] {
+        &self.qs
+    }
+}
+
 /// One row's activations as Q8_1 blocks.
 struct RowQ8_1 {
     d: Vec<f32>,
@@ -63,6 +75,16 @@ impl Q41Matrix {
             out_dim,
             in_dim,
         })
+    }
+
+    /// The blocks, `in / 32` per output row, rows in order.
+    pub fn blocks(&self) -> &[BlockQ4_1] {
+        &self.blocks
+    }
+
+    /// `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.out_dim, self.in_dim)
     }
 
     /// The weights as f32 `(out, in)`, for tests and for checking a load.

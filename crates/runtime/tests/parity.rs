@@ -354,6 +354,36 @@ fn quantized_weights_are_used_for_few_rows_and_stay_close_to_the_reference() {
         }
     }
     assert!(kept_q4_1 > 0, "no Q4_1 weight was kept");
+    let hidden = q.cfg.hidden;
+    // From 5 to 48 rows every Q4_1 projection streams its blocks with the bits of the f32 weight
+    // (one at a time, and the query, key and value read together).
+    for rows in [5, 20, 48] {
+        let xr = Tensor::randn(0f32, 1.0, (rows, hidden), &Device::Cpu).unwrap();
+        let same = |a: &Tensor, b: &Tensor| {
+            let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
+            d.max(0).unwrap().to_scalar::<f32>().unwrap() == 0.0
+        };
+        let (ql, pl) = (q.blocks[3].linears_mut(), plain.blocks[3].linears_mut());
+        let streams = ql.iter().filter(|(_, l)| l.quantized.is_some()).count();
+        assert!(streams > 0, "block 3 kept no quantized weight");
+        for ((name, a), (_, b)) in ql.iter().zip(&pl) {
+            if a.w.dims()[1] == hidden {
+                let (ya, yb) = (
+                    a.forward(&xr, false).unwrap(),
+                    b.forward(&xr, false).unwrap(),
+                );
+                assert!(same(&ya, &yb), "{name}, {rows} rows: not the f32 bits");
+            }
+        }
+        let pick = |ls: &[(&'static str, &mut safegeo_runtime::Linear)], n: &str| {
+            ls.iter().position(|(k, _)| *k == n).unwrap()
+        };
+        let (iq, ik) = (pick(&ql, "q"), pick(&ql, "k"));
+        let together =
+            safegeo_runtime::Linear::forward_shared([&*ql[iq].1, &*ql[ik].1], &xr, false).unwrap();
+        assert!(same(&together[0], &pl[iq].1.forward(&xr, false).unwrap()));
+        assert!(same(&together[1], &pl[ik].1.forward(&xr, false).unwrap()));
+    }
     let (q, plain) = (q, plain);
     let x = Tensor::randn(0f32, 1.0, (8, q.cfg.hidden), &Device::Cpu).unwrap();
     let diff = |rows: usize| -> (f32, f32) {
@@ -376,7 +406,11 @@ fn quantized_weights_are_used_for_few_rows_and_stay_close_to_the_reference() {
         d1 < 0.05 * scale,
         "one row: max |diff| {d1} vs scale {scale}"
     );
-    assert_eq!(diff(8).0, 0.0, "8 rows must use the f32 gemm");
+    assert_eq!(
+        diff(8).0,
+        0.0,
+        "8 rows: the head's product must have the f32 bits"
+    );
     // 8-bit activations move logits by ~0.1, enough to swap a near tie, and which side of a tie
     // the f32 model lands on depends on the gemm kernel this CPU runs (AVX2 vs AVX-512). So the
     // reference continuations are decoded teacher-forced, one row per step as in generation:
