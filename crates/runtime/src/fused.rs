@@ -885,7 +885,8 @@ fn gemm_acc(
 }
 
 /// `dst = a b`, or with `accumulate = Some(s)` `dst += s a b`; on the calling thread alone
-/// unless `threaded`.
+/// unless `threaded`. By the system OpenBLAS where `crate::blas` found one and takes the
+/// product, else by the `gemm` crate.
 ///
 /// # Safety
 /// `dst` points to `m * n` writable f32 (row-major), and `a`, `b` hold every element their
@@ -901,6 +902,24 @@ unsafe fn gemm_general(
     accumulate: Option<f32>,
     threaded: bool,
 ) {
+    if let Some(blas) = crate::blas::get() {
+        // SAFETY: the same contract as this function's.
+        let done = unsafe {
+            blas.sgemm(
+                dst,
+                (m, n, k),
+                a,
+                (a_cs, a_rs),
+                b,
+                (b_cs, b_rs),
+                accumulate,
+                threaded,
+            )
+        };
+        if done {
+            return;
+        }
+    }
     let threads = candle_core::utils::get_num_threads();
     let par = if threaded && threads > 1 {
         gemm::Parallelism::Rayon(threads)

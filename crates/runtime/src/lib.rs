@@ -3,6 +3,7 @@
 #![deny(missing_docs)]
 
 pub mod alloc_guard;
+pub mod blas;
 pub mod block_cache;
 mod config;
 mod error;
