@@ -20,7 +20,8 @@ pub struct ModelArgs {
     /// Q4_0, Q8_0 and K-quants with candle's; Q5_0/Q5_1 requantized to Q8_0). Activations are
     /// quantized to 8 bits as in llama.cpp, so logits differ slightly from the f32 reference
     /// (near ties may swap); larger matmuls (prompt passes, batches over 3), gradients and edited
-    /// weights use f32.
+    /// weights use f32 (Q4_1 weights at 5-16 rows stream the file's blocks, dequantized on the fly
+    /// to exactly the f32 values: same results, less memory traffic).
     #[arg(long)]
     pub quantized: bool,
 }

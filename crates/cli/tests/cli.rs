@@ -2095,6 +2095,11 @@ fn bad_training_options_are_refused_before_the_model_loads() {
         2,
         "--decision-harmful-share 1: use a share strictly between 0 and 1",
     );
+    fails_with(
+        &run(&["--decision-hard-share", "1.5"]),
+        2,
+        "--decision-hard-share 1.5: use a share from 0 to 1",
+    );
     // Nothing was written for a run that never started.
     assert!(!out.exists());
 }

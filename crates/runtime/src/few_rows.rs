@@ -291,11 +291,47 @@ fn by_kernel_on(
 /// The broadcast kernels for one instruction set (`$feature`, vectors `$vec` of `$w` f32
 /// lanes and their intrinsics): `lanes_rows` over f32 weight rows, `lanes_rows_q4_1` over Q4_1
 /// blocks expanded by the module's own `dequantize`; both end in the same tile, so a weight
-/// gives the same bits either way.
+/// gives the same bits either way. `tiles` maps the vectors of `x^T` (1 per `$w` rows of x) to
+/// the weight rows per tile; `lanes_block` and `lanes_block_q4_1` dispatch on it.
 #[cfg(target_arch = "x86_64")]
 macro_rules! lanes_kernels {
     ($feature:literal, $vec:ty, $w:literal, $zero:ident, $load:ident, $store:ident,
-     $set1:ident, $fmadd:ident) => {
+     $set1:ident, $fmadd:ident, tiles: [$($v:literal => $no:literal),+]) => {
+        /// `dst[o * lanes * vectors + i] = w_o . x_i` for the `n` weight rows of `w`, from
+        /// `x_t: (inner, lanes * vectors)` (x transposed, padded with zeros); `dst` holds
+        /// `(n, lanes * vectors)`. Weight rows per tile: as many accumulators as the registers
+        /// hold.
+        #[target_feature(enable = $feature)]
+        pub unsafe fn lanes_block(
+            x_t: &[f32],
+            vectors: usize,
+            w: &[f32],
+            n: usize,
+            inner: usize,
+            dst: &mut [f32],
+        ) {
+            match vectors {
+                $($v => lanes_rows::<$v, $no>(x_t, w, n, inner, dst),)+
+                _ => unreachable!("lanes_block: at most 48 rows"),
+            }
+        }
+
+        /// [`lanes_block`] for `n` rows of Q4_1 blocks, `inner / 32` per row.
+        #[target_feature(enable = $feature)]
+        pub unsafe fn lanes_block_q4_1(
+            x_t: &[f32],
+            vectors: usize,
+            blocks: &[BlockQ4_1],
+            n: usize,
+            inner: usize,
+            dst: &mut [f32],
+        ) {
+            match vectors {
+                $($v => lanes_rows_q4_1::<$v, $no>(x_t, blocks, n, inner, dst),)+
+                _ => unreachable!("lanes_block_q4_1: at most 48 rows"),
+            }
+        }
+
         /// Steps of `k` per pass over a task's tiles: a chunk of `x^T` (at most 128 x 48
         /// floats, 24 KiB) stays in L1 while the tiles' weights stream by; the partial sums
         /// wait in `dst` between chunks, so each output is still one running sum in `k` order.
@@ -584,46 +620,10 @@ mod avx512 {
         _mm512_loadu_ps,
         _mm512_storeu_ps,
         _mm512_set1_ps,
-        _mm512_fmadd_ps
+        _mm512_fmadd_ps,
+        // At most 24 accumulators of the 32 registers.
+        tiles: [1 => 16, 2 => 12, 3 => 8]
     );
-
-    /// `dst[o * 16 vectors + i] = w_o . x_i` for the `n` weight rows of `w`, from `x_t: (inner,
-    /// 16 * vectors)` (x transposed, padded with zeros); `dst` holds `(n, 16 * vectors)`.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn lanes_block(
-        x_t: &[f32],
-        vectors: usize,
-        w: &[f32],
-        n: usize,
-        inner: usize,
-        dst: &mut [f32],
-    ) {
-        // Weight rows per tile: at most 24 accumulators, as many as fit.
-        match vectors {
-            1 => lanes_rows::<1, 16>(x_t, w, n, inner, dst),
-            2 => lanes_rows::<2, 12>(x_t, w, n, inner, dst),
-            3 => lanes_rows::<3, 8>(x_t, w, n, inner, dst),
-            _ => unreachable!("lanes_block: at most 48 rows"),
-        }
-    }
-
-    /// [`lanes_block`] for `n` rows of Q4_1 blocks, `inner / 32` per row.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn lanes_block_q4_1(
-        x_t: &[f32],
-        vectors: usize,
-        blocks: &[BlockQ4_1],
-        n: usize,
-        inner: usize,
-        dst: &mut [f32],
-    ) {
-        match vectors {
-            1 => lanes_rows_q4_1::<1, 16>(x_t, blocks, n, inner, dst),
-            2 => lanes_rows_q4_1::<2, 12>(x_t, blocks, n, inner, dst),
-            3 => lanes_rows_q4_1::<3, 8>(x_t, blocks, n, inner, dst),
-            _ => unreachable!("lanes_block_q4_1: at most 48 rows"),
-        }
-    }
 
     /// Q4_1 blocks to their f32 weights, `d q + m` per weight (one rounding, as the loader's
     /// `q * d + m`, since `q * d` is exact).
@@ -667,7 +667,7 @@ mod avx512 {
 }
 
 /// The broadcast kernels on 8-lane vectors with 16 registers: at most 12 accumulators per tile
-/// (a weight tile of 8, 6, 4, 3 or 2 rows against 1-6 vectors of `x^T`).
+/// (a weight tile of 8, 6, 3, 2 or 1 rows against 1-6 vectors of `x^T`).
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use crate::q4_1::{BlockQ4_1, BLOCK};
@@ -681,51 +681,10 @@ mod avx2 {
         _mm256_loadu_ps,
         _mm256_storeu_ps,
         _mm256_set1_ps,
-        _mm256_fmadd_ps
+        _mm256_fmadd_ps,
+        // At most 12 accumulators of the 16 registers.
+        tiles: [1 => 8, 2 => 6, 3 => 3, 4 => 2, 5 => 2, 6 => 1]
     );
-
-    /// `dst[o * 8 vectors + i] = w_o . x_i` for the `n` weight rows of `w`, from `x_t: (inner,
-    /// 8 * vectors)` (x transposed, padded with zeros); `dst` holds `(n, 8 * vectors)`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn lanes_block(
-        x_t: &[f32],
-        vectors: usize,
-        w: &[f32],
-        n: usize,
-        inner: usize,
-        dst: &mut [f32],
-    ) {
-        match vectors {
-            1 => lanes_rows::<1, 8>(x_t, w, n, inner, dst),
-            2 => lanes_rows::<2, 6>(x_t, w, n, inner, dst),
-            3 => lanes_rows::<3, 3>(x_t, w, n, inner, dst),
-            4 => lanes_rows::<4, 2>(x_t, w, n, inner, dst),
-            5 => lanes_rows::<5, 2>(x_t, w, n, inner, dst),
-            6 => lanes_rows::<6, 1>(x_t, w, n, inner, dst),
-            _ => unreachable!("lanes_block: at most 48 rows"),
-        }
-    }
-
-    /// [`lanes_block`] for `n` rows of Q4_1 blocks, `inner / 32` per row.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn lanes_block_q4_1(
-        x_t: &[f32],
-        vectors: usize,
-        blocks: &[BlockQ4_1],
-        n: usize,
-        inner: usize,
-        dst: &mut [f32],
-    ) {
-        match vectors {
-            1 => lanes_rows_q4_1::<1, 8>(x_t, blocks, n, inner, dst),
-            2 => lanes_rows_q4_1::<2, 6>(x_t, blocks, n, inner, dst),
-            3 => lanes_rows_q4_1::<3, 3>(x_t, blocks, n, inner, dst),
-            4 => lanes_rows_q4_1::<4, 2>(x_t, blocks, n, inner, dst),
-            5 => lanes_rows_q4_1::<5, 2>(x_t, blocks, n, inner, dst),
-            6 => lanes_rows_q4_1::<6, 1>(x_t, blocks, n, inner, dst),
-            _ => unreachable!("lanes_block_q4_1: at most 48 rows"),
-        }
-    }
 
     /// Q4_1 blocks to their f32 weights, `d q + m` per weight (one rounding, as the loader's
     /// `q * d + m`, since `q * d` is exact).

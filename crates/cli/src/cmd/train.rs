@@ -104,6 +104,12 @@ pub struct TrainArgs {
     /// thousands of harmless requests instead of hundreds. 0 = no decision stream.
     #[arg(long, default_value_t = 2048)]
     pub n_decision_negatives: usize,
+    /// Share of the decision negatives taken by vocabulary hardness (the harmless prompts that
+    /// share the most words with the harmful ones, after those of --n-hard-negatives) instead of
+    /// at random: 0 = all random, 1 = all hard. On the default model all-hard ranked JBB harmful
+    /// over benign no better than random (README, session 19).
+    #[arg(long, default_value_t = 0.0)]
+    pub decision_hard_share: f64,
     /// Decision prompts per micro-batch, run in a forward of their own.
     #[arg(long, default_value_t = 32)]
     pub decision_batch: usize,
@@ -280,6 +286,12 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
             a.decision_harmful_share
         ));
     }
+    if !(0.0..=1.0).contains(&a.decision_hard_share) {
+        return Err(common::invalid!(
+            "--decision-hard-share {}: use a share from 0 to 1 (e.g. 0.5)",
+            a.decision_hard_share
+        ));
+    }
     let harmful = load_train_split(&a.harmful, a.n_harmful, a)?;
     let mut harmless = load_train_split(&a.harmless, Some(a.n_harmless), a)?;
     // The whole harmless split, read once for whichever extra prompts are drawn from it.
@@ -297,7 +309,23 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
     if a.contrast_negatives {
         harmless.extend(data::contrast_negatives(&harmful, a.seed));
     }
-    let decision_negatives = data::sample_excluding(&pool, &harmless, n_decision_negatives, a.seed);
+    let n_hard_decision = (n_decision_negatives as f64 * a.decision_hard_share).round() as usize;
+    let mut decision_negatives = if n_hard_decision > 0 {
+        data::hard_negatives(&harmful, &pool, &harmless, n_hard_decision)
+    } else {
+        Vec::new()
+    };
+    let taken: Vec<String> = harmless
+        .iter()
+        .chain(&decision_negatives)
+        .cloned()
+        .collect();
+    decision_negatives.extend(data::sample_excluding(
+        &pool,
+        &taken,
+        n_decision_negatives - decision_negatives.len(),
+        a.seed,
+    ));
     let model = common::load(&a.model)?;
     if let Some(l) = cfg.lora.as_mut() {
         l.layers = a.lora_layers.resolve(model.cfg.n_layer);
@@ -319,6 +347,9 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
         config["decision_harmful"] = decision_harmful.into();
         if a.decision_harmful_share != 0.5 {
             config["decision_harmful_share"] = a.decision_harmful_share.into();
+        }
+        if a.decision_hard_share > 0.0 {
+            config["decision_hard_share"] = a.decision_hard_share.into();
         }
     }
     if a.decision_boundary != 0.5 {
