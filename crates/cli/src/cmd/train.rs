@@ -46,7 +46,9 @@ pub struct TrainArgs {
     /// Full fine-tuning instead of LoRA.
     #[arg(long)]
     pub full: bool,
-    /// LoRA rank.
+    /// LoRA rank. With the defaults otherwise, rank 64 (alpha 128) ranked JailbreakBench harmful
+    /// over benign prompts better than 16 (refusal-score AUC 0.88-0.90 against 0.86-0.88) but
+    /// refused more of both; see the README's safety-training section.
     #[arg(long, default_value_t = 16)]
     pub lora_rank: usize,
     /// LoRA alpha (scale alpha / rank).
