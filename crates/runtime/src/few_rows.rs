@@ -822,11 +822,9 @@ mod tests {
         let x: Vec<f32> = (0..rows * inner).map(|i| (i as f32 * 0.37).sin()).collect();
         let w: Vec<f32> = (0..out * inner).map(|i| (i as f32 * 0.11).cos()).collect();
         let run = |threads: usize| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap()
-                .install(|| by_kernel(&x, rows, &[(StreamWeight::F32(&w), out)], inner, false))
+            crate::testing::with_threads(threads, || {
+                by_kernel(&x, rows, &[(StreamWeight::F32(&w), out)], inner, false)
+            })
         };
         let one = run(1);
         if one.is_none() {

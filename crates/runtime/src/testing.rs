@@ -16,6 +16,15 @@ pub fn random_tensor(shape: &[usize], seed: u64, scale: f32) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).expect("shape matches its element count")
 }
 
+/// `f` run on a fresh rayon pool of `threads` threads (for tests that compare thread counts).
+pub fn with_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("a thread pool")
+        .install(f)
+}
+
 /// Largest absolute element of `t`, as f64 (any float dtype).
 pub fn max_abs(t: &Tensor) -> f64 {
     t.abs()

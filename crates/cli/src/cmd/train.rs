@@ -317,11 +317,7 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
     } else {
         Vec::new()
     };
-    let taken: Vec<String> = harmless
-        .iter()
-        .chain(&decision_negatives)
-        .cloned()
-        .collect();
+    let taken = [harmless.as_slice(), decision_negatives.as_slice()].concat();
     decision_negatives.extend(data::sample_excluding(
         &pool,
         &taken,
