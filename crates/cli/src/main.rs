@@ -63,6 +63,14 @@ enum Command {
 }
 
 fn main() {
+    // Rust ignores SIGPIPE, so printing into a closed pipe (`safegeo forward --json | head`)
+    // panicked in println!. With the default action the process ends quietly, as other Unix
+    // tools do; sockets are unaffected (std sends with MSG_NOSIGNAL).
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to its default before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     // Without RAYON_NUM_THREADS, candle counts physical cores by parsing /proc/cpuinfo on every
     // matmul (num_cpus): 3.5% of batch-1 decoding in a profile. Pin its own answer once.
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {

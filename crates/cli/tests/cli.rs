@@ -2103,3 +2103,20 @@ fn bad_training_options_are_refused_before_the_model_loads() {
     // Nothing was written for a run that never started.
     assert!(!out.exists());
 }
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let home = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_safegeo"))
+        .args(["model", "list", "--json"])
+        .env("SAFEGEO_HOME", home.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader goes away before anything is written.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "panic: {err}");
+}
