@@ -52,6 +52,9 @@ enum Command {
     Attack(cmd::attack::AttackArgs),
     /// Safety-train a model (SFT, R2D2, worst-insertion, harmful-prefix, DeRTa) into anchor checkpoints.
     Train(cmd::train::TrainArgs),
+    /// Set a safety-trained checkpoint's operating point on validation prompts (interpolation
+    /// toward the base model).
+    Calibrate(cmd::calibrate::CalibrateArgs),
     /// The main job on the default model: SFT and R2D2 trajectories, their measurements, the report.
     Demo(cmd::demo::DemoArgs),
     /// Behaviour and geometry at every anchor of training runs: the trajectory table and report.
@@ -120,6 +123,7 @@ fn main() {
         Command::Bench(a) => cmd::bench::run(a),
         Command::Attack(a) => cmd::attack::run(a),
         Command::Train(a) => cmd::train::run(a),
+        Command::Calibrate(a) => cmd::calibrate::run(a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Deception(a) => cmd::deception::run(a),
         Command::Trajectory(a) => cmd::trajectory::run(a),

@@ -15,6 +15,7 @@ mod fused;
 mod generate;
 pub mod gguf_check;
 mod hooks;
+mod interpolate;
 mod load;
 mod model;
 pub mod models;
@@ -35,6 +36,7 @@ pub use generate::{
 pub use hooks::{
     unit, Captured, Hooks, Intervention, NoHooks, Observer, Phase, Positions, Scope, Site, SiteInfo,
 };
+pub use interpolate::Interpolation;
 pub use load::{load_model, load_model_with, LoadOptions};
 pub use model::{
     attend, backward, AttnCtx, Block, KvCache, LayerCache, Layout, LogitsAt, Model, Tape,

@@ -3,6 +3,7 @@
 //! writes a trajectory of anchor checkpoints.
 #![deny(missing_docs)]
 
+pub mod calibrate;
 pub mod data;
 pub mod decision;
 pub mod r2d2;

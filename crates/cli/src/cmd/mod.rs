@@ -1,5 +1,6 @@
 pub mod attack;
 pub mod bench;
+pub mod calibrate;
 pub mod deception;
 pub mod demo;
 pub mod eval;
