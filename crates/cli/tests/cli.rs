@@ -1895,6 +1895,15 @@ fn carriers_select_sweep_attack_and_train_resume_after_kill_9_to_the_uninterrupt
         serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
     tc["chat_template"] = "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }} w2 {% else %}{{ m['content'] }} w0 {% endif %}{% endfor %}".into();
     std::fs::write(&config, tc.to_string()).unwrap();
+    // The recipe's opening bias (written into the anchors after training) reads the reply
+    // opening on the validation split of the data directory.
+    let data = h.join("data");
+    std::fs::create_dir_all(data.join("refusal_splits")).unwrap();
+    std::fs::write(
+        data.join("refusal_splits/harmful_val.json"),
+        r#"[{"instruction": "w1 w4 w5", "category": "c"}, {"instruction": "w7 w2", "category": "c"}]"#,
+    )
+    .unwrap();
     let point = random_point(2, 9);
     let (full, cut, _) = full_and_resumed(
         h,
@@ -1924,6 +1933,10 @@ fn carriers_select_sweep_attack_and_train_resume_after_kill_9_to_the_uninterrupt
                 "0",
                 "--utility-tokens",
                 "6",
+                "--opening-bias",
+                "-1.5",
+                "--data-dir",
+                data.to_str().unwrap(),
                 "--out",
                 out.to_str().unwrap(),
             ])
@@ -1953,6 +1966,24 @@ fn carriers_select_sweep_attack_and_train_resume_after_kill_9_to_the_uninterrupt
         &cut.join("ckpt-000012/model.safetensors"),
         &format!("train killed after step {point}"),
     );
+    // Anchors after step 0 carry the opening bias in an untied head, recorded beside them;
+    // anchor 0 is the starting model as it is.
+    let json = |p: std::path::PathBuf| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    for step in ["000006", "000012"] {
+        let ck = full.join(format!("ckpt-{step}"));
+        let cal = json(ck.join("calibration.json"));
+        assert_eq!(cal["bias_logits"].as_f64(), Some(-1.5), "{cal}");
+        assert_eq!(cal["probes"][0]["prompts"].as_u64(), Some(2), "{cal}");
+        assert_eq!(
+            json(ck.join("checkpoint.json"))["opening_bias"].as_f64(),
+            Some(-1.5)
+        );
+        assert_eq!(json(ck.join("config.json"))["tie_word_embeddings"], false);
+    }
+    assert!(!full.join("ckpt-000000/calibration.json").exists());
+    assert!(json(full.join("ckpt-000000/config.json"))["tie_word_embeddings"] == true);
 }
 
 #[test]
@@ -2102,6 +2133,71 @@ fn bad_training_options_are_refused_before_the_model_loads() {
     );
     // Nothing was written for a run that never started.
     assert!(!out.exists());
+}
+
+#[test]
+fn calibrate_writes_a_biased_model_and_names_what_is_missing() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let out = h.join("cal");
+    let o = out.to_str().unwrap();
+    // A bias that would raise refusal is not this knob's job; refused before anything loads.
+    fails_with(
+        &safegeo(
+            &[
+                "calibrate",
+                "-m",
+                "/nonexistent",
+                "--knob",
+                "opening-bias",
+                "--bias",
+                "2",
+                "--out",
+                o,
+            ],
+            h,
+        ),
+        2,
+        "--bias 2",
+    );
+    let model = h.join("tiny");
+    write_tiny_hf(Arch::Llama, 3, &model).unwrap();
+    let m = model.to_str().unwrap();
+    // Interpolation needs the base model, which a plain folder does not name.
+    let r = safegeo(&["calibrate", "-m", m, "--out", o], h);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success() && err.contains("--base") && err.contains("checkpoint.json"),
+        "{err}"
+    );
+    // A fixed opening bias: a loadable folder with the bias and its validation refusal recorded.
+    let harm = prompt_file(h, "harm.jsonl", 1, "harmful", 3);
+    let r = safegeo(
+        &[
+            "calibrate",
+            "-m",
+            m,
+            "--knob",
+            "opening-bias",
+            "--bias",
+            "-2",
+            "--val",
+            &harm,
+            "--max-new-tokens",
+            "2",
+            "--out",
+            o,
+        ],
+        h,
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let cal: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("calibration.json")).unwrap())
+            .unwrap();
+    assert_eq!(cal["bias_logits"].as_f64(), Some(-2.0), "{cal}");
+    assert_eq!(cal["probes"][0]["prompts"].as_u64(), Some(3), "{cal}");
+    let r = safegeo(&["forward", "-m", o, "--no-template", "--chat", "w1 w2"], h);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
 }
 
 #[test]

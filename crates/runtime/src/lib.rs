@@ -19,6 +19,7 @@ mod interpolate;
 mod load;
 mod model;
 pub mod models;
+mod opening_bias;
 mod ops;
 mod optim;
 pub mod q4_1;
@@ -41,6 +42,7 @@ pub use load::{load_model, load_model_with, LoadOptions};
 pub use model::{
     attend, backward, AttnCtx, Block, KvCache, LayerCache, Layout, LogitsAt, Model, Tape,
 };
+pub use opening_bias::OpeningBias;
 pub use ops::{
     log_softmax_last, rms_norm, rope, softmax_last, target_log_probs, Linear, Lora, QuantizedWeight,
 };

@@ -1,23 +1,55 @@
 //! Operating point of a safety-trained checkpoint, set on validation prompts (`safegeo
 //! calibrate`). Training fixes how a model ranks requests by harm; where along that ranking it
 //! starts to refuse varies from run to run (README, safety training: two seeds of one recipe
-//! refuse 0.82 and 0.89 of JailbreakBench harmful, 0.18 and 0.38 of its benign prompts). The
-//! calibrated model is the least interpolation toward the checkpoint that still refuses the
-//! requested share of held-out harmful prompts:
+//! refuse 0.82 and 0.89 of JailbreakBench harmful, 0.18 and 0.38 of its benign prompts). A knob
+//! with one setting `t in [0, 1]` (1 = the checkpoint as trained, smaller = refuses less) is
+//! turned to the least setting that still refuses the requested share `R` of held-out harmful
+//! prompts:
 //!
-//! `s* = min { s in [0, 1] : refused_val(theta_base + s (theta_ckpt - theta_base)) >= R }`
+//! `t* = min { t in [0, 1] : refused_val(model(t)) >= R }`
 //!
-//! found by bisection (refusal grows with `s`; the probes are all recorded, so a violation
-//! shows). Refusal is the substring judge on greedy replies to the validation suites
-//! (`harmful-val` by default: the refusal-direction validation split, disjoint from the
-//! training split and from JailbreakBench). Every probe's replies are kept under
-//! `work_dir/scale-S/records.jsonl`, so an interrupted calibration resumes.
+//! found by bisection (refusal grows with `t`; every probe is recorded, so a violation shows).
+//! Two knobs:
+//! - `interpolate`: `theta(t) = theta_base + t (theta_ckpt - theta_base)` (WiSE-FT), every change
+//!   training made scaled alike;
+//! - `opening-bias`: the refusal-opening tokens' logits at the reply's first position shifted by
+//!   `beta(t) = -B (1 - t)` (`safegeo_runtime::OpeningBias`, written into an untied LM head),
+//!   which moves the greedy threshold along the ranking the checkpoint already has.
+//!
+//! Refusal is the substring judge on greedy replies to the validation suites (`harmful-val` by
+//! default: the refusal-direction validation split, disjoint from the training split and from
+//! JailbreakBench). Every probe's replies are kept under `work_dir/scale-T/records.jsonl`, so an
+//! interrupted calibration resumes.
 use crate::{Error, Result};
 use safegeo_data::eval::{run_eval, EvalSpec, Record};
 use safegeo_data::judges::{Judge, SubstringMatcher};
-use safegeo_runtime::{GenerateConfig, Interpolation, Model, NoHooks};
+use safegeo_data::{load_dataset, LoadSpec};
+use safegeo_runtime::{GenerateConfig, Interpolation, Message, Model, NoHooks, OpeningBias};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+
+/// What moves the operating point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Knob {
+    /// Weight interpolation toward the base model.
+    Interpolate,
+    /// A negative bias on the refusal-opening tokens at the reply's first position.
+    OpeningBias,
+}
+
+impl std::str::FromStr for Knob {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "interpolate" => Ok(Knob::Interpolate),
+            "opening-bias" => Ok(Knob::OpeningBias),
+            o => Err(format!(
+                "unknown knob `{o}`: use interpolate or opening-bias"
+            )),
+        }
+    }
+}
 
 /// What `safegeo calibrate` aims for and how it measures it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -38,6 +70,14 @@ pub struct CalibrateConfig {
     pub system: Option<String>,
     /// The substring judge's list (JSON array or one per line) instead of Arditi's.
     pub substring_list: Option<PathBuf>,
+    /// Use this setting instead of searching (its validation refusal is still measured).
+    pub fixed_scale: Option<f64>,
+    /// What moves the operating point.
+    pub knob: Knob,
+    /// `opening-bias`: the bias at `t = 0`, in logits (`beta(t) = -max_bias (1 - t)`).
+    pub max_bias: f64,
+    /// `opening-bias`: the refusal openings whose first tokens are shifted.
+    pub openings: Vec<String>,
 }
 
 impl Default for CalibrateConfig {
@@ -51,6 +91,15 @@ impl Default for CalibrateConfig {
             data_dir: None,
             system: None,
             substring_list: None,
+            fixed_scale: None,
+            knob: Knob::Interpolate,
+            max_bias: 8.0,
+            // The first words of the built-in refusal banks (crates/train/src/data.rs), and
+            // "I", which opens the base model's own refusals ("I'm sorry for any
+            // misunderstanding, but ...") that safety-trained models keep using.
+            openings: ["Sorry", "Unfortunately", "No", "I"]
+                .map(String::from)
+                .to_vec(),
         }
     }
 }
@@ -66,6 +115,18 @@ impl CalibrateConfig {
         }
         if !(self.tolerance > 0.0 && self.tolerance < 1.0) {
             return bad(format!("--tolerance {} is not in (0, 1)", self.tolerance));
+        }
+        if let Some(f) = self.fixed_scale.filter(|f| !(0.0..=1.0).contains(f)) {
+            return bad(format!("--scale {f} is not in [0, 1]"));
+        }
+        if !(self.max_bias.is_finite() && self.max_bias > 0.0) {
+            return bad(format!(
+                "--max-bias {} is not a positive number of logits",
+                self.max_bias
+            ));
+        }
+        if self.knob == Knob::OpeningBias && self.openings.is_empty() {
+            return bad("--openings is empty".into());
         }
         if self.suites.is_empty() {
             return bad("no validation suite given (--val)".into());
@@ -98,8 +159,13 @@ impl Probe {
 /// The outcome, written to `calibration.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Calibration {
-    /// The chosen scale `s*` (1 when even the checkpoint falls short of the target).
+    /// The chosen setting `t*` (1 when even the checkpoint falls short of the target).
     pub scale: f64,
+    /// `opening-bias`: the bias written, in logits.
+    pub bias_logits: Option<f64>,
+    /// `opening-bias`: `(h . mu) / |mu|^2` over the validation prompts (min, mean, max): how
+    /// evenly the bias lands (1 = exactly `bias_logits` everywhere).
+    pub bias_spread: Option<[f32; 3]>,
     /// Whether the checkpoint itself reaches the target (otherwise `scale` is 1 and the
     /// calibrated model is the checkpoint).
     pub reached: bool,
@@ -186,11 +252,12 @@ fn measure(model: &Model, cfg: &CalibrateConfig, scale: f64, dir: &Path) -> Resu
 fn claim_work_dir(
     work_dir: &Path,
     model: &Model,
-    base: &Model,
+    base: Option<&Path>,
     cfg: &CalibrateConfig,
 ) -> Result<()> {
     let what = serde_json::json!({
-        "checkpoint": model.source, "base_model": base.source,
+        "checkpoint": model.source, "base_model": base, "knob": cfg.knob,
+        "max_bias": cfg.max_bias, "openings": cfg.openings,
         "suites": cfg.suites, "max_new_tokens": cfg.max_new_tokens,
         "system": cfg.system, "substring_list": cfg.substring_list,
     });
@@ -217,37 +284,110 @@ fn claim_work_dir(
     Ok(())
 }
 
-/// Calibrate `model` (the checkpoint, weights merged) against `base` (the model it was trained
-/// from): on return `model` holds the calibrated weights. `on_probe` sees each measurement.
+/// The validation prompts as the model will see them (chat-rendered, generation prompt added).
+fn validation_prompts(model: &Model, cfg: &CalibrateConfig) -> Result<Vec<Vec<u32>>> {
+    let mut out = Vec::new();
+    for suite in &cfg.suites {
+        let d = load_dataset(
+            suite,
+            &LoadSpec {
+                data_dir: cfg.data_dir.as_deref(),
+                category: None,
+                limit: None,
+                seed: 0,
+                prompt_column: None,
+            },
+        )?;
+        for it in &d.items {
+            let mut msgs = Vec::new();
+            if let Some(sys) = &cfg.system {
+                msgs.push(Message::new("system", sys.clone()));
+            }
+            msgs.push(Message::new("user", it.prompt.clone()));
+            out.push(model.tok.encode_chat(&msgs, false)?);
+        }
+    }
+    Ok(out)
+}
+
+/// The knob, ready to turn.
+enum Turn {
+    Interpolate(Interpolation),
+    Bias(OpeningBias, f64),
+}
+
+impl Turn {
+    fn apply(&self, model: &mut Model, t: f64) -> Result<()> {
+        match self {
+            Turn::Interpolate(i) => i.apply(model, t)?,
+            Turn::Bias(b, max) => b.apply(model, -max * (1.0 - t))?,
+        }
+        Ok(())
+    }
+}
+
+/// Calibrate `model` (the checkpoint, weights merged; `base` is the model it was trained from,
+/// needed by the `interpolate` knob): on return `model` holds the calibrated weights.
+/// `on_probe` sees each measurement.
 pub fn calibrate(
     model: &mut Model,
-    base: &mut Model,
+    base: Option<&mut Model>,
     cfg: &CalibrateConfig,
     work_dir: &Path,
     on_probe: &mut dyn FnMut(&Probe),
 ) -> Result<Calibration> {
     cfg.check()?;
-    claim_work_dir(work_dir, model, base, cfg)?;
-    let interp = Interpolation::new(model, base)?;
-    let mut refusal = |scale: f64| -> Result<Probe> {
-        interp.apply(model, scale)?;
-        let p = measure(
-            model,
-            cfg,
-            scale,
-            &work_dir.join(format!("scale-{scale:.6}")),
-        )?;
+    let base_source = base.as_ref().map(|b| b.source.clone());
+    claim_work_dir(work_dir, model, base_source.as_deref(), cfg)?;
+    let turn = match (cfg.knob, base) {
+        (Knob::Interpolate, Some(base)) => Turn::Interpolate(Interpolation::new(model, base)?),
+        (Knob::Interpolate, None) => {
+            return Err(Error::Invalid(
+                "the interpolate knob needs the base model\n  fix: pass --base MODEL".into(),
+            ))
+        }
+        (Knob::OpeningBias, _) => {
+            let openings: Vec<&str> = cfg.openings.iter().map(String::as_str).collect();
+            let ids =
+                safegeo_data::judges::refusal_score::refusal_token_ids(&model.tok, &openings)?;
+            let prompts = validation_prompts(model, cfg)?;
+            Turn::Bias(OpeningBias::new(model, &prompts, &ids)?, cfg.max_bias)
+        }
+    };
+    let mut refusal = |t: f64| -> Result<Probe> {
+        turn.apply(model, t)?;
+        let p = measure(model, cfg, t, &work_dir.join(format!("scale-{t:.6}")))?;
         on_probe(&p);
         Ok(p)
     };
-    let (scale, reached, probes) = search(cfg.target_refusal, cfg.tolerance, &mut refusal)?;
-    interp.apply(model, scale)?;
+    let (scale, reached, probes) = match cfg.fixed_scale {
+        Some(t) => {
+            let p = refusal(t)?;
+            (t, p.rate() >= cfg.target_refusal, vec![p])
+        }
+        None => search(cfg.target_refusal, cfg.tolerance, &mut refusal)?,
+    };
+    turn.apply(model, scale)?;
     let refusal_at_scale = probes
         .iter()
         .find(|p| p.scale == scale)
         .map_or(f64::NAN, Probe::rate);
+    let (bias_logits, bias_spread) = match &turn {
+        Turn::Bias(b, max) => {
+            let n = b.spread.len().max(1) as f32;
+            let lo = b.spread.iter().copied().fold(f32::INFINITY, f32::min);
+            let hi = b.spread.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            (
+                Some(-max * (1.0 - scale)),
+                Some([lo, b.spread.iter().sum::<f32>() / n, hi]),
+            )
+        }
+        Turn::Interpolate(_) => (None, None),
+    };
     Ok(Calibration {
         scale,
+        bias_logits,
+        bias_spread,
         reached,
         refusal_at_scale,
         probes,
@@ -344,7 +484,7 @@ mod tests {
         let (mut model, mut base) = (tiny(4), tiny(3));
         let mut seen = 0;
         let work = dir.path().join("probes");
-        let c = calibrate(&mut model, &mut base, &cfg, &work, &mut |_| seen += 1).unwrap();
+        let c = calibrate(&mut model, Some(&mut base), &cfg, &work, &mut |_| seen += 1).unwrap();
         assert!(c.reached);
         assert_eq!((c.scale, c.probes.len(), seen), (1.0 / 64.0, 7, 7));
         assert_eq!(c.refusal_at_scale, 1.0);
@@ -369,7 +509,7 @@ mod tests {
         // A re-run reads every probe back instead of generating again.
         let records = std::fs::read_to_string(work.join("scale-0.500000/records.jsonl")).unwrap();
         let (mut model, mut base) = (tiny(4), tiny(3));
-        let again = calibrate(&mut model, &mut base, &cfg, &work, &mut |_| {}).unwrap();
+        let again = calibrate(&mut model, Some(&mut base), &cfg, &work, &mut |_| {}).unwrap();
         assert_eq!(again.probes, c.probes);
         assert_eq!(
             std::fs::read_to_string(work.join("scale-0.500000/records.jsonl")).unwrap(),
@@ -452,6 +592,13 @@ mod tests {
                     ..Default::default()
                 },
                 "--val",
+            ),
+            (
+                CalibrateConfig {
+                    fixed_scale: Some(1.2),
+                    ..Default::default()
+                },
+                "--scale",
             ),
         ] {
             let e = cfg.check().unwrap_err().to_string();

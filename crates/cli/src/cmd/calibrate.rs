@@ -2,7 +2,7 @@
 //! by interpolating its weights toward the base model (crates/train/src/calibrate.rs).
 use crate::common;
 use anyhow::{Context, Result};
-use safegeo_train::calibrate::{calibrate, CalibrateConfig};
+use safegeo_train::calibrate::{calibrate, CalibrateConfig, Knob};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -11,18 +11,45 @@ pub struct CalibrateArgs {
     /// from --base).
     #[arg(long, short = 'm')]
     pub model: PathBuf,
-    /// The model the checkpoint was trained from [default: base_model in its checkpoint.json].
+    /// What moves the operating point: `interpolate` (weights base + t (checkpoint - base)) or
+    /// `opening-bias` (the refusal openings' first-token logits lowered by max-bias (1 - t),
+    /// written into an untied LM head; the ranking of prompts is the checkpoint's own).
+    #[arg(long, default_value = "interpolate")]
+    pub knob: Knob,
+    /// interpolate: the model the checkpoint was trained from [default: base_model in its
+    /// checkpoint.json].
     #[arg(long)]
     pub base: Option<String>,
+    /// opening-bias: the bias at t = 0, in logits.
+    #[arg(long, default_value_t = 8.0)]
+    pub max_bias: f64,
+    /// opening-bias: the refusal openings whose first tokens are lowered: the first words of
+    /// the built-in refusal banks, and "I", which opens the base model's own refusals ("I'm
+    /// sorry for any misunderstanding, but ..."). Without "I" the bias left most refusals of
+    /// JBB benign prompts in place (README).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "Sorry,Unfortunately,No,I"
+    )]
+    pub openings: Vec<String>,
+    /// opening-bias: write this bias (logits, <= 0) instead of searching; its validation
+    /// refusal is still measured. `safegeo train --recipe sft` writes -2.75 into its anchors.
+    #[arg(long, allow_hyphen_values = true, conflicts_with = "scale")]
+    pub bias: Option<f64>,
     /// Share of the validation harmful prompts the calibrated model must still refuse. The
-    /// result is the least interpolation s in [0, 1] toward the checkpoint
-    /// (base + s * (checkpoint - base)) that refuses at least this share.
+    /// result is the least knob setting t in [0, 1] (1 = the checkpoint as trained) that
+    /// refuses at least this share.
     #[arg(long, default_value_t = 0.85)]
     pub target_refusal: f64,
     /// Validation suites of harmful prompts (never the suites you report on).
     #[arg(long, value_delimiter = ',', default_value = "harmful-val")]
     pub val: Vec<String>,
-    /// Stop the bisection when s is known to within this.
+    /// Write the model at this knob setting t instead of searching for one (its validation
+    /// refusal is still measured and recorded).
+    #[arg(long)]
+    pub scale: Option<f64>,
+    /// Stop the bisection when t is known to within this.
     #[arg(long, default_value_t = 1.0 / 64.0)]
     pub tolerance: f64,
     /// Reply tokens per validation prompt (the substring judge reads the opening).
@@ -72,6 +99,15 @@ fn recorded_base(ckpt: &std::path::Path) -> Result<String> {
 }
 
 pub fn run(a: CalibrateArgs) -> Result<()> {
+    let (mut max_bias, mut fixed_scale) = (a.max_bias, a.scale);
+    if let Some(b) = a.bias {
+        if a.knob != Knob::OpeningBias || !(b.is_finite() && b < 0.0) {
+            return Err(common::invalid!(
+                "--bias {b}: a negative number of logits, with --knob opening-bias (e.g. --knob opening-bias --bias -2.75)"
+            ));
+        }
+        (max_bias, fixed_scale) = (-b, Some(0.0));
+    }
     let cfg = CalibrateConfig {
         target_refusal: a.target_refusal,
         suites: a.val.clone(),
@@ -81,32 +117,41 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
         data_dir: a.data_dir.clone(),
         system: a.system.clone(),
         substring_list: a.substring_list.clone(),
+        fixed_scale,
+        knob: a.knob,
+        max_bias,
+        openings: a.openings.clone(),
     };
     let dev = common::device(&a.device)?;
-    let base_spec = match &a.base {
-        Some(b) => b.clone(),
-        None => recorded_base(&a.model)?,
-    };
-    let base_path = common::model_path(Some(&base_spec))?;
     let mut model = safegeo_runtime::load_model(&a.model, &dev)?;
-    let mut base = safegeo_runtime::load_model(&base_path, &dev)?;
+    let mut base = match a.knob {
+        Knob::Interpolate => {
+            let spec = match &a.base {
+                Some(b) => b.clone(),
+                None => recorded_base(&a.model)?,
+            };
+            let path = common::model_path(Some(&spec))?;
+            Some(safegeo_runtime::load_model(&path, &dev)?)
+        }
+        Knob::OpeningBias => None,
+    };
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     eprintln!(
-        "calibrating {} against {} on {} (target refusal {:.2})",
+        "calibrating {} ({:?}) on {} (target refusal {:.2})",
         a.model.display(),
-        base_path.display(),
+        a.knob,
         a.val.join(","),
         a.target_refusal
     );
     let start = std::time::Instant::now();
     let result = calibrate(
         &mut model,
-        &mut base,
+        base.as_mut(),
         &cfg,
         &a.out.join("probes"),
         &mut |p| {
             eprintln!(
-                "  s = {:.4}: {}/{} refused ({:.3})  [{:.0}s]",
+                "  t = {:.4}: {}/{} refused ({:.3})  [{:.0}s]",
                 p.scale,
                 p.refused,
                 p.prompts,
@@ -115,7 +160,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
             )
         },
     )?;
-    if !result.reached {
+    if !result.reached && fixed_scale.is_none() {
         eprintln!(
             "warning: the checkpoint itself refuses {:.3} of the validation prompts, under the target {:.2}; written unchanged",
             result.refusal_at_scale, a.target_refusal
@@ -124,7 +169,9 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
     safegeo_runtime::export_hf(&mut model, &a.out)?;
     let mut record = serde_json::to_value(&result)?;
     record["checkpoint"] = a.model.display().to_string().into();
-    record["base_model"] = base_path.display().to_string().into();
+    if let Some(b) = &base {
+        record["base_model"] = b.source.display().to_string().into();
+    }
     safegeo_runtime::files::write_atomic(
         &a.out.join("calibration.json"),
         serde_json::to_string_pretty(&record)?.as_bytes(),
@@ -139,8 +186,12 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
         )?;
     }
     println!(
-        "s = {:.4} (validation refusal {:.3}, {} probes, {:.0}s) -> {}",
+        "t = {:.4}{} (validation refusal {:.3}, {} probes, {:.0}s) -> {}",
         result.scale,
+        result
+            .bias_logits
+            .map(|b| format!(", bias {b:.3} logits"))
+            .unwrap_or_default(),
         result.refusal_at_scale,
         result.probes.len(),
         start.elapsed().as_secs_f64(),

@@ -83,13 +83,20 @@ pub fn run(a: DemoArgs) -> Result<()> {
             a.n_harmless.to_string(),
             "--batch-size".into(),
             "8".into(),
-            // The demo's runs are a few steps long: plain SFT on every block, as measured in
-            // the README. `safegeo train`'s own defaults (the decision stream on blocks 40%-)
-            // need about 150 steps of ~10 s to pay off.
+            // The demo's runs are a few steps long: plain SFT on every block with rank-16
+            // adapters and the anchors as trained, as measured in the README. `safegeo train`'s
+            // own defaults (the decision stream on blocks 40%-, rank 64, the opening bias) need
+            // about 150 steps of ~8 s to pay off.
             "--decision-weight".into(),
             "0".into(),
             "--lora-layers".into(),
             "all".into(),
+            "--lora-rank".into(),
+            "16".into(),
+            "--lora-alpha".into(),
+            "32".into(),
+            "--opening-bias".into(),
+            "0".into(),
             "--out".into(),
             s(&runs.join(recipe)),
         ];

@@ -46,14 +46,23 @@ pub struct TrainArgs {
     /// Full fine-tuning instead of LoRA.
     #[arg(long)]
     pub full: bool,
-    /// LoRA rank. With the defaults otherwise, rank 64 (alpha 128) ranked JailbreakBench harmful
-    /// over benign prompts better than 16 (refusal-score AUC 0.88-0.90 against 0.86-0.88) but
-    /// refused more of both; see the README's safety-training section.
-    #[arg(long, default_value_t = 16)]
+    /// LoRA rank. Rank 64 (alpha 128) ranks JailbreakBench harmful over benign prompts better
+    /// than 16 (refusal-score AUC 0.89-0.90 against 0.86-0.88) but refuses more of both, which
+    /// --opening-bias takes back; see the README's safety-training section.
+    #[arg(long, default_value_t = 64)]
     pub lora_rank: usize,
     /// LoRA alpha (scale alpha / rank).
-    #[arg(long, default_value_t = 32.0)]
+    #[arg(long, default_value_t = 128.0)]
     pub lora_alpha: f64,
+    /// Lower the first-token logits of the refusal openings (Sorry, Unfortunately, No, I) by
+    /// this much in every anchor after step 0, written into an untied LM head once training
+    /// ends (`safegeo calibrate --knob opening-bias`; each anchor's calibration.json records it
+    /// with its harmful-val refusal). It moves where greedy decoding starts to refuse along the
+    /// ranking training learned. 0 = anchors as trained. [default: -2.75 for --recipe sft (two
+    /// seeds: JBB harmful / benign refused 0.92 / 0.37 and 0.91 / 0.39 before, 0.83 / 0.17 and
+    /// 0.86 / 0.16 after), 0 otherwise]
+    #[arg(long, allow_hyphen_values = true)]
+    pub opening_bias: Option<f64>,
     /// LoRA target projections.
     #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
     pub lora_targets: Vec<String>,
@@ -260,6 +269,11 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
         c.gcg.seed = a.seed;
         c
     };
+    if let Some(b) = a.opening_bias.filter(|b| !(b.is_finite() && *b <= 0.0)) {
+        return Err(common::invalid!(
+            "--opening-bias {b}: use a number of logits <= 0 (e.g. -2.75; 0 = anchors as trained)"
+        ));
+    }
     if a.recipe == "r2d2" && a.grad_accum != 1 {
         return Err(common::invalid!(
             "r2d2 runs one micro-batch per step: use --grad-accum 1"
@@ -562,8 +576,75 @@ pub fn run(a: TrainArgs) -> Result<()> {
         .iter()
         .map(|s| format!("{}", a.out.join(format!("ckpt-{s:06}")).display()))
         .collect();
+    let bias = a.opening_bias.unwrap_or(if a.recipe == "sft" {
+        DEFAULT_SFT_OPENING_BIAS
+    } else {
+        0.0
+    });
+    if bias != 0.0 {
+        bias_anchors(&a, &cfg.save_at, bias)?;
+    }
     println!("anchors: {}", anchors.join(" "));
     println!("log: {}", a.out.join("train_log.jsonl").display());
+    Ok(())
+}
+
+/// `--opening-bias` of the sft recipe, in logits: measured on seed 0 (README), confirmed on seeds
+/// 1 and 2.
+pub const DEFAULT_SFT_OPENING_BIAS: f64 = -2.75;
+
+/// Write the opening bias into every anchor after step 0. Each anchor is biased in a folder of
+/// its own and swapped in whole, its calibration.json marking it done, so an interrupted run
+/// never biases an anchor twice or leaves half of one.
+fn bias_anchors(a: &TrainArgs, save_at: &[usize], bias: f64) -> Result<()> {
+    use safegeo_train::calibrate::{calibrate, CalibrateConfig, Knob};
+    let dev = common::device(&a.model.device)?;
+    for &step in save_at.iter().filter(|&&s| s > 0) {
+        let dir = a.out.join(format!("ckpt-{step:06}"));
+        let biased = a.out.join(format!("ckpt-{step:06}.biased"));
+        let unbiased = a.out.join(format!("ckpt-{step:06}.unbiased"));
+        if !dir.exists() && unbiased.exists() && biased.join("calibration.json").exists() {
+            // Interrupted between the two renames below.
+            std::fs::rename(&biased, &dir)?;
+        }
+        if dir.join("calibration.json").exists() {
+            let _ = std::fs::remove_dir_all(&unbiased);
+            continue;
+        }
+        let _ = std::fs::remove_dir_all(&biased);
+        let mut model = safegeo_runtime::load_model(&dir, &dev)?;
+        let cfg = CalibrateConfig {
+            knob: Knob::OpeningBias,
+            max_bias: -bias,
+            fixed_scale: Some(0.0),
+            data_dir: a.data_dir.clone(),
+            system: a.system.clone(),
+            ..Default::default()
+        };
+        let work = a.out.join("opening-bias").join(format!("ckpt-{step:06}"));
+        let c = calibrate(&mut model, None, &cfg, &work, &mut |_| {})
+            .with_context(|| format!("writing the opening bias into {}", dir.display()))?;
+        safegeo_runtime::export_hf(&mut model, &biased)?;
+        let mut ck: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("checkpoint.json"))?)?;
+        ck["opening_bias"] = bias.into();
+        safegeo_runtime::files::write_atomic(
+            &biased.join("checkpoint.json"),
+            serde_json::to_string_pretty(&ck)?.as_bytes(),
+        )?;
+        safegeo_runtime::files::write_atomic(
+            &biased.join("calibration.json"),
+            serde_json::to_string_pretty(&c)?.as_bytes(),
+        )?;
+        std::fs::rename(&dir, &unbiased)?;
+        std::fs::rename(&biased, &dir)?;
+        std::fs::remove_dir_all(&unbiased)?;
+        eprintln!(
+            "{}: opening bias {bias} logits; harmful-val refused {:.3}",
+            dir.display(),
+            c.refusal_at_scale
+        );
+    }
     Ok(())
 }
 
