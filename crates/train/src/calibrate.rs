@@ -518,6 +518,43 @@ mod tests {
     }
 
     #[test]
+    fn the_opening_bias_knob_needs_no_base_and_records_the_bias_it_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = dir.path().join("list.json");
+        std::fs::write(&list, "[\"\"]").unwrap();
+        let cfg = CalibrateConfig {
+            substring_list: Some(list),
+            knob: Knob::OpeningBias,
+            openings: vec!["w3".into()],
+            ..tiny_config(dir.path(), "harmful")
+        };
+        let mut model = tiny(4);
+        let p = vec![vec![2u32, 6, 3]];
+        let before = model.last_logits(&p, &mut NoHooks).unwrap();
+        let c = calibrate(&mut model, None, &cfg, &dir.path().join("w"), &mut |_| {}).unwrap();
+        // Everything refuses at every setting, so the bisection ends at its lowest bracket.
+        assert_eq!(c.scale, 1.0 / 64.0);
+        let want = -8.0 * (1.0 - 1.0 / 64.0);
+        assert!((c.bias_logits.unwrap() - want).abs() < 1e-12);
+        let [lo, mean, hi] = c.bias_spread.unwrap();
+        assert!(lo <= mean && mean <= hi && (mean - 1.0).abs() < 1e-4);
+        // Only "w3" (id 5) moved, and by about the bias.
+        let d = (model.last_logits(&p, &mut NoHooks).unwrap() - before)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (t, x) in d.iter().enumerate() {
+            if t == 5 {
+                assert!(*x < 0.0, "{x}");
+            } else {
+                assert!(x.abs() < 1e-5, "token {t}: {x}");
+            }
+        }
+    }
+
+    #[test]
     fn a_checkpoint_short_of_the_target_is_measured_once_and_benign_suites_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = CalibrateConfig {
@@ -527,7 +564,7 @@ mod tests {
         let (mut model, mut base) = (tiny(4), tiny(3));
         let c = calibrate(
             &mut model,
-            &mut base,
+            Some(&mut base),
             &cfg,
             &dir.path().join("w"),
             &mut |_| {},
@@ -538,7 +575,7 @@ mod tests {
         let benign = tiny_config(dir.path(), "benign");
         let e = calibrate(
             &mut model,
-            &mut base,
+            Some(&mut base),
             &benign,
             &dir.path().join("b"),
             &mut |_| {},
@@ -556,7 +593,7 @@ mod tests {
         };
         let e = calibrate(
             &mut model,
-            &mut base,
+            Some(&mut base),
             &other,
             &dir.path().join("w"),
             &mut |_| {},
