@@ -170,16 +170,7 @@ mod tests {
         let mut tuned = tiny(6);
         let prompts = vec![vec![1u32, 4, 2, 7]];
         let logits = |m: &Model| m.last_logits(&prompts, &mut NoHooks).unwrap();
-        let max_diff = |a: Tensor, b: Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
+        let max_diff = |a: Tensor, b: Tensor| crate::testing::max_abs(&(a - b).unwrap());
         let (want_base, want_tuned) = (logits(&base), logits(&tuned));
         assert!(max_diff(want_base.clone(), want_tuned.clone()) > 1e-3);
         let interp = Interpolation::new(&mut tuned, &mut base).unwrap();

@@ -496,15 +496,11 @@ mod tests {
             .apply(&mut tuned, 1.0 / 64.0)
             .unwrap();
         let p = vec![vec![1u32, 2, 3]];
-        let diff = (model.last_logits(&p, &mut NoHooks).unwrap()
-            - tuned.last_logits(&p, &mut NoHooks).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+        let diff = safegeo_runtime::testing::max_abs(
+            &(model.last_logits(&p, &mut NoHooks).unwrap()
+                - tuned.last_logits(&p, &mut NoHooks).unwrap())
+            .unwrap(),
+        );
         assert!(diff < 1e-5, "{diff}");
         // A re-run reads every probe back instead of generating again.
         let records = std::fs::read_to_string(work.join("scale-0.500000/records.jsonl")).unwrap();

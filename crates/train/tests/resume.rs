@@ -137,14 +137,7 @@ fn resumed_run_equals_uninterrupted_run_and_anchors_load() {
         let got = anchor.last_logits(&prompts, &mut NoHooks).unwrap();
         let before = base.last_logits(&prompts, &mut NoHooks).unwrap();
         let diff = |x: &candle_core::Tensor, y: &candle_core::Tensor| {
-            (x - y)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
+            safegeo_runtime::testing::max_abs(&(x - y).unwrap())
         };
         assert!(
             diff(&want, &got) < 1e-4,
