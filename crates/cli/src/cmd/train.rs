@@ -60,7 +60,8 @@ pub struct TrainArgs {
     /// with its harmful-val refusal). It moves where greedy decoding starts to refuse along the
     /// ranking training learned. 0 = anchors as trained. [default: -2.75 for --recipe sft (seeds
     /// 0-2, JBB harmful / benign refused: 0.92 / 0.37, 0.91 / 0.39, 0.91 / 0.37 as trained;
-    /// 0.83 / 0.17, 0.86 / 0.16, 0.84 / 0.21 with the bias; seed 3: 0.90 / 0.23), 0 otherwise]
+    /// 0.83 / 0.17, 0.86 / 0.16, 0.84 / 0.21 with the bias; seeds 3-4: 0.90 / 0.23, 0.89 / 0.29),
+    /// 0 otherwise]
     #[arg(long, allow_hyphen_values = true)]
     pub opening_bias: Option<f64>,
     /// LoRA target projections.
@@ -590,7 +591,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
 }
 
 /// `--opening-bias` of the sft recipe, in logits: chosen on seed 0's anchor at step 150 (README,
-/// session 20), then fixed and measured on seeds 1 (in the target corner), 2 and 3 (outside).
+/// session 20), then fixed and measured on seeds 1 (in the target corner), 2, 3 and 4 (outside).
 pub const DEFAULT_SFT_OPENING_BIAS: f64 = -2.75;
 
 /// Write the opening bias into every anchor after step 0. Each anchor is biased in a folder of
