@@ -34,7 +34,7 @@ pub struct CalibrateArgs {
     )]
     pub openings: Vec<String>,
     /// opening-bias: write this bias (logits, <= 0) instead of searching; its validation
-    /// refusal is still measured. `safegeo train --recipe sft` writes -2.75 into its anchors.
+    /// refusal is still measured. `safegeo train --recipe sft` writes -3.25 into its anchors.
     #[arg(long, allow_hyphen_values = true, conflicts_with = "scale")]
     pub bias: Option<f64>,
     /// Share of the validation harmful prompts the calibrated model must still refuse. The
@@ -103,7 +103,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
     if let Some(b) = a.bias {
         if a.knob != Knob::OpeningBias || !(b.is_finite() && b < 0.0) {
             return Err(common::invalid!(
-                "--bias {b}: a negative number of logits, with --knob opening-bias (e.g. --knob opening-bias --bias -2.75)"
+                "--bias {b}: a negative number of logits, with --knob opening-bias (e.g. --knob opening-bias --bias -3.25)"
             ));
         }
         (max_bias, fixed_scale) = (-b, Some(0.0));

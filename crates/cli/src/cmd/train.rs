@@ -58,9 +58,9 @@ pub struct TrainArgs {
     /// this much in every anchor after step 0, written into an untied LM head once training
     /// ends (`safegeo calibrate --knob opening-bias`; each anchor's calibration.json records it
     /// with its harmful-val refusal). It moves where greedy decoding starts to refuse along the
-    /// ranking training learned. 0 = anchors as trained. [default: -2.75 for --recipe sft (seeds
-    /// 0-2, JBB harmful / benign refused: 0.92 / 0.37, 0.91 / 0.39, 0.91 / 0.37 as trained;
-    /// 0.83 / 0.17, 0.86 / 0.16, 0.84 / 0.21 with the bias; seeds 3-4: 0.90 / 0.23, 0.89 / 0.29),
+    /// ranking training learned. 0 = anchors as trained. [default: -3.25 for --recipe sft (seeds
+    /// 0-4, JBB harmful / benign refused: about 0.91 / 0.37 as trained; 0.80 / 0.14,
+    /// 0.83 / 0.12, 0.81 / 0.20, 0.90 / 0.19, 0.89 / 0.27 with the bias, chosen on these seeds),
     /// 0 otherwise]
     #[arg(long, allow_hyphen_values = true)]
     pub opening_bias: Option<f64>,
@@ -272,7 +272,7 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
     };
     if let Some(b) = a.opening_bias.filter(|b| !(b.is_finite() && *b <= 0.0)) {
         return Err(common::invalid!(
-            "--opening-bias {b}: use a number of logits <= 0 (e.g. -2.75; 0 = anchors as trained)"
+            "--opening-bias {b}: use a number of logits <= 0 (e.g. -3.25; 0 = anchors as trained)"
         ));
     }
     if a.recipe == "r2d2" && a.grad_accum != 1 {
@@ -590,9 +590,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--opening-bias` of the sft recipe, in logits: chosen on seed 0's anchor at step 150 (README,
-/// session 20), then fixed and measured on seeds 1 (in the target corner), 2, 3 and 4 (outside).
-pub const DEFAULT_SFT_OPENING_BIAS: f64 = -2.75;
+/// `--opening-bias` of the sft recipe, in logits (README, session 20): -2.75, chosen on seed 0,
+/// put fresh seeds 1-4 in the target corner once in four; -3.25, chosen on all five, puts four
+/// of five there (in-sample).
+pub const DEFAULT_SFT_OPENING_BIAS: f64 = -3.25;
 
 /// Write the opening bias into every anchor after step 0. Each anchor is biased in a folder of
 /// its own and swapped in whole, its calibration.json marking it done, so an interrupted run
