@@ -60,8 +60,8 @@ pub struct TrainArgs {
     /// with its harmful-val refusal). It moves where greedy decoding starts to refuse along the
     /// ranking training learned. 0 = anchors as trained. [default: -3.25 for --recipe sft (seeds
     /// 0-4, JBB harmful / benign refused: about 0.91 / 0.37 as trained; 0.80 / 0.14,
-    /// 0.83 / 0.12, 0.81 / 0.20, 0.90 / 0.19, 0.89 / 0.27 with the bias, chosen on these seeds),
-    /// 0 otherwise]
+    /// 0.83 / 0.12, 0.81 / 0.20, 0.90 / 0.19, 0.89 / 0.27 with the bias, chosen on these seeds;
+    /// fresh seed 5: 0.77 / 0.16), 0 otherwise]
     #[arg(long, allow_hyphen_values = true)]
     pub opening_bias: Option<f64>,
     /// LoRA target projections.
@@ -592,7 +592,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
 
 /// `--opening-bias` of the sft recipe, in logits (README, session 20): -2.75, chosen on seed 0,
 /// put fresh seeds 1-4 in the target corner once in four; -3.25, chosen on all five, puts four
-/// of five there (in-sample).
+/// of five there (in-sample) and fresh seed 5 just outside (0.77 / 0.16).
 pub const DEFAULT_SFT_OPENING_BIAS: f64 = -3.25;
 
 /// Write the opening bias into every anchor after step 0. Each anchor is biased in a folder of
