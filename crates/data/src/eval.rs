@@ -118,8 +118,9 @@ fn messages(item: &Item, system: Option<&str>) -> Vec<Message> {
     m
 }
 
-/// Prompt ids of an item: the chat prompt, then any forced reply prefix.
-fn prompt_ids(model: &Model, item: &Item, system: Option<&str>) -> Result<Vec<u32>> {
+/// Prompt ids of an item as the evaluation sends it: the chat prompt, then any forced reply
+/// prefix.
+pub fn prompt_ids(model: &Model, item: &Item, system: Option<&str>) -> Result<Vec<u32>> {
     let mut ids = model.tok.encode_chat(&messages(item, system), false)?;
     if let Some(p) = &item.prefill {
         ids.extend(model.tok.encode(p, false)?);

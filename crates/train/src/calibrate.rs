@@ -21,10 +21,10 @@
 //! JailbreakBench). Every probe's replies are kept under `work_dir/scale-T/records.jsonl`, so an
 //! interrupted calibration resumes.
 use crate::{Error, Result};
-use safegeo_data::eval::{run_eval, EvalSpec, Record};
+use safegeo_data::eval::{prompt_ids, run_eval, EvalSpec, Record};
 use safegeo_data::judges::{Judge, SubstringMatcher};
 use safegeo_data::{load_dataset, LoadSpec};
-use safegeo_runtime::{GenerateConfig, Interpolation, Message, Model, NoHooks, OpeningBias};
+use safegeo_runtime::{GenerateConfig, Interpolation, Model, NoHooks, OpeningBias};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -230,12 +230,6 @@ fn measure(model: &Model, cfg: &CalibrateConfig, scale: f64, dir: &Path) -> Resu
     };
     run_eval(model, &judges, &spec, &mut NoHooks, &mut |_, _| {})?;
     let records: Vec<Record> = safegeo_data::jsonl::read(&dir.join("records.jsonl"))?;
-    if let Some(r) = records.iter().find(|r| r.label != "harmful") {
-        return Err(Error::Invalid(format!(
-            "calibration suite {} holds {} prompts; it must hold harmful prompts only\n  fix: use a validation split such as harmful-val, or give a file a `label` column of `harmful`",
-            r.dataset, r.label
-        )));
-    }
     let refused = records
         .iter()
         .filter(|r| r.verdicts.get("substring").and_then(|v| v.refused) == Some(true))
@@ -284,7 +278,8 @@ fn claim_work_dir(
     Ok(())
 }
 
-/// The validation prompts as the model will see them (chat-rendered, generation prompt added).
+/// The validation prompts as the evaluation sends them, after checking that every suite holds
+/// harmful prompts only.
 fn validation_prompts(model: &Model, cfg: &CalibrateConfig) -> Result<Vec<Vec<u32>>> {
     let mut out = Vec::new();
     for suite in &cfg.suites {
@@ -298,13 +293,15 @@ fn validation_prompts(model: &Model, cfg: &CalibrateConfig) -> Result<Vec<Vec<u3
                 prompt_column: None,
             },
         )?;
+        // Checked before anything is generated: a benign suite would calibrate nothing.
+        if let Some(it) = d.items.iter().find(|it| it.label != "harmful") {
+            return Err(Error::Invalid(format!(
+                "calibration suite {} holds {} prompts; it must hold harmful prompts only\n  fix: use a validation split such as harmful-val, or give a file a `label` column of `harmful`",
+                d.name, it.label
+            )));
+        }
         for it in &d.items {
-            let mut msgs = Vec::new();
-            if let Some(sys) = &cfg.system {
-                msgs.push(Message::new("system", sys.clone()));
-            }
-            msgs.push(Message::new("user", it.prompt.clone()));
-            out.push(model.tok.encode_chat(&msgs, false)?);
+            out.push(prompt_ids(model, it, cfg.system.as_deref())?);
         }
     }
     Ok(out)
@@ -339,6 +336,7 @@ pub fn calibrate(
     cfg.check()?;
     let base_source = base.as_ref().map(|b| b.source.clone());
     claim_work_dir(work_dir, model, base_source.as_deref(), cfg)?;
+    let prompts = validation_prompts(model, cfg)?;
     let turn = match (cfg.knob, base) {
         (Knob::Interpolate, Some(base)) => Turn::Interpolate(Interpolation::new(model, base)?),
         (Knob::Interpolate, None) => {
@@ -350,7 +348,6 @@ pub fn calibrate(
             let openings: Vec<&str> = cfg.openings.iter().map(String::as_str).collect();
             let ids =
                 safegeo_data::judges::refusal_score::refusal_token_ids(&model.tok, &openings)?;
-            let prompts = validation_prompts(model, cfg)?;
             Turn::Bias(OpeningBias::new(model, &prompts, &ids)?, cfg.max_bias)
         }
     };
