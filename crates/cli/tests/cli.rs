@@ -1896,12 +1896,17 @@ fn carriers_select_sweep_attack_and_train_resume_after_kill_9_to_the_uninterrupt
     tc["chat_template"] = "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }} w2 {% else %}{{ m['content'] }} w0 {% endif %}{% endfor %}".into();
     std::fs::write(&config, tc.to_string()).unwrap();
     // The recipe's opening bias (written into the anchors after training) reads the reply
-    // opening on the validation split of the data directory.
+    // opening on the validation splits of the data directory, harmful and harmless.
     let data = h.join("data");
     std::fs::create_dir_all(data.join("refusal_splits")).unwrap();
     std::fs::write(
         data.join("refusal_splits/harmful_val.json"),
         r#"[{"instruction": "w1 w4 w5", "category": "c"}, {"instruction": "w7 w2", "category": "c"}]"#,
+    )
+    .unwrap();
+    std::fs::write(
+        data.join("refusal_splits/harmless_val.json"),
+        r#"[{"instruction": "w3 w6", "category": null}, {"instruction": "w8 w1 w9", "category": null}]"#,
     )
     .unwrap();
     let point = random_point(2, 9);
@@ -2172,6 +2177,7 @@ fn calibrate_writes_a_biased_model_and_names_what_is_missing() {
     );
     // A fixed opening bias: a loadable folder with the bias and its validation refusal recorded.
     let harm = prompt_file(h, "harm.jsonl", 1, "harmful", 3);
+    let benign = prompt_file(h, "benign.jsonl", 2, "benign", 3);
     let r = safegeo(
         &[
             "calibrate",
@@ -2183,6 +2189,8 @@ fn calibrate_writes_a_biased_model_and_names_what_is_missing() {
             "-2",
             "--val",
             &harm,
+            "--landing",
+            &benign,
             "--max-new-tokens",
             "2",
             "--out",
@@ -2196,8 +2204,33 @@ fn calibrate_writes_a_biased_model_and_names_what_is_missing() {
             .unwrap();
     assert_eq!(cal["bias_logits"].as_f64(), Some(-2.0), "{cal}");
     assert_eq!(cal["probes"][0]["prompts"].as_u64(), Some(3), "{cal}");
+    assert_eq!(cal["config"]["landing"][0].as_str(), Some(benign.as_str()));
     let r = safegeo(&["forward", "-m", o, "--no-template", "--chat", "w1 w2"], h);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    // The landing pool is the harmless side; harmful prompts there are refused with a fix.
+    let r = safegeo(
+        &[
+            "calibrate",
+            "-m",
+            m,
+            "--knob",
+            "opening-bias",
+            "--bias",
+            "-2",
+            "--val",
+            &harm,
+            "--landing",
+            &harm,
+            "--out",
+            &format!("{o}2"),
+        ],
+        h,
+    );
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success() && err.contains("benign prompts only") && err.contains("fix:"),
+        "{err}"
+    );
 }
 
 #[test]

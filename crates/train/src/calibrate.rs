@@ -78,6 +78,12 @@ pub struct CalibrateConfig {
     pub max_bias: f64,
     /// `opening-bias`: the refusal openings whose first tokens are shifted.
     pub openings: Vec<String>,
+    /// `opening-bias`: harmless validation suites whose prompts, with the harmful validation
+    /// prompts, fit the direction that carries the bias, so that it lands alike on harmful and
+    /// harmless requests (`safegeo_runtime::opening_bias`).
+    pub landing: Vec<String>,
+    /// `opening-bias`: prompts drawn from each landing suite (seeded, deterministic).
+    pub landing_limit: usize,
 }
 
 impl Default for CalibrateConfig {
@@ -100,6 +106,8 @@ impl Default for CalibrateConfig {
             openings: ["Sorry", "Unfortunately", "No", "I"]
                 .map(String::from)
                 .to_vec(),
+            landing: vec!["harmless-val".into()],
+            landing_limit: 256,
         }
     }
 }
@@ -127,6 +135,9 @@ impl CalibrateConfig {
         }
         if self.knob == Knob::OpeningBias && self.openings.is_empty() {
             return bad("--openings is empty".into());
+        }
+        if self.knob == Knob::OpeningBias && self.landing_limit == 0 && !self.landing.is_empty() {
+            return bad("--landing-limit must be at least 1".into());
         }
         if self.suites.is_empty() {
             return bad("no validation suite given (--val)".into());
@@ -163,7 +174,7 @@ pub struct Calibration {
     pub scale: f64,
     /// `opening-bias`: the bias written, in logits.
     pub bias_logits: Option<f64>,
-    /// `opening-bias`: `(h . mu) / |mu|^2` over the validation prompts (min, mean, max): how
+    /// `opening-bias`: `h . u` over the reference prompts (min, mean, max): how
     /// evenly the bias lands (1 = exactly `bias_logits` everywhere).
     pub bias_spread: Option<[f32; 3]>,
     /// Whether the checkpoint itself reaches the target (otherwise `scale` is 1 and the
@@ -252,6 +263,7 @@ fn claim_work_dir(
     let what = serde_json::json!({
         "checkpoint": model.source, "base_model": base, "knob": cfg.knob,
         "max_bias": cfg.max_bias, "openings": cfg.openings,
+        "landing": cfg.landing, "landing_limit": cfg.landing_limit,
         "suites": cfg.suites, "max_new_tokens": cfg.max_new_tokens,
         "system": cfg.system, "substring_list": cfg.substring_list,
     });
@@ -281,23 +293,42 @@ fn claim_work_dir(
 /// The validation prompts as the evaluation sends them, after checking that every suite holds
 /// harmful prompts only.
 fn validation_prompts(model: &Model, cfg: &CalibrateConfig) -> Result<Vec<Vec<u32>>> {
+    suite_prompts(model, cfg, &cfg.suites, None, true)
+}
+
+/// The prompts of `suites` (at most `limit` of each) as the evaluation sends them; every item
+/// must be labelled harmful (`harmful`) or not (`benign` / `safe`).
+fn suite_prompts(
+    model: &Model,
+    cfg: &CalibrateConfig,
+    suites: &[String],
+    limit: Option<usize>,
+    harmful: bool,
+) -> Result<Vec<Vec<u32>>> {
+    let (want, fits): (&str, fn(&str) -> bool) = if harmful {
+        ("harmful", |l| l == "harmful")
+    } else {
+        ("benign", |l| l == "benign" || l == "safe")
+    };
     let mut out = Vec::new();
-    for suite in &cfg.suites {
+    for suite in suites {
         let d = load_dataset(
             suite,
             &LoadSpec {
                 data_dir: cfg.data_dir.as_deref(),
                 category: None,
-                limit: None,
+                limit,
                 seed: 0,
                 prompt_column: None,
             },
         )?;
         // Checked before anything is generated: a benign suite would calibrate nothing.
-        if let Some(it) = d.items.iter().find(|it| it.label != "harmful") {
+        if let Some(it) = d.items.iter().find(|it| !fits(&it.label)) {
             return Err(Error::Invalid(format!(
-                "calibration suite {} holds {} prompts; it must hold harmful prompts only\n  fix: use a validation split such as harmful-val, or give a file a `label` column of `harmful`",
-                d.name, it.label
+                "calibration suite {} holds {} prompts; it must hold {want} prompts only\n  fix: use a validation split such as {}, or give a file a `label` column of `{want}`",
+                d.name,
+                it.label,
+                if harmful { "harmful-val" } else { "harmless-val" }
             )));
         }
         for it in &d.items {
@@ -348,7 +379,15 @@ pub fn calibrate(
             let openings: Vec<&str> = cfg.openings.iter().map(String::as_str).collect();
             let ids =
                 safegeo_data::judges::refusal_score::refusal_token_ids(&model.tok, &openings)?;
-            Turn::Bias(OpeningBias::new(model, &prompts, &ids)?, cfg.max_bias)
+            let mut pool = prompts.clone();
+            pool.extend(suite_prompts(
+                model,
+                cfg,
+                &cfg.landing,
+                Some(cfg.landing_limit),
+                false,
+            )?);
+            Turn::Bias(OpeningBias::new(model, &pool, &ids)?, cfg.max_bias)
         }
     };
     let mut refusal = |t: f64| -> Result<Probe> {
@@ -463,6 +502,7 @@ mod tests {
     fn tiny_config(dir: &Path, label: &str) -> CalibrateConfig {
         CalibrateConfig {
             suites: vec![prompts_file(dir, label).display().to_string()],
+            landing: vec![prompts_file(dir, "benign").display().to_string()],
             max_new_tokens: 3,
             ..Default::default()
         }
@@ -530,7 +570,11 @@ mod tests {
         let want = -8.0 * (1.0 - 1.0 / 64.0);
         assert!((c.bias_logits.unwrap() - want).abs() < 1e-12);
         let [lo, mean, hi] = c.bias_spread.unwrap();
-        assert!(lo <= mean && mean <= hi && (mean - 1.0).abs() < 1e-4);
+        // Fitted to read 1 on the six reference prompts, short of it by the ridge.
+        assert!(
+            lo <= mean && mean <= hi && (mean - 1.0).abs() < 0.05,
+            "{lo} {mean} {hi}"
+        );
         // Only "w3" (id 5) moved, and by about the bias.
         let d = (model.last_logits(&p, &mut NoHooks).unwrap() - before)
             .unwrap()

@@ -33,6 +33,15 @@ pub struct CalibrateArgs {
         default_value = "Sorry,Unfortunately,No,I"
     )]
     pub openings: Vec<String>,
+    /// opening-bias: harmless validation suites whose prompts, with the --val prompts, fit the
+    /// direction that carries the bias, so it lands alike on harmful and harmless requests
+    /// (with the harmful prompts alone it landed 1.3x harder on JailbreakBench harmful prompts
+    /// than on benign ones; README).
+    #[arg(long, value_delimiter = ',', default_value = "harmless-val")]
+    pub landing: Vec<String>,
+    /// opening-bias: prompts drawn from each --landing suite.
+    #[arg(long, default_value_t = 256)]
+    pub landing_limit: usize,
     /// opening-bias: write this bias (logits, <= 0) instead of searching; its validation
     /// refusal is still measured. `safegeo train --recipe sft` writes -3.25 into its anchors.
     #[arg(long, allow_hyphen_values = true, conflicts_with = "scale")]
@@ -121,6 +130,8 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
         knob: a.knob,
         max_bias,
         openings: a.openings.clone(),
+        landing: a.landing.clone(),
+        landing_limit: a.landing_limit,
     };
     let dev = common::device(&a.device)?;
     let mut model = safegeo_runtime::load_model(&a.model, &dev)?;

@@ -61,7 +61,8 @@ pub struct TrainArgs {
     /// ranking training learned. 0 = anchors as trained. [default: -3.25 for --recipe sft (seeds
     /// 0-4, JBB harmful / benign refused: about 0.91 / 0.37 as trained; 0.80 / 0.14,
     /// 0.83 / 0.12, 0.81 / 0.20, 0.90 / 0.19, 0.89 / 0.27 with the bias, chosen on these seeds;
-    /// fresh seed 5: 0.77 / 0.16), 0 otherwise]
+    /// fresh seed 5: 0.77 / 0.16; measured with session 20's bias direction; with the evenly
+    /// landing one of session 21, seeds 4 and 5 refuse 0.87 / 0.24 and 0.76 / 0.16), 0 otherwise]
     #[arg(long, allow_hyphen_values = true)]
     pub opening_bias: Option<f64>,
     /// LoRA target projections.
