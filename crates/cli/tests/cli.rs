@@ -2178,26 +2178,29 @@ fn calibrate_writes_a_biased_model_and_names_what_is_missing() {
     // A fixed opening bias: a loadable folder with the bias and its validation refusal recorded.
     let harm = prompt_file(h, "harm.jsonl", 1, "harmful", 3);
     let benign = prompt_file(h, "benign.jsonl", 2, "benign", 3);
-    let r = safegeo(
-        &[
-            "calibrate",
-            "-m",
-            m,
-            "--knob",
-            "opening-bias",
-            "--bias",
-            "-2",
-            "--val",
-            &harm,
-            "--landing",
-            &benign,
-            "--max-new-tokens",
-            "2",
-            "--out",
-            o,
-        ],
-        h,
-    );
+    let biased = |landing: &str, out: &str| {
+        safegeo(
+            &[
+                "calibrate",
+                "-m",
+                m,
+                "--knob",
+                "opening-bias",
+                "--bias",
+                "-2",
+                "--val",
+                &harm,
+                "--landing",
+                landing,
+                "--max-new-tokens",
+                "2",
+                "--out",
+                out,
+            ],
+            h,
+        )
+    };
+    let r = biased(&benign, o);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let cal: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("calibration.json")).unwrap())
@@ -2208,24 +2211,7 @@ fn calibrate_writes_a_biased_model_and_names_what_is_missing() {
     let r = safegeo(&["forward", "-m", o, "--no-template", "--chat", "w1 w2"], h);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     // The landing pool is the harmless side; harmful prompts there are refused with a fix.
-    let r = safegeo(
-        &[
-            "calibrate",
-            "-m",
-            m,
-            "--knob",
-            "opening-bias",
-            "--bias",
-            "-2",
-            "--val",
-            &harm,
-            "--landing",
-            &harm,
-            "--out",
-            &format!("{o}2"),
-        ],
-        h,
-    );
+    let r = biased(&harm, &format!("{o}2"));
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(
         !r.status.success() && err.contains("benign prompts only") && err.contains("fix:"),
