@@ -22,6 +22,9 @@ use candle_core::{DType, Tensor};
 /// enough that it does not fit their noise (a direction that no other prompt reads as 1).
 pub const LANDING_RIDGE: f64 = 0.01;
 
+/// Reference prompts read per forward pass.
+const STATE_BATCH: usize = 16;
+
 /// The head before the edit, the edited rows and the shift direction.
 pub struct OpeningBias {
     head: Tensor,
@@ -48,10 +51,12 @@ impl OpeningBias {
             )));
         }
         let layer = model.cfg.n_layer;
-        let mut states = Vec::with_capacity(prompts.len());
-        for p in prompts {
+        // The reference pool holds hundreds of prompts: read their states in padded batches
+        // (left padding, so the last position is each prompt's own).
+        let mut states = Vec::new();
+        for chunk in prompts.chunks(STATE_BATCH) {
             let mut hooks = Hooks::capture(&[Site::FinalNormInput], Positions::LastK(1));
-            let (ids, layout) = model.pad_batch(std::slice::from_ref(p))?;
+            let (ids, layout) = model.pad_batch(chunk)?;
             model.forward_ids(
                 &ids,
                 &layout,
@@ -64,13 +69,12 @@ impl OpeningBias {
                 .captured
                 .get(Site::FinalNormInput, layer)
                 .ok_or_else(|| Error::Invalid("final-norm input was not captured".into()))?
-                .flatten_all()?
-                .unsqueeze(0)?
+                .reshape((chunk.len(), model.cfg.hidden))?
                 .to_dtype(model.final_norm.dtype())?;
             let h = crate::ops::rms_norm(&x, &model.final_norm, model.cfg.rms_eps, false)?;
-            states.push(h.flatten_all()?.to_dtype(DType::F32)?);
+            states.push(h.to_dtype(DType::F32)?);
         }
-        let states = Tensor::stack(&states, 0)?; // (n, d)
+        let states = Tensor::cat(&states, 0)?; // (n, d)
         let direction = Tensor::new(landing_direction(&states.to_vec2::<f32>()?)?, &model.device)?;
         let spread = states
             .matmul(&direction.unsqueeze(1)?)?

@@ -379,7 +379,7 @@ pub fn calibrate(
             let openings: Vec<&str> = cfg.openings.iter().map(String::as_str).collect();
             let ids =
                 safegeo_data::judges::refusal_score::refusal_token_ids(&model.tok, &openings)?;
-            let mut pool = prompts.clone();
+            let mut pool = prompts;
             pool.extend(suite_prompts(
                 model,
                 cfg,
