@@ -1989,6 +1989,57 @@ fn carriers_select_sweep_attack_and_train_resume_after_kill_9_to_the_uninterrupt
     }
     assert!(!full.join("ckpt-000000/calibration.json").exists());
     assert!(json(full.join("ckpt-000000/config.json"))["tie_word_embeddings"] == true);
+
+    // --opening-bias-target sets each anchor's bias by bisection on harmful-val instead; an
+    // anchor that falls short of the share as trained (this tiny model refuses nothing) stays
+    // unbiased, and the run says so.
+    let target = h.join("train-target");
+    let o = safegeo(
+        &[
+            "train",
+            "-m",
+            &m,
+            "--steps",
+            "2",
+            "--save-at",
+            "2",
+            "--batch-size",
+            "2",
+            "--warmup",
+            "1",
+            "--harmful",
+            &harm,
+            "--harmless",
+            &harmless,
+            "--n-harmless",
+            "8",
+            "--n-hard-negatives",
+            "0",
+            "--utility-tokens",
+            "6",
+            "--opening-bias-target",
+            "0.5",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--out",
+            target.to_str().unwrap(),
+        ],
+        h,
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("short of --opening-bias-target"),
+        "{stderr}"
+    );
+    let ck = target.join("ckpt-000002");
+    let cal = json(ck.join("calibration.json"));
+    assert_eq!(cal["config"]["target_refusal"].as_f64(), Some(0.5), "{cal}");
+    assert_eq!(cal["reached"], false, "{cal}");
+    assert_eq!(
+        json(ck.join("checkpoint.json"))["opening_bias"].as_f64(),
+        Some(0.0)
+    );
 }
 
 #[test]
@@ -2135,6 +2186,16 @@ fn bad_training_options_are_refused_before_the_model_loads() {
         &run(&["--decision-hard-share", "1.5"]),
         2,
         "--decision-hard-share 1.5: use a share from 0 to 1",
+    );
+    fails_with(
+        &run(&["--opening-bias-target", "1.5"]),
+        2,
+        "--opening-bias-target 1.5: use a share of harmful-val above 0 and at most 1",
+    );
+    fails_with(
+        &run(&["--opening-bias", "-1", "--opening-bias-target", "0.7"]),
+        2,
+        "cannot be used with",
     );
     // Nothing was written for a run that never started.
     assert!(!out.exists());

@@ -63,8 +63,19 @@ pub struct TrainArgs {
     /// 0.83 / 0.12, 0.81 / 0.20, 0.90 / 0.19, 0.89 / 0.27 with the bias, chosen on these seeds;
     /// fresh seed 5: 0.77 / 0.16; measured with session 20's bias direction; with the evenly
     /// landing one of session 21, seeds 4 and 5 refuse 0.87 / 0.24 and 0.76 / 0.16), 0 otherwise]
-    #[arg(long, allow_hyphen_values = true)]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        conflicts_with = "opening_bias_target"
+    )]
     pub opening_bias: Option<f64>,
+    /// Instead of a fixed --opening-bias, set each anchor's bias by bisection to the least
+    /// (most negative) one at which the anchor still refuses this share of harmful-val
+    /// (`safegeo calibrate --knob opening-bias --target-refusal SHARE`): the threshold is then
+    /// placed per run on validation prompts, not fixed across runs. Costs a few minutes per
+    /// anchor (about eight decodes of the 39 prompts).
+    #[arg(long)]
+    pub opening_bias_target: Option<f64>,
     /// LoRA target projections.
     #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
     pub lora_targets: Vec<String>,
@@ -274,6 +285,11 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
     if let Some(b) = a.opening_bias.filter(|b| !(b.is_finite() && *b <= 0.0)) {
         return Err(common::invalid!(
             "--opening-bias {b}: use a number of logits <= 0 (e.g. -3.25; 0 = anchors as trained)"
+        ));
+    }
+    if let Some(r) = a.opening_bias_target.filter(|r| !(*r > 0.0 && *r <= 1.0)) {
+        return Err(common::invalid!(
+            "--opening-bias-target {r}: use a share of harmful-val above 0 and at most 1 (e.g. 0.71)"
         ));
     }
     if a.recipe == "r2d2" && a.grad_accum != 1 {
@@ -578,12 +594,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
         .iter()
         .map(|s| format!("{}", a.out.join(format!("ckpt-{s:06}")).display()))
         .collect();
-    let bias = a.opening_bias.unwrap_or(if a.recipe == "sft" {
-        DEFAULT_SFT_OPENING_BIAS
-    } else {
-        0.0
-    });
-    if bias != 0.0 {
+    let bias = match (a.opening_bias, a.opening_bias_target) {
+        (_, Some(share)) => AnchorBias::Target(share),
+        (Some(b), None) => AnchorBias::Fixed(b),
+        (None, None) if a.recipe == "sft" => AnchorBias::Fixed(DEFAULT_SFT_OPENING_BIAS),
+        (None, None) => AnchorBias::Fixed(0.0),
+    };
+    if bias != AnchorBias::Fixed(0.0) {
         bias_anchors(&a, &cfg.save_at, bias)?;
     }
     println!("anchors: {}", anchors.join(" "));
@@ -596,10 +613,19 @@ pub fn run(a: TrainArgs) -> Result<()> {
 /// of five there (in-sample) and fresh seed 5 just outside (0.77 / 0.16).
 pub const DEFAULT_SFT_OPENING_BIAS: f64 = -3.25;
 
+/// How each anchor's opening bias is set.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum AnchorBias {
+    /// This many logits on every anchor.
+    Fixed(f64),
+    /// The least bias at which the anchor still refuses this share of harmful-val.
+    Target(f64),
+}
+
 /// Write the opening bias into every anchor after step 0. Each anchor is biased in a folder of
 /// its own and swapped in whole, its calibration.json marking it done, so an interrupted run
 /// never biases an anchor twice or leaves half of one.
-fn bias_anchors(a: &TrainArgs, save_at: &[usize], bias: f64) -> Result<()> {
+fn bias_anchors(a: &TrainArgs, save_at: &[usize], bias: AnchorBias) -> Result<()> {
     use safegeo_train::calibrate::{calibrate, CalibrateConfig, Knob};
     let dev = common::device(&a.model.device)?;
     for &step in save_at.iter().filter(|&&s| s > 0) {
@@ -616,13 +642,22 @@ fn bias_anchors(a: &TrainArgs, save_at: &[usize], bias: f64) -> Result<()> {
         }
         let _ = std::fs::remove_dir_all(&biased);
         let mut model = safegeo_runtime::load_model(&dir, &dev)?;
+        let defaults = CalibrateConfig::default();
         let cfg = CalibrateConfig {
             knob: Knob::OpeningBias,
-            max_bias: -bias,
-            fixed_scale: Some(0.0),
             data_dir: a.data_dir.clone(),
             system: a.system.clone(),
-            ..Default::default()
+            ..match bias {
+                AnchorBias::Fixed(b) => CalibrateConfig {
+                    max_bias: -b,
+                    fixed_scale: Some(0.0),
+                    ..defaults
+                },
+                AnchorBias::Target(share) => CalibrateConfig {
+                    target_refusal: share,
+                    ..defaults
+                },
+            }
         };
         let work = a.out.join("opening-bias").join(format!("ckpt-{step:06}"));
         let c = calibrate(&mut model, None, &cfg, &work, &mut |_| {})
@@ -630,7 +665,9 @@ fn bias_anchors(a: &TrainArgs, save_at: &[usize], bias: f64) -> Result<()> {
         safegeo_runtime::export_hf(&mut model, &biased)?;
         let mut ck: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("checkpoint.json"))?)?;
-        ck["opening_bias"] = bias.into();
+        // + 0.0 turns the -0 of an unbiased anchor into 0.
+        let logits = c.bias_logits.unwrap_or(0.0) + 0.0;
+        ck["opening_bias"] = logits.into();
         safegeo_runtime::files::write_atomic(
             &biased.join("checkpoint.json"),
             serde_json::to_string_pretty(&ck)?.as_bytes(),
@@ -643,9 +680,14 @@ fn bias_anchors(a: &TrainArgs, save_at: &[usize], bias: f64) -> Result<()> {
         std::fs::rename(&biased, &dir)?;
         std::fs::remove_dir_all(&unbiased)?;
         eprintln!(
-            "{}: opening bias {bias} logits; harmful-val refused {:.3}",
+            "{}: opening bias {logits} logits; harmful-val refused {:.3}{}",
             dir.display(),
-            c.refusal_at_scale
+            c.refusal_at_scale,
+            if c.reached || matches!(bias, AnchorBias::Fixed(_)) {
+                ""
+            } else {
+                " (short of --opening-bias-target as trained; left unbiased)"
+            }
         );
     }
     Ok(())
