@@ -58,22 +58,23 @@ pub struct TrainArgs {
     /// this much in every anchor after step 0, written into an untied LM head once training
     /// ends (`safegeo calibrate --knob opening-bias`; each anchor's calibration.json records it
     /// with its harmful-val refusal). It moves where greedy decoding starts to refuse along the
-    /// ranking training learned. 0 = anchors as trained. [default: -3.25 for --recipe sft (seeds
-    /// 0-4, JBB harmful / benign refused: about 0.91 / 0.37 as trained; 0.80 / 0.14,
-    /// 0.83 / 0.12, 0.81 / 0.20, 0.90 / 0.19, 0.89 / 0.27 with the bias, chosen on these seeds;
-    /// fresh seed 5: 0.77 / 0.16; measured with session 20's bias direction; with the evenly
-    /// landing one of session 21, seeds 4 and 5 refuse 0.87 / 0.24 and 0.76 / 0.16), 0 otherwise]
+    /// ranking training learned. 0 = anchors as trained. Session 20's fixed default, -3.25, put
+    /// none of fresh seeds 5-9 in the target corner (README). [default for --recipe sft: set
+    /// per anchor by --opening-bias-target; 0 otherwise]
     #[arg(
         long,
         allow_hyphen_values = true,
         conflicts_with = "opening_bias_target"
     )]
     pub opening_bias: Option<f64>,
-    /// Instead of a fixed --opening-bias, set each anchor's bias by bisection to the least
-    /// (most negative) one at which the anchor still refuses this share of harmful-val
-    /// (`safegeo calibrate --knob opening-bias --target-refusal SHARE`): the threshold is then
-    /// placed per run on validation prompts, not fixed across runs. Costs a few minutes per
-    /// anchor (about eight decodes of the 39 prompts).
+    /// Set each anchor's opening bias by bisection to the least (most negative) one at which
+    /// the anchor still refuses this share of harmful-val (`safegeo calibrate --knob
+    /// opening-bias --target-refusal SHARE`): the threshold is placed per run on validation
+    /// prompts instead of one bias for every run. An anchor that refuses less as trained is
+    /// left unbiased. Costs about eight decodes of the 39 prompts per anchor (1-2 min on 2
+    /// cores). [default: 0.71 for --recipe sft unless --opening-bias is given (28 of 39; JBB
+    /// harmful / benign refused on fresh seeds 6-9: 0.80 / 0.18, 0.83 / 0.21, 0.83 / 0.27,
+    /// 0.84 / 0.21; README, session 22)]
     #[arg(long)]
     pub opening_bias_target: Option<f64>,
     /// LoRA target projections.
@@ -597,7 +598,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let bias = match (a.opening_bias, a.opening_bias_target) {
         (_, Some(share)) => AnchorBias::Target(share),
         (Some(b), None) => AnchorBias::Fixed(b),
-        (None, None) if a.recipe == "sft" => AnchorBias::Fixed(DEFAULT_SFT_OPENING_BIAS),
+        (None, None) if a.recipe == "sft" => AnchorBias::Target(DEFAULT_SFT_OPENING_BIAS_TARGET),
         (None, None) => AnchorBias::Fixed(0.0),
     };
     if bias != AnchorBias::Fixed(0.0) {
@@ -608,10 +609,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--opening-bias` of the sft recipe, in logits (README, session 20): -2.75, chosen on seed 0,
-/// put fresh seeds 1-4 in the target corner once in four; -3.25, chosen on all five, puts four
-/// of five there (in-sample) and fresh seed 5 just outside (0.77 / 0.16).
-pub const DEFAULT_SFT_OPENING_BIAS: f64 = -3.25;
+/// `--opening-bias-target` of the sft recipe (README, session 22): the share of harmful-val at
+/// which seeds 4 and 5 reached the target corner's edge. On fresh seeds 6-9 it put one in the
+/// corner and two within one prompt of it, where session 20's fixed bias of -3.25 put none.
+pub const DEFAULT_SFT_OPENING_BIAS_TARGET: f64 = 0.71;
 
 /// How each anchor's opening bias is set.
 #[derive(Debug, Clone, Copy, PartialEq)]
