@@ -1909,42 +1909,52 @@ fn carriers_select_sweep_attack_and_train_resume_after_kill_9_to_the_uninterrupt
         r#"[{"instruction": "w3 w6", "category": null}, {"instruction": "w8 w1 w9", "category": null}]"#,
     )
     .unwrap();
+    // A short sft run on the tiny model; `rest` picks its length and its opening bias.
+    let tiny_sft = |out: &Path, rest: &[&str]| {
+        let mut args = strings(&[
+            "train",
+            "-m",
+            &m,
+            "--recipe",
+            "sft",
+            "--batch-size",
+            "2",
+            "--harmful",
+            &harm,
+            "--harmless",
+            &harmless,
+            "--n-harmless",
+            "8",
+            "--n-hard-negatives",
+            "0",
+            "--utility-tokens",
+            "6",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        args.extend(strings(rest));
+        args
+    };
     let point = random_point(2, 9);
     let (full, cut, _) = full_and_resumed(
         h,
         "train",
         &|out| {
-            strings(&[
-                "train",
-                "-m",
-                &m,
-                "--recipe",
-                "sft",
-                "--steps",
-                "12",
-                "--save-at",
-                "0,6,12",
-                "--batch-size",
-                "2",
-                "--warmup",
-                "2",
-                "--harmful",
-                &harm,
-                "--harmless",
-                &harmless,
-                "--n-harmless",
-                "8",
-                "--n-hard-negatives",
-                "0",
-                "--utility-tokens",
-                "6",
-                "--opening-bias",
-                "-1.5",
-                "--data-dir",
-                data.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-            ])
+            tiny_sft(
+                out,
+                &[
+                    "--steps",
+                    "12",
+                    "--save-at",
+                    "0,6,12",
+                    "--warmup",
+                    "2",
+                    "--opening-bias",
+                    "-1.5",
+                ],
+            )
         },
         &|out, _, _| lines_in(&out.join("train_log.jsonl")) > point,
     );
@@ -1994,38 +2004,20 @@ fn carriers_select_sweep_attack_and_train_resume_after_kill_9_to_the_uninterrupt
     // anchor that falls short of the share as trained (this tiny model refuses nothing) stays
     // unbiased, and the run says so.
     let target = h.join("train-target");
-    let o = safegeo(
+    let args = tiny_sft(
+        &target,
         &[
-            "train",
-            "-m",
-            &m,
             "--steps",
             "2",
             "--save-at",
             "2",
-            "--batch-size",
-            "2",
             "--warmup",
             "1",
-            "--harmful",
-            &harm,
-            "--harmless",
-            &harmless,
-            "--n-harmless",
-            "8",
-            "--n-hard-negatives",
-            "0",
-            "--utility-tokens",
-            "6",
             "--opening-bias-target",
             "0.5",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--out",
-            target.to_str().unwrap(),
         ],
-        h,
     );
+    let o = safegeo(&args.iter().map(String::as_str).collect::<Vec<_>>(), h);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
     assert!(
