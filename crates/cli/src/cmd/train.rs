@@ -59,7 +59,7 @@ pub struct TrainArgs {
     /// ends (`safegeo calibrate --knob opening-bias`; each anchor's calibration.json records it
     /// with its harmful-val refusal). It moves where greedy decoding starts to refuse along the
     /// ranking training learned. 0 = anchors as trained. Session 20's fixed default, -3.25, put
-    /// none of fresh seeds 5-9 in the target corner (README). [default for --recipe sft: set
+    /// none of fresh seeds 5-10 in the target corner (README). [default for --recipe sft: set
     /// per anchor by --opening-bias-target; 0 otherwise]
     #[arg(
         long,
@@ -73,8 +73,8 @@ pub struct TrainArgs {
     /// prompts instead of one bias for every run. An anchor that refuses less as trained is
     /// left unbiased. Costs about eight decodes of the 39 prompts per anchor (1-2 min on 2
     /// cores). [default: 0.71 for --recipe sft unless --opening-bias is given (28 of 39; JBB
-    /// harmful / benign refused on fresh seeds 6-9: 0.80 / 0.18, 0.83 / 0.21, 0.83 / 0.27,
-    /// 0.84 / 0.21; README, session 22)]
+    /// harmful / benign refused on fresh seeds 6-10: 0.80 / 0.18, 0.83 / 0.21, 0.83 / 0.27,
+    /// 0.84 / 0.21, 0.80 / 0.18; seed 0: 0.79 / 0.15; README, session 22)]
     #[arg(long)]
     pub opening_bias_target: Option<f64>,
     /// LoRA target projections.
@@ -610,7 +610,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
 }
 
 /// `--opening-bias-target` of the sft recipe (README, session 22): the share of harmful-val at
-/// which seeds 4 and 5 reached the target corner's edge. On fresh seeds 6-9 it put one in the
+/// which seeds 4 and 5 reached the target corner's edge. On fresh seeds 6-10 it put two in the
 /// corner and two within one prompt of it, where session 20's fixed bias of -3.25 put none.
 pub const DEFAULT_SFT_OPENING_BIAS_TARGET: f64 = 0.71;
 
