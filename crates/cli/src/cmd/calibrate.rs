@@ -43,7 +43,8 @@ pub struct CalibrateArgs {
     #[arg(long, default_value_t = 256)]
     pub landing_limit: usize,
     /// opening-bias: write this bias (logits, <= 0) instead of searching; its validation
-    /// refusal is still measured. `safegeo train --recipe sft` writes -3.25 into its anchors.
+    /// refusal is still measured. (`safegeo train --recipe sft` searches each anchor's bias, as
+    /// with --target-refusal 0.71.)
     #[arg(long, allow_hyphen_values = true, conflicts_with = "scale")]
     pub bias: Option<f64>,
     /// Share of the validation harmful prompts the calibrated model must still refuse. The
