@@ -414,7 +414,8 @@ pub fn calibrate(
             let lo = b.spread.iter().copied().fold(f32::INFINITY, f32::min);
             let hi = b.spread.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             (
-                Some(-max * (1.0 - scale)),
+                // max (t - 1), not -max (1 - t): an unbiased model records 0, not -0.
+                Some(max * (scale - 1.0)),
                 Some([lo, b.spread.iter().sum::<f32>() / n, hi]),
             )
         }

@@ -629,6 +629,19 @@ enum AnchorBias {
 fn bias_anchors(a: &TrainArgs, save_at: &[usize], bias: AnchorBias) -> Result<()> {
     use safegeo_train::calibrate::{calibrate, CalibrateConfig, Knob};
     let dev = common::device(&a.model.device)?;
+    let mut cfg = CalibrateConfig {
+        knob: Knob::OpeningBias,
+        data_dir: a.data_dir.clone(),
+        system: a.system.clone(),
+        ..Default::default()
+    };
+    match bias {
+        AnchorBias::Fixed(b) => {
+            cfg.max_bias = -b;
+            cfg.fixed_scale = Some(0.0);
+        }
+        AnchorBias::Target(share) => cfg.target_refusal = share,
+    }
     for &step in save_at.iter().filter(|&&s| s > 0) {
         let dir = a.out.join(format!("ckpt-{step:06}"));
         let biased = a.out.join(format!("ckpt-{step:06}.biased"));
@@ -643,31 +656,13 @@ fn bias_anchors(a: &TrainArgs, save_at: &[usize], bias: AnchorBias) -> Result<()
         }
         let _ = std::fs::remove_dir_all(&biased);
         let mut model = safegeo_runtime::load_model(&dir, &dev)?;
-        let defaults = CalibrateConfig::default();
-        let cfg = CalibrateConfig {
-            knob: Knob::OpeningBias,
-            data_dir: a.data_dir.clone(),
-            system: a.system.clone(),
-            ..match bias {
-                AnchorBias::Fixed(b) => CalibrateConfig {
-                    max_bias: -b,
-                    fixed_scale: Some(0.0),
-                    ..defaults
-                },
-                AnchorBias::Target(share) => CalibrateConfig {
-                    target_refusal: share,
-                    ..defaults
-                },
-            }
-        };
         let work = a.out.join("opening-bias").join(format!("ckpt-{step:06}"));
         let c = calibrate(&mut model, None, &cfg, &work, &mut |_| {})
             .with_context(|| format!("writing the opening bias into {}", dir.display()))?;
         safegeo_runtime::export_hf(&mut model, &biased)?;
         let mut ck: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("checkpoint.json"))?)?;
-        // + 0.0 turns the -0 of an unbiased anchor into 0.
-        let logits = c.bias_logits.unwrap_or(0.0) + 0.0;
+        let logits = c.bias_logits.unwrap_or(0.0);
         ck["opening_bias"] = logits.into();
         safegeo_runtime::files::write_atomic(
             &biased.join("checkpoint.json"),
