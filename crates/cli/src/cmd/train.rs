@@ -13,7 +13,7 @@ pub struct TrainArgs {
     pub model: ModelArgs,
     /// Recipe: sft (refusals + self-distilled utility anchor), r2d2 (SFT + away/toward losses on
     /// a persistent pool of GCG test cases), harmful-prefix (Qi et al.: refusals after
-    /// harmful-reply prefixes), derta (harmful-prefix MLE + transition optimization).
+    /// harmful-reply prefixes), derta (harmful-prefix MLE + transition optimization),
     /// worst-insertion (refusal / recovery after a harmful span inserted at the worst of 8
     /// random places, plus the SFT data).
     #[arg(long, default_value = "sft")]
