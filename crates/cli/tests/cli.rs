@@ -1909,7 +1909,8 @@ fn carriers_select_sweep_attack_and_train_resume_after_kill_9_to_the_uninterrupt
         r#"[{"instruction": "w3 w6", "category": null}, {"instruction": "w8 w1 w9", "category": null}]"#,
     )
     .unwrap();
-    // A short sft run on the tiny model; `rest` picks its length and its opening bias.
+    // A short sft run on the tiny model; `rest` picks its length, its opening bias and its
+    // soup (one run unless `rest` says otherwise).
     let tiny_sft = |out: &Path, rest: &[&str]| {
         let mut args = strings(&[
             "train",
@@ -1934,6 +1935,9 @@ fn carriers_select_sweep_attack_and_train_resume_after_kill_9_to_the_uninterrupt
             "--out",
             out.to_str().unwrap(),
         ]);
+        if !rest.contains(&"--soup") {
+            args.extend(strings(&["--soup", "1"]));
+        }
         args.extend(strings(rest));
         args
     };
@@ -2032,6 +2036,72 @@ fn carriers_select_sweep_attack_and_train_resume_after_kill_9_to_the_uninterrupt
         json(ck.join("checkpoint.json"))["opening_bias"].as_f64(),
         Some(0.0)
     );
+
+    // --soup 2 trains seeds 0 and 1 as members and writes each anchor as their average, then
+    // biases it; a re-run finds everything done and changes nothing.
+    let soup = h.join("train-soup");
+    let args = tiny_sft(
+        &soup,
+        &[
+            "--steps",
+            "2",
+            "--save-at",
+            "0,2",
+            "--warmup",
+            "1",
+            "--soup",
+            "2",
+            "--opening-bias",
+            "-1.5",
+        ],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = safegeo(&args, h);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let load = |p: std::path::PathBuf| {
+        candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap()
+    };
+    let members: Vec<_> = ["seed-0", "seed-1"]
+        .iter()
+        .map(|s| soup.join("members").join(s))
+        .collect();
+    for m in &members {
+        assert_eq!(lines_in(&m.join("train_log.jsonl")), 2, "{}", m.display());
+    }
+    let (a, b) = (
+        load(members[0].join("ckpt-000002/model.safetensors")),
+        load(members[1].join("ckpt-000002/model.safetensors")),
+    );
+    let avg = load(soup.join("ckpt-000002/model.safetensors"));
+    let v = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut differ = 0;
+    for (name, s) in &avg {
+        if name == "lm_head.weight" {
+            continue; // the soup's opening bias is in it
+        }
+        let (va, vb, vs) = (v(&a[name]), v(&b[name]), v(s));
+        differ += usize::from(va != vb);
+        for ((x, y), s) in va.iter().zip(&vb).zip(&vs) {
+            assert!((s - (x + y) / 2.0).abs() < 1e-6, "{name}: {s} vs {x}, {y}");
+        }
+    }
+    assert!(differ > 0, "the two seeds trained alike");
+    let ck = json(soup.join("ckpt-000002/checkpoint.json"));
+    assert_eq!(ck["soup"].as_array().map(Vec::len), Some(2), "{ck}");
+    assert_eq!(ck["opening_bias"].as_f64(), Some(-1.5), "{ck}");
+    assert!(soup.join("ckpt-000000/model.safetensors").exists());
+    let before = std::fs::read(soup.join("ckpt-000002/model.safetensors")).unwrap();
+    let o = safegeo(&args, h);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(soup.join("ckpt-000002/model.safetensors")).unwrap(),
+        before
+    );
+    // The soup's folder remembers its size: another --soup into it is refused.
+    let mut other = args.clone();
+    let k = other.iter().position(|&x| x == "--soup").unwrap();
+    other[k + 1] = "3";
+    fails_with(&safegeo(&other, h), 1, "different settings");
 }
 
 #[test]
@@ -2168,6 +2238,18 @@ fn bad_training_options_are_refused_before_the_model_loads() {
         2,
         "use rest or top",
     );
+    fails_with(
+        &run(&["--soup", "0"]),
+        2,
+        "--soup 0: a soup has at least one member",
+    );
+    // A soup's own options are checked by its first member before anything is written.
+    fails_with(
+        &run(&["--soup", "2", "--decision-boundary", "1.5"]),
+        2,
+        "--decision-boundary 1.5",
+    );
+    assert!(!out.exists(), "a refused run left {}", out.display());
     fails_with(&run(&["--recipe", "rlhf"]), 2, "unknown recipe `rlhf`");
     fails_with(
         &run(&["--decision-harmful-share", "1"]),

@@ -8,6 +8,7 @@ pub mod data;
 pub mod decision;
 pub mod r2d2;
 pub mod recipes;
+pub mod soup;
 pub mod trainer;
 
 pub use safegeo_data::{Error, Result};

@@ -97,6 +97,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
             "32".into(),
             "--opening-bias".into(),
             "0".into(),
+            "--soup".into(),
+            "1".into(),
             "--out".into(),
             s(&runs.join(recipe)),
         ];

@@ -7,7 +7,7 @@ use safegeo_train::recipes::ExampleRecipe;
 use safegeo_train::trainer::{train, LoraConfig, TrainConfig};
 use std::path::PathBuf;
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct TrainArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -77,6 +77,13 @@ pub struct TrainArgs {
     /// 0.84 / 0.21, 0.80 / 0.18; seed 0: 0.79 / 0.15; README, session 22)]
     #[arg(long)]
     pub opening_bias_target: Option<f64>,
+    /// Train K runs that differ only in their seed (SEED, SEED+1, ...) into
+    /// OUT/members/seed-S, each resumable on its own, and write every anchor OUT/ckpt-NNNNNN as
+    /// their uniform soup: the weights averaged (crates/train/src/soup.rs). The opening bias is
+    /// then set on the soup. Costs K trainings. [default: 2 for --recipe sft (README, session
+    /// 23), 1 otherwise]
+    #[arg(long)]
+    pub soup: Option<usize>,
     /// LoRA target projections.
     #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
     pub lora_targets: Vec<String>,
@@ -559,12 +566,84 @@ pub fn prepare(a: &TrainArgs) -> Result<Prepared> {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
+    let soup = a.soup.unwrap_or(if a.recipe == "sft" {
+        DEFAULT_SFT_SOUP
+    } else {
+        1
+    });
+    if soup == 0 {
+        return Err(common::invalid!(
+            "--soup 0: a soup has at least one member\n  fix: --soup 1 trains one run"
+        ));
+    }
+    let save_at = if soup == 1 {
+        train_run(&a)?
+    } else {
+        let members: Vec<TrainArgs> = (0..soup as u64)
+            .map(|i| {
+                let mut m = a.clone();
+                m.seed = a.seed + i;
+                m.out = a.out.join("members").join(format!("seed-{}", m.seed));
+                m
+            })
+            .collect();
+        let config = serde_json::json!({
+            "soup": soup,
+            "members": members.iter().map(|m| m.out.display().to_string()).collect::<Vec<_>>(),
+        });
+        // Checked before training, written once the members exist: a folder whose anchors are
+        // the soup of other members (or a run of its own) is never written over, and options
+        // refused by the first member's checks leave no folder behind.
+        if a.out.join("config.json").exists() {
+            common::check_or_write_config(&a.out, &config)?;
+        }
+        let mut save_at = Vec::new();
+        for (i, m) in members.iter().enumerate() {
+            eprintln!(
+                "soup member {}/{soup}: seed {} -> {}",
+                i + 1,
+                m.seed,
+                m.out.display()
+            );
+            save_at = train_run(m)?;
+        }
+        common::check_or_write_config(&a.out, &config)?;
+        soup_anchors(&a.out, &members, &save_at)?;
+        save_at
+    };
+    let anchors: Vec<String> = save_at
+        .iter()
+        .map(|s| format!("{}", a.out.join(format!("ckpt-{s:06}")).display()))
+        .collect();
+    let bias = match (a.opening_bias, a.opening_bias_target) {
+        (_, Some(share)) => AnchorBias::Target(share),
+        (Some(b), None) => AnchorBias::Fixed(b),
+        (None, None) if a.recipe == "sft" => AnchorBias::Target(DEFAULT_SFT_OPENING_BIAS_TARGET),
+        (None, None) => AnchorBias::Fixed(0.0),
+    };
+    if bias != AnchorBias::Fixed(0.0) {
+        bias_anchors(&a, &save_at, bias)?;
+    }
+    println!("anchors: {}", anchors.join(" "));
+    if soup == 1 {
+        println!("log: {}", a.out.join("train_log.jsonl").display());
+    } else {
+        println!(
+            "logs: {}",
+            a.out.join("members/seed-*/train_log.jsonl").display()
+        );
+    }
+    Ok(())
+}
+
+/// Train one run into `a.out` (resuming it if it was interrupted); returns its anchor steps.
+fn train_run(a: &TrainArgs) -> Result<Vec<usize>> {
     let Prepared {
         mut model,
         mut recipe,
         cfg,
         summary,
-    } = prepare(&a)?;
+    } = prepare(a)?;
     eprintln!("{summary}");
     let mut bar = common::Progress::new("steps");
     let lines = train(&mut model, recipe.as_mut(), &cfg, &a.out, &mut |s, n, l| {
@@ -590,22 +669,29 @@ pub fn run(a: TrainArgs) -> Result<()> {
             l.step, l.loss, l.tokens_per_s
         );
     }
-    let anchors: Vec<String> = cfg
-        .save_at
-        .iter()
-        .map(|s| format!("{}", a.out.join(format!("ckpt-{s:06}")).display()))
-        .collect();
-    let bias = match (a.opening_bias, a.opening_bias_target) {
-        (_, Some(share)) => AnchorBias::Target(share),
-        (Some(b), None) => AnchorBias::Fixed(b),
-        (None, None) if a.recipe == "sft" => AnchorBias::Target(DEFAULT_SFT_OPENING_BIAS_TARGET),
-        (None, None) => AnchorBias::Fixed(0.0),
-    };
-    if bias != AnchorBias::Fixed(0.0) {
-        bias_anchors(&a, &cfg.save_at, bias)?;
+    Ok(cfg.save_at)
+}
+
+/// `--soup` of the sft recipe (README, session 23).
+pub const DEFAULT_SFT_SOUP: usize = 2;
+
+/// Write every anchor of `out` as the soup of the members' anchors at the same step. An anchor
+/// already written (or already swapped out by [`bias_anchors`]) is kept; a soup is written in
+/// a folder of its own and renamed into place, so an interruption never leaves half of one.
+fn soup_anchors(out: &std::path::Path, members: &[TrainArgs], save_at: &[usize]) -> Result<()> {
+    for &step in save_at {
+        let name = format!("ckpt-{step:06}");
+        let dir = out.join(&name);
+        if dir.exists() || out.join(format!("{name}.unbiased")).exists() {
+            continue;
+        }
+        let partial = out.join(format!("{name}.soup"));
+        let _ = std::fs::remove_dir_all(&partial);
+        let sources: Vec<PathBuf> = members.iter().map(|m| m.out.join(&name)).collect();
+        safegeo_train::soup::write_soup(&sources, &partial)
+            .with_context(|| format!("averaging the members' {name} into {}", dir.display()))?;
+        std::fs::rename(&partial, &dir)?;
     }
-    println!("anchors: {}", anchors.join(" "));
-    println!("log: {}", a.out.join("train_log.jsonl").display());
     Ok(())
 }
 
