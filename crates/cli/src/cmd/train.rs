@@ -73,15 +73,18 @@ pub struct TrainArgs {
     /// prompts instead of one bias for every run. An anchor that refuses less as trained is
     /// left unbiased. Costs about eight decodes of the 39 prompts per anchor (1-2 min on 2
     /// cores). [default: 0.71 for --recipe sft unless --opening-bias is given (28 of 39; JBB
-    /// harmful / benign refused on fresh seeds 6-10: 0.80 / 0.18, 0.83 / 0.21, 0.83 / 0.27,
-    /// 0.84 / 0.21, 0.80 / 0.18; seed 0: 0.79 / 0.15; README, session 22)]
+    /// harmful / benign refused by single runs on fresh seeds 6-14: 0.80-0.85 / 0.14-0.27,
+    /// five of nine within 0.80 / 0.20; by the default two-seed soups (--soup) of fresh seeds
+    /// 11-14: 0.82 / 0.17 and 0.82 / 0.13; README, sessions 22-24)]
     #[arg(long)]
     pub opening_bias_target: Option<f64>,
     /// Train K runs that differ only in their seed (SEED, SEED+1, ...) into
     /// OUT/members/seed-S, each resumable on its own, and write every anchor OUT/ckpt-NNNNNN as
     /// their uniform soup: the weights averaged (crates/train/src/soup.rs). The opening bias is
-    /// then set on the soup. Costs K trainings. [default: 2 for --recipe sft (README, session
-    /// 23), 1 otherwise]
+    /// then set on the soup. Costs K trainings. Averaging two runs keeps one seed's stray
+    /// threshold from setting the operating point (JBB benign refused 0.13-0.19 by ten soups,
+    /// 0.14-0.27 by ten single runs). [default: 2 for --recipe sft (README, sessions 23-24), 1
+    /// otherwise]
     #[arg(long)]
     pub soup: Option<usize>,
     /// LoRA target projections.
