@@ -2040,21 +2040,8 @@ fn carriers_select_sweep_attack_and_train_resume_after_kill_9_to_the_uninterrupt
     // --soup 2 trains seeds 0 and 1 as members and writes each anchor as their average, then
     // biases it; a re-run finds everything done and changes nothing.
     let soup = h.join("train-soup");
-    let args = tiny_sft(
-        &soup,
-        &[
-            "--steps",
-            "2",
-            "--save-at",
-            "0,2",
-            "--warmup",
-            "1",
-            "--soup",
-            "2",
-            "--opening-bias",
-            "-1.5",
-        ],
-    );
+    let options = "--steps 2 --save-at 0,2 --warmup 1 --soup 2 --opening-bias -1.5";
+    let args = tiny_sft(&soup, &options.split(' ').collect::<Vec<_>>());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let o = safegeo(&args, h);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -2228,49 +2215,38 @@ fn bad_training_options_are_refused_before_the_model_loads() {
         args.extend_from_slice(extra);
         safegeo(&args, h)
     };
-    fails_with(
-        &run(&["--decision-boundary", "1.5"]),
-        2,
-        "--decision-boundary 1.5",
-    );
-    fails_with(
-        &run(&["--decision-against", "middle"]),
-        2,
-        "use rest or top",
-    );
-    fails_with(
-        &run(&["--soup", "0"]),
-        2,
-        "--soup 0: a soup has at least one member",
-    );
-    // A soup's own options are checked by its first member before anything is written.
-    fails_with(
-        &run(&["--soup", "2", "--decision-boundary", "1.5"]),
-        2,
-        "--decision-boundary 1.5",
-    );
-    assert!(!out.exists(), "a refused run left {}", out.display());
-    fails_with(&run(&["--recipe", "rlhf"]), 2, "unknown recipe `rlhf`");
-    fails_with(
-        &run(&["--decision-harmful-share", "1"]),
-        2,
-        "--decision-harmful-share 1: use a share strictly between 0 and 1",
-    );
-    fails_with(
-        &run(&["--decision-hard-share", "1.5"]),
-        2,
-        "--decision-hard-share 1.5: use a share from 0 to 1",
-    );
-    fails_with(
-        &run(&["--opening-bias-target", "1.5"]),
-        2,
-        "--opening-bias-target 1.5: use a share of harmful-val above 0 and at most 1",
-    );
-    fails_with(
-        &run(&["--opening-bias", "-1", "--opening-bias-target", "0.7"]),
-        2,
-        "cannot be used with",
-    );
+    // (options, the error's words); every one exits 2 and writes nothing. A soup's own options
+    // are checked by its first member before anything is written.
+    let refused: &[(&[&str], &str)] = &[
+        (&["--decision-boundary", "1.5"], "--decision-boundary 1.5"),
+        (&["--decision-against", "middle"], "use rest or top"),
+        (&["--soup", "0"], "--soup 0: a soup has at least one member"),
+        (
+            &["--soup", "2", "--decision-boundary", "1.5"],
+            "--decision-boundary 1.5",
+        ),
+        (&["--recipe", "rlhf"], "unknown recipe `rlhf`"),
+        (
+            &["--decision-harmful-share", "1"],
+            "--decision-harmful-share 1: use a share strictly between 0 and 1",
+        ),
+        (
+            &["--decision-hard-share", "1.5"],
+            "--decision-hard-share 1.5: use a share from 0 to 1",
+        ),
+        (
+            &["--opening-bias-target", "1.5"],
+            "--opening-bias-target 1.5: use a share of harmful-val above 0 and at most 1",
+        ),
+        (
+            &["--opening-bias", "-1", "--opening-bias-target", "0.7"],
+            "cannot be used with",
+        ),
+    ];
+    for (options, words) in refused {
+        fails_with(&run(options), 2, words);
+        assert!(!out.exists(), "{options:?} left {}", out.display());
+    }
     // Nothing was written for a run that never started.
     assert!(!out.exists());
 }
