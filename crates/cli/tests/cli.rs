@@ -2247,8 +2247,6 @@ fn bad_training_options_are_refused_before_the_model_loads() {
         fails_with(&run(options), 2, words);
         assert!(!out.exists(), "{options:?} left {}", out.display());
     }
-    // Nothing was written for a run that never started.
-    assert!(!out.exists());
 }
 
 #[test]

@@ -77,11 +77,12 @@ pub fn write_soup(members: &[PathBuf], out: &Path) -> Result<()> {
             safegeo_runtime::files::write_atomic(&out.join(name), &bytes)?;
         }
     }
-    let mut checkpoint = read_json(&first.join("checkpoint.json"))?;
-    let losses = members
+    let checkpoints = members
         .iter()
-        .map(|m| Ok(read_json(&m.join("checkpoint.json"))?["loss"].as_f64()))
-        .collect::<Result<Option<Vec<f64>>>>()?;
+        .map(|m| read_json(&m.join("checkpoint.json")))
+        .collect::<Result<Vec<_>>>()?;
+    let losses: Option<Vec<f64>> = checkpoints.iter().map(|c| c["loss"].as_f64()).collect();
+    let mut checkpoint = checkpoints[0].clone();
     if let Some(l) = losses {
         checkpoint["loss"] = (l.iter().sum::<f64>() / l.len() as f64).into();
     }

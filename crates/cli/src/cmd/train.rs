@@ -82,8 +82,8 @@ pub struct TrainArgs {
     /// OUT/members/seed-S, each resumable on its own, and write every anchor OUT/ckpt-NNNNNN as
     /// their uniform soup: the weights averaged (crates/train/src/soup.rs). The opening bias is
     /// then set on the soup. Costs K trainings. Averaging two runs keeps one seed's stray
-    /// threshold from setting the operating point (JBB benign refused 0.13-0.19 by ten soups,
-    /// 0.14-0.27 by ten single runs). [default: 2 for --recipe sft (README, sessions 23-24), 1
+    /// threshold from setting the operating point (JBB benign refused 0.13-0.19 by eleven
+    /// soups, 0.14-0.27 by ten single runs). [default: 2 for --recipe sft (README, sessions 23-24), 1
     /// otherwise]
     #[arg(long)]
     pub soup: Option<usize>,
@@ -675,7 +675,8 @@ fn train_run(a: &TrainArgs) -> Result<Vec<usize>> {
     Ok(cfg.save_at)
 }
 
-/// `--soup` of the sft recipe (README, session 23).
+/// `--soup` of the sft recipe (README, sessions 23-24: both soups of a fresh test in the target
+/// corner, eight of eleven soups in all).
 pub const DEFAULT_SFT_SOUP: usize = 2;
 
 /// Write every anchor of `out` as the soup of the members' anchors at the same step. An anchor
