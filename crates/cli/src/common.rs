@@ -268,6 +268,8 @@ pub struct Progress {
     len: u64,
     last_decile: u64,
     start: std::time::Instant,
+    /// Shown after the count (e.g. a training step's loss and tokens/s).
+    message: String,
 }
 
 impl Progress {
@@ -276,7 +278,7 @@ impl Progress {
         use std::io::IsTerminal;
         let bar = std::io::stderr().is_terminal().then(|| {
             let style = indicatif::ProgressStyle::with_template(&format!(
-                "{{bar:40}} {{pos}}/{{len}} {label} {{elapsed}} eta {{eta}}"
+                "{{bar:40}} {{pos}}/{{len}} {label} {{elapsed}} eta {{eta}} {{msg}}"
             ))
             .expect("valid template");
             indicatif::ProgressBar::new(0).with_style(style)
@@ -287,7 +289,16 @@ impl Progress {
             len: 0,
             last_decile: 0,
             start: std::time::Instant::now(),
+            message: String::new(),
         }
+    }
+
+    /// Show `message` after the count from now on.
+    pub fn message(&mut self, message: String) {
+        if let Some(b) = &self.bar {
+            b.set_message(message.clone());
+        }
+        self.message = message;
     }
 
     /// Report `done` of `total`.
@@ -306,10 +317,13 @@ impl Progress {
                 };
                 if decile > self.last_decile {
                     self.last_decile = decile;
+                    let elapsed = self.start.elapsed().as_secs_f64();
+                    let eta = elapsed * (total - done.min(total)) as f64 / done.max(1) as f64;
                     eprintln!(
-                        "{done}/{total} {} ({:.0}s)",
+                        "{done}/{total} {} ({elapsed:.0}s, eta {eta:.0}s){}{}",
                         self.label,
-                        self.start.elapsed().as_secs_f64()
+                        if self.message.is_empty() { "" } else { " " },
+                        self.message
                     );
                 }
             }

@@ -2028,6 +2028,13 @@ fn carriers_select_sweep_attack_and_train_resume_after_kill_9_to_the_uninterrupt
         stderr.contains("short of --opening-bias-target"),
         "{stderr}"
     );
+    // Off a terminal, progress is a line per tenth with its ETA, the step's loss and tokens/s.
+    assert!(
+        stderr.contains("2/2 steps (")
+            && stderr.contains(", eta 0s) loss ")
+            && stderr.contains(" tok/s"),
+        "{stderr}"
+    );
     let ck = target.join("ckpt-000002");
     let cal = json(ck.join("calibration.json"));
     assert_eq!(cal["config"]["target_refusal"].as_f64(), Some(0.5), "{cal}");

@@ -650,6 +650,7 @@ fn train_run(a: &TrainArgs) -> Result<Vec<usize>> {
     eprintln!("{summary}");
     let mut bar = common::Progress::new("steps");
     let lines = train(&mut model, recipe.as_mut(), &cfg, &a.out, &mut |s, n, l| {
+        bar.message(format!("loss {:.4}, {:.0} tok/s", l.loss, l.tokens_per_s));
         bar.set(s, n);
         tracing::info!(
             "step {s}/{n} loss {:.4} lr {:.2e} grad-norm {:.3} {:.0} tok/s",
