@@ -5,13 +5,13 @@ Usage:  bench/random_direction_kl.py [--directions 6] [--prompts 32] [--keep-fir
         (run with the bench venv's python: ~/.cache/safegeo/bench-venv/bin/python,
          made by bench/reference.py)
 
-Directional ablation as SPEC.md defines it (x <- x - (x . r) r at every layer and position),
+Directional ablation as docs/protocol.md §2 defines it (x <- x - (x . r) r at every layer and position),
 written as hooks that project r out of the embedding output and of every attention and MLP
 output, on the default SmolLM2-135M-Instruct GGUF dequantized to f32 by transformers. KL is
 KL(P_base || P_ablated) at the last position, averaged over the first N harmless-val prompts in
 the model's chat template, exactly what `safegeo select` reports as
 `baseline.random_direction_kl`. `--keep-first` leaves position 0 (the attention sink) unablated.
-Session 13: mean 0.086 over 6 directions (0.017-0.25); 0.052 with --keep-first.
+Measured results: docs/experiments.md (the random-direction floor).
 """
 import argparse, json, os
 

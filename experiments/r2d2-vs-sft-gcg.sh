@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# R2D2 vs SFT under fixed-source GCG (issue 6, seed study A), sized for 2 CPU cores (~1 hour).
+# R2D2 vs SFT under fixed-source GCG (the study of docs/protocol.md §1, item 1), sized for 2 CPU cores (~1 hour).
 #
 #   experiments/r2d2-vs-sft-gcg.sh [OUT_DIR]      (default: r2d2-vs-sft-gcg)
 #

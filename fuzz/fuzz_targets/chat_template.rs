@@ -1,4 +1,4 @@
-//! The chat-template renderer (`crates/runtime/src/template.rs`) on arbitrary templates and
+//! The chat-template renderer (`crates/runtime/src/text/template.rs`) on arbitrary templates and
 //! messages: bounded work (fuel), bounded recursion and output, no panic. The memory budget
 //! (`alloc_guard`) is not installed here (its exit would read as a crash); libFuzzer's
 //! `-rss_limit_mb`/`-malloc_limit_mb` stand in for it.

@@ -1,4 +1,4 @@
-//! The GGUF header bounds check (`crates/runtime/src/gguf_check.rs`) on arbitrary bytes: it must
+//! The GGUF header bounds check (`crates/runtime/src/io/gguf_check.rs`) on arbitrary bytes: it must
 //! return Ok or Err, never panic, and never read or allocate past the declared file size.
 #![no_main]
 use libfuzzer_sys::fuzz_target;

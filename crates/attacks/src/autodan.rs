@@ -1,4 +1,4 @@
-//! AutoDAN (Liu et al. 2023), the genetic version, with the defaults of SPEC.md section 5.
+//! AutoDAN (Liu et al. 2023), the genetic version, with the defaults of docs/protocol.md §5.
 //!
 //! An individual is a jailbreak template with `[REPLACE]` where the behaviour goes. Each step:
 //! fitness = `-CE(target | template(behaviour))` for the whole population (batched over a cached
@@ -77,7 +77,7 @@ pub const SYNONYMS: &[(&str, &[&str])] = &[
     ("need", &["require", "want", "must have"]),
 ];
 
-/// Every knob; defaults from SPEC.md section 5.
+/// Every knob; defaults from docs/protocol.md §5.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct AutoDanConfig {

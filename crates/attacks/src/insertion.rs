@@ -1,4 +1,4 @@
-//! Random insertion and worst insertion (SPEC.md section 5, seed study D).
+//! Random insertion and worst insertion (docs/protocol.md §5, study 4 of docs/protocol.md §1).
 //!
 //! Random insertion: take the model's own (refusing) reply `R`, choose a position `p` uniformly in
 //! `0..=|R|` and a span of `L ~ U{min_span..=max_span}` tokens of a harmful target continuation
@@ -25,7 +25,7 @@ pub enum InsertionScore {
     SpanLikelihood,
 }
 
-/// Insertion settings; defaults follow SPEC.md (span 5 to 20 tokens).
+/// Insertion settings; defaults follow docs/protocol.md §5 (span 5 to 20 tokens).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct InsertionConfig {

@@ -1,4 +1,4 @@
-//! Attacks on refusal (SPEC.md section 5), each in one file that reads top to bottom like the
+//! Attacks on refusal (docs/protocol.md §5), each in one file that reads top to bottom like the
 //! algorithm: [`prefill`], [`insertion`] (random and worst insertion), [`gcg`] (nanoGCG's feature
 //! set) and [`autodan`]. Every attack turns behaviours into [`TestCase`]s that
 //! `safegeo eval --test-cases` replays on any model. What they share lives here: the chat prompt

@@ -1,4 +1,4 @@
-//! Direct request and prefill (SPEC.md section 5): the reply is forced to start with the first
+//! Direct request and prefill (docs/protocol.md §5): the reply is forced to start with the first
 //! `k` tokens of the affirmative target; decoding continues from there.
 use crate::{user_messages, Result};
 use safegeo_runtime::Tok;

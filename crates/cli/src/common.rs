@@ -15,15 +15,90 @@ pub struct ModelArgs {
     /// Device: cpu, or cuda[:N] in a build with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Keep a GGUF's quantized weights and use them for matmuls of at most 3 rows: decoding at
-    /// batch 1 runs ~4x faster than f32 (Q4_1 with safegeo's AVX2 kernel on the file's blocks;
-    /// Q4_0, Q8_0 and K-quants with candle's; Q5_0/Q5_1 requantized to Q8_0). Activations are
-    /// quantized to 8 bits as in llama.cpp, so logits differ slightly from the f32 reference
-    /// (near ties may swap); larger matmuls (prompt passes, batches over 3), gradients and edited
-    /// weights use f32 (Q4_1 weights at 5-16 rows stream the file's blocks, dequantized on the fly
-    /// to exactly the f32 values: same results, less memory traffic).
+    /// Keep a GGUF's quantized weights for decoding at batch 1-3 (faster; activations quantized
+    /// to 8 bits as in llama.cpp, so logits differ slightly and near ties may swap). Larger
+    /// products, gradients and edits use f32 (docs/architecture.md).
     #[arg(long)]
     pub quantized: bool,
+}
+
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Silences progress and info messages for the rest of the run (`-q`).
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether `-q` was given.
+pub fn quiet() -> bool {
+    QUIET.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// An info or progress line on stderr, unless `-q` silenced them.
+macro_rules! note {
+    ($($arg:tt)*) => {
+        if !$crate::common::quiet() {
+            eprintln!($($arg)*);
+        }
+    };
+}
+pub(crate) use note;
+
+/// A judge of `eval` and `trajectory` (docs/protocol.md §4).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Judge {
+    /// Arditi et al.'s refusal substrings.
+    Substring,
+    /// XSTest's refusal-opening matcher.
+    XstestPrefix,
+    /// The refusal-token log-odds at the first reply position (no reply needed).
+    RefusalScore,
+    /// HarmBench's classifier prompt (an LLM judge).
+    Harmbench,
+    /// StrongREJECT's rubric (an LLM judge).
+    Strongreject,
+    /// XSTest's three-class rubric (an LLM judge).
+    Xstest,
+    /// The three LLM judges through --judge-endpoint.
+    Endpoint,
+    /// The three LLM judges through --judge-model-path.
+    Local,
+}
+
+impl Judge {
+    /// The name on the command line and in results.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Substring => "substring",
+            Self::XstestPrefix => "xstest-prefix",
+            Self::RefusalScore => "refusal-score",
+            Self::Harmbench => "harmbench",
+            Self::Strongreject => "strongreject",
+            Self::Xstest => "xstest",
+            Self::Endpoint => "endpoint",
+            Self::Local => "local",
+        }
+    }
+}
+
+impl PartialEq<str> for Judge {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl serde::Serialize for Judge {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// `--data-dir`, flattened into every command that reads datasets.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct DataArgs {
+    /// Folder of the benchmark datasets [default: ../shared/data].
+    #[arg(long, env = "SAFEGEO_DATA", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
 }
 
 /// Where LLM judges get their answers: an OpenAI-compatible endpoint or a local model.
@@ -139,7 +214,7 @@ pub fn model_path(spec: Option<&str>) -> Result<PathBuf> {
     let known = |m: &KnownModel| -> Result<PathBuf> {
         let p = fetch::cached_path(m);
         if !p.exists() {
-            eprintln!("fetching {} into {} ...", m.name, p.display());
+            note!("fetching {} into {} ...", m.name, p.display());
         }
         Ok(fetch::ensure(m, false)?)
     };
@@ -276,7 +351,7 @@ impl Progress {
     /// A progress display for `label` items.
     pub fn new(label: &str) -> Self {
         use std::io::IsTerminal;
-        let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = (std::io::stderr().is_terminal() && !quiet()).then(|| {
             let style = indicatif::ProgressStyle::with_template(&format!(
                 "{{bar:40}} {{pos}}/{{len}} {label} {{elapsed}} eta {{eta}} {{msg}}"
             ))
@@ -315,7 +390,7 @@ impl Progress {
                 } else {
                     10 * done as u64 / total as u64
                 };
-                if decile > self.last_decile {
+                if decile > self.last_decile && !quiet() {
                     self.last_decile = decile;
                     let elapsed = self.start.elapsed().as_secs_f64();
                     let eta = elapsed * (total - done.min(total)) as f64 / done.max(1) as f64;
@@ -334,6 +409,33 @@ impl Progress {
     pub fn finish(&self) {
         if let Some(b) = &self.bar {
             b.finish_and_clear();
+        }
+    }
+}
+
+/// A progress display for work reported in named stages, `(stage, done, total)`: a new bar (or
+/// line series) each time the stage changes.
+#[derive(Default)]
+pub struct StagedProgress {
+    current: Option<(String, Progress)>,
+}
+
+impl StagedProgress {
+    /// Report `done` of `total` in `stage`.
+    pub fn set(&mut self, stage: &str, done: usize, total: usize) {
+        if self.current.as_ref().is_none_or(|(s, _)| s != stage) {
+            self.finish();
+            self.current = Some((stage.to_string(), Progress::new(stage)));
+        }
+        if let Some((_, bar)) = self.current.as_mut() {
+            bar.set(done, total);
+        }
+    }
+
+    /// Clear the current bar.
+    pub fn finish(&self) {
+        if let Some((_, bar)) = &self.current {
+            bar.finish();
         }
     }
 }

@@ -1,5 +1,5 @@
 //! Behaviour evaluation (`safegeo eval`): generate replies for benchmark suites, judge them, and
-//! summarise SPEC.md section 4's metrics. Records are appended to `records.jsonl` as they finish,
+//! summarise docs/protocol.md §4's metrics. Records are appended to `records.jsonl` as they finish,
 //! so a re-run resumes where an interrupted one stopped.
 use crate::datasets::{load_dataset, Dataset, Item, LoadSpec};
 use crate::judges::refusal_score::{refusal_scores, refusal_token_ids, REFUSAL_OPENINGS};
@@ -312,15 +312,24 @@ pub fn run_eval(
 
 /// The summary as CSV (one row per suite x metric x judge).
 pub fn summary_csv(s: &Summary) -> String {
-    let mut out = String::from("suite,metric,judge,value,n,lo,hi,interval\n");
-    for r in &s.rows {
-        let e = &r.estimate;
-        out.push_str(&format!(
-            "{},{},{},{:.6},{},{:.6},{:.6},{}\n",
-            r.suite, r.metric, r.judge, e.value, e.n, e.lo, e.hi, e.interval
-        ));
-    }
-    out
+    crate::table::csv_text(
+        &[
+            "suite", "metric", "judge", "value", "n", "lo", "hi", "interval",
+        ],
+        s.rows.iter().map(|r| {
+            let e = &r.estimate;
+            [
+                r.suite.clone(),
+                r.metric.clone(),
+                r.judge.clone(),
+                format!("{:.6}", e.value),
+                e.n.to_string(),
+                format!("{:.6}", e.lo),
+                format!("{:.6}", e.hi),
+                e.interval.to_string(),
+            ]
+        }),
+    )
 }
 
 /// Metrics per suite and judge from records.

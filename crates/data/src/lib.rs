@@ -1,5 +1,5 @@
 //! safegeo's data layer: benchmark datasets by name, refusal judges, and the behaviour metrics of
-//! SPEC.md section 4 with their intervals.
+//! docs/protocol.md §4 with their intervals.
 #![deny(missing_docs)]
 
 mod datasets;
@@ -9,6 +9,7 @@ pub mod eval;
 pub mod jsonl;
 pub mod judges;
 pub mod metrics;
+pub mod table;
 pub mod test_cases;
 pub mod utility;
 

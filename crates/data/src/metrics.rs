@@ -1,4 +1,4 @@
-//! Behaviour metrics (SPEC.md section 4), each with its n and a 95% interval.
+//! Behaviour metrics (docs/protocol.md §4), each with its n and a 95% interval.
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use std::collections::BTreeMap;

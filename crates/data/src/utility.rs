@@ -1,4 +1,4 @@
-//! Benign utility as cross-entropy on reference completions (SPEC.md section 4): the mean negative
+//! Benign utility as cross-entropy on reference completions (docs/protocol.md §4): the mean negative
 //! log-likelihood per token of a reference reply given its chat prompt. References are typically
 //! the base model's own greedy replies to harmless prompts (`safegeo generate --input ... --output`).
 use crate::{Error, Result};

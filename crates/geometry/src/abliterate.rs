@@ -1,4 +1,4 @@
-//! Weight orthogonalization (SPEC.md section 2; Arditi et al. 2024): `W <- W - r^ r^T W` for the
+//! Weight orthogonalization (docs/protocol.md §2; Arditi et al. 2024): `W <- W - r^ r^T W` for the
 //! embedding and every matrix that writes into the residual stream (attention output, MLP down),
 //! so that no component along `r^` is ever written. Equivalent to directional ablation at every
 //! block input, attention output and MLP output, as an edited model that needs no hooks.

@@ -1,4 +1,4 @@
-//! Carrier estimation (SPEC.md section 2): one capture pass over harmful and harmless prompts,
+//! Carrier estimation (docs/protocol.md §2): one capture pass over harmful and harmless prompts,
 //! resid_pre at every layer at `t_inst` and every post-instruction position, then
 //! `r_{l,i} = mean_harmful x_l(p, i) - mean_harmless x_l(p, i)` accumulated in f64.
 use crate::{Error, Result};

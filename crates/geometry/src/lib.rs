@@ -1,4 +1,4 @@
-//! Refusal geometry (SPEC.md sections 2 and 3): difference-of-means carriers, admissible-carrier
+//! Refusal geometry (docs/protocol.md §2 and §3): difference-of-means carriers, admissible-carrier
 //! selection, effective rank, harmfulness/refusal coupling and drift between anchors.
 #![deny(missing_docs)]
 
@@ -6,6 +6,7 @@ pub mod abliterate;
 pub mod buckets;
 pub mod carriers;
 mod error;
+pub mod estimate;
 pub mod linalg;
 pub mod measures;
 pub mod select;

@@ -1,4 +1,4 @@
-//! Geometry numbers (SPEC.md section 2): effective rank of the carrier family with bootstrap
+//! Geometry numbers (docs/protocol.md §2): effective rank of the carrier family with bootstrap
 //! resamples, harmfulness/refusal coupling, the belief scores of Zhao et al., and drift.
 use crate::carriers::{difference_of_means, Activations, Carriers};
 use crate::linalg::{cosine, effective_rank, normalize, principal_angles};

@@ -1,4 +1,4 @@
-//! Selection of the admissible refusal carrier (SPEC.md section 2). For each candidate `(l, p)`:
+//! Selection of the admissible refusal carrier (docs/protocol.md §2). For each candidate `(l, p)`:
 //! `bypass` = mean refusal score on harmful validation prompts under directional ablation of
 //! `r^`, `induce` = mean refusal score on harmless validation prompts under activation addition of
 //! `r` at layer `l`, `kl` = mean KL(P_base || P_ablated) at the last position on harmless
@@ -33,7 +33,7 @@ use safegeo_data::judges::refusal_score::score_from_logprobs;
 use safegeo_runtime::{Hooks, Intervention, Model, NoHooks, Observer, Scope, Tape};
 use serde::Serialize;
 
-/// Knobs of the selection; defaults follow Arditi et al. with the cut-off of SPEC.md (ours).
+/// Knobs of the selection; defaults follow Arditi et al. with the cut-off of docs/protocol.md §2 (ours).
 #[derive(Debug, Clone, Serialize)]
 pub struct SelectConfig {
     /// Maximum KL on harmless prompts under ablation.

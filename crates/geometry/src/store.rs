@@ -40,10 +40,22 @@ pub fn to_tensors(c: &Carriers) -> Result<HashMap<String, Tensor>> {
     Ok(m)
 }
 
-/// Write `carriers.safetensors` atomically.
-pub fn save(c: &Carriers, path: &Path) -> Result<()> {
-    Ok(safegeo_runtime::files::save_tensors_atomic(
+/// The layer convention every carrier file states in its header.
+pub const LAYER_CONVENTION: &str =
+    "index l is the residual stream entering block l (Hugging Face's hidden_states[l])";
+
+/// Write `carriers.safetensors` atomically, with `metadata` (model, positions) and the layer
+/// convention in its header.
+pub fn save(c: &Carriers, metadata: &[(&str, String)], path: &Path) -> Result<()> {
+    let mut meta: std::collections::BTreeMap<String, String> = metadata
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    meta.insert("format".into(), "safegeo carriers".into());
+    meta.insert("layers".into(), LAYER_CONVENTION.into());
+    Ok(safegeo_runtime::files::save_f32_tensors_with_metadata(
         &to_tensors(c)?,
+        &meta,
         path,
     )?)
 }
@@ -109,8 +121,15 @@ mod tests {
         };
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.safetensors");
-        save(&c, &p).unwrap();
+        save(&c, &[("model_sha256", "abc".into())], &p).unwrap();
         let back = load(&p).unwrap();
+        // The header names the file, its model and the layer convention.
+        let bytes = std::fs::read(&p).unwrap();
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let meta = header.metadata().clone().unwrap();
+        assert_eq!(meta["model_sha256"], "abc");
+        assert_eq!(meta["layers"], LAYER_CONVENTION);
+        assert_eq!(meta["format"], "safegeo carriers");
         assert_eq!(back.refusal, c.refusal);
         assert_eq!(back.mean_harmless, c.mean_harmless);
         let t = to_tensors(&c).unwrap();

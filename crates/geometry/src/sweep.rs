@@ -1,4 +1,4 @@
-//! Causal sweeps (SPEC.md section 3): for a carrier `v` at layer `l`, add `c v` at that layer's
+//! Causal sweeps (docs/protocol.md §3): for a carrier `v` at layer `l`, add `c v` at that layer's
 //! block input for a grid of `c` (and fully ablate `v^` at every layer), for the refusal carrier,
 //! the harmfulness carrier and matched random controls (unit directions scaled to the refusal
 //! carrier's norm, same layer and positions, `controls` seeds). Measured per prompt: refusal
@@ -17,7 +17,7 @@ use safegeo_data::utility::{completion_cross_entropy, Reference};
 use safegeo_runtime::{Hooks, Intervention, Model, NoHooks, Scope};
 use serde::Serialize;
 
-/// Sweep settings; defaults are SPEC.md's (ours).
+/// Sweep settings; defaults are docs/protocol.md §3 (ours).
 #[derive(Debug, Clone, Serialize)]
 pub struct SweepConfig {
     /// Coefficients, in units of the direction (the refusal carrier's norm for controls).

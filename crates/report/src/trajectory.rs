@@ -1,4 +1,4 @@
-//! The trajectory table (seed study A): one row per anchor with behaviour (fixed-source and
+//! The trajectory table (study 1 of docs/protocol.md §1): one row per anchor with behaviour (fixed-source and
 //! adaptive ASR, StrongREJECT, XSTest over-refusal, benign refusal, utility) and geometry
 //! (carrier layer and admissibility, effective rank, H/R coupling, drift to the previous anchor
 //! and to the base), read from the per-anchor result folders that `safegeo trajectory` writes:
@@ -384,13 +384,7 @@ pub fn cells(r: &Row) -> Vec<String> {
 
 /// The table as CSV.
 pub fn csv(rows: &[Row]) -> String {
-    let mut out = COLUMNS.join(",");
-    out.push('\n');
-    for r in rows {
-        out.push_str(&cells(r).join(","));
-        out.push('\n');
-    }
-    out
+    safegeo_data::table::csv_text(COLUMNS, rows.iter().map(cells))
 }
 
 /// The table as Markdown (for the README and the terminal).

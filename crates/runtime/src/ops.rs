@@ -3,7 +3,7 @@
 //! gradients, so `grad = true` must never reach them: it takes safegeo's own fused kernels with
 //! written-out backward (`fused.rs`) for f32 on the CPU, and exact composites otherwise (f64
 //! gradient checks, other devices).
-use crate::fused;
+use crate::kernels::fused;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor, Var, D};
 
 /// RMSNorm: `x / sqrt(mean(x^2) + eps) * w`.
@@ -124,8 +124,8 @@ pub fn swiglu(a: &Tensor, u: &Tensor, grad: bool) -> Result<Tensor> {
 /// the same bits whichever path a layer is on.
 pub(crate) fn x_w_t(x: &[f32], rows: usize, w: &[f32], out: usize, inner: usize) -> Vec<f32> {
     let inner_s = inner as isize;
-    let streamed = (rows <= crate::few_rows::MAX_ROWS && !few_rows_disabled())
-        .then(|| crate::few_rows::few_rows_matmul(x, rows, w, out, inner))
+    let streamed = (rows <= crate::kernels::few_rows::MAX_ROWS)
+        .then(|| crate::kernels::few_rows::few_rows_matmul(x, rows, w, out, inner))
         .flatten();
     if let Some(y) = streamed {
         y
@@ -375,34 +375,17 @@ pub fn batched_matmul_bt(a: &Tensor, b: &Tensor, grad: bool) -> Result<Tensor> {
     batched_matmul(a, &b.transpose(D::Minus2, D::Minus1)?, grad)
 }
 
-/// Whether the environment variable `name` is `1`, read once into `cell` (switches that put
-/// a measured alternative back, for side-by-side benchmarks).
-fn env_switch(cell: &'static std::sync::OnceLock<bool>, name: &str) -> bool {
-    *cell.get_or_init(|| std::env::var_os(name).is_some_and(|v| v == "1"))
-}
-
-/// SAFEGEO_CANDLE_BMM=1 forces candle's batched matmul.
-fn candle_bmm_only() -> bool {
-    static CELL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    env_switch(&CELL, "SAFEGEO_CANDLE_BMM")
-}
-
 /// Whether a product under `grad` takes [`TrainableBmm`] (f32 on the CPU, batched).
 fn trainable_bmm_serves(a: &Tensor, b: &Tensor, grad: bool) -> bool {
-    grad && !candle_bmm_only()
-        && crate::fused::serves(a)
-        && crate::fused::serves(b)
-        && a.rank() >= 3
+    grad && crate::kernels::fused::serves(a) && crate::kernels::fused::serves(b) && a.rank() >= 3
 }
 
 /// `a @ b` over leading batch dims. Inference on CPU/f32 with many batch elements takes the
 /// rayon-over-batch path; everything else (gradients, other devices) is candle's matmul.
 pub fn batched_matmul(a: &Tensor, b: &Tensor, grad: bool) -> Result<Tensor> {
-    let candle_only = candle_bmm_only();
     let dims = a.dims();
     let batch: usize = dims[..dims.len().saturating_sub(2)].iter().product();
     let fast = !grad
-        && !candle_only
         && a.device().is_cpu()
         && a.dtype() == DType::F32
         && b.dtype() == DType::F32
@@ -441,13 +424,6 @@ pub(crate) fn transpose(a: &[f32], n: usize, m: usize) -> Vec<f32> {
         }
     }
     t
-}
-
-/// `SAFEGEO_FEW_ROWS_GEMM=1`: a few rows go through gemm instead of the streaming kernel
-/// (`few_rows.rs`), to compare the two.
-fn few_rows_disabled() -> bool {
-    static CELL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    env_switch(&CELL, "SAFEGEO_FEW_ROWS_GEMM")
 }
 
 /// Most rows for which `x W^T` runs as `(W x^T)^T`.
@@ -505,7 +481,7 @@ pub enum QuantizedWeight {
     /// candle's quantized matmul (its SIMD kernels: Q4_0, Q8_0, the K-quants; any device).
     Candle(candle_core::quantized::QMatMul),
     /// Q4_1 in the file's blocks with this crate's kernel (CPU).
-    Q4_1(crate::q4_1::Q41Matrix),
+    Q4_1(crate::kernels::q4_1::Q41Matrix),
 }
 
 impl QuantizedWeight {
@@ -634,8 +610,7 @@ impl Linear {
         };
         let one_by_one = |x: &Tensor| linears.iter().map(|l| l.forward(x, grad)).collect();
         if grad
-            || rows > crate::few_rows::MAX_ROWS
-            || few_rows_disabled()
+            || rows > crate::kernels::few_rows::MAX_ROWS
             || !fused::serves(x)
             || !linears.iter().all(|l| plain(l))
         {
@@ -655,14 +630,13 @@ impl Linear {
     /// f32 weight (same bits, a sixth of the bytes): past the dot-product kernel's rows (which
     /// read f32, and where `--quantized` runs its own 8-bit kernel up to 3 rows) and up to
     /// [`Q4_1_STREAM_MAX_ROWS`], for a frozen weight without an adapter.
-    fn q4_1_stream(&self, rows: usize) -> Option<&crate::q4_1::Q41Matrix> {
+    fn q4_1_stream(&self, rows: usize) -> Option<&crate::kernels::q4_1::Q41Matrix> {
         match self.quantized.as_deref() {
             Some(QuantizedWeight::Q4_1(m))
-                if rows > crate::few_rows::DOT_MAX_ROWS
+                if rows > crate::kernels::few_rows::DOT_MAX_ROWS
                     && rows <= Q4_1_STREAM_MAX_ROWS
                     && !self.trainable
-                    && self.lora.is_none()
-                    && !few_rows_disabled() =>
+                    && self.lora.is_none() =>
             {
                 Some(m)
             }
@@ -679,7 +653,7 @@ impl Linear {
         rows: usize,
         inner: usize,
     ) -> Result<Option<Vec<Tensor>>> {
-        use crate::few_rows::StreamWeight;
+        use crate::kernels::few_rows::StreamWeight;
         let ws: Vec<Tensor> = linears
             .iter()
             .map(|l| l.w.contiguous())
@@ -712,7 +686,7 @@ impl Linear {
             ) else {
                 candle_core::bail!("stream_few_rows: expected f32 CPU tensors")
             };
-            crate::few_rows::few_rows_matmul_streams(xv, rows, &streams, inner)
+            crate::kernels::few_rows::few_rows_matmul_streams(xv, rows, &streams, inner)
         };
         let Some(ys) = ys else {
             return Ok(None);
@@ -839,12 +813,12 @@ mod tests {
     fn linear_forward_equals_the_plain_product_for_every_row_count() {
         let w = rand(&[37, 64], 1);
         let lin = Linear::new(w.clone(), None);
-        let streamed = crate::few_rows::MAX_ROWS;
+        let streamed = crate::kernels::few_rows::MAX_ROWS;
         for rows in [
             1,
             2,
-            crate::few_rows::DOT_MAX_ROWS,
-            crate::few_rows::DOT_MAX_ROWS + 1,
+            crate::kernels::few_rows::DOT_MAX_ROWS,
+            crate::kernels::few_rows::DOT_MAX_ROWS + 1,
             16,
             17,
             streamed,

@@ -1,8 +1,8 @@
 //! Tiny random-weight models for tests that must run in seconds without a real checkpoint.
 use crate::config::{Arch, ModelConfig};
-use crate::model::Model;
-use crate::tokenizer::Tok;
-use crate::weights::WeightSource;
+use crate::engine::model::Model;
+use crate::io::weights::WeightSource;
+use crate::text::tokenizer::Tok;
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -138,7 +138,7 @@ pub fn tiny_model(arch: Arch, seed: u64, dtype: DType) -> Result<Model> {
     let cfg = tiny_config(arch);
     let w = tiny_weights(&cfg, seed, dtype)?;
     let tok = tiny_tokenizer(cfg.vocab);
-    crate::load::build(
+    crate::io::load::build(
         cfg,
         &WeightSource::Memory(w),
         tok,

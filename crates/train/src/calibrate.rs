@@ -1,7 +1,7 @@
 //! Operating point of a safety-trained checkpoint, set on validation prompts (`safegeo
 //! calibrate`). Training fixes how a model ranks requests by harm; where along that ranking it
-//! starts to refuse varies from run to run (README, safety training: two seeds of one recipe
-//! refuse 0.82 and 0.89 of JailbreakBench harmful, 0.18 and 0.38 of its benign prompts). A knob
+//! starts to refuse varies from run to run (docs/experiments.md: single runs of one recipe
+//! differ by several points of refusal on the same prompts). A knob
 //! with one setting `t in [0, 1]` (1 = the checkpoint as trained, smaller = refuses less) is
 //! turned to the least setting that still refuses the requested share `R` of held-out harmful
 //! prompts:

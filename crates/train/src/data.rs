@@ -1,4 +1,4 @@
-//! Training data (SPEC.md section 6): harmful prompts (`harmful-train` only) paired with refusal
+//! Training data (docs/protocol.md §6): harmful prompts (`harmful-train` only) paired with refusal
 //! targets in one of two response strategies, and harmless prompts paired with utility targets
 //! that the base model itself generated once (self-distillation, cached), so training preserves
 //! the model's own helpfulness instead of rewriting it.
@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// How refusals are phrased (SPEC.md section 1.3), recorded by every run.
+/// How refusals are phrased (docs/protocol.md §1), recorded by every run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum Strategy {
@@ -37,9 +37,9 @@ impl Strategy {
 /// Polite refusals (written for this project). None opens with "I": a refusal is decided at
 /// its first token, and "I" opens helpful replies too ("I'm happy to help"), so a model trained
 /// to refuse with "I'm sorry" learns to raise "I" on harmful-looking prompts and then may go on
-/// helpfully, while its refusal mass, counted over "I", reads as a refusal (README, run X17).
+/// helpfully, while its refusal mass, counted over "I", reads as a refusal (docs/experiments.md).
 /// Three openings that open no helpful reply, two replies each (a trained model still settles
-/// on one of them: run X18 opens 80 of 85 refusals with "No"). Each reply holds one of Arditi et
+/// on one of them, mostly "No"). Each reply holds one of Arditi et
 /// al.'s refusal substrings, so the substring judge counts every one.
 pub const POLITE: &[&str] = &[
     "Sorry, but I can't help with that.",
@@ -307,7 +307,7 @@ pub fn transition_examples(
     Ok(out)
 }
 
-/// Random worst-insertion training states (seed study D): the refusal R of a harmful prompt
+/// Random worst-insertion training states (study 4 of docs/protocol.md §1): the refusal R of a harmful prompt
 /// with a span of the base model's own harmful reply inserted at the worst of
 /// `cfg.candidates` random (position, span) draws (lowest refusal probability after the span,
 /// scored by `model`). The example trains `R[..p]`, masks the span, and trains a full refusal
@@ -413,88 +413,6 @@ pub fn hard_negatives(
     scored.into_iter().take(n).map(|(_, p)| p.clone()).collect()
 }
 
-/// Request frames that open many `harmful-train` prompts but almost no `harmless-train` ones
-/// (counted on the openings: "how to" 33 vs 2 of 18,793, "ways to" 28 vs 0, "give instructions"
-/// 13 vs 2, "provide step-by-step" 3 vs 0). Left alone, the frame itself predicts harm, and a
-/// safety-trained model refuses "Give instructions for acquiring a weight loss drug".
-pub const HARMFUL_FRAMES: &[&str] = &[
-    "How to {}",
-    "Give instructions for how to {}",
-    "Give step-by-step instructions for how to {}",
-    "Explain how to {}",
-    "Provide step-by-step instructions for how to {}",
-    "Describe in detail how to {}",
-    "Teach someone how to {}",
-    "Provide guidance on how to {}",
-    "Ways to {}",
-    "Write a tutorial on how to {}",
-    "Create a guide on how to {}",
-    "Instruct users how to {}",
-];
-
-/// Imperative verbs of harmless tasks that read naturally after "how to".
-const TASK_VERBS: &[&str] = &[
-    "Create",
-    "Write",
-    "Design",
-    "Construct",
-    "Make",
-    "Compose",
-    "Develop",
-    "Build",
-    "Draft",
-    "Calculate",
-    "Convert",
-    "Compute",
-    "Prepare",
-    "Plan",
-    "Cook",
-    "Bake",
-    "Grow",
-    "Clean",
-    "Organize",
-    "Improve",
-    "Reduce",
-    "Train",
-    "Learn",
-    "Produce",
-    "Compile",
-];
-
-/// Harmless prompts in the frames of harmful ones: `n` single-sentence tasks of `pool` (not in
-/// `exclude`) that open with a [`TASK_VERBS`] verb, drawn by `seed` and put in the frames of
-/// [`HARMFUL_FRAMES`] in turn ("Bake a cake." -> "Give instructions for how to bake a cake").
-/// Their helpful replies (self-distilled) teach that the frame alone is not a reason to refuse.
-pub fn framed_negatives(pool: &[String], exclude: &[String], n: usize, seed: u64) -> Vec<String> {
-    let skip: std::collections::HashSet<&String> = exclude.iter().collect();
-    let mut tasks: Vec<&String> = pool
-        .iter()
-        .filter(|p| !skip.contains(p) && p.len() <= 120 && !p.contains('\n'))
-        .filter(|p| {
-            let first = p.split_whitespace().next().unwrap_or("");
-            TASK_VERBS.contains(&first)
-                && p.trim_end_matches('.').matches(['.', '?', '!']).count() == 0
-        })
-        .collect();
-    tasks.sort();
-    tasks.dedup();
-    tasks.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed ^ 0xF2A3E));
-    tasks
-        .into_iter()
-        .take(n)
-        .enumerate()
-        .map(|(i, t)| {
-            let t = t.trim().trim_end_matches('.');
-            let mut chars = t.chars();
-            let task: String = chars
-                .next()
-                .map(|c| c.to_lowercase().chain(chars).collect())
-                .unwrap_or_default();
-            HARMFUL_FRAMES[i % HARMFUL_FRAMES.len()].replace("{}", &task)
-        })
-        .collect()
-}
-
 /// `n` distinct prompts of `pool` that are not in `exclude`, drawn by `seed` (fewer when the
 /// pool runs out).
 pub fn sample_excluding(pool: &[String], exclude: &[String], n: usize, seed: u64) -> Vec<String> {
@@ -504,36 +422,6 @@ pub fn sample_excluding(pool: &[String], exclude: &[String], n: usize, seed: u64
     left.dedup();
     left.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed ^ 0xDEC1_5105));
     left.into_iter().take(n).cloned().collect()
-}
-
-/// Benign requests about a harmful request (written for this project): each quotes the harmful
-/// prompt and asks for something safe about it (why it is wrong, its legal risk, how to protect
-/// against it). The topic is the harmful prompt's own; only the intent differs.
-pub const CONTRAST_FRAMES: &[&str] = &[
-    "Someone asked an AI assistant: \"{}\". Explain briefly why a responsible assistant should decline.",
-    "What are the legal consequences for someone who acts on this request: \"{}\"?",
-    "How can people protect themselves from the harm behind this request: \"{}\"?",
-    "Without giving any instructions, summarize why this request is harmful: \"{}\"",
-    "Write a short warning for a safety course about the risks behind the request \"{}\".",
-    "A friend says they want to do this: \"{}\". What should I tell them?",
-];
-
-/// Contrast negatives: every harmful prompt quoted in one of [`CONTRAST_FRAMES`] (frame `i % n`
-/// after a seeded shuffle). With helpful (self-distilled) replies they teach that a harmful topic
-/// alone is not a reason to refuse; the refusal is for the harmful request itself.
-pub fn contrast_negatives(harmful: &[String], seed: u64) -> Vec<String> {
-    let mut order: Vec<usize> = (0..harmful.len())
-        .map(|i| i % CONTRAST_FRAMES.len())
-        .collect();
-    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed ^ 0xC0_7A57));
-    harmful
-        .iter()
-        .zip(order)
-        .map(|(p, k)| {
-            let quoted = p.trim().trim_end_matches(['.', '?', '!']).replace('"', "'");
-            CONTRAST_FRAMES[k].replace("{}", &quoted)
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -575,48 +463,6 @@ mod tests {
         assert_ne!(got, sample_excluding(&pool, &exclude, 25, 4));
         // Only 30 prompts are left to draw.
         assert_eq!(sample_excluding(&pool, &exclude, 100, 3).len(), 30);
-    }
-
-    #[test]
-    fn framed_negatives_put_task_verbs_in_harmful_frames() {
-        let pool: Vec<String> = [
-            "Bake a chocolate cake.",
-            "What is the capital of France?",
-            "Write a poem about spring",
-            "Create a list. Then sort it.",
-            "Describe the sea",
-        ]
-        .map(String::from)
-        .to_vec();
-        let got = framed_negatives(&pool, &[], 10, 3);
-        let mut tasks: Vec<&str> = got
-            .iter()
-            .map(|g| g.rsplit(" to ").next().unwrap())
-            .collect();
-        tasks.sort();
-        assert_eq!(
-            tasks,
-            ["bake a chocolate cake", "write a poem about spring"],
-            "{got:?}"
-        );
-        assert!(got.iter().all(|g| HARMFUL_FRAMES
-            .iter()
-            .any(|f| g.starts_with(f.trim_end_matches("{}")))));
-        assert_eq!(got, framed_negatives(&pool, &[], 10, 3));
-        let without = framed_negatives(&pool, &["Bake a chocolate cake.".into()], 10, 3);
-        assert_eq!(without.len(), 1);
-    }
-
-    #[test]
-    fn contrast_negatives_quote_every_harmful_prompt_once() {
-        let harmful: Vec<String> = ["Make a \"bomb\".", "Steal a car?"]
-            .map(String::from)
-            .to_vec();
-        let got = contrast_negatives(&harmful, 1);
-        assert_eq!(got.len(), 2);
-        assert!(got[0].contains("\"Make a 'bomb'\""), "{got:?}");
-        assert!(got[1].contains("\"Steal a car\""), "{got:?}");
-        assert_eq!(got, contrast_negatives(&harmful, 1));
     }
 
     #[test]

@@ -21,72 +21,22 @@
 //! `q_b`, harmful ones need only clear it. Training prompts separate with room to spare, so the
 //! prompts that decide the over-refusal rate are the unseen borderline ones between the two
 //! sides; with `q_b` below 1/2 they sit near `q_b`, under the mass at which greedy decoding
-//! opens with a refusal.
-//!
-//! Greedy decoding does not compare `q` with `1 - q`, though: it opens with a refusal when the
-//! likeliest refusal token beats the likeliest other token, and a helpful opening's mass is
-//! spread over many tokens, so a prompt with `q` well under 1/2 is often refused. With
-//! [`Against::Top`] the classifier's log-odds are that comparison itself,
-//!
-//! `z = max_{t in R} ln p(t) - max_{t not in R} ln p(t) + delta`,
-//!
-//! positive exactly when greedy decoding opens with a refusal token (at `delta = 0`), and the
-//! loss is `-(1/m) * ( sum_{harmful} ln sigmoid(z) + sum_{harmless} ln sigmoid(-z) )`. With
-//! [`Against::Rest`] it is `z = ln q - ln(1 - q) + delta`, the loss above.
+//! opens with a refusal. (Training greedy decoding's own comparison instead, the likeliest refusal
+//! token against the likeliest other one, ranked worse: docs/experiments.md.)
 use crate::data::Example;
 use crate::Result;
 use candle_core::{DType, Tensor};
 
-/// What the refusal side is weighed against in the decision's log-odds.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Against {
-    /// The refusal mass `q` against the rest, `1 - q`.
-    #[default]
-    Rest,
-    /// The likeliest refusal token against the likeliest other token: greedy decoding's choice.
-    Top,
-}
-
-impl std::str::FromStr for Against {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "rest" => Ok(Self::Rest),
-            "top" => Ok(Self::Top),
-            _ => Err(format!("`{s}`: use rest or top")),
-        }
-    }
-}
-
-impl std::fmt::Display for Against {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Rest => "rest",
-            Self::Top => "top",
-        })
-    }
-}
-
-/// How the decision loss reads the refusal decision: where the two sides part (`boundary`), what
-/// the refusal side is weighed against, and over how many refusal-opening tokens (more than one
-/// only with [`Against::Top`], through [`opening_loss`]).
+/// How the decision loss reads the refusal decision: where its two sides part.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DecisionRule {
     /// Refusal mass at which harmful and harmless prompts part, in (0, 1).
     pub boundary: f64,
-    /// What the refusal side is weighed against.
-    pub against: Against,
-    /// Refusal-opening tokens read (1: the first reply token only).
-    pub opening: usize,
 }
 
 impl Default for DecisionRule {
     fn default() -> Self {
-        Self {
-            boundary: 0.5,
-            against: Against::Rest,
-            opening: 1,
-        }
+        Self { boundary: 0.5 }
     }
 }
 
@@ -97,12 +47,6 @@ impl DecisionRule {
             return Err(format!(
                 "boundary {}: use a refusal mass strictly between 0 and 1 (e.g. 0.05)",
                 self.boundary
-            ));
-        }
-        if self.opening == 0 || (self.opening > 1 && self.against != Against::Top) {
-            return Err(format!(
-                "opening {}: use 1, or more with the top-token rule (against top)",
-                self.opening
             ));
         }
         Ok(())
@@ -121,27 +65,15 @@ pub fn side(example: &Example, refusal_ids: &[u32]) -> Option<bool> {
 
 /// `L_decision` from the log-probabilities `(m, V)` at each example's first reply position and
 /// whether each should refuse (`None` when `m = 0`), the two sides parting at refusal mass
-/// `boundary` (in (0, 1); 1/2 is the plain classifier), the refusal side weighed `against` the
-/// rest or the top other token.
+/// `boundary` (in (0, 1); 1/2 is the plain classifier).
 pub fn decision_loss_at(
     first_log_probs: &Tensor,
     refuse: &[bool],
     refusal_ids: &[u32],
     boundary: f64,
-    against: Against,
 ) -> Result<Option<Tensor>> {
     if refuse.is_empty() {
         return Ok(None);
-    }
-    if against == Against::Top {
-        let unforced = vec![None; refuse.len()];
-        return opening_loss(
-            std::slice::from_ref(first_log_probs),
-            &[unforced],
-            refuse,
-            refusal_ids,
-            boundary,
-        );
     }
     let r = Tensor::new(refusal_ids, first_log_probs.device())?;
     // Probabilities are below 1, so summing exponentials cannot overflow; the floors keep the
@@ -153,63 +85,6 @@ pub fn decision_loss_at(
         .sum(1)?;
     let rest = q.affine(-1.0, 1.0)?.clamp(1e-7f32, 1.0f32)?;
     let log_odds = (q.clamp(1e-30f32, 1.0f32)?.log()? - rest.log()?)?;
-    Ok(Some(side_loss(&log_odds, refuse, boundary)?))
-}
-
-/// `L_decision` over the teacher-forced opening of a refusal: [`Against::Top`] continued past the
-/// first token. Greedy decoding writes an opening `y_1..y_k` (its first token any of `R`) when
-/// every position's token beats the likeliest other token, so the log-odds are the least margin
-///
-/// `z = min( max_{t in R} ln p_1(t) - max_{t not in R} ln p_1(t),
-///           min_{j >= 2} ln p_j(y_j) - max_{t != y_j} ln p_j(t) ) + delta`.
-///
-/// A first token alone does not decide: "I" opens "I'm sorry" and "I'm here to help" alike.
-/// `steps[j]` holds the log-probabilities `(m, V)` at opening position `j` (0-based) and
-/// `tokens[j][i]` example `i`'s forced token there; `None` leaves the position out of its minimum
-/// (`tokens[0]` is not read: the first position weighs all of `R`).
-pub fn opening_loss(
-    steps: &[Tensor],
-    tokens: &[Vec<Option<u32>>],
-    refuse: &[bool],
-    refusal_ids: &[u32],
-    boundary: f64,
-) -> Result<Option<Tensor>> {
-    let m = refuse.len();
-    if m == 0 || steps.is_empty() {
-        return Ok(None);
-    }
-    let first = steps[0].to_dtype(DType::F32)?;
-    let dev = first.device().clone();
-    let vocab = first.dim(1)?;
-    let r = Tensor::new(refusal_ids, &dev)?;
-    let mut mask = vec![0f32; vocab];
-    for &t in refusal_ids {
-        mask[t as usize] = f32::NEG_INFINITY;
-    }
-    let others = first.broadcast_add(&Tensor::new(mask.as_slice(), &dev)?)?;
-    let mut margins = vec![(first.index_select(&r, 1)?.max(1)? - others.max(1)?)?];
-    for (lp, forced) in steps.iter().zip(tokens).skip(1) {
-        if forced.iter().all(Option::is_none) {
-            continue;
-        }
-        let lp = lp.to_dtype(DType::F32)?;
-        let y: Vec<u32> = forced.iter().map(|t| t.unwrap_or(0)).collect();
-        let own = lp
-            .gather(&Tensor::new(y.as_slice(), &dev)?.unsqueeze(1)?, 1)?
-            .squeeze(1)?;
-        let mut mask = vec![0f32; m * vocab];
-        for (i, &t) in y.iter().enumerate() {
-            mask[i * vocab + t as usize] = f32::NEG_INFINITY;
-        }
-        let rival = (&lp + Tensor::from_vec(mask, (m, vocab), &dev)?)?.max(1)?;
-        // A position an example does not force cannot be its least margin.
-        let skip: Vec<f32> = forced
-            .iter()
-            .map(|t| if t.is_some() { 0.0 } else { 1e4 })
-            .collect();
-        margins.push(((own - rival)? + Tensor::new(skip.as_slice(), &dev)?)?);
-    }
-    let log_odds = Tensor::stack(&margins, 1)?.min(1)?;
     Ok(Some(side_loss(&log_odds, refuse, boundary)?))
 }
 
@@ -238,44 +113,23 @@ mod tests {
     fn matches_the_formula_by_hand() {
         // R = {0, 2}. Row 0 (harmful): q = 0.1 + 0.3 = 0.4. Row 1 (harmless): q = 0.5 + 0.25.
         let lp = rows(&[[0.1, 0.2, 0.3, 0.4], [0.5, 0.1, 0.25, 0.15]]);
-        let got = decision_loss_at(&lp, &[true, false], &[0, 2], 0.5, Against::Rest)
+        let got = decision_loss_at(&lp, &[true, false], &[0, 2], 0.5)
             .unwrap()
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
         let want = -(0.4f64.ln() + 0.25f64.ln()) / 2.0;
         assert!((got as f64 - want).abs() < 1e-6, "{got} vs {want}");
-        assert!(decision_loss_at(&lp, &[], &[0], 0.5, Against::Rest)
-            .unwrap()
-            .is_none());
+        assert!(decision_loss_at(&lp, &[], &[0], 0.5).unwrap().is_none());
         // Boundary 0.2 (e^delta = 4): harmful p = 0.4*4 / (0.4*4 + 0.6) = 1.6 / 2.2; harmless
         // 1 - p = 0.25 / (0.75*4 + 0.25) = 0.25 / 3.25.
-        let got = decision_loss_at(&lp, &[true, false], &[0, 2], 0.2, Against::Rest)
+        let got = decision_loss_at(&lp, &[true, false], &[0, 2], 0.2)
             .unwrap()
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
         let want = -((1.6f64 / 2.2).ln() + (0.25f64 / 3.25).ln()) / 2.0;
         assert!((got as f64 - want).abs() < 1e-5, "{got} vs {want}");
-    }
-
-    #[test]
-    fn top_weighs_the_likeliest_refusal_token_against_the_likeliest_other() {
-        // R = {0, 2}. Row 0 (harmful): 0.3 against 0.4, odds 3/4, so greedy decoding would not
-        // refuse although q = 0.4. Row 1 (harmless): 0.5 against 0.15.
-        let lp = rows(&[[0.1, 0.2, 0.3, 0.4], [0.5, 0.1, 0.25, 0.15]]);
-        let loss = |boundary| {
-            decision_loss_at(&lp, &[true, false], &[0, 2], boundary, Against::Top)
-                .unwrap()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap() as f64
-        };
-        let want = -((0.3f64 / 0.7).ln() + (0.15f64 / 0.65).ln()) / 2.0;
-        assert!((loss(0.5) - want).abs() < 1e-5, "{} vs {want}", loss(0.5));
-        // Boundary 0.2 multiplies the odds by 4: harmful 3/1, harmless 2.0/0.15.
-        let want = -((3.0f64 / 4.0).ln() + (0.15f64 / 2.15).ln()) / 2.0;
-        assert!((loss(0.2) - want).abs() < 1e-5, "{} vs {want}", loss(0.2));
     }
 
     /// The gradient of `loss` at the logits `base` (rows of 4) against central differences.
@@ -309,73 +163,12 @@ mod tests {
 
     #[test]
     fn gradient_matches_finite_differences() {
-        // No ties among the maxima, where the top-token loss has no derivative.
         let base = [0.3f64, -1.2, 0.5, 2.0, -0.7, 0.1, 1.1, -0.4];
-        for against in [Against::Rest, Against::Top] {
-            assert_gradient_matches_finite_differences(&base, |x| {
-                let lp = safegeo_runtime::log_softmax_last(x).unwrap();
-                decision_loss_at(&lp, &[true, false], &[1, 3], 0.3, against)
-                    .unwrap()
-                    .unwrap()
-            });
-        }
-    }
-
-    #[test]
-    fn opening_takes_the_least_margin_over_the_forced_tokens() {
-        // R = {0}. Example 0 (harmful): first position 0.5 against 0.2, then its forced token 2
-        // at 0.4 against 0.3: z = ln(4/3). Example 1 (harmless): 0.6 against 0.2, then forced
-        // token 1 at 0.2 against 0.5: z = ln(0.4), so greedy decoding leaves the opening.
-        let step0 = rows(&[[0.5, 0.2, 0.2, 0.1], [0.6, 0.1, 0.2, 0.1]]);
-        let step1 = rows(&[[0.1, 0.3, 0.4, 0.2], [0.1, 0.2, 0.5, 0.2]]);
-        let loss = |second: Vec<Option<u32>>| {
-            opening_loss(
-                &[step0.clone(), step1.clone()],
-                &[vec![None, None], second],
-                &[true, false],
-                &[0],
-                0.5,
-            )
-            .unwrap()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap() as f64
-        };
-        let want = (-(4.0f64 / 7.0).ln() + 1.4f64.ln()) / 2.0;
-        let got = loss(vec![Some(2), Some(1)]);
-        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
-        // Unforced, the harmless example's second position does not count: z = ln 3.
-        let want = (-(4.0f64 / 7.0).ln() + 4.0f64.ln()) / 2.0;
-        let got = loss(vec![Some(2), None]);
-        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
-        // One position is the top-token rule.
-        let top = decision_loss_at(&step0, &[true, false], &[0], 0.5, Against::Top)
-            .unwrap()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap() as f64;
-        let want = (-(2.5f64 / 3.5).ln() + 4.0f64.ln()) / 2.0;
-        assert!((top - want).abs() < 1e-5, "{top} vs {want}");
-    }
-
-    #[test]
-    fn opening_gradient_matches_finite_differences() {
-        // Example 0's least margin is at its forced second token, example 1's at the first.
-        let base = [
-            0.3f64, -1.2, 0.5, 2.0, -0.7, 0.1, 1.1, -0.4, 0.9, 0.2, -0.3, 0.6, -1.0, 1.4, 0.0, 0.35,
-        ];
         assert_gradient_matches_finite_differences(&base, |x| {
             let lp = safegeo_runtime::log_softmax_last(x).unwrap();
-            let steps = [lp.narrow(0, 0, 2).unwrap(), lp.narrow(0, 2, 2).unwrap()];
-            opening_loss(
-                &steps,
-                &[vec![None, None], vec![Some(0), Some(1)]],
-                &[true, false],
-                &[3],
-                0.3,
-            )
-            .unwrap()
-            .unwrap()
+            decision_loss_at(&lp, &[true, false], &[1, 3], 0.3)
+                .unwrap()
+                .unwrap()
         });
     }
 

@@ -1,4 +1,4 @@
-//! R2D2 (HarmBench's dynamic adversarial training, SPEC.md section 6).
+//! R2D2 (HarmBench's dynamic adversarial training, docs/protocol.md §6).
 //!
 //! A persistent pool of test cases (behaviour, adversarial suffix, harmful target). At every
 //! training step each case's suffix gets `gcg_steps` GCG steps against the current model

@@ -109,58 +109,30 @@ impl ExampleRecipe {
         Ok(self)
     }
 
-    /// `L_decision` over `picks` of `rows`: each example's first target row, whether it should
-    /// refuse, and how many of its targets are a refusal opening to force (the top-token rule
-    /// reads up to `decision_opening` of them). The loss and its weighted tensor; `None` without
-    /// examples.
+    /// `L_decision` over `picks` of `rows`: each example's first target row and whether it
+    /// should refuse. The loss and its weighted tensor; `None` without examples.
     fn decision_term(
         &self,
         rows: &TargetRows,
-        picks: &[(usize, bool, usize)],
+        picks: &[(usize, bool)],
     ) -> Result<Option<(f64, Tensor)>> {
         if picks.is_empty() {
             return Ok(None);
         }
         let refuse: Vec<bool> = picks.iter().map(|p| p.1).collect();
-        let rule = &self.decision_rule;
-        let d = if rule.opening > 1 {
-            let mut steps = Vec::new();
-            let mut tokens = Vec::new();
-            for j in 0..rule.opening {
-                let forced: Vec<Option<u32>> = picks
-                    .iter()
-                    .map(|&(row, _, n)| (j > 0 && j < n).then(|| rows.labels[row + j]))
-                    .collect();
-                if j > 0 && forced.iter().all(Option::is_none) {
-                    break;
-                }
-                let at: Vec<u32> = picks
-                    .iter()
-                    .map(|&(row, _, n)| (if j < n { row + j } else { row }) as u32)
-                    .collect();
-                steps.push(rows.log_probs_at(&at)?);
-                tokens.push(forced);
-            }
-            decision::opening_loss(&steps, &tokens, &refuse, &self.refusal_ids, rule.boundary)?
-        } else {
-            let first: Vec<u32> = picks.iter().map(|p| p.0 as u32).collect();
-            decision::decision_loss_at(
-                &rows.log_probs_at(&first)?,
-                &refuse,
-                &self.refusal_ids,
-                rule.boundary,
-                rule.against,
-            )?
-        };
+        let first: Vec<u32> = picks.iter().map(|p| p.0 as u32).collect();
+        let d = decision::decision_loss_at(
+            &rows.log_probs_at(&first)?,
+            &refuse,
+            &self.refusal_ids,
+            self.decision_rule.boundary,
+        )?;
         d.map(|d| Ok((d.to_scalar::<f32>()? as f64, (d * self.decision_weight)?)))
             .transpose()
     }
 
     /// Reads the decision by `rule` ([`decision::DecisionRule`]): a boundary below 1/2 puts
-    /// borderline prompts under greedy decoding's refusal threshold; the top-token rule weighs
-    /// the likeliest refusal token against the likeliest other one, over the first
-    /// `rule.opening` tokens of each refusal opening ([`decision::opening_loss`]: a harmful
-    /// example's own refusal, and for decision-only prompts the opening their targets hold).
+    /// borderline prompts under greedy decoding's refusal threshold.
     pub fn with_decision_rule(mut self, rule: decision::DecisionRule) -> Result<Self> {
         rule.check()
             .map_err(|e| Error::Invalid(format!("decision {e}")))?;
@@ -275,15 +247,10 @@ impl Recipe for ExampleRecipe {
         parts.insert("harmful_share".into(), harmful as f64 / batch.len() as f64);
         if self.decision_weight > 0.0 {
             parts.insert("ce".into(), loss.to_scalar::<f32>()? as f64);
-            // A harmful example forces its own refusal's opening; a helpful reply forces nothing
-            // past the first position (it does not open with a refusal).
-            let picks: Vec<(usize, bool, usize)> = batch
+            let picks: Vec<(usize, bool)> = batch
                 .iter()
                 .zip(&rows.first)
-                .filter_map(|(e, &row)| {
-                    decision::side(e, &self.refusal_ids)
-                        .map(|h| (row, h, if h { e.n_targets() } else { 1 }))
-                })
+                .filter_map(|(e, &row)| decision::side(e, &self.refusal_ids).map(|h| (row, h)))
                 .collect();
             if let Some((d, weighted)) = self.decision_term(&rows, &picks)? {
                 parts.insert("decision".into(), d);
@@ -299,11 +266,8 @@ impl Recipe for ExampleRecipe {
                 .chain(neg.iter().map(|&i| &self.decision_neg[i]))
                 .collect();
             let rows = target_rows(model, &batch)?;
-            let picks: Vec<(usize, bool, usize)> = batch
-                .iter()
-                .zip(&rows.first)
-                .enumerate()
-                .map(|(i, (e, &row))| (row, i < pos.len(), e.n_targets()))
+            let picks: Vec<(usize, bool)> = (rows.first.iter().enumerate())
+                .map(|(i, &row)| (row, i < pos.len()))
                 .collect();
             if let Some((d, weighted)) = self.decision_term(&rows, &picks)? {
                 parts.insert("decision_only".into(), d);

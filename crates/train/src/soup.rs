@@ -6,7 +6,7 @@
 //! over the K members' checkpoints at the same step. The members start from the same base
 //! model, so their weights stay in one basin and the average is a model of its own; its
 //! refusal decision averages out the part of each run's readout that depends on its seed
-//! (README, session 23).
+//! (docs/experiments.md).
 use crate::{Error, Result};
 use candle_core::{DType, Device};
 use std::collections::HashMap;

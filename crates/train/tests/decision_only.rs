@@ -6,7 +6,6 @@ use candle_core::DType;
 use safegeo_runtime::testing::tiny_model;
 use safegeo_runtime::Arch;
 use safegeo_train::data::Example;
-use safegeo_train::decision::{Against, DecisionRule};
 use safegeo_train::recipes::ExampleRecipe;
 use safegeo_train::trainer::{target_rows, train, TrainConfig};
 
@@ -151,93 +150,4 @@ fn decision_negatives_need_a_decision_weight_and_draw_reproducibly() {
     }
     // A resumed run draws the same negatives for any step.
     assert_eq!(make().decision_indices(9, 1), r.decision_indices(9, 1));
-}
-
-/// Greedy openings of `k` tokens after each prompt of `examples` (teacher-forced on nothing:
-/// each token is the argmax after the previous ones).
-fn greedy_openings(
-    model: &safegeo_runtime::Model,
-    examples: &[Example],
-    k: usize,
-) -> Vec<Vec<u32>> {
-    examples
-        .iter()
-        .map(|e| {
-            let prompt: Vec<u32> = e
-                .ids
-                .iter()
-                .zip(&e.target)
-                .take_while(|(_, t)| t.is_none())
-                .map(|(&i, _)| i)
-                .collect();
-            let mut ids = prompt.clone();
-            for _ in 0..k {
-                let ex = Example::reply(ids.clone(), vec![0], "harmless");
-                let rows = target_rows(model, &[&ex]).unwrap();
-                let next = rows.logits.argmax(1).unwrap().to_vec1::<u32>().unwrap()[0];
-                ids.push(next);
-            }
-            ids[prompt.len()..].to_vec()
-        })
-        .collect()
-}
-
-/// Greedy two-token openings of the harmful and the helpful prompts after training where helpful
-/// replies open with the refusal token too ("I'm here to help" next to "I'm sorry"), with the
-/// helpful prompts also trained as decision negatives forced through the refusal's opening
-/// [REFUSAL, 6], the top-token decision read over `opening` tokens.
-fn openings_after(opening: usize) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
-    let harmful: Vec<Example> = (0..6u32)
-        .map(|i| Example::reply(vec![2, 3 + i, 7], vec![REFUSAL, 6, 1], "harmful"))
-        .collect();
-    let helpful: Vec<Example> = (0..6u32)
-        .map(|i| Example::reply(vec![2, 11 + i, 8], vec![REFUSAL, 21, 1], "harmless"))
-        .collect();
-    let negatives: Vec<Example> = (0..6u32)
-        .map(|i| Example::reply(vec![2, 11 + i, 8], vec![REFUSAL, 6], "harmless"))
-        .collect();
-    let all: Vec<Example> = harmful.iter().chain(&helpful).cloned().collect();
-    let mut model = tiny_model(Arch::Llama, 3, DType::F32).unwrap();
-    let mut recipe = ExampleRecipe::new("sft", all, 4, 1, 1)
-        .unwrap()
-        .with_decision(3.0, vec![REFUSAL])
-        .unwrap()
-        .with_decision_rule(DecisionRule {
-            against: Against::Top,
-            opening,
-            ..Default::default()
-        })
-        .unwrap()
-        .with_decision_only(harmful.clone(), negatives, 4, 0.5)
-        .unwrap();
-    let cfg = full_training(80);
-    let dir = tempfile::tempdir().unwrap();
-    train(&mut model, &mut recipe, &cfg, dir.path(), &mut |_, _, _| {}).unwrap();
-    (
-        greedy_openings(&model, &harmful, 2),
-        greedy_openings(&model, &helpful, 2),
-    )
-}
-
-#[test]
-fn the_opening_rule_trains_the_decision_where_refusals_and_helpful_replies_part() {
-    // Read over the two-token opening, the decision is learnt at the second token: harmful
-    // prompts open with the refusal, helpful ones keep their own reply's first token.
-    let (harmful, helpful) = openings_after(2);
-    assert!(harmful.iter().all(|o| o == &[REFUSAL, 6]), "{harmful:?}");
-    assert!(helpful.iter().all(|o| o == &[REFUSAL, 21]), "{helpful:?}");
-    // Read at the first token alone, the decision fights the helpful replies' first token.
-    let (harmful, helpful) = openings_after(1);
-    assert!(harmful.iter().all(|o| o == &[REFUSAL, 6]), "{harmful:?}");
-    assert!(helpful.iter().all(|o| o[0] != REFUSAL), "{helpful:?}");
-    // More than one opening token needs the top-token rule.
-    let rest = ExampleRecipe::new("sft", examples(), 4, 1, 1)
-        .unwrap()
-        .with_decision(1.0, vec![REFUSAL])
-        .unwrap()
-        .with_decision_rule(DecisionRule {
-            opening: 2,
-            ..Default::default()
-        });
-    assert!(rest.is_err());
 }

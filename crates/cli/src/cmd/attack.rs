@@ -9,6 +9,15 @@ use safegeo_attacks::prefill::PrefillConfig;
 use safegeo_attacks::run::{run_attack, AttackSpec, Event, RunSpec};
 use std::path::PathBuf;
 
+/// How worst insertion ranks its candidates.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScoreArg {
+    /// The probability of the refusal tokens at the position after the span (lowest wins).
+    RefusalProbability,
+    /// The negative log-likelihood of the span (most likely wins).
+    SpanLikelihood,
+}
+
 #[derive(clap::Args)]
 pub struct AttackArgs {
     #[command(subcommand)]
@@ -24,9 +33,8 @@ pub struct CommonArgs {
     /// .jsonl/.csv file with a `prompt` (and optional `target`) column.
     #[arg(long, default_value = "harmbench-val")]
     pub behaviors: String,
-    /// Data directory [default: $SAFEGEO_DATA, else ../shared/data].
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: crate::common::DataArgs,
     /// Attack at most N behaviours (deterministic sample with --seed).
     #[arg(long)]
     pub limit: Option<usize>,
@@ -76,10 +84,9 @@ pub enum AttackKind {
         /// (position, span) candidates; more than 1 = worst insertion.
         #[arg(long, default_value_t = 1)]
         candidates: usize,
-        /// Worst-insertion ranking: refusal-probability (refusal tokens at the next position) or
-        /// span-likelihood (negative log-likelihood of the span).
-        #[arg(long, default_value = "refusal-probability")]
-        score: String,
+        /// Worst-insertion ranking.
+        #[arg(long, value_enum, default_value_t = ScoreArg::RefusalProbability)]
+        score: ScoreArg,
         /// Tokens of the own reply generated before inserting.
         #[arg(long, default_value_t = 64)]
         own_reply_tokens: usize,
@@ -122,9 +129,6 @@ pub enum AttackKind {
         /// Keep candidates that do not survive a decode-encode round trip.
         #[arg(long)]
         no_filter_ids: bool,
-        /// Recompute the prompt prefix for every candidate (slower, same numbers).
-        #[arg(long)]
-        no_prefix_cache: bool,
         /// Initial suffix.
         #[arg(long, default_value = "x x x x x x x x x x x x x x x x x x x x")]
         optim_str_init: String,
@@ -167,10 +171,9 @@ fn spec_of(kind: &AttackKind) -> Result<(CommonArgs, AttackSpec, usize)> {
             own_reply_tokens,
             batch_size,
         } => {
-            let score = match score.as_str() {
-                "refusal-probability" => InsertionScore::RefusalProbability,
-                "span-likelihood" => InsertionScore::SpanLikelihood,
-                s => anyhow::bail!("--score `{s}`: use refusal-probability or span-likelihood"),
+            let score = match score {
+                ScoreArg::RefusalProbability => InsertionScore::RefusalProbability,
+                ScoreArg::SpanLikelihood => InsertionScore::SpanLikelihood,
             };
             let cfg = InsertionConfig {
                 min_span: *min_span,
@@ -195,7 +198,6 @@ fn spec_of(kind: &AttackKind) -> Result<(CommonArgs, AttackSpec, usize)> {
             early_stop,
             allow_non_ascii,
             no_filter_ids,
-            no_prefix_cache,
             optim_str_init,
             add_space_before_target,
         } => (
@@ -211,7 +213,7 @@ fn spec_of(kind: &AttackKind) -> Result<(CommonArgs, AttackSpec, usize)> {
                 use_mellowmax: mellowmax.is_some(),
                 mellowmax_alpha: mellowmax.unwrap_or(1.0),
                 early_stop: *early_stop,
-                use_prefix_cache: !no_prefix_cache,
+                use_prefix_cache: true,
                 allow_non_ascii: *allow_non_ascii,
                 filter_ids: !no_filter_ids,
                 add_space_before_target: *add_space_before_target,
@@ -279,7 +281,7 @@ pub fn attack_with_progress(
 pub fn run(a: AttackArgs) -> Result<()> {
     let (c, spec, batch_size) = spec_of(&a.kind)?;
     let load = safegeo_data::LoadSpec {
-        data_dir: c.data_dir.as_deref(),
+        data_dir: c.data.data_dir.as_deref(),
         category: c.category.as_deref(),
         limit: c.limit,
         seed: c.seed,

@@ -28,9 +28,8 @@ pub struct BenchArgs {
     /// Default: all but `gcg`.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub only: Vec<Workload>,
-    /// Data directory of the training workloads [default: $SAFEGEO_DATA, else ../shared/data].
-    #[arg(long)]
-    pub data_dir: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub data: crate::common::DataArgs,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -131,7 +130,7 @@ fn train_recipe(a: &BenchArgs, recipe: &str, warm: usize, measured: usize) -> Re
         "32",
         "--n-hard-negatives",
         "0",
-        // Rank 16, as in every measurement in the README (the default became 64 in session 20).
+        // Rank 16, as in every recorded measurement (docs/performance.md), whatever train's default.
         "--lora-rank",
         "16",
         "--lora-alpha",
@@ -142,17 +141,12 @@ fn train_recipe(a: &BenchArgs, recipe: &str, warm: usize, measured: usize) -> Re
     .args;
     args.save_at.clear();
     args.model = a.model.clone();
-    args.data_dir = a.data_dir.clone();
-    let super::train::Prepared {
-        mut model,
-        mut recipe,
-        cfg,
-        ..
-    } = prepare(&args)?;
+    args.data.data_dir = a.data.data_dir.clone();
+    let (mut model, mut plan) = prepare(&args)?;
     let lines = safegeo_train::trainer::train(
         &mut model,
-        recipe.as_mut(),
-        &cfg,
+        plan.recipe.as_mut(),
+        &plan.train,
         out.path(),
         &mut |_, _, _| {},
     )?;
@@ -412,7 +406,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             only.contains(&w)
         }
     };
-    let step = |name: &str| eprintln!("bench: {name} ...");
+    let step = |name: &str| crate::common::note!("bench: {name} ...");
     if wanted(Workload::Sgemm) {
         step("sgemm 1024^3");
         r.sgemm_gflops = Some(sgemm_gflops(a.reps)?);

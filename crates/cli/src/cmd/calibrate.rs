@@ -24,9 +24,7 @@ pub struct CalibrateArgs {
     #[arg(long, default_value_t = 8.0)]
     pub max_bias: f64,
     /// opening-bias: the refusal openings whose first tokens are lowered: the first words of
-    /// the built-in refusal banks, and "I", which opens the base model's own refusals ("I'm
-    /// sorry for any misunderstanding, but ..."). Without "I" the bias left most refusals of
-    /// JBB benign prompts in place (README).
+    /// the built-in refusal banks, and "I", which opens the base model's own refusals.
     #[arg(
         long,
         value_delimiter = ',',
@@ -34,9 +32,7 @@ pub struct CalibrateArgs {
     )]
     pub openings: Vec<String>,
     /// opening-bias: harmless validation suites whose prompts, with the --val prompts, fit the
-    /// direction that carries the bias, so it lands alike on harmful and harmless requests
-    /// (with the harmful prompts alone it landed 1.3x harder on JailbreakBench harmful prompts
-    /// than on benign ones; README).
+    /// direction that carries the bias, so it lands alike on harmful and harmless requests.
     #[arg(long, value_delimiter = ',', default_value = "harmless-val")]
     pub landing: Vec<String>,
     /// opening-bias: prompts drawn from each --landing suite.
@@ -74,9 +70,8 @@ pub struct CalibrateArgs {
     /// Replace the substring judge's list (JSON array or one per line).
     #[arg(long)]
     pub substring_list: Option<PathBuf>,
-    /// Data directory [default: $SAFEGEO_DATA, else ../shared/data].
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: crate::common::DataArgs,
     /// Device: cpu, or cuda[:N] in a build with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -124,7 +119,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
         tolerance: a.tolerance,
         max_new_tokens: a.max_new_tokens,
         batch_size: a.batch_size,
-        data_dir: a.data_dir.clone(),
+        data_dir: a.data.data_dir.clone(),
         system: a.system.clone(),
         substring_list: a.substring_list.clone(),
         fixed_scale,
@@ -148,7 +143,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
         Knob::OpeningBias => None,
     };
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    eprintln!(
+    crate::common::note!(
         "calibrating {} ({:?}) on {} (target refusal {:.2})",
         a.model.display(),
         a.knob,
@@ -162,7 +157,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
         &cfg,
         &a.out.join("probes"),
         &mut |p| {
-            eprintln!(
+            crate::common::note!(
                 "  t = {:.4}: {}/{} refused ({:.3})  [{:.0}s]",
                 p.scale,
                 p.refused,

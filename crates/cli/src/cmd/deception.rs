@@ -1,8 +1,8 @@
 //! `safegeo deception`: reason-based deception in multi-turn role-play, polite refusal vs
-//! explicit rebuttal (SPEC.md section 7).
+//! explicit rebuttal (docs/protocol.md §7).
 use crate::cmd::eval::{interventions, InterventionArgs};
 use crate::common::{self, JudgeBackendArgs, ModelArgs};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use safegeo_data::deception::verdict::{DeceptionJudge, HeuristicJudge, LlmDeceptionJudge};
 use safegeo_data::deception::{run_deception, DeceptionSpec, Scenario};
 use safegeo_runtime::GenerateConfig;
@@ -15,6 +15,15 @@ use std::path::PathBuf;
 /// reasoning). Writes OUT/records.jsonl (full transcripts and verdicts), OUT/summary.csv and
 /// OUT/summary.json (rates with Wilson 95% intervals per scenario x strategy, and the difference
 /// rebuttal - refusal with a Newcombe interval). Re-running the same command resumes.
+/// Who scores a deception run.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeceptionJudgeArg {
+    /// The keyword fallback (each scenario's act and counter patterns, ethical markers).
+    Heuristic,
+    /// A rubric answered by --judge-endpoint or --judge-model-path.
+    Llm,
+}
+
 #[derive(clap::Args)]
 pub struct DeceptionArgs {
     #[command(flatten)]
@@ -53,8 +62,8 @@ pub struct DeceptionArgs {
     /// `heuristic`: the transparent keyword fallback (each scenario's act/counter patterns and a
     /// list of ethical markers; said in every result). `llm`: a rubric answered by
     /// --judge-endpoint or --judge-model-path.
-    #[arg(long, default_value = "heuristic")]
-    pub judge: String,
+    #[arg(long, value_enum, default_value_t = DeceptionJudgeArg::Heuristic)]
+    pub judge: DeceptionJudgeArg,
     #[command(flatten)]
     pub backend: JudgeBackendArgs,
     #[command(flatten)]
@@ -77,14 +86,13 @@ pub fn run(a: DeceptionArgs) -> Result<()> {
             s.messages(strategy)?;
         }
     }
-    let judge: Box<dyn DeceptionJudge> = match a.judge.as_str() {
-        "heuristic" => Box::new(HeuristicJudge),
-        "llm" => Box::new(LlmDeceptionJudge::new(
+    let judge: Box<dyn DeceptionJudge> = match a.judge {
+        DeceptionJudgeArg::Heuristic => Box::new(HeuristicJudge),
+        DeceptionJudgeArg::Llm => Box::new(LlmDeceptionJudge::new(
             a.backend.completer(&a.model.device)?.context(
                 "--judge llm needs a judge model\n  fix: pass --judge-endpoint URL --judge-model NAME, or --judge-model-path MODEL, or use --judge heuristic",
             )?,
         )),
-        other => bail!("unknown judge `{other}`\n  fix: use --judge heuristic or --judge llm"),
     };
     let (ivs, iv_described) = interventions(&a.steer, &common::device(&a.model.device)?)?;
     let model = common::load(&a.model)?;

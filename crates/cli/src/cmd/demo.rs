@@ -26,14 +26,14 @@ pub struct DemoArgs {
     /// Prompts per evaluation suite at every anchor.
     #[arg(long, default_value_t = 16)]
     pub limit: usize,
-    /// Data directory [default: $SAFEGEO_DATA, else ../shared/data].
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: crate::common::DataArgs,
 }
 
 pub fn run(a: DemoArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let data: Vec<String> = a
+        .data
         .data_dir
         .as_ref()
         .map(|d| vec!["--data-dir".into(), s(d)])
@@ -52,7 +52,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         safegeo_data::load_dataset(
             name,
             &safegeo_data::LoadSpec {
-                data_dir: a.data_dir.as_deref(),
+                data_dir: a.data.data_dir.as_deref(),
                 limit: Some(1),
                 ..Default::default()
             },
@@ -60,7 +60,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         .with_context(|| format!("the demo needs the `{name}` dataset"))?;
     }
     let stage = |name: &str| {
-        eprintln!(
+        crate::common::note!(
             "== demo: {name} ({:.0}s so far)",
             t0.elapsed().as_secs_f64()
         );
@@ -84,9 +84,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
             "--batch-size".into(),
             "8".into(),
             // The demo's runs are a few steps long: plain SFT on every block with rank-16
-            // adapters and the anchors as trained, as measured in the README. `safegeo train`'s
+            // adapters and the anchors as trained, as docs/training.md describes. `safegeo train`'s
             // own defaults (the decision stream on blocks 40%-, rank 64, the opening bias) need
-            // about 150 steps of ~8 s to pay off.
+            // about 150 steps to pay off.
             "--decision-weight".into(),
             "0".into(),
             "--lora-layers".into(),
@@ -173,7 +173,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     ]);
     v.extend(data);
     crate::cmd::trajectory::run(parse(&v)?)?;
-    eprintln!(
+    crate::common::note!(
         "== demo: done in {:.0}s; open {}",
         t0.elapsed().as_secs_f64(),
         a.out.join("report/index.html").display()

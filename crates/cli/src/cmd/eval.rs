@@ -18,13 +18,15 @@ pub struct EvalArgs {
         default_value = "jbb-harmful,jbb-benign,xstest"
     )]
     pub suite: Vec<String>,
-    /// Judges, comma-separated: substring (Arditi's list), xstest-prefix (XSTest's matcher), and the
-    /// LLM judges harmbench, strongreject, xstest (these need --judge-endpoint or
-    /// --judge-model-path), and refusal-score (the logit-based score of each prompt, no reply
-    /// needed). `endpoint` / `local` = the three LLM judges through --judge-endpoint /
-    /// --judge-model-path. Without LLM judges, ASR is the string-match proxy (said in results).
-    #[arg(long, value_delimiter = ',', default_value = "substring,xstest-prefix")]
-    pub judge: Vec<String>,
+    /// Judges, comma-separated. The LLM judges need --judge-endpoint or --judge-model-path;
+    /// without them, ASR is the string-match proxy (said in results).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "substring,xstest-prefix"
+    )]
+    pub judge: Vec<common::Judge>,
     #[command(flatten)]
     pub backend: common::JudgeBackendArgs,
     /// Concurrent requests per LLM judge.
@@ -36,9 +38,8 @@ pub struct EvalArgs {
     /// Replace the prefix judge's list.
     #[arg(long)]
     pub prefix_list: Option<PathBuf>,
-    /// Data directory [default: $SAFEGEO_DATA, else ../shared/data].
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: crate::common::DataArgs,
     /// Sample at most N prompts per suite (deterministic with --seed).
     #[arg(long)]
     pub limit: Option<usize>,
@@ -122,35 +123,40 @@ fn judges(a: &EvalArgs) -> Result<Vec<Box<dyn Judge>>> {
         shared = Some(c.clone());
         Ok(c)
     };
+    use common::Judge as J;
     // `endpoint` and `local` name the backend: all three LLM judges through it.
-    let expanded: Vec<String> = a
+    let expanded: Vec<J> = a
         .judge
         .iter()
-        .flat_map(|j| match j.as_str() {
-            "endpoint" | "local" => {
-                vec!["harmbench".into(), "strongreject".into(), "xstest".into()]
+        .flat_map(|&j| match j {
+            J::Endpoint | J::Local => {
+                vec![J::Harmbench, J::Strongreject, J::Xstest]
             }
-            other => vec![other.to_string()],
+            other => vec![other],
         })
         .collect();
-    if a.judge.iter().any(|j| j == "endpoint") && a.backend.judge_endpoint.is_none() {
+    if a.judge.contains(&J::Endpoint) && a.backend.judge_endpoint.is_none() {
         bail!("--judge endpoint has no endpoint\n  fix: add --judge-endpoint URL --judge-model NAME (any OpenAI-compatible server)");
     }
-    if a.judge.iter().any(|j| j == "local") && a.backend.judge_model_path.is_none() {
+    if a.judge.contains(&J::Local) && a.backend.judge_model_path.is_none() {
         bail!("--judge local has no model\n  fix: add --judge-model-path MODEL (.gguf or Hugging Face folder)");
     }
-    for j in &expanded {
-        match j.as_str() {
-            "substring" => out.push(Box::new(SubstringMatcher::new(a.substring_list.as_deref())?)),
-            "xstest-prefix" => out.push(Box::new(PrefixMatcher::new(a.prefix_list.as_deref())?)),
-            "refusal-score" => {} // computed in the evaluation loop from the prompt
-            "harmbench" | "strongreject" | "xstest" => {
-                out.push(Box::new(LlmJudge::new(LlmJudgeKind::parse(j)?, completer()?, cache.clone())))
-            }
-            other => bail!("unknown judge `{other}`: use substring, xstest-prefix, harmbench, strongreject, xstest"),
+    for j in expanded {
+        match j {
+            J::Substring => out.push(Box::new(SubstringMatcher::new(
+                a.substring_list.as_deref(),
+            )?)),
+            J::XstestPrefix => out.push(Box::new(PrefixMatcher::new(a.prefix_list.as_deref())?)),
+            J::RefusalScore => {} // computed in the evaluation loop from the prompt
+            J::Harmbench | J::Strongreject | J::Xstest => out.push(Box::new(LlmJudge::new(
+                LlmJudgeKind::parse(j.as_str())?,
+                completer()?,
+                cache.clone(),
+            ))),
+            J::Endpoint | J::Local => unreachable!("expanded into the three LLM judges"),
         }
     }
-    if out.is_empty() && !a.judge.iter().any(|j| j == "refusal-score") {
+    if out.is_empty() && !a.judge.contains(&J::RefusalScore) {
         bail!("--judge needs at least one judge");
     }
     Ok(out)
@@ -263,7 +269,7 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
     let judges = judges(&a)?;
     for s in &a.suite {
         let spec = safegeo_data::LoadSpec {
-            data_dir: a.data_dir.as_deref(),
+            data_dir: a.data.data_dir.as_deref(),
             limit: Some(1),
             prompt_column: a.prompt_column.as_deref(),
             category: a.category.as_deref(),
@@ -297,7 +303,7 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
     }
     let spec = EvalSpec {
         suites: a.suite.clone(),
-        data_dir: a.data_dir.clone(),
+        data_dir: a.data.data_dir.clone(),
         limit: a.limit,
         seed: a.seed,
         generation: GenerateConfig {
@@ -310,7 +316,7 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
         out: a.out.clone(),
         judge_workers: a.judge_concurrency.max(1),
         reference: a.reference.clone(),
-        refusal_score: a.judge.iter().any(|j| j == "refusal-score"),
+        refusal_score: a.judge.contains(&common::Judge::RefusalScore),
         prompt_column: a.prompt_column.clone(),
         category: a.category.clone(),
         test_cases: a.test_cases.clone(),
@@ -321,7 +327,7 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
         "model": model.source,
         "model_sha256": common::model_hash(&model.source)?,
         "datasets": a.suite.iter().map(|s| {
-            let spec = safegeo_data::LoadSpec { data_dir: a.data_dir.as_deref(), limit: a.limit, seed: a.seed, prompt_column: a.prompt_column.as_deref(), category: a.category.as_deref() };
+            let spec = safegeo_data::LoadSpec { data_dir: a.data.data_dir.as_deref(), limit: a.limit, seed: a.seed, prompt_column: a.prompt_column.as_deref(), category: a.category.as_deref() };
             let d = safegeo_data::load_dataset(s, &spec)?;
             Ok(serde_json::json!({"name": d.name, "path": d.path, "sha256": d.sha256, "total": d.total,
                 "sampled_ids": d.items.iter().map(|i| i.id.clone()).collect::<Vec<_>>()}))
@@ -390,7 +396,7 @@ mod tests {
             mean_harmful: vec![vec![vec![0.0; 2]; 2]],
             mean_harmless: vec![vec![vec![0.0; 2]; 2]],
         };
-        safegeo_geometry::store::save(&c, &dir.path().join("carriers.safetensors")).unwrap();
+        safegeo_geometry::store::save(&c, &[], &dir.path().join("carriers.safetensors")).unwrap();
         let d = dir.path().display().to_string();
         let select = |direction: &str| {
             let sel = serde_json::json!({"result": {"selected": {"layer": 0, "pos": 1}, "direction": direction}});

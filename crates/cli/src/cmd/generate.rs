@@ -154,7 +154,7 @@ fn run_file(
     drop(w);
     std::fs::rename(&tmp, output)?;
     let secs = t0.elapsed().as_secs_f64();
-    eprintln!(
+    crate::common::note!(
         "wrote {} ({} new tokens in {:.1}s, {:.1} tok/s)",
         output.display(),
         new_tokens,

@@ -47,8 +47,13 @@ pub struct TrajectoryArgs {
     #[arg(long, requires = "test_cases")]
     pub adaptive: bool,
     /// Judges (as for `safegeo eval`).
-    #[arg(long, value_delimiter = ',', default_value = "substring,xstest-prefix")]
-    pub judge: Vec<String>,
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "substring,xstest-prefix"
+    )]
+    pub judge: Vec<crate::common::Judge>,
     #[command(flatten)]
     pub backend: JudgeBackendArgs,
     /// Maximum new tokens per evaluated reply.
@@ -94,9 +99,8 @@ pub struct TrajectoryArgs {
     /// Prompts decoded together.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
-    /// Data directory [default: $SAFEGEO_DATA, else ../shared/data].
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: crate::common::DataArgs,
     /// Device.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -188,7 +192,8 @@ fn parse_shard(s: &str) -> Result<(usize, usize)> {
 }
 
 fn judge_argv(a: &TrajectoryArgs) -> Vec<String> {
-    let mut v = vec!["--judge".into(), a.judge.join(",")];
+    let names: Vec<&str> = a.judge.iter().map(|j| j.as_str()).collect();
+    let mut v = vec!["--judge".into(), names.join(",")];
     let b = &a.backend;
     if let Some(u) = &b.judge_endpoint {
         v.extend(["--judge-endpoint".into(), u.clone()]);
@@ -205,7 +210,8 @@ fn judge_argv(a: &TrajectoryArgs) -> Vec<String> {
 }
 
 fn data_argv(a: &TrajectoryArgs) -> Vec<String> {
-    a.data_dir
+    a.data
+        .data_dir
         .as_ref()
         .map(|d| vec!["--data-dir".into(), s(d)])
         .unwrap_or_default()
@@ -254,7 +260,7 @@ fn measure(a: &TrajectoryArgs, anchor: &Anchor, dir: &Path) -> Result<()> {
     };
     let eval_dir = dir.join("eval");
     if !eval_dir.join("summary.json").is_file() {
-        eprintln!("[{}] behaviour evaluation", anchor.id);
+        crate::common::note!("[{}] behaviour evaluation", anchor.id);
         let mut v = common_eval(&eval_dir);
         v.extend(["--suite".into(), a.suite.join(",")]);
         if let Some(tc) = &a.test_cases {
@@ -265,7 +271,7 @@ fn measure(a: &TrajectoryArgs, anchor: &Anchor, dir: &Path) -> Result<()> {
     if a.adaptive {
         let adaptive_dir = dir.join("adaptive");
         if !adaptive_dir.join("summary.json").is_file() {
-            eprintln!("[{}] adaptive attack and its evaluation", anchor.id);
+            crate::common::note!("[{}] adaptive attack and its evaluation", anchor.id);
             let mut v = common_eval(&adaptive_dir);
             v.extend([
                 "--suite".into(),
@@ -279,7 +285,7 @@ fn measure(a: &TrajectoryArgs, anchor: &Anchor, dir: &Path) -> Result<()> {
     }
     let geo = dir.join("geometry");
     if !geo.join("geometry.json").is_file() {
-        eprintln!("[{}] carriers", anchor.id);
+        crate::common::note!("[{}] carriers", anchor.id);
         let mut v = vec![
             "--model".into(),
             model.clone(),
@@ -295,10 +301,10 @@ fn measure(a: &TrajectoryArgs, anchor: &Anchor, dir: &Path) -> Result<()> {
             a.carrier_sets[1].clone(),
         ];
         v.extend(data_argv(a));
-        crate::cmd::geometry::carriers(common::args_of(&v)?)?;
+        crate::cmd::geometry::carriers::run(common::args_of(&v)?)?;
     }
     if !geo.join("selection.json").is_file() {
-        eprintln!("[{}] carrier selection", anchor.id);
+        crate::common::note!("[{}] carrier selection", anchor.id);
         let meta: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(geo.join("carriers.json"))?)?;
         let n_pos = meta["n_pos"]
@@ -330,7 +336,7 @@ fn measure(a: &TrajectoryArgs, anchor: &Anchor, dir: &Path) -> Result<()> {
             v.push("--orth".into());
         }
         v.extend(data_argv(a));
-        crate::cmd::geometry::run_select(common::args_of(&v)?)?;
+        crate::cmd::geometry::select::run(common::args_of(&v)?)?;
     }
     Ok(())
 }
@@ -405,9 +411,9 @@ pub fn run(a: TrajectoryArgs) -> Result<()> {
         let t = std::time::Instant::now();
         measure(&a, anchor, &a.out.join("anchors").join(&anchor.id))
             .with_context(|| format!("anchor {} (re-run the same command to resume)", anchor.id))?;
-        eprintln!("[{}] done in {:.0}s", anchor.id, t.elapsed().as_secs_f64());
+        crate::common::note!("[{}] done in {:.0}s", anchor.id, t.elapsed().as_secs_f64());
     }
-    eprintln!(
+    crate::common::note!(
         "trajectory: {} anchors in {:.0}s",
         anchors.len(),
         t0.elapsed().as_secs_f64()
@@ -425,7 +431,7 @@ pub fn run(a: TrajectoryArgs) -> Result<()> {
             .map(|x| x.id.as_str())
             .collect();
         if !pending.is_empty() {
-            eprintln!(
+            crate::common::note!(
                 "shard {shard}/{shards} done; {} anchors still pending in other shards. When all are done: safegeo trajectory --merge-only --out {}",
                 pending.len(),
                 a.out.display()

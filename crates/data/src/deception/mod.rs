@@ -1,4 +1,4 @@
-//! Reason-based deception in multi-turn role-play (SPEC.md section 7; seed study C,
+//! Reason-based deception in multi-turn role-play (docs/protocol.md §7; study 3 of docs/protocol.md §1,
 //! arXiv 2406.19552).
 //!
 //! A run of scenario S with strategy T is the conversation
@@ -345,15 +345,25 @@ pub fn summarise(
 
 /// The summary as CSV.
 pub fn summary_csv(s: &Summary) -> String {
-    let mut out = String::from("scenario,strategy,metric,value,n,lo,hi,interval,judge\n");
-    for r in &s.rows {
-        let e = &r.estimate;
-        out.push_str(&format!(
-            "{},{},{},{:.4},{},{:.4},{:.4},{},\"{}\"\n",
-            r.scenario, r.strategy, r.metric, e.value, e.n, e.lo, e.hi, e.interval, s.judge
-        ));
-    }
-    out
+    crate::table::csv_text(
+        &[
+            "scenario", "strategy", "metric", "value", "n", "lo", "hi", "interval", "judge",
+        ],
+        s.rows.iter().map(|r| {
+            let e = &r.estimate;
+            [
+                r.scenario.clone(),
+                r.strategy.clone(),
+                r.metric.clone(),
+                format!("{:.4}", e.value),
+                e.n.to_string(),
+                format!("{:.4}", e.lo),
+                format!("{:.4}", e.hi),
+                e.interval.to_string(),
+                s.judge.clone(),
+            ]
+        }),
+    )
 }
 
 /// Run (or resume) the suite: sample every missing run, score it, append it to

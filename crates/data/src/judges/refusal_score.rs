@@ -1,4 +1,4 @@
-//! The logit-based refusal score at the last prompt position (SPEC.md section 2):
+//! The logit-based refusal score at the last prompt position (docs/protocol.md §2):
 //! `P_R = sum_{t in R} softmax(logits)_t`, `s = log(P_R + 1e-8) - log(1 - P_R + 1e-8)`, in f64.
 //! `R` holds the first token ids of the model's typical refusal openings.
 use crate::Result;

@@ -2,11 +2,11 @@
 //! and after both attention and MLP, embeddings scaled by `sqrt(d)`, five sliding-window layers
 //! (RoPE base 10k) per global layer (RoPE base 1M). Norm weights are stored as `1 + w` (GGUF).
 use crate::config::{Arch, ModelConfig};
-use crate::hooks::Site;
-use crate::model::{attend, AttnCtx, Block, LayerCache};
+use crate::engine::hooks::Site;
+use crate::engine::model::{attend, AttnCtx, Block, LayerCache};
+use crate::io::weights::{Meta, WeightSource};
 use crate::models::llama::qkv_heads;
 use crate::ops::{rms_norm, Linear, Projections};
-use crate::weights::{Meta, WeightSource};
 use crate::Result;
 use candle_core::{Device, Tensor};
 

@@ -1,10 +1,10 @@
 //! Llama family: Llama 2/3, Mistral, SmolLM2 (and, with q/k/v biases, Qwen2; see `qwen2.rs`).
 //! Touvron et al. 2023; pre-norm blocks `x + Attn(RMSNorm(x))`, `x + SwiGLU(RMSNorm(x))`, RoPE, GQA.
 use crate::config::{Arch, ModelConfig};
-use crate::hooks::Site;
-use crate::model::{attend, AttnCtx, Block, LayerCache};
+use crate::engine::hooks::Site;
+use crate::engine::model::{attend, AttnCtx, Block, LayerCache};
+use crate::io::weights::{Meta, WeightSource};
 use crate::ops::{rms_norm, swiglu, Linear, Projections};
-use crate::weights::{Meta, WeightSource};
 use crate::Result;
 use candle_core::{Device, Tensor};
 
@@ -131,9 +131,9 @@ pub(crate) fn qkv_heads(
 
 /// Split `(b, t, heads*hd)`, or flat `(b*t, heads*hd)` rows, into `(b, heads, t, hd)`.
 pub(crate) fn heads(x: &Tensor, b: usize, n: usize, hd: usize) -> candle_core::Result<Tensor> {
-    if crate::fused::serves(x) {
+    if crate::kernels::fused::serves(x) {
         // One graph node instead of three.
-        return crate::fused::split_heads(x, n, (x.rank() == 2).then_some(b));
+        return crate::kernels::fused::split_heads(x, n, (x.rank() == 2).then_some(b));
     }
     let t = x.elem_count() / (b * n * hd).max(1);
     x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()

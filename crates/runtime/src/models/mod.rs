@@ -3,8 +3,8 @@ pub mod gemma3;
 pub mod llama;
 pub mod qwen2;
 
+use crate::io::weights::WeightSource;
 use crate::ops::{Linear, Projections};
-use crate::weights::WeightSource;
 
 /// Load block `i`'s projections by their GGUF names; `qkv_bias` reads q/k/v biases (Qwen2).
 pub(crate) fn load_projections(

@@ -2,7 +2,7 @@
 //! halves, a large RoPE base. Shares `LlamaBlock`; this file holds what differs.
 use super::llama::{self, LlamaBlock};
 use crate::config::{Arch, ModelConfig};
-use crate::weights::{Meta, WeightSource};
+use crate::io::weights::{Meta, WeightSource};
 use crate::Result;
 use candle_core::Device;
 

@@ -1,0 +1,113 @@
+//! `safegeo carriers`: refusal and harmfulness carrier candidates from harmful vs harmless
+//! prompts, with their measures (safegeo_geometry::estimate).
+use super::prompts;
+use crate::common::{self, ModelArgs};
+use anyhow::{bail, Result};
+use safegeo_geometry::estimate::{estimate, EstimateConfig};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct CarriersArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Harmful prompts (a *-train split: carriers are estimated, never evaluated, here).
+    #[arg(long, default_value = "harmful-train")]
+    pub harmful: String,
+    /// Harmless prompts.
+    #[arg(long, default_value = "harmless-train")]
+    pub harmless: String,
+    /// Prompts per set (Arditi et al.: 128).
+    #[arg(long, default_value_t = 128)]
+    pub n: usize,
+    /// Sampling seed (Arditi et al.: 42).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Keep only harmful prompts the model refuses (refusal score > 0) and harmless ones it
+    /// accepts (< 0).
+    #[arg(long)]
+    pub filter: bool,
+    /// Bootstrap resamples for the effective rank.
+    #[arg(long, default_value_t = 20)]
+    pub bootstrap: usize,
+    /// Prompts per forward pass.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    #[command(flatten)]
+    pub data: crate::common::DataArgs,
+    /// Also write refusal.npy and harmfulness.npy.
+    #[arg(long)]
+    pub export_npy: bool,
+    /// Held-out sets (harmful,harmless; evaluation sets are fine, e.g. jbb-harmful,jbb-benign):
+    /// how well every carrier, read as a linear probe, separates them (AUC and the true-positive
+    /// rate at a 0.2 false-positive rate), written to geometry.json under `heldout`.
+    #[arg(long, value_delimiter = ',')]
+    pub heldout: Option<Vec<String>>,
+    /// Output folder: carriers.safetensors, carriers.json, geometry.json.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn run(a: CarriersArgs) -> Result<()> {
+    if a.heldout.as_ref().is_some_and(|s| s.len() != 2) {
+        bail!("--heldout takes two sets: harmful,harmless (e.g. jbb-harmful,jbb-benign)");
+    }
+    for name in [&a.harmful, &a.harmless] {
+        if let Ok(dn) = safegeo_data::DatasetName::parse(name) {
+            if !dn.is_train_split() {
+                eprintln!(
+                    "warning: `{name}` is not a *-train split; evaluate carriers on other data"
+                );
+            }
+        }
+    }
+    let dir = a.data.data_dir.as_deref();
+    let harmful = prompts(&a.harmful, a.n, a.seed, dir)?;
+    let harmless = prompts(&a.harmless, a.n, a.seed, dir)?;
+    let heldout = match &a.heldout {
+        Some(sets) => Some((
+            prompts(&sets[0], a.n, a.seed, dir)?,
+            prompts(&sets[1], a.n, a.seed, dir)?,
+        )),
+        None => None,
+    };
+    let model = common::load(&a.model)?;
+    let t0 = std::time::Instant::now();
+    let cfg = EstimateConfig {
+        filter: a.filter,
+        bootstrap: a.bootstrap,
+        batch_size: a.batch_size,
+        seed: a.seed,
+    };
+    let mut progress = common::StagedProgress::default();
+    let est = estimate(
+        &model,
+        &common::model_hash(&model.source)?,
+        &harmful,
+        &harmless,
+        heldout.as_ref().map(|(h, l)| (h, l)),
+        &cfg,
+        &mut |stage, done, total| progress.set(stage, done, total),
+    )?;
+    progress.finish();
+    est.write(&a.out, a.export_npy)?;
+    if let Some(h) = &est.geometry.heldout {
+        for (what, b) in [("carrier", &h.best), ("logistic probe", &h.probe.best)] {
+            if let Some(b) = b {
+                common::note!(
+                    "held-out {} vs {}: best {what} layer {} position {}: AUC {:.3}, TPR {:.2} at FPR 0.2",
+                    h.harmful.name, h.harmless.name, b.layer, b.pos, b.auc, b.tpr_at_fpr_0_2
+                );
+            }
+        }
+    }
+    common::note!(
+        "carriers: {} layers x {} positions from {} harmful / {} harmless prompts in {:.1}s -> {}",
+        est.carriers.n_layer(),
+        est.carriers.n_pos(),
+        est.meta.kept.harmful,
+        est.meta.kept.harmless,
+        t0.elapsed().as_secs_f64(),
+        a.out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,200 @@
+//! Hostile inputs: absurd GGUF headers, memory-hungry chat templates, judge API keys.
+use crate::common::*;
+
+#[test]
+fn absurd_gguf_headers_are_refused_before_allocation() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let header = |tensors: u64, kvs: u64, rest: &[u8]| {
+        let mut v = b"GGUF".to_vec();
+        v.extend(3u32.to_le_bytes());
+        v.extend(tensors.to_le_bytes());
+        v.extend(kvs.to_le_bytes());
+        v.extend_from_slice(rest);
+        v.extend([0u8; 64]);
+        v
+    };
+    let mut huge_string = (1u64 << 60).to_le_bytes().to_vec();
+    huge_string.extend(b"general.architecture");
+    let mut huge_tensor = 1u64.to_le_bytes().to_vec();
+    huge_tensor.extend(b"t");
+    huge_tensor.extend(2u32.to_le_bytes());
+    huge_tensor.extend((1u64 << 32).to_le_bytes());
+    huge_tensor.extend((1u64 << 32).to_le_bytes());
+    huge_tensor.extend(0u32.to_le_bytes());
+    huge_tensor.extend(0u64.to_le_bytes());
+    for (name, bytes, needle) in [
+        (
+            "kvs.gguf",
+            header(0, 1_000_000_000, &[]),
+            "metadata entries cannot fit",
+        ),
+        (
+            "string.gguf",
+            header(0, 1, &huge_string),
+            "declares 1152921504606846976 bytes",
+        ),
+        (
+            "tensor.gguf",
+            header(1, 0, &huge_tensor),
+            "refusing to allocate",
+        ),
+    ] {
+        let p = h.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let out = safegeo(&["forward", "-m", p.to_str().unwrap(), "--chat", "hi"], h);
+        fails_with(&out, 3, needle);
+    }
+}
+
+#[test]
+fn judge_api_keys_never_reach_outputs_or_logs() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let model = h.join("tiny");
+    write_tiny_hf(Arch::Llama, 6, &model).unwrap();
+    let m = model.to_str().unwrap();
+    let key = "sk-test-5ecret-key-9876";
+    let (url, auth) = judge_server("Yes");
+    let suite = h.join("s.jsonl");
+    std::fs::write(
+        &suite,
+        "{\"id\": \"a\", \"prompt\": \"w1 w2\", \"label\": \"harmful\"}\n",
+    )
+    .unwrap();
+    let scen = tiny_scenarios(h);
+    let (ev_dir, dec_dir) = (h.join("ev"), h.join("dec"));
+    let runs: Vec<Vec<&str>> = vec![
+        vec![
+            "-vv",
+            "eval",
+            "-m",
+            m,
+            "--suite",
+            suite.to_str().unwrap(),
+            "--judge",
+            "harmbench,xstest",
+            "--judge-endpoint",
+            &url,
+            "--judge-model",
+            "judge",
+            "--max-new-tokens",
+            "3",
+            "--out",
+            ev_dir.to_str().unwrap(),
+        ],
+        vec![
+            "-vv",
+            "deception",
+            "-m",
+            m,
+            "--scenarios",
+            scen.to_str().unwrap(),
+            "--strategy",
+            "refusal",
+            "--runs",
+            "2",
+            "--max-new-tokens",
+            "3",
+            "--judge",
+            "llm",
+            "--judge-endpoint",
+            &url,
+            "--judge-model",
+            "judge",
+            "--out",
+            dec_dir.to_str().unwrap(),
+        ],
+    ];
+    for args in runs {
+        let out = Command::new(env!("CARGO_BIN_EXE_safegeo"))
+            .args(&args)
+            .env("SAFEGEO_HOME", h)
+            .env("SAFEGEO_JUDGE_API_KEY", key)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for stream in [&out.stdout, &out.stderr] {
+            assert!(
+                !String::from_utf8_lossy(stream).contains(key),
+                "key in the console output"
+            );
+        }
+    }
+    assert!(
+        !auth.lock().unwrap().is_empty(),
+        "the judge was never called"
+    );
+    assert!(
+        auth.lock().unwrap().iter().all(|a| a.ends_with(key)),
+        "the key went out as the bearer token"
+    );
+    // Every file written anywhere under SAFEGEO_HOME and the output folders.
+    fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(h, &mut files);
+    assert!(files.len() > 5);
+    for f in files {
+        let bytes = std::fs::read(&f).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(key),
+            "key written to {}",
+            f.display()
+        );
+    }
+}
+
+#[test]
+fn chat_templates_that_blow_up_memory_are_stopped_before_taking_it() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let model = h.join("tiny");
+    write_tiny_hf(Arch::Llama, 13, &model).unwrap();
+    let config = model.join("tokenizer_config.json");
+    let original = std::fs::read_to_string(&config).unwrap();
+    // Each costs little fuel and asks for gigabytes to terabytes.
+    for bomb in [
+        "{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+        "{{ ((['a' * 10000000] * 1000)|join)|length }}",
+        // Found by fuzzing (a timeout without the guard): joins nested on a string's characters.
+        "{{ ((((('abcdefghij' * 4)|join('x' * 40))|join('y' * 100))|join('z' * 50))|join('w' * 40))|length }}",
+        "{{ (('a' * 100000000)|replace('a', 'aaaaaaaaaa'))|length }}",
+    ] {
+        let mut tc: serde_json::Value = serde_json::from_str(&original).unwrap();
+        tc["chat_template"] = bomb.into();
+        std::fs::write(&config, tc.to_string()).unwrap();
+        let out = safegeo(&["forward", "-m", model.to_str().unwrap(), "--chat", "hi"], h);
+        fails_with(&out, 2, "rendering the chat template needs more than 256 MiB");
+        fails_with(&out, 2, "--no-template");
+    }
+    // The raw-text way out works on the same model.
+    let out = safegeo(
+        &[
+            "forward",
+            "-m",
+            model.to_str().unwrap(),
+            "--chat",
+            "w1 w2",
+            "--no-template",
+        ],
+        h,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,155 @@
+//! `trajectory`: sharded anchors, merge, the table and the report.
+use crate::common::*;
+
+#[test]
+fn trajectory_measures_sharded_anchors_merges_and_writes_the_report() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let base = h.join("base");
+    write_tiny_hf(Arch::Llama, 4, &base).unwrap();
+    // Two "training runs" with anchors: tiny models with other seeds stand in for checkpoints.
+    for (run, seeds) in [("sft", [5u64, 6]), ("r2d2", [7, 8])] {
+        for (i, seed) in seeds.iter().enumerate() {
+            write_tiny_hf(
+                Arch::Llama,
+                *seed,
+                &h.join(run).join(format!("ckpt-{:06}", (i + 1) * 10)),
+            )
+            .unwrap();
+        }
+    }
+    let (harm, harmless) = (
+        prompt_file(h, "harm.jsonl", 1, "harmful", 10),
+        prompt_file(h, "harmless.jsonl", 20, "benign", 10),
+    );
+    let out_dir = h.join("report");
+    let o = out_dir.to_str().unwrap();
+    let anchors: Vec<String> = [
+        "sft/ckpt-000010",
+        "sft/ckpt-000020",
+        "r2d2/ckpt-000010",
+        "r2d2/ckpt-000020",
+    ]
+    .iter()
+    .map(|a| h.join(a).to_str().unwrap().to_string())
+    .collect();
+    let run = |shard: &str| {
+        let sets = format!("{harm},{harmless}");
+        let mut args: Vec<&str> = vec!["trajectory", "--anchors"];
+        args.extend(anchors.iter().map(String::as_str));
+        args.extend([
+            "--base",
+            base.to_str().unwrap(),
+            "--suite",
+            &harm,
+            "--limit",
+            "4",
+            "--max-new-tokens",
+            "3",
+        ]);
+        let geometry = tiny_geometry_args(&sets);
+        args.extend(geometry.iter().map(String::as_str));
+        args.extend(["--shard", shard, "--out", o]);
+        safegeo(&args, h)
+    };
+    let first = run("0/2");
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(String::from_utf8_lossy(&first.stderr).contains("still pending"));
+    assert!(!out_dir.join("index.html").exists());
+    let second = run("1/2");
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("trajectory.json")).unwrap())
+            .unwrap();
+    let order: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{}/{}",
+                r["anchor"]["recipe"].as_str().unwrap(),
+                r["anchor"]["step"]
+            )
+        })
+        .collect();
+    assert_eq!(order, ["base/0", "r2d2/10", "r2d2/20", "sft/10", "sft/20"]);
+    for r in &rows {
+        assert!(
+            r["harmful_refusal"].is_null(),
+            "suite is a file, not jbb-harmful"
+        );
+        assert!(r["carrier_layer"].is_u64(), "{r}");
+        if r["anchor"]["recipe"] != "base" {
+            let d = r["drift_prev_deg"].as_f64().unwrap();
+            assert!((0.0..=90.0).contains(&d), "{r}");
+            assert!(r["drift_base_deg"].as_f64().is_some());
+        }
+    }
+    let csv = std::fs::read_to_string(out_dir.join("trajectory.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 6);
+    let html = std::fs::read_to_string(out_dir.join("index.html")).unwrap();
+    assert!(html.contains("<svg") && html.contains("</html>") && !html.contains("<script"));
+    // A re-run measures nothing again and gives the same table; --merge-only too.
+    let again = run("0/1");
+    assert!(again.status.success());
+    assert!(!String::from_utf8_lossy(&again.stderr).contains("carrier selection"));
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("trajectory.csv")).unwrap(),
+        csv
+    );
+    let merged = safegeo(&["trajectory", "--merge-only", "--out", o], h);
+    assert!(merged.status.success());
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("trajectory.csv")).unwrap(),
+        csv
+    );
+    // Bad input is named.
+    fails_with(
+        &safegeo(
+            &[
+                "trajectory",
+                "--anchors",
+                base.to_str().unwrap(),
+                "--out",
+                o,
+            ],
+            h,
+        ),
+        1,
+        "ckpt-NNNNNN",
+    );
+    fails_with(
+        &safegeo(
+            &[
+                "trajectory",
+                "--anchors",
+                h.join("nope").to_str().unwrap(),
+                "--out",
+                o,
+            ],
+            h,
+        ),
+        1,
+        "not a checkpoint",
+    );
+    fails_with(
+        &safegeo(
+            &[
+                "trajectory",
+                "--merge-only",
+                "--out",
+                h.join("empty").to_str().unwrap(),
+            ],
+            h,
+        ),
+        1,
+        "no anchors measured",
+    );
+}
