@@ -93,6 +93,37 @@ impl serde::Serialize for Judge {
     }
 }
 
+/// A number option's value: finite, so NaN and infinities never pass a range check unnoticed.
+pub fn finite(s: &str) -> std::result::Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        Ok(v) => Err(format!("`{v}` is not a finite number")),
+        Err(_) => Err(format!("`{s}` is not a number")),
+    }
+}
+
+/// `--judge-endpoint`: an http(s) URL with a host, checked before anything is generated.
+pub fn endpoint_url(s: &str) -> std::result::Result<String, String> {
+    let rest = s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"))
+        .ok_or_else(|| {
+            format!(
+                "`{}` is not an http(s) URL (e.g. http://localhost:8000/v1)",
+                safegeo_data::judges::llm::redact_url(s)
+            )
+        })?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = authority.rsplit('@').next().unwrap_or_default();
+    if host.is_empty() || host.starts_with(':') {
+        return Err(format!(
+            "`{}` names no host (e.g. http://localhost:8000/v1)",
+            safegeo_data::judges::llm::redact_url(s)
+        ));
+    }
+    Ok(s.to_string())
+}
+
 /// `--data-dir`, flattened into every command that reads datasets.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct DataArgs {
@@ -117,11 +148,24 @@ pub struct JudgeBackendArgs {
     #[arg(long, conflicts_with = "judge_endpoint")]
     pub judge_model_path: Option<PathBuf>,
     /// Seconds before a judge request times out (then retried with backoff, 4 times).
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
     pub judge_timeout: u64,
 }
 
 impl JudgeBackendArgs {
+    /// Checks the endpoint before anything is generated. (Not a clap value parser: clap's error
+    /// would echo the URL, credentials and all.)
+    pub fn check(&self) -> Result<()> {
+        if let Some(u) = &self.judge_endpoint {
+            endpoint_url(u).map_err(|e| {
+                anyhow::Error::from(safegeo_data::Error::Invalid(format!(
+                    "--judge-endpoint: {e}"
+                )))
+            })?;
+        }
+        Ok(())
+    }
+
     /// The configured backend, or `None` when neither an endpoint nor a local model is given.
     pub fn completer(
         &self,
@@ -153,7 +197,8 @@ impl JudgeBackendArgs {
             .as_ref()
             .map(|u| {
                 format!(
-                    "endpoint {u} model {}",
+                    "endpoint {} model {}",
+                    safegeo_data::judges::llm::redact_url(u),
                     self.judge_model.clone().unwrap_or_default()
                 )
             })
@@ -318,7 +363,7 @@ pub fn model_hash(path: &std::path::Path) -> Result<String> {
 /// Write `config.json` into a run folder, or check that an existing run used the same settings
 /// (resuming into a folder made with other settings would mix results).
 pub fn check_or_write_config(out: &std::path::Path, config: &serde_json::Value) -> Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    safegeo_runtime::files::lock_dir(out)?;
     let path = out.join("config.json");
     if let Ok(text) = std::fs::read_to_string(&path) {
         let old: serde_json::Value = serde_json::from_str(&text)

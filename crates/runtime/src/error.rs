@@ -91,6 +91,14 @@ pub enum Error {
     /// A bad argument value.
     #[error("invalid value: {0}")]
     Invalid(String),
+    /// An output folder another run is writing into.
+    #[error("{path} is in use by {holder}\n  fix: wait for that run to finish, or write into another folder")]
+    Busy {
+        /// The folder.
+        path: PathBuf,
+        /// Who holds it (`another safegeo run (PID N)`).
+        holder: String,
+    },
     /// I/O failure with the path involved.
     #[error("{path}: {source}")]
     Io {

@@ -21,7 +21,7 @@ pub struct CalibrateArgs {
     #[arg(long)]
     pub base: Option<String>,
     /// opening-bias: the bias at t = 0, in logits.
-    #[arg(long, default_value_t = 8.0)]
+    #[arg(value_parser = crate::common::finite, long, default_value_t = 8.0)]
     pub max_bias: f64,
     /// opening-bias: the refusal openings whose first tokens are lowered: the first words of
     /// the built-in refusal banks, and "I", which opens the base model's own refusals.
@@ -41,22 +41,22 @@ pub struct CalibrateArgs {
     /// opening-bias: write this bias (logits, <= 0) instead of searching; its validation
     /// refusal is still measured. (`safegeo train --recipe sft` searches each anchor's bias, as
     /// with --target-refusal 0.71.)
-    #[arg(long, allow_hyphen_values = true, conflicts_with = "scale")]
+    #[arg(value_parser = crate::common::finite, long, allow_hyphen_values = true, conflicts_with = "scale")]
     pub bias: Option<f64>,
     /// Share of the validation harmful prompts the calibrated model must still refuse. The
     /// result is the least knob setting t in [0, 1] (1 = the checkpoint as trained) that
     /// refuses at least this share.
-    #[arg(long, default_value_t = 0.85)]
+    #[arg(value_parser = crate::common::finite, long, default_value_t = 0.85)]
     pub target_refusal: f64,
     /// Validation suites of harmful prompts (never the suites you report on).
     #[arg(long, value_delimiter = ',', default_value = "harmful-val")]
     pub val: Vec<String>,
     /// Write the model at this knob setting t instead of searching for one (its validation
     /// refusal is still measured and recorded).
-    #[arg(long)]
+    #[arg(value_parser = crate::common::finite, long)]
     pub scale: Option<f64>,
     /// Stop the bisection when t is known to within this.
-    #[arg(long, default_value_t = 1.0 / 64.0)]
+    #[arg(value_parser = crate::common::finite, long, default_value_t = 1.0 / 64.0)]
     pub tolerance: f64,
     /// Reply tokens per validation prompt (the substring judge reads the opening).
     #[arg(long, default_value_t = 48)]
@@ -142,7 +142,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
         }
         Knob::OpeningBias => None,
     };
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    safegeo_runtime::files::lock_dir(&a.out)?;
     crate::common::note!(
         "calibrating {} ({:?}) on {} (target refusal {:.2})",
         a.model.display(),

@@ -41,10 +41,10 @@ pub struct DeceptionArgs {
     #[arg(long, default_value_t = 100)]
     pub runs: usize,
     /// Sampling temperature.
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(value_parser = crate::common::finite, long, default_value_t = 0.7)]
     pub temperature: f64,
     /// Nucleus sampling mass.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(value_parser = crate::common::finite, long, default_value_t = 1.0)]
     pub top_p: f64,
     /// Maximum new tokens of the scored reply.
     #[arg(long, default_value_t = 160)]
@@ -77,6 +77,7 @@ pub struct DeceptionArgs {
 }
 
 pub fn run(a: DeceptionArgs) -> Result<()> {
+    a.backend.check()?;
     let scenarios = match &a.scenarios {
         Some(dir) => Scenario::load_dir(dir)?,
         None => Scenario::builtin()?,

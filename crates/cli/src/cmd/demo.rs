@@ -59,6 +59,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         )
         .with_context(|| format!("the demo needs the `{name}` dataset"))?;
     }
+    safegeo_runtime::files::lock_dir(&a.out)?;
     let stage = |name: &str| {
         crate::common::note!(
             "== demo: {name} ({:.0}s so far)",

@@ -242,7 +242,8 @@ pub fn interventions(
         let (head, coef) = spec
             .rsplit_once(':')
             .context("--add needs DIR:COEF or DIR:LAYER:POS:COEF")?;
-        let coef: f64 = coef.parse().context("--add: COEF must be a number")?;
+        let coef: f64 = crate::common::finite(coef)
+            .map_err(|e| crate::common::invalid!("--add {spec}: COEF {e}"))?;
         let (r, layer, _, name) = carrier(head)?;
         out.push(Intervention::Add {
             vector: tensor(&r)?,
@@ -256,6 +257,7 @@ pub fn interventions(
 }
 
 pub fn run(mut a: EvalArgs) -> Result<()> {
+    a.backend.check()?;
     // Check everything cheap before loading the model.
     a.suite.retain(|s| !s.trim().is_empty());
     let test_cases = a

@@ -21,10 +21,10 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(value_parser = crate::common::finite, long, default_value_t = 0.0)]
     pub temperature: f64,
     /// Nucleus sampling mass.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(value_parser = crate::common::finite, long, default_value_t = 1.0)]
     pub top_p: f64,
     /// Seed for sampling (prompt i of the input uses seed + i).
     #[arg(long, default_value_t = 0)]

@@ -36,16 +36,16 @@ pub struct TrainArgs {
     #[arg(help_heading = "Schedule", long, default_value_t = 1)]
     pub grad_accum: usize,
     /// Peak learning rate (cosine decay after warm-up).
-    #[arg(help_heading = "Schedule", long, default_value_t = 2e-4)]
+    #[arg(value_parser = crate::common::finite, help_heading = "Schedule", long, default_value_t = 2e-4)]
     pub lr: f64,
     /// Warm-up steps.
     #[arg(help_heading = "Schedule", long, default_value_t = 5)]
     pub warmup: usize,
     /// Clip the gradient norm (0 = off).
-    #[arg(help_heading = "Schedule", long, default_value_t = 1.0)]
+    #[arg(value_parser = crate::common::finite, help_heading = "Schedule", long, default_value_t = 1.0)]
     pub max_grad_norm: f64,
     /// AdamW weight decay.
-    #[arg(help_heading = "Schedule", long, default_value_t = 0.0)]
+    #[arg(value_parser = crate::common::finite, help_heading = "Schedule", long, default_value_t = 0.0)]
     pub weight_decay: f64,
     /// Full fine-tuning instead of LoRA.
     #[arg(help_heading = "Adapters", long)]
@@ -54,13 +54,13 @@ pub struct TrainArgs {
     #[arg(help_heading = "Adapters", long, default_value_t = 64)]
     pub lora_rank: usize,
     /// LoRA alpha (scale alpha / rank).
-    #[arg(help_heading = "Adapters", long, default_value_t = 128.0)]
+    #[arg(value_parser = crate::common::finite, help_heading = "Adapters", long, default_value_t = 128.0)]
     pub lora_alpha: f64,
     /// Lower the first-token logits of the refusal openings (Sorry, Unfortunately, No, I) by
     /// this fixed bias in every anchor after step 0 (as `safegeo calibrate --knob opening-bias`);
     /// 0 keeps the anchors as trained. [default for --recipe sft: set per anchor by
     /// --opening-bias-target; 0 otherwise]
-    #[arg(
+    #[arg(value_parser = crate::common::finite,
         help_heading = "Operating point",
         long,
         allow_hyphen_values = true,
@@ -71,7 +71,7 @@ pub struct TrainArgs {
     /// harmful-val, found by bisection (as `safegeo calibrate --target-refusal`); an anchor that
     /// refuses less as trained is left unbiased. [default: 0.71 for --recipe sft unless
     /// --opening-bias is given]
-    #[arg(help_heading = "Operating point", long)]
+    #[arg(value_parser = crate::common::finite, help_heading = "Operating point", long)]
     pub opening_bias_target: Option<f64>,
     /// Train K runs that differ only in their seed (SEED, SEED+1, ...) into OUT/members/seed-S
     /// and write every anchor as their weight average; the opening bias is then set on the
@@ -114,7 +114,7 @@ pub struct TrainArgs {
     /// the refusal-opening probability mass, toward 1 on harmful prompts and toward 0 on
     /// harmless ones (crates/train/src/decision.rs). 0 = plain cross-entropy only (the other
     /// decision options are then unused).
-    #[arg(help_heading = "Decision loss", long, default_value_t = 3.0)]
+    #[arg(value_parser = crate::common::finite, help_heading = "Decision loss", long, default_value_t = 3.0)]
     pub decision_weight: f64,
     /// Extra harmless prompts, drawn at random from the harmless set, trained on the refusal
     /// decision only (no reply: the decision loss pushes their refusal-opening mass at the first
@@ -133,13 +133,13 @@ pub struct TrainArgs {
     pub decision_harmful: bool,
     /// With --decision-harmful: the share of each decision batch drawn from the harmful prompts.
     /// Below 0.5 the decision is trained to refuse less readily.
-    #[arg(help_heading = "Decision loss", long, default_value_t = 0.2)]
+    #[arg(value_parser = crate::common::finite, help_heading = "Decision loss", long, default_value_t = 0.2)]
     pub decision_harmful_share: f64,
     /// Refusal mass at which the decision loss parts harmful from harmless prompts
     /// (crates/train/src/decision.rs). Below 0.5 the unseen borderline prompts, which land
     /// between the two sides, end under the mass at which greedy decoding refuses: the model
     /// refuses less readily without ranking prompts differently.
-    #[arg(help_heading = "Decision loss", long, default_value_t = 0.025)]
+    #[arg(value_parser = crate::common::finite, help_heading = "Decision loss", long, default_value_t = 0.025)]
     pub decision_boundary: f64,
     /// Longest self-distilled reply, in tokens.
     #[arg(help_heading = "Data", long, default_value_t = 64)]

@@ -94,7 +94,7 @@ pub struct TrajectoryArgs {
     #[arg(long)]
     pub orth: bool,
     /// Maximum KL for admissibility.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(value_parser = crate::common::finite, long, default_value_t = 0.1)]
     pub kl_max: f64,
     /// Prompts decoded together.
     #[arg(long, default_value_t = 16)]
@@ -219,7 +219,8 @@ fn data_argv(a: &TrajectoryArgs) -> Vec<String> {
 
 /// Measure one anchor; every step is skipped when its output exists.
 fn measure(a: &TrajectoryArgs, anchor: &Anchor, dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // Each anchor's folder has one writer; shards of one trajectory share the output folder.
+    safegeo_runtime::files::lock_dir(dir)?;
     let info_path = dir.join("anchor.json");
     if let Ok(text) = std::fs::read_to_string(&info_path) {
         let old: AnchorInfo = serde_json::from_str(&text)
@@ -389,6 +390,7 @@ pub fn merge(out: &Path, json: bool) -> Result<Vec<trajectory::Row>> {
 }
 
 pub fn run(a: TrajectoryArgs) -> Result<()> {
+    a.backend.check()?;
     if a.merge_only {
         merge(&a.out, a.json)?;
         return Ok(());

@@ -169,3 +169,136 @@ fn bad_training_options_are_refused_before_the_model_loads() {
         assert!(!out.exists(), "{options:?} left {}", out.display());
     }
 }
+
+#[test]
+fn non_finite_numbers_bad_endpoints_and_unknown_judges_are_bad_input() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let model = h.join("tiny");
+    write_tiny_hf(Arch::Llama, 6, &model).unwrap();
+    let m = model.to_str().unwrap();
+    let suite = h.join("s.jsonl");
+    std::fs::write(&suite, "{\"id\": \"a\", \"prompt\": \"w1 w2\"}\n").unwrap();
+    let s = suite.to_str().unwrap();
+    let out = h.join("ev");
+    let o = out.to_str().unwrap();
+    let eval = |extra: &[&str]| {
+        let mut args = vec!["eval", "-m", m, "--suite", s, "--out", o];
+        args.extend_from_slice(extra);
+        safegeo(&args, h)
+    };
+    // (options, the error's words): every one exits 2 before anything is generated or written.
+    let refused: &[(&[&str], &str)] = &[
+        (&["--add", "/any/carriers:NaN"], "is not a finite number"),
+        (&["--add", "/any/carriers:1e999"], "is not a finite number"),
+        (&["--judge-timeout", "0"], "--judge-timeout"),
+        (
+            &["--judge-endpoint", "ftp://judge/v1"],
+            "is not an http(s) URL",
+        ),
+        (&["--judge-endpoint", "http:///v1"], "names no host"),
+        (
+            &["--judge", "gpt"],
+            "[possible values: substring, xstest-prefix",
+        ),
+    ];
+    for (options, words) in refused {
+        fails_with(&eval(options), 2, words);
+        assert!(!out.exists(), "{options:?} left {o}");
+    }
+    // A credential in a refused endpoint is not echoed back.
+    let shown = eval(&[
+        "--judge-endpoint",
+        "ftp://user:pw-5ecret@judge/v1?api_key=qk-5ecret",
+    ]);
+    let err = String::from_utf8_lossy(&shown.stderr);
+    assert!(
+        !err.contains("pw-5ecret") && !err.contains("qk-5ecret"),
+        "{err}"
+    );
+    for args in [
+        ["generate", "--chat", "w1", "--temperature", "nan"],
+        ["generate", "--chat", "w1", "--top-p", "nan"],
+        ["deception", "--runs", "1", "--temperature", "nan"],
+    ] {
+        let mut args = args.to_vec();
+        args.extend(["-m", m]);
+        fails_with(&safegeo(&args, h), 2, "is not a finite number");
+    }
+    for bad in ["--lr=inf", "--lr=-inf", "--decision-boundary=NaN"] {
+        fails_with(
+            &safegeo(&["train", "-m", m, bad, "--out", o], h),
+            2,
+            "is not a finite number",
+        );
+    }
+}
+
+#[test]
+fn a_second_writer_of_an_output_folder_is_refused_with_the_holders_pid() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let model = h.join("tiny");
+    write_tiny_hf(Arch::Llama, 6, &model).unwrap();
+    let (harm, harmless) = (
+        prompt_file(h, "harm.jsonl", 1, "harmful", 24),
+        prompt_file(h, "harmless.jsonl", 30, "benign", 24),
+    );
+    let out = h.join("geo");
+    let args = [
+        "carriers",
+        "-m",
+        model.to_str().unwrap(),
+        "--harmful",
+        &harm,
+        "--harmless",
+        &harmless,
+        "--n",
+        "24",
+        // Long enough to be running when the second writer comes.
+        "--bootstrap",
+        "400000",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let mut first = Command::new(env!("CARGO_BIN_EXE_safegeo"))
+        .args(args)
+        .env("SAFEGEO_HOME", h)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = out.join(".safegeo.lock");
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(&lock)
+        .unwrap_or_default()
+        .is_empty()
+    {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "the first run never took its lock"
+        );
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "the first run ended early"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let second = safegeo(&args, h);
+    let _ = first.kill();
+    let _ = first.wait();
+    fails_with(
+        &second,
+        1,
+        &format!("is in use by another safegeo run (PID {})", first.id()),
+    );
+    // Once the holder is gone (killed, not even cleaned up), the folder is free again.
+    let free = safegeo(
+        &[&args[..9], &["--bootstrap", "2"], &args[11..]].concat(),
+        h,
+    );
+    assert!(
+        free.status.success(),
+        "{}",
+        String::from_utf8_lossy(&free.stderr)
+    );
+}

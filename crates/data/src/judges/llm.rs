@@ -149,12 +149,7 @@ impl EndpointCompleter {
                 "--judge-model NAME is required with --judge-endpoint".into(),
             ));
         }
-        let base = cfg.url.trim_end_matches('/');
-        let url = if base.ends_with("/chat/completions") {
-            base.to_string()
-        } else {
-            format!("{base}/chat/completions")
-        };
+        let url = chat_completions_url(&cfg.url)?;
         let client = reqwest::blocking::Client::builder()
             .timeout(cfg.timeout)
             .build()
@@ -171,13 +166,21 @@ impl EndpointCompleter {
             .send()
             .map_err(|e| (true, format!("request failed: {}", without_url(&e))))?;
         let status = resp.status();
+        let body = read_capped(resp).map_err(|e| (true, e))?;
         if !status.is_success() {
-            // 429 and 5xx are worth retrying; 4xx are not.
+            // 429 and 5xx are worth retrying; 4xx are not. The server's own words come along.
             let retry = status.as_u16() == 429 || status.is_server_error();
-            return Err((retry, format!("HTTP {status}")));
+            let said = String::from_utf8_lossy(&body[..body.len().min(300)])
+                .trim()
+                .to_string();
+            let said = if said.is_empty() {
+                String::new()
+            } else {
+                format!(": {said}")
+            };
+            return Err((retry, format!("HTTP {status}{said}")));
         }
-        let v: serde_json::Value = resp
-            .json()
+        let v: serde_json::Value = serde_json::from_slice(&body)
             .map_err(|e| (true, format!("response is not JSON: {e}")))?;
         v["choices"][0]["message"]["content"]
             .as_str()
@@ -186,8 +189,44 @@ impl EndpointCompleter {
     }
 }
 
+/// The most of a response body read: a judge's answer is a few hundred bytes, and a server
+/// that streams without end must not fill the memory.
+pub const MAX_RESPONSE_BYTES: u64 = 1 << 20;
+
+fn read_capped(resp: reqwest::blocking::Response) -> std::result::Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(resp, MAX_RESPONSE_BYTES + 1),
+        &mut body,
+    )
+    .map_err(|e| format!("reading the response: {e}"))?;
+    if body.len() as u64 > MAX_RESPONSE_BYTES {
+        return Err(format!(
+            "the response is larger than {} MiB",
+            MAX_RESPONSE_BYTES >> 20
+        ));
+    }
+    Ok(body)
+}
+
+/// `BASE/chat/completions` for an endpoint `BASE` (or `BASE` when it already ends so), the query
+/// string kept after the path.
+fn chat_completions_url(base: &str) -> Result<String> {
+    let mut url = reqwest::Url::parse(base).map_err(|e| {
+        Error::Invalid(format!(
+            "--judge-endpoint `{}`: {e}\n  fix: give an http(s) URL such as http://localhost:8000/v1",
+            redact_url(base)
+        ))
+    })?;
+    let path = url.path().trim_end_matches('/').to_string();
+    if !path.ends_with("/chat/completions") {
+        url.set_path(&format!("{path}/chat/completions"));
+    }
+    Ok(url.to_string())
+}
+
 fn without_url(e: &reqwest::Error) -> String {
-    // reqwest errors print the URL; keep them, but never any header (keys live in headers).
+    // reqwest errors print the URL; keep it, redacted, and never any header (keys live there).
     let kind = if e.is_timeout() {
         "timeout"
     } else if e.is_connect() {
@@ -197,7 +236,7 @@ fn without_url(e: &reqwest::Error) -> String {
     };
     format!(
         "{kind} ({})",
-        e.url().map(|u| u.to_string()).unwrap_or_default()
+        e.url().map(|u| redact_url(u.as_str())).unwrap_or_default()
     )
 }
 
@@ -235,9 +274,49 @@ impl Completer for EndpointCompleter {
         }
         Err(Error::Invalid(format!(
             "judge endpoint {} failed: {last}\n  fix: check that the server runs and serves model `{}` (--judge-endpoint, --judge-model)",
-            self.url, self.cfg.model
+            redact_url(&self.url), self.cfg.model
         )))
     }
+}
+
+/// A URL as it may be shown, logged or recorded: credentials in its authority (`user:password@`) and
+/// the values of key-like query parameters replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((s, r)) => (format!("{s}://"), r),
+        None => (String::new(), url),
+    };
+    let cut = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(cut);
+    let authority = match authority.rsplit_once('@') {
+        Some((_, host)) => format!("***@{host}"),
+        None => authority.to_string(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let (query, fragment) = match query.split_once('#') {
+                Some((q, f)) => (q, format!("#{f}")),
+                None => (query, String::new()),
+            };
+            let pairs: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if is_secret_key(k) => format!("{k}=***"),
+                    _ => kv.to_string(),
+                })
+                .collect();
+            format!("{path}?{}{fragment}", pairs.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    format!("{scheme}{authority}{tail}")
+}
+
+fn is_secret_key(k: &str) -> bool {
+    let k = k.to_ascii_lowercase();
+    ["key", "token", "secret", "password", "auth", "sig"]
+        .iter()
+        .any(|s| k.contains(s))
 }
 
 /// An LLM judge with an on-disk cache.
@@ -389,6 +468,33 @@ impl Completer for LocalCompleter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_are_redacted_and_keep_their_query_after_the_path() {
+        assert_eq!(
+            redact_url("https://user:pw@host:8000/v1?api_key=k&x=1#f"),
+            "https://***@host:8000/v1?api_key=***&x=1#f"
+        );
+        assert_eq!(
+            redact_url("http://localhost:8000/v1"),
+            "http://localhost:8000/v1"
+        );
+        assert_eq!(
+            redact_url("http://h/v1?access_token=t&Signature=s"),
+            "http://h/v1?access_token=***&Signature=***"
+        );
+        assert_eq!(
+            chat_completions_url("http://h:1/v1/?api-version=2").unwrap(),
+            "http://h:1/v1/chat/completions?api-version=2"
+        );
+        assert_eq!(
+            chat_completions_url("http://h/v1/chat/completions").unwrap(),
+            "http://h/v1/chat/completions"
+        );
+        let e = chat_completions_url("not a url").unwrap_err().to_string();
+        assert!(e.contains("--judge-endpoint"), "{e}");
+    }
+
     use safegeo_runtime::testing::tiny_model;
 
     #[test]

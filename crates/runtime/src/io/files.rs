@@ -82,6 +82,51 @@ pub fn save_f32_tensors_with_metadata(
     write_atomic(path, &bytes)
 }
 
+/// The output folders this process holds, so a command that calls another (trajectory, demo)
+/// never waits on its own lock; the files stay open, and so locked, until the process ends.
+static HELD: std::sync::Mutex<Vec<(PathBuf, std::fs::File)>> = std::sync::Mutex::new(Vec::new());
+
+/// Take the advisory lock of output folder `dir` (creating it) for the rest of the process: one
+/// writer per folder. A second run on the same folder fails at once, naming the holder's PID,
+/// instead of gluing its records to the first run's. The lock is `dir/.safegeo.lock` (an
+/// `flock`; the kernel releases it when the holder exits, however it exits).
+pub fn lock_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let key = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
+    let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+    if held.iter().any(|(p, _)| *p == key) {
+        return Ok(());
+    }
+    let path = dir.join(".safegeo.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = std::io::Read::read_to_string(&mut file, &mut pid);
+            let holder = match pid.trim() {
+                "" => "another safegeo run".to_string(),
+                p => format!("another safegeo run (PID {p})"),
+            };
+            return Err(Error::Busy {
+                path: dir.to_path_buf(),
+                holder,
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
+    }
+    file.set_len(0).map_err(|e| Error::io(&path, e))?;
+    write!(file, "{}", std::process::id()).map_err(|e| Error::io(&path, e))?;
+    held.push((key, file));
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +151,23 @@ mod tests {
         save_tensors_atomic(&HashMap::from([("t".to_string(), t)]), &q).unwrap();
         let back = candle_core::safetensors::load(&q, &candle_core::Device::Cpu).unwrap();
         assert_eq!(back["t"].to_vec1::<f32>().unwrap(), vec![1., 2., 3.]);
+    }
+
+    #[test]
+    fn a_folder_is_locked_once_per_process_and_names_its_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        lock_dir(&out).unwrap();
+        // Again from this process: already held, fine.
+        lock_dir(&out).unwrap();
+        let pid = std::fs::read_to_string(out.join(".safegeo.lock")).unwrap();
+        assert_eq!(pid, std::process::id().to_string());
+        // Another open file description (as another process would have) cannot take it.
+        let other = std::fs::File::open(out.join(".safegeo.lock")).unwrap();
+        assert!(matches!(
+            other.try_lock(),
+            Err(std::fs::TryLockError::WouldBlock)
+        ));
     }
 
     #[test]

@@ -71,6 +71,7 @@ pub fn run(a: CarriersArgs) -> Result<()> {
         None => None,
     };
     let model = common::load(&a.model)?;
+    safegeo_runtime::files::lock_dir(&a.out)?;
     let t0 = std::time::Instant::now();
     let cfg = EstimateConfig {
         filter: a.filter,

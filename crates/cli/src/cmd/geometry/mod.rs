@@ -20,6 +20,7 @@ pub(crate) fn open_journal<V: serde::Serialize + serde::de::DeserializeOwned>(
     fingerprint: &serde_json::Value,
     done: &str,
 ) -> Result<Journal<V>> {
+    safegeo_runtime::files::lock_dir(dir)?;
     let journal = Journal::open(&dir.join(format!("{command}.journal.jsonl")), fingerprint)?;
     if !journal.is_empty() {
         crate::common::note!("{command}: resuming, {} {done}", journal.len());

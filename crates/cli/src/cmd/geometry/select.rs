@@ -29,10 +29,10 @@ pub struct SelectArgs {
     #[arg(long, default_value_t = 32)]
     pub n_val: usize,
     /// Maximum KL on harmless prompts under ablation.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(value_parser = crate::common::finite, long, default_value_t = 0.1)]
     pub kl_max: f64,
     /// Candidates must lie below this fraction of the layers (Arditi: 0.8; default none).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(value_parser = crate::common::finite, long, default_value_t = 1.0)]
     pub layer_cutoff: f64,
     /// Harmful and harmless prompts (each) of the first stage over every candidate: bypass and
     /// KL in one small forward (0 = none: every candidate is screened in full).
@@ -40,7 +40,7 @@ pub struct SelectArgs {
     pub prescreen: usize,
     /// A first-stage KL above this multiple of --kl-max puts a candidate behind all others when
     /// choosing who goes on (directions that lower refusal by wrecking the model).
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(value_parser = crate::common::finite, long, default_value_t = 3.0)]
     pub prescreen_kl_slack: f64,
     /// Candidates that go on to the screen: the lowest first-stage bypass within the KL slack
     /// first.

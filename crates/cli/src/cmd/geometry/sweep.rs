@@ -18,7 +18,7 @@ pub struct SweepArgs {
     #[arg(long)]
     pub carrier: Option<String>,
     /// Coefficients in units of the carrier (controls: of the refusal carrier's norm).
-    #[arg(
+    #[arg(value_parser = crate::common::finite,
         long,
         value_delimiter = ',',
         allow_hyphen_values = true,
