@@ -102,6 +102,15 @@ pub fn finite(s: &str) -> std::result::Result<f64, String> {
     }
 }
 
+/// A count option that must be at least 1 (e.g. new tokens of a reply that will be judged).
+pub fn at_least_one(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("0 leaves nothing to work on: use 1 or more".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{s}` is not a whole number")),
+    }
+}
+
 /// `--judge-endpoint`: an http(s) URL with a host, checked before anything is generated.
 pub fn endpoint_url(s: &str) -> std::result::Result<String, String> {
     let rest = s

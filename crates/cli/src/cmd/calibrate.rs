@@ -59,7 +59,7 @@ pub struct CalibrateArgs {
     #[arg(value_parser = crate::common::finite, long, default_value_t = 1.0 / 64.0)]
     pub tolerance: f64,
     /// Reply tokens per validation prompt (the substring judge reads the opening).
-    #[arg(long, default_value_t = 48)]
+    #[arg(value_parser = crate::common::at_least_one, long, default_value_t = 48)]
     pub max_new_tokens: usize,
     /// Prompts decoded together.
     #[arg(long, default_value_t = 16)]

@@ -47,7 +47,7 @@ pub struct DeceptionArgs {
     #[arg(value_parser = crate::common::finite, long, default_value_t = 1.0)]
     pub top_p: f64,
     /// Maximum new tokens of the scored reply.
-    #[arg(long, default_value_t = 160)]
+    #[arg(value_parser = crate::common::at_least_one, long, default_value_t = 160)]
     pub max_new_tokens: usize,
     /// Base seed; run r samples with seed + r under every strategy (common random numbers).
     #[arg(long, default_value_t = 0)]

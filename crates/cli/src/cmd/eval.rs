@@ -47,7 +47,7 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Maximum new tokens per reply (HarmBench uses 512; shorter is faster and is recorded).
-    #[arg(long, default_value_t = 128)]
+    #[arg(value_parser = crate::common::at_least_one, long, default_value_t = 128)]
     pub max_new_tokens: usize,
     /// Prompts decoded together.
     #[arg(long, default_value_t = 16)]

@@ -2,7 +2,7 @@
 use crate::common::{self, ModelArgs, PromptArgs};
 use anyhow::{bail, Context, Result};
 use safegeo_runtime::{generate, generate_seeded, GenerateConfig, Message, Model, NoHooks};
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -14,9 +14,13 @@ pub struct GenerateArgs {
     /// JSONL input, one object per line with `chat` (a string) or `messages` ([{role, content}]).
     #[arg(long, requires = "output", conflicts_with = "chat")]
     pub input: Option<PathBuf>,
-    /// JSONL output: each input object plus `response` and `response_ids`.
+    /// JSONL output: each input object plus `response` and `response_ids`. Never the input; an
+    /// existing file only with --force.
     #[arg(long, requires = "input")]
     pub output: Option<PathBuf>,
+    /// Replace an existing --output file.
+    #[arg(long, requires = "output")]
+    pub force: bool,
     /// Maximum new tokens per reply.
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
@@ -69,7 +73,51 @@ fn messages_of(v: &serde_json::Value, a: &GenerateArgs, line: usize) -> Result<V
     bail!("line {line}: needs a `chat` string or a `messages` list")
 }
 
+/// Refuses an --output that would lose work or data, before anything is generated: the input
+/// itself, an existing file without --force, or a folder that does not exist.
+fn check_output(input: &std::path::Path, output: &std::path::Path, force: bool) -> Result<()> {
+    let same = |a: &std::path::Path, b: &std::path::Path| match (a.canonicalize(), b.canonicalize())
+    {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same(input, output) {
+        return Err(common::invalid!(
+            "--output {} is the input file\n  fix: write the replies to another file",
+            output.display()
+        ));
+    }
+    if output.is_dir() {
+        return Err(common::invalid!(
+            "--output {} is a folder\n  fix: name a file, e.g. {}",
+            output.display(),
+            output.join("replies.jsonl").display()
+        ));
+    }
+    if output.exists() && !force {
+        return Err(common::invalid!(
+            "--output {} exists\n  fix: name another file, or add --force to replace it",
+            output.display()
+        ));
+    }
+    let parent = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    if !parent.is_dir() {
+        return Err(common::invalid!(
+            "--output {}: the folder {} does not exist\n  fix: create it first, or write elsewhere",
+            output.display(),
+            parent.display()
+        ));
+    }
+    Ok(())
+}
+
 pub fn run(a: GenerateArgs) -> Result<()> {
+    if let (Some(input), Some(output)) = (&a.input, &a.output) {
+        check_output(input, output, a.force)?;
+    }
     let model = common::load(&a.model)?;
     let cfg = config(&a, &model)?;
     if let (Some(input), Some(output)) = (&a.input, &a.output) {
@@ -140,19 +188,15 @@ fn run_file(
         bar.set(done, rows.len());
     }
     bar.finish();
-    let tmp = output.with_extension("jsonl.partial");
-    let mut w = std::io::BufWriter::new(
-        std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?,
-    );
+    let mut text = String::new();
     for ((mut v, _), r) in rows.into_iter().zip(replies) {
         let r = r.expect("every row decoded");
         v["response"] = serde_json::Value::String(model.tok.decode(&r.ids, true)?);
         v["response_ids"] = serde_json::to_value(&r.ids)?;
-        writeln!(w, "{}", serde_json::to_string(&v)?)?;
+        text.push_str(&serde_json::to_string(&v)?);
+        text.push('\n');
     }
-    w.flush()?;
-    drop(w);
-    std::fs::rename(&tmp, output)?;
+    safegeo_runtime::files::write_atomic(output, text.as_bytes())?;
     let secs = t0.elapsed().as_secs_f64();
     crate::common::note!(
         "wrote {} ({} new tokens in {:.1}s, {:.1} tok/s)",

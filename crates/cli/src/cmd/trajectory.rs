@@ -57,7 +57,7 @@ pub struct TrajectoryArgs {
     #[command(flatten)]
     pub backend: JudgeBackendArgs,
     /// Maximum new tokens per evaluated reply.
-    #[arg(long, default_value_t = 64)]
+    #[arg(value_parser = crate::common::at_least_one, long, default_value_t = 64)]
     pub max_new_tokens: usize,
     /// Harmful and harmless prompt sets of the carriers (*-train splits or files).
     #[arg(

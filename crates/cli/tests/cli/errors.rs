@@ -201,6 +201,8 @@ fn non_finite_numbers_bad_endpoints_and_unknown_judges_are_bad_input() {
             &["--judge", "gpt"],
             "[possible values: substring, xstest-prefix",
         ),
+        // Zero new tokens leaves nothing to judge (an empty reply would count as compliance).
+        (&["--max-new-tokens", "0"], "0 leaves nothing to work on"),
     ];
     for (options, words) in refused {
         fails_with(&eval(options), 2, words);
@@ -220,10 +222,15 @@ fn non_finite_numbers_bad_endpoints_and_unknown_judges_are_bad_input() {
         ["generate", "--chat", "w1", "--temperature", "nan"],
         ["generate", "--chat", "w1", "--top-p", "nan"],
         ["deception", "--runs", "1", "--temperature", "nan"],
+        ["deception", "--runs", "1", "--max-new-tokens", "0"],
     ] {
+        let words = match args[4] {
+            "0" => "0 leaves nothing to work on",
+            _ => "is not a finite number",
+        };
         let mut args = args.to_vec();
         args.extend(["-m", m]);
-        fails_with(&safegeo(&args, h), 2, "is not a finite number");
+        fails_with(&safegeo(&args, h), 2, words);
     }
     for bad in ["--lr=inf", "--lr=-inf", "--decision-boundary=NaN"] {
         fails_with(

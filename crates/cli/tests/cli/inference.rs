@@ -79,6 +79,57 @@ fn generate_jsonl_batch_keeps_order_and_fields() {
         assert!(r["response"].is_string());
         assert!(r["response_ids"].as_array().unwrap().len() <= 5);
     }
+
+    // --output is checked before the model loads (a missing model would be exit 3): never the
+    // input, never an existing file without --force, never into a missing folder.
+    let written = std::fs::read(&output).unwrap();
+    let (i, o) = (input.to_str().unwrap(), output.to_str().unwrap());
+    let missing = home.path().join("no/such/dir/out.jsonl");
+    let m = "/nonexistent/model.gguf";
+    for (args, words) in [
+        (
+            vec!["--output", o],
+            "exists\n  fix: name another file, or add --force",
+        ),
+        (vec!["--output", i, "--force"], "is the input file"),
+        (
+            vec!["--output", missing.to_str().unwrap()],
+            "does not exist",
+        ),
+    ] {
+        let mut all = vec!["generate", "-m", m, "--input", i];
+        all.extend(args);
+        fails_with(&safegeo(&all, home.path()), 2, words);
+    }
+    assert_eq!(
+        std::fs::read(&output).unwrap(),
+        written,
+        "the output was touched"
+    );
+    assert!(std::fs::read_to_string(&input)
+        .unwrap()
+        .starts_with("{\"id\": 1"));
+    // With --force the file is replaced whole, through the atomic writer.
+    let args = [
+        "generate",
+        "-m",
+        dir.to_str().unwrap(),
+        "--input",
+        i,
+        "--output",
+        o,
+    ];
+    let out = safegeo(
+        &[&args[..], &["--force", "--max-new-tokens", "2"]].concat(),
+        home.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(std::fs::read(&output).unwrap(), written);
+    assert!(!home.path().join("out.jsonl.tmp").exists());
 }
 
 /// `bench` measures quantized decoding in a process of its own (its pool setting is per process)
