@@ -56,6 +56,16 @@ pub enum Error {
         /// Key name.
         key: String,
     },
+    /// A checkpoint names a file outside its own folder.
+    #[error("{index}: the shard `{name}` lies outside the model folder {dir}; refused\n  fix: keep every shard inside the folder, named relative to it")]
+    OutsideModel {
+        /// The file that names it.
+        index: PathBuf,
+        /// The name as written.
+        name: String,
+        /// The model folder.
+        dir: PathBuf,
+    },
     /// A required tensor is absent.
     #[error("{path}: missing tensor `{name}`\n  fix: the checkpoint is incomplete or not of the architecture it claims")]
     MissingTensor {

@@ -198,3 +198,57 @@ fn chat_templates_that_blow_up_memory_are_stopped_before_taking_it() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn shards_outside_the_model_folder_are_refused() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let model = h.join("tiny");
+    write_tiny_hf(Arch::Llama, 6, &model).unwrap();
+    // A valid shard, moved out of the folder: reachable only by escaping it.
+    std::fs::rename(
+        model.join("model.safetensors"),
+        h.join("outside.safetensors"),
+    )
+    .unwrap();
+    let m = model.to_str().unwrap();
+    let index = model.join("model.safetensors.index.json");
+    let outside = h.join("outside.safetensors");
+    for name in [
+        "../outside.safetensors".to_string(),
+        outside.display().to_string(),
+        "/etc/passwd".to_string(),
+    ] {
+        let map = serde_json::json!({"weight_map": {"model.embed_tokens.weight": name}});
+        std::fs::write(&index, map.to_string()).unwrap();
+        fails_with(
+            &safegeo(&["forward", "-m", m, "--chat", "w1"], h),
+            3,
+            "lies outside the model folder",
+        );
+    }
+    // A link inside the folder that leads out of it is refused too, with or without an index.
+    std::os::unix::fs::symlink(&outside, model.join("model.safetensors")).unwrap();
+    let map = serde_json::json!({"weight_map": {"model.embed_tokens.weight": "model.safetensors"}});
+    std::fs::write(&index, map.to_string()).unwrap();
+    fails_with(
+        &safegeo(&["forward", "-m", m, "--chat", "w1"], h),
+        3,
+        "lies outside the model folder",
+    );
+    std::fs::remove_file(&index).unwrap();
+    fails_with(
+        &safegeo(&["forward", "-m", m, "--chat", "w1"], h),
+        3,
+        "lies outside the model folder",
+    );
+    // The same shard inside the folder loads.
+    std::fs::remove_file(model.join("model.safetensors")).unwrap();
+    std::fs::rename(&outside, model.join("model.safetensors")).unwrap();
+    let out = safegeo(&["forward", "-m", m, "--chat", "w1"], h);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

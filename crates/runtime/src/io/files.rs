@@ -27,21 +27,38 @@ fn persist(tmp: &Path, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Write `bytes` to `path` atomically.
+/// Write `bytes` to `path` atomically. On failure (a full disk, say) the temp file is removed
+/// and the old file, if any, is left as it was.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = tmp_path(path);
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(bytes))
+        .map_err(|e| Error::io(&tmp, e))
+        .and_then(|()| persist(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    persist(&tmp, path)
+    written
 }
 
-/// Write named tensors as a `.safetensors` file atomically.
+/// Write named tensors as a `.safetensors` file atomically (the temp file removed on failure).
 pub fn save_tensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     let tmp = tmp_path(path);
-    candle_core::safetensors::save(tensors, &tmp)?;
-    persist(&tmp, path)
+    // The safetensors writer creates its file private (0600); every other result file has
+    // 0666 less the umask, which a file created here first shows, and the written file gets.
+    let saved = std::fs::File::create(&tmp)
+        .and_then(|f| f.metadata())
+        .map_err(|e| Error::io(&tmp, e))
+        .and_then(|meta| {
+            candle_core::safetensors::save(tensors, &tmp)?;
+            std::fs::set_permissions(&tmp, meta.permissions()).map_err(|e| Error::io(&tmp, e))
+        })
+        .map_err(Error::from)
+        .and_then(|()| persist(&tmp, path));
+    if saved.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    saved
 }
 
 /// Write named tensors as f32 in a `.safetensors` file atomically, with `metadata` as the
@@ -151,6 +168,26 @@ mod tests {
         save_tensors_atomic(&HashMap::from([("t".to_string(), t)]), &q).unwrap();
         let back = candle_core::safetensors::load(&q, &candle_core::Device::Cpu).unwrap();
         assert_eq!(back["t"].to_vec1::<f32>().unwrap(), vec![1., 2., 3.]);
+        // Tensors files get the same mode as every other result file.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&q), mode(&p));
+    }
+
+    #[test]
+    fn a_failed_write_leaves_no_temp_file_and_the_old_file_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        // The rename fails: the target is a folder that holds a file.
+        let target = dir.path().join("results.csv");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::write(target.join("keep"), b"old").unwrap();
+        assert!(write_atomic(&target, b"new").is_err());
+        assert!(!dir.path().join("results.csv.tmp").exists());
+        assert_eq!(std::fs::read(target.join("keep")).unwrap(), b"old");
+        let t = Tensor::new(&[1f32], &candle_core::Device::Cpu).unwrap();
+        let tensors = HashMap::from([("t".to_string(), t)]);
+        assert!(save_tensors_atomic(&tensors, &target).is_err());
+        assert!(!dir.path().join("results.csv.tmp").exists());
     }
 
     #[test]

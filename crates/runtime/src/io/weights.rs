@@ -143,6 +143,30 @@ pub(crate) fn hf_name(arch: Arch, gguf: &str) -> String {
     format!("model.layers.{layer}.{hf_module}.{suffix}")
 }
 
+/// `dir/name` when it stays inside `dir`: no absolute path, no `..`, and no link that resolves
+/// outside the folder. `index` is the file that names it, for the error.
+fn inside_folder(dir: &Path, index: &Path, name: &str) -> Result<PathBuf> {
+    let outside = || Error::OutsideModel {
+        index: index.to_path_buf(),
+        name: name.to_string(),
+        dir: dir.to_path_buf(),
+    };
+    let rel = Path::new(name);
+    if !rel
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(outside());
+    }
+    let path = dir.join(rel);
+    if let (Ok(real), Ok(root)) = (path.canonicalize(), dir.canonicalize()) {
+        if !real.starts_with(&root) {
+            return Err(outside());
+        }
+    }
+    Ok(path)
+}
+
 impl WeightSource {
     /// Open a safetensors folder (`model.safetensors` or a sharded index).
     pub fn open_safetensors(dir: &Path, arch: Arch) -> Result<Self> {
@@ -162,7 +186,10 @@ impl WeightSource {
                 .collect();
             shards.sort();
             shards.dedup();
-            shards.into_iter().map(|s| dir.join(s)).collect()
+            shards
+                .into_iter()
+                .map(|s| inside_folder(dir, &index, &s))
+                .collect::<Result<_>>()?
         } else {
             let mut f: Vec<PathBuf> = std::fs::read_dir(dir)
                 .map_err(|e| Error::io(dir, e))?
@@ -182,6 +209,9 @@ impl WeightSource {
             if !f.exists() {
                 return Err(Error::ModelNotFound { path: f.clone() });
             }
+            // A shard that is a link out of the folder is refused like a `../` name.
+            let name = f.file_name().unwrap_or_default().to_string_lossy();
+            inside_folder(dir, f, &name)?;
         }
         // SAFETY: the files are memory-mapped read-only; modifying them while safegeo runs is
         // undefined, as for every mmap-based loader.
