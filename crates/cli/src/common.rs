@@ -380,8 +380,9 @@ pub fn check_or_write_config(out: &std::path::Path, config: &serde_json::Value) 
             .with_context(|| format!("{} is corrupt", path.display()))?;
         if &old != config {
             anyhow::bail!(
-                "{} holds a run with different settings (model, data, judges or decoding)\n  fix: use a new --out folder, or delete {} to start over",
+                "{} holds a run with different settings ({})\n  fix: use a new --out folder, or delete {} to start over",
                 out.display(),
+                differing_settings(&old, config).join(", "),
                 out.display()
             );
         }
@@ -389,6 +390,41 @@ pub fn check_or_write_config(out: &std::path::Path, config: &serde_json::Value) 
     }
     safegeo_runtime::files::write_atomic(&path, serde_json::to_string_pretty(config)?.as_bytes())?;
     Ok(())
+}
+
+/// The settings of two runs' configurations that differ, by their key path (`train.lr`).
+fn differing_settings(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {
+    fn walk(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        match (a, b) {
+            (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    let null = serde_json::Value::Null;
+                    let sub = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    walk(
+                        &sub,
+                        x.get(k).unwrap_or(&null),
+                        y.get(k).unwrap_or(&null),
+                        out,
+                    );
+                }
+            }
+            _ if a != b => out.push(path.to_string()),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk("", old, new, &mut out);
+    if out.len() > 8 {
+        let more = out.len() - 8;
+        out.truncate(8);
+        out.push(format!("and {more} more"));
+    }
+    out
 }
 
 /// A progress display: a bar on a terminal, a line per 10% otherwise (logs, CI, nohup).
@@ -523,3 +559,24 @@ macro_rules! invalid {
     };
 }
 pub(crate) use invalid;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn differing_settings_are_named_by_their_path() {
+        let old = serde_json::json!({"model": "a", "train": {"lr": 1e-4, "steps": 10}, "seed": 0});
+        let new = serde_json::json!({"model": "a", "train": {"lr": 2e-4, "steps": 10}, "n": 3});
+        assert_eq!(differing_settings(&old, &new), ["n", "seed", "train.lr"]);
+        assert!(differing_settings(&old, &old).is_empty());
+    }
+
+    #[test]
+    fn credentials_never_pass_the_endpoint_check_in_its_message() {
+        let e = endpoint_url("ftp://u:secret@h/v1?api_key=k2").unwrap_err();
+        assert!(!e.contains("secret") && !e.contains("k2"), "{e}");
+        assert!(endpoint_url("https://h:8000/v1?x=1").is_ok());
+        assert!(endpoint_url("http://:80/v1").is_err());
+    }
+}

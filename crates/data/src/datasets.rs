@@ -397,6 +397,17 @@ pub fn load_dataset(name: &str, spec: &LoadSpec) -> Result<Dataset> {
         (path, (bytes, items))
     };
     let (bytes, mut items) = items;
+    // Results are keyed and resumed by id: two rows under one id would count as one.
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = items.iter().find(|it| !seen.insert(it.id.as_str())) {
+        return Err(Error::Parse {
+            path: path.clone(),
+            reason: format!(
+                "the id `{}` is used by two rows; every row needs its own id (results are resumed by id)",
+                dup.id
+            ),
+        });
+    }
     let total = items.len();
     if let Some(c) = spec.category {
         items.retain(|it| {
@@ -505,6 +516,22 @@ mod tests {
     fn shared() -> Option<PathBuf> {
         let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");
         p.is_dir().then_some(p)
+    }
+
+    #[test]
+    fn rows_that_share_an_id_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("dup.jsonl");
+        std::fs::write(
+            &p,
+            "{\"id\": \"a\", \"prompt\": \"x\"}\n{\"id\": \"a\", \"prompt\": \"y\"}\n",
+        )
+        .unwrap();
+        let e = load_dataset(p.to_str().unwrap(), &LoadSpec::default()).unwrap_err();
+        assert!(
+            e.to_string().contains("the id `a` is used by two rows"),
+            "{e}"
+        );
     }
 
     #[test]

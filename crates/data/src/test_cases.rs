@@ -146,8 +146,22 @@ pub fn test_case_dataset(path: &Path) -> Result<Dataset> {
         path: path.to_path_buf(),
         sha256: crate::datasets::sha256(&bytes),
         total: cases.len(),
-        items: cases.iter().map(TestCase::to_item).collect(),
+        items: unique_ids(cases.iter().map(TestCase::to_item).collect()),
     })
+}
+
+/// Several test cases may share a behaviour and attack; records are resumed by id, so the
+/// second and later ones get `#2`, `#3`, ... (in file order, so a resumed run agrees).
+fn unique_ids(mut items: Vec<Item>) -> Vec<Item> {
+    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for it in &mut items {
+        let n = seen.entry(it.id.clone()).or_insert(0);
+        *n += 1;
+        if *n > 1 {
+            it.id = format!("{}#{n}", it.id);
+        }
+    }
+    items
 }
 
 /// Append one test case as a JSON line and flush it to disk (attacks resume from this file).
@@ -160,6 +174,18 @@ pub fn append_test_case(path: &Path, case: &TestCase) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeated_test_cases_of_one_behaviour_keep_distinct_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.jsonl");
+        for _ in 0..3 {
+            append_test_case(&p, &case()).unwrap();
+        }
+        let d = test_case_dataset(&p).unwrap();
+        let ids: Vec<&str> = d.items.iter().map(|i| i.id.as_str()).collect();
+        assert_eq!(ids, ["prefill:b1", "prefill:b1#2", "prefill:b1#3"]);
+    }
 
     fn case() -> TestCase {
         TestCase {

@@ -145,8 +145,8 @@ fn run_file(
     a: &GenerateArgs,
     model: &Model,
     cfg: &GenerateConfig,
-    input: &PathBuf,
-    output: &PathBuf,
+    input: &std::path::Path,
+    output: &std::path::Path,
 ) -> Result<()> {
     let f = std::fs::File::open(input)
         .with_context(|| format!("cannot open --input {}", input.display()))?;

@@ -53,7 +53,6 @@ pub fn save_tensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Re
             candle_core::safetensors::save(tensors, &tmp)?;
             std::fs::set_permissions(&tmp, meta.permissions()).map_err(|e| Error::io(&tmp, e))
         })
-        .map_err(Error::from)
         .and_then(|()| persist(&tmp, path));
     if saved.is_err() {
         let _ = std::fs::remove_file(&tmp);
