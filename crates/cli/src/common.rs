@@ -339,6 +339,7 @@ fn runtime_code(r: &safegeo_runtime::Error) -> i32 {
         | E::MissingKey { .. }
         | E::MissingTensor { .. }
         | E::OutsideModel { .. }
+        | E::ShapeMismatch { .. }
         | E::Tokenizer { .. } => 3,
         E::EmptyPrompt | E::ContextOverflow { .. } | E::Invalid(_) | E::Template(_) => 2,
         _ => 1,

@@ -56,6 +56,18 @@ pub enum Error {
         /// Key name.
         key: String,
     },
+    /// A tensor whose shape disagrees with the model's configuration.
+    #[error("{path}: tensor `{name}` has shape {found:?}, but the configuration asks for {expected:?}\n  fix: the checkpoint is corrupt or its config.json / GGUF metadata does not match its weights")]
+    ShapeMismatch {
+        /// The checkpoint.
+        path: PathBuf,
+        /// The tensor (GGUF name).
+        name: String,
+        /// The shape the configuration implies.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        found: Vec<usize>,
+    },
     /// A checkpoint names a file outside its own folder.
     #[error("{index}: the shard `{name}` lies outside the model folder {dir}; refused\n  fix: keep every shard inside the folder, named relative to it")]
     OutsideModel {
@@ -86,7 +98,7 @@ pub enum Error {
     #[error("chat template error: {0}\n  fix: pass --no-template to feed raw text, or check the model's chat template")]
     Template(String),
     /// Empty prompt.
-    #[error("empty prompt\n  fix: give a non-empty --chat text (or messages with content)")]
+    #[error("empty prompt: no tokens to run (the messages are empty, or the chat template renders them to nothing)\n  fix: give a non-empty --chat text (or messages with content); with a template that renders nothing, --no-template")]
     EmptyPrompt,
     /// A prompt longer than the model's context.
     #[error("prompt of {tokens} tokens (+{new_tokens} to generate) exceeds the context length {context}\n  fix: shorten the prompt or lower --max-new-tokens")]

@@ -252,3 +252,46 @@ fn shards_outside_the_model_folder_are_refused() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn tensors_whose_shape_disagrees_with_the_config_are_named_model_errors() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let model = h.join("tiny");
+    write_tiny_hf(Arch::Llama, 6, &model).unwrap();
+    let weights = model.join("model.safetensors");
+    let good = std::fs::read(&weights).unwrap();
+    let m = model.to_str().unwrap();
+    // The same elements under swapped dimensions: the element count cannot catch it.
+    for name in [
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+    ] {
+        let mut t = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+        let w = &t[name];
+        let (a, b) = w.dims2().unwrap();
+        assert_ne!(a, b, "{name} is square: swapping proves nothing");
+        let swapped = w.reshape((b, a)).unwrap();
+        t.insert(name.to_string(), swapped);
+        candle_core::safetensors::save(&t, &weights).unwrap();
+        fails_with(
+            &safegeo(&["forward", "-m", m, "--chat", "w1"], h),
+            3,
+            "but the configuration asks for",
+        );
+        std::fs::write(&weights, &good).unwrap();
+    }
+    // A chat template that renders nothing is an empty prompt, not a crash.
+    let config = model.join("tokenizer_config.json");
+    let mut tc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    tc["chat_template"] = "{% for m in messages %}{% endfor %}".into();
+    std::fs::write(&config, tc.to_string()).unwrap();
+    fails_with(
+        &safegeo(&["forward", "-m", m, "--chat", "w1"], h),
+        2,
+        "the chat template renders them to nothing",
+    );
+    let out = safegeo(&["forward", "-m", m, "--chat", "w1"], h);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+}

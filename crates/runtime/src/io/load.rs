@@ -177,9 +177,13 @@ pub(crate) fn build(
     let embed = ws.get("token_embd.weight", dev)?;
     cfg.vocab = embed.dim(0)?;
     cfg.validate()?;
-    let final_norm = ws.get("output_norm.weight", dev)?;
+    crate::io::weights::check_shape(path, "token_embd.weight", &embed, &[cfg.vocab, cfg.hidden])?;
+    let final_norm = ws.get_shaped("output_norm.weight", &[cfg.hidden], dev)?;
     let lm_head = match ws.get_opt("output.weight", dev)? {
-        Some(w) => Linear::new(w, None),
+        Some(w) => {
+            crate::io::weights::check_shape(path, "output.weight", &w, &[cfg.vocab, cfg.hidden])?;
+            Linear::new(w, None)
+        }
         None => Linear::new(embed.clone(), None),
     };
     let mut blocks: Vec<Box<dyn Block>> = Vec::with_capacity(cfg.n_layer);

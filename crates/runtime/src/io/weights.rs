@@ -167,6 +167,19 @@ fn inside_folder(dir: &Path, index: &Path, name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// `t` has `shape`, or a named model error.
+pub(crate) fn check_shape(path: &Path, name: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
+    if t.dims() != shape {
+        return Err(Error::ShapeMismatch {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            expected: shape.to_vec(),
+            found: t.dims().to_vec(),
+        });
+    }
+    Ok(())
+}
+
 impl WeightSource {
     /// Open a safetensors folder (`model.safetensors` or a sharded index).
     pub fn open_safetensors(dir: &Path, arch: Arch) -> Result<Self> {
@@ -226,7 +239,7 @@ impl WeightSource {
         })
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         match self {
             WeightSource::Gguf { path, .. } | WeightSource::Safetensors { path, .. } => path,
             WeightSource::Memory(_) => Path::new("<memory>"),
@@ -277,6 +290,14 @@ impl WeightSource {
             }
             WeightSource::Memory(m) => Ok(m.get(name).ok_or_else(missing)?.to_device(dev)?),
         }
+    }
+
+    /// A tensor as [`WeightSource::get`] reads it, refused unless its shape is `shape` (a tensor
+    /// whose dimensions disagree with the configuration would fail deep inside a kernel).
+    pub fn get_shaped(&self, name: &str, shape: &[usize], dev: &Device) -> Result<Tensor> {
+        let t = self.get(name, dev)?;
+        check_shape(self.path(), name, &t, shape)?;
+        Ok(t)
     }
 
     /// The quantized form of a GGUF tensor (`None` for other sources or unquantized types).

@@ -108,15 +108,15 @@ pub struct Gemma3Block {
 impl Gemma3Block {
     /// Load block `i`.
     pub fn load(ws: &WeightSource, cfg: &ModelConfig, i: usize, dev: &Device) -> Result<Self> {
-        let w = |n: &str| ws.get(&format!("blk.{i}.{n}.weight"), dev);
+        let w = |n: &str, len: usize| ws.get_shaped(&format!("blk.{i}.{n}.weight"), &[len], dev);
         Ok(Self {
-            attn_norm: w("attn_norm")?,
-            p: super::load_projections(ws, i, false, dev)?,
-            q_norm: w("attn_q_norm")?,
-            k_norm: w("attn_k_norm")?,
-            post_attn_norm: w("post_attention_norm")?,
-            ffn_norm: w("ffn_norm")?,
-            post_ffn_norm: w("post_ffw_norm")?,
+            attn_norm: w("attn_norm", cfg.hidden)?,
+            p: super::load_projections(ws, cfg, i, false, dev)?,
+            q_norm: w("attn_q_norm", cfg.head_dim)?,
+            k_norm: w("attn_k_norm", cfg.head_dim)?,
+            post_attn_norm: w("post_attention_norm", cfg.hidden)?,
+            ffn_norm: w("ffn_norm", cfg.hidden)?,
+            post_ffn_norm: w("post_ffw_norm", cfg.hidden)?,
             cfg: cfg.clone(),
         })
     }

@@ -104,9 +104,9 @@ impl LlamaBlock {
         dev: &Device,
     ) -> Result<Self> {
         Ok(Self {
-            attn_norm: ws.get(&format!("blk.{i}.attn_norm.weight"), dev)?,
-            ffn_norm: ws.get(&format!("blk.{i}.ffn_norm.weight"), dev)?,
-            p: super::load_projections(ws, i, bias, dev)?,
+            attn_norm: ws.get_shaped(&format!("blk.{i}.attn_norm.weight"), &[cfg.hidden], dev)?,
+            ffn_norm: ws.get_shaped(&format!("blk.{i}.ffn_norm.weight"), &[cfg.hidden], dev)?,
+            p: super::load_projections(ws, cfg, i, bias, dev)?,
             cfg: cfg.clone(),
         })
     }

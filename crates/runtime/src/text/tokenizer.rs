@@ -505,11 +505,17 @@ impl Tok {
         if messages.iter().all(|m| m.content.trim().is_empty()) {
             return Err(Error::EmptyPrompt);
         }
-        if raw {
+        let ids = if raw {
             let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
-            return self.encode(&text.join("\n"), true);
+            self.encode(&text.join("\n"), true)?
+        } else {
+            self.encode_rendered(&self.render_chat(messages)?)?
+        };
+        // A template can render a message to nothing; a prompt of no tokens has no last position.
+        if ids.is_empty() {
+            return Err(Error::EmptyPrompt);
         }
-        self.encode_rendered(&self.render_chat(messages)?)
+        Ok(ids)
     }
 
     /// Ids of text rendered by the chat template (or a piece of it that starts the prompt):
