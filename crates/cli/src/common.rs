@@ -340,6 +340,9 @@ fn runtime_code(r: &safegeo_runtime::Error) -> i32 {
         | E::MissingTensor { .. }
         | E::OutsideModel { .. }
         | E::ShapeMismatch { .. }
+        | E::BadConfig { .. }
+        | E::NonFinite { .. }
+        | E::BadSafetensors { .. }
         | E::Tokenizer { .. } => 3,
         E::EmptyPrompt | E::ContextOverflow { .. } | E::Invalid(_) | E::Template(_) => 2,
         _ => 1,

@@ -164,6 +164,11 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // candle attaches a captured backtrace to its errors whenever RUST_BACKTRACE is set; user
+    // messages carry none (panics still print theirs). RUST_LIB_BACKTRACE=1 brings them back.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     // Without RAYON_NUM_THREADS, candle counts physical cores by parsing /proc/cpuinfo on every
     // matmul (num_cpus), a visible share of batch-1 decoding. Pin its own answer once.
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {

@@ -89,19 +89,51 @@ impl ModelConfig {
     }
 
     /// Check invariants so a malformed file fails here, not deep in a matmul.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::Invalid(format!("model config: {m}")));
-        if self.n_layer == 0 || self.hidden == 0 || self.n_head == 0 || self.head_dim == 0 {
-            return bad(format!("zero dimension in {self:?}"));
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.n_layer == 0
+            || self.hidden == 0
+            || self.n_head == 0
+            || self.head_dim == 0
+            || self.intermediate == 0
+            || self.vocab == 0
+        {
+            return Err(format!(
+                "a zero dimension (layers {}, width {}, heads {}, head_dim {}, intermediate {}, vocabulary {})",
+                self.n_layer, self.hidden, self.n_head, self.head_dim, self.intermediate, self.vocab
+            ));
         }
         if self.n_kv_head == 0 || !self.n_head.is_multiple_of(self.n_kv_head) {
-            return bad(format!(
+            return Err(format!(
                 "{} query heads are not a multiple of {} kv heads",
                 self.n_head, self.n_kv_head
             ));
         }
         if !self.head_dim.is_multiple_of(2) {
-            return bad(format!("odd head_dim {}", self.head_dim));
+            return Err(format!("odd head_dim {}", self.head_dim));
+        }
+        if self.context_length == 0 {
+            return Err("context length 0".into());
+        }
+        // NaN fails every comparison, so these refuse it too.
+        if !(self.rms_eps > 0.0 && self.rms_eps.is_finite()) {
+            return Err(format!(
+                "RMS norm epsilon {} (must be a small positive number)",
+                self.rms_eps
+            ));
+        }
+        for (what, v) in [
+            ("RoPE base", self.rope_theta),
+            ("RoPE scale", self.rope_scale),
+        ]
+        .into_iter()
+        .chain(self.rope_local_theta.map(|t| ("local RoPE base", t)))
+        {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(format!("{what} {v} (must be a positive number)"));
+            }
+        }
+        if !self.attn_scale.is_finite() {
+            return Err(format!("attention scale {}", self.attn_scale));
         }
         Ok(())
     }

@@ -56,6 +56,30 @@ pub enum Error {
         /// Key name.
         key: String,
     },
+    /// A configuration that cannot describe a working model.
+    #[error("{path}: inconsistent model configuration: {reason}\n  fix: the checkpoint's config.json or GGUF metadata is corrupt; download it again or correct it")]
+    BadConfig {
+        /// The checkpoint.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A safetensors file whose header or data cannot be read.
+    #[error("{path}: unreadable safetensors: {reason}\n  fix: the file is corrupt or truncated; download or export it again")]
+    BadSafetensors {
+        /// The model folder.
+        path: PathBuf,
+        /// What the reader said.
+        reason: String,
+    },
+    /// A weight holding NaN or an infinity.
+    #[error("{path}: tensor `{name}` holds NaN or infinite values\n  fix: the checkpoint is corrupt (or was saved from a diverged run); use another one")]
+    NonFinite {
+        /// The checkpoint.
+        path: PathBuf,
+        /// The tensor (GGUF name).
+        name: String,
+    },
     /// A tensor whose shape disagrees with the model's configuration.
     #[error("{path}: tensor `{name}` has shape {found:?}, but the configuration asks for {expected:?}\n  fix: the checkpoint is corrupt or its config.json / GGUF metadata does not match its weights")]
     ShapeMismatch {

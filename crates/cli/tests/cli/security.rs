@@ -295,3 +295,50 @@ fn tensors_whose_shape_disagrees_with_the_config_are_named_model_errors() {
     let out = safegeo(&["forward", "-m", m, "--chat", "w1"], h);
     assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
 }
+
+#[test]
+fn impossible_configs_and_non_finite_weights_are_model_errors() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let model = h.join("tiny");
+    write_tiny_hf(Arch::Llama, 6, &model).unwrap();
+    let m = model.to_str().unwrap();
+    let config = model.join("config.json");
+    let good = std::fs::read_to_string(&config).unwrap();
+    for (key, value, words) in [
+        ("rms_norm_eps", serde_json::json!(-1e-5), "RMS norm epsilon"),
+        ("rope_theta", serde_json::json!(0.0), "RoPE base"),
+        (
+            "max_position_embeddings",
+            serde_json::json!(0),
+            "context length 0",
+        ),
+    ] {
+        let mut c: serde_json::Value = serde_json::from_str(&good).unwrap();
+        c[key] = value;
+        std::fs::write(&config, c.to_string()).unwrap();
+        fails_with(&safegeo(&["forward", "-m", m, "--chat", "w1"], h), 3, words);
+    }
+    std::fs::write(&config, &good).unwrap();
+    // A NaN in one weight is named before anything runs on it.
+    let weights = model.join("model.safetensors");
+    let mut t = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+    let name = "model.layers.1.post_attention_layernorm.weight";
+    let n = t[name].dims1().unwrap();
+    let mut v = vec![1f32; n];
+    v[n / 2] = f32::NAN;
+    t.insert(name.into(), Tensor::from_vec(v, n, &Device::Cpu).unwrap());
+    candle_core::safetensors::save(&t, &weights).unwrap();
+    fails_with(
+        &safegeo(&["forward", "-m", m, "--chat", "w1"], h),
+        3,
+        "blk.1.ffn_norm.weight` holds NaN or infinite values",
+    );
+    // A corrupt safetensors file is a model problem too, named as one.
+    std::fs::write(&weights, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}").unwrap();
+    fails_with(
+        &safegeo(&["forward", "-m", m, "--chat", "w1"], h),
+        3,
+        "unreadable safetensors",
+    );
+}

@@ -176,12 +176,17 @@ pub(crate) fn build(
 ) -> Result<Model> {
     let embed = ws.get("token_embd.weight", dev)?;
     cfg.vocab = embed.dim(0)?;
-    cfg.validate()?;
+    cfg.validate().map_err(|reason| Error::BadConfig {
+        path: path.to_path_buf(),
+        reason,
+    })?;
     crate::io::weights::check_shape(path, "token_embd.weight", &embed, &[cfg.vocab, cfg.hidden])?;
+    crate::io::weights::check_finite(path, "token_embd.weight", &embed)?;
     let final_norm = ws.get_shaped("output_norm.weight", &[cfg.hidden], dev)?;
     let lm_head = match ws.get_opt("output.weight", dev)? {
         Some(w) => {
             crate::io::weights::check_shape(path, "output.weight", &w, &[cfg.vocab, cfg.hidden])?;
+            crate::io::weights::check_finite(path, "output.weight", &w)?;
             Linear::new(w, None)
         }
         None => Linear::new(embed.clone(), None),

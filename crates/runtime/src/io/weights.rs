@@ -180,6 +180,23 @@ pub(crate) fn check_shape(path: &Path, name: &str, t: &Tensor, shape: &[usize]) 
     Ok(())
 }
 
+/// `t` holds only finite values, or a named model error. Every weight is read once more for
+/// this (`0 x` is 0 exactly when `x` is finite), a fraction of what loading it costs.
+pub(crate) fn check_finite(path: &Path, name: &str, t: &Tensor) -> Result<()> {
+    let zero = t
+        .affine(0.0, 0.0)?
+        .sum_all()?
+        .to_dtype(DType::F32)?
+        .to_scalar::<f32>()?;
+    if zero != 0.0 {
+        return Err(Error::NonFinite {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+        });
+    }
+    Ok(())
+}
+
 impl WeightSource {
     /// Open a safetensors folder (`model.safetensors` or a sharded index).
     pub fn open_safetensors(dir: &Path, arch: Arch) -> Result<Self> {
@@ -230,7 +247,10 @@ impl WeightSource {
         // undefined, as for every mmap-based loader.
         let st =
             unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| {
-                Error::Invalid(format!("{}: unreadable safetensors: {e}", dir.display()))
+                Error::BadSafetensors {
+                    path: dir.to_path_buf(),
+                    reason: e.to_string(),
+                }
             })?;
         Ok(WeightSource::Safetensors {
             path: dir.to_path_buf(),
@@ -297,6 +317,7 @@ impl WeightSource {
     pub fn get_shaped(&self, name: &str, shape: &[usize], dev: &Device) -> Result<Tensor> {
         let t = self.get(name, dev)?;
         check_shape(self.path(), name, &t, shape)?;
+        check_finite(self.path(), name, &t)?;
         Ok(t)
     }
 
