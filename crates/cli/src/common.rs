@@ -81,12 +81,6 @@ impl Judge {
     }
 }
 
-impl PartialEq<str> for Judge {
-    fn eq(&self, other: &str) -> bool {
-        self.as_str() == other
-    }
-}
-
 impl serde::Serialize for Judge {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         s.serialize_str(self.as_str())

@@ -431,8 +431,7 @@ impl Estimate {
     /// Write `carriers.safetensors`, `carriers.json` and `geometry.json` into `out` (and
     /// `refusal.npy`, `harmfulness.npy` with `npy`).
     pub fn write(&self, out: &Path, npy: bool) -> Result<()> {
-        std::fs::create_dir_all(out)
-            .map_err(|e| Error::Invalid(format!("cannot create {}: {e}", out.display())))?;
+        std::fs::create_dir_all(out).map_err(|e| safegeo_data::Error::io(out, e))?;
         let m = &self.meta;
         let positions: Vec<&str> = m.positions.iter().map(|p| p.name.as_str()).collect();
         let metadata = [

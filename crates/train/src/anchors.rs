@@ -20,10 +20,6 @@ pub fn anchor_dir(out: &Path, step: usize) -> PathBuf {
     out.join(format!("ckpt-{step:06}"))
 }
 
-fn io(path: &Path, e: std::io::Error) -> Error {
-    Error::Invalid(format!("{}: {e}", path.display()))
-}
-
 /// Write every anchor of `out` as the soup of the `members`' anchors at the same step. An anchor
 /// already written (or already swapped out by [`bias_anchors`]) is kept; a soup is written in a
 /// folder of its own and renamed into place.
@@ -43,7 +39,7 @@ pub fn soup_anchors(out: &Path, members: &[PathBuf], save_at: &[usize]) -> Resul
                 dir.display()
             ))
         })?;
-        std::fs::rename(&partial, &dir).map_err(|e| io(&dir, e))?;
+        std::fs::rename(&partial, &dir).map_err(|e| Error::io(&dir, e))?;
     }
     Ok(())
 }
@@ -101,7 +97,7 @@ pub fn bias_anchors(
         let unbiased = out.join(format!("ckpt-{step:06}.unbiased"));
         if !dir.exists() && unbiased.exists() && biased.join("calibration.json").exists() {
             // Interrupted between the two renames below.
-            std::fs::rename(&biased, &dir).map_err(|e| io(&dir, e))?;
+            std::fs::rename(&biased, &dir).map_err(|e| Error::io(&dir, e))?;
         }
         if dir.join("calibration.json").exists() {
             let _ = std::fs::remove_dir_all(&unbiased);
@@ -118,15 +114,15 @@ pub fn bias_anchors(
         })?;
         safegeo_runtime::export_hf(&mut model, &biased)?;
         let path = dir.join("checkpoint.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| io(&path, e))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
         let mut ck: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| Error::Invalid(e.to_string()))?;
         ck["opening_bias"] = c.bias_logits.unwrap_or(0.0).into();
         safegeo_runtime::files::write_atomic(&biased.join("checkpoint.json"), &pretty(&ck)?)?;
         safegeo_runtime::files::write_atomic(&biased.join("calibration.json"), &pretty(&c)?)?;
-        std::fs::rename(&dir, &unbiased).map_err(|e| io(&dir, e))?;
-        std::fs::rename(&biased, &dir).map_err(|e| io(&dir, e))?;
-        std::fs::remove_dir_all(&unbiased).map_err(|e| io(&unbiased, e))?;
+        std::fs::rename(&dir, &unbiased).map_err(|e| Error::io(&dir, e))?;
+        std::fs::rename(&biased, &dir).map_err(|e| Error::io(&dir, e))?;
+        std::fs::remove_dir_all(&unbiased).map_err(|e| Error::io(&unbiased, e))?;
         done(&dir, &c);
     }
     Ok(())
