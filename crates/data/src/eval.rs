@@ -450,6 +450,18 @@ pub fn summarise(records: &[Record], suites: &[String], judges: &[String]) -> Su
             metrics::rate(&scores.iter().map(|&s| s > 0.0).collect::<Vec<_>>()),
         );
     }
+    // A judge whose every answer was unreadable leaves no row: say so instead of a silent gap.
+    for judge in judges {
+        let asked = records
+            .iter()
+            .filter(|r| suites.contains(&r.dataset) && r.verdicts.contains_key(judge))
+            .count();
+        if asked > 0 && !rows.iter().any(|r| &r.judge == judge) {
+            notes.push(format!(
+                "judge `{judge}`: none of its {asked} answers could be read (unparsable or empty); its rows are missing; its raw answers are in records.jsonl"
+            ));
+        }
+    }
     if judges
         .iter()
         .any(|j| j == "substring" || j == "xstest-prefix")
@@ -504,5 +516,46 @@ mod tests {
         // Empty replies count in no refusal rate: whether they refused is unknown.
         assert_eq!(v[1]["substring"].refused, None);
         assert_eq!(v[3]["substring"].refused, Some(true));
+    }
+
+    #[test]
+    fn a_judge_whose_every_answer_is_unreadable_is_named_in_the_notes() {
+        let record = |judge: &str, harmful: Option<bool>| Record {
+            dataset: "jbb-harmful".into(),
+            id: "a".into(),
+            label: "harmful".into(),
+            category: None,
+            kind: None,
+            prompt: "p".into(),
+            response: "r".into(),
+            response_tokens: 1,
+            verdicts: BTreeMap::from([(
+                judge.to_string(),
+                Verdict {
+                    harmful,
+                    raw: Some("no idea".into()),
+                    ..Default::default()
+                },
+            )]),
+            refusal_score: None,
+            seconds: 0.0,
+        };
+        let suites = ["jbb-harmful".to_string()];
+        let s = summarise(&[record("harmbench", None)], &suites, &["harmbench".into()]);
+        assert!(s.rows.is_empty());
+        assert!(
+            s.notes
+                .iter()
+                .any(|n| n.contains("judge `harmbench`: none of its 1 answers")),
+            "{:?}",
+            s.notes
+        );
+        let s = summarise(
+            &[record("harmbench", Some(true))],
+            &suites,
+            &["harmbench".into()],
+        );
+        assert!(!s.rows.is_empty());
+        assert!(!s.notes.iter().any(|n| n.contains("could be read")));
     }
 }
