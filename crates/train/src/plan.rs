@@ -305,14 +305,14 @@ pub fn train_config(cfg: &PlanConfig, model: &Model) -> Result<TrainConfig> {
 }
 
 /// The run's `config.json`: everything its result depends on, so a run never resumes under
-/// other settings.
+/// other settings. `train` is [`train_config`] for this model.
 pub fn run_record(
     cfg: &PlanConfig,
+    train: &TrainConfig,
     data: &PlanData,
     model: &Model,
     model_sha256: &str,
 ) -> Result<serde_json::Value> {
-    let train = train_config(cfg, model)?;
     let mut record = serde_json::json!({
         "safegeo_version": env!("CARGO_PKG_VERSION"),
         "model": model.source, "model_sha256": model_sha256, "recipe": cfg.recipe,
@@ -354,17 +354,18 @@ pub struct Plan {
     pub summary: String,
 }
 
-/// Assemble the recipe of `cfg` for `model` from `data`. The base model's own replies are
+/// Assemble the recipe of `cfg` for `model` from `data`, trained with `train` ([`train_config`]
+/// for this model). The base model's own replies are
 /// cached under `$SAFEGEO_HOME/distill`, keyed by the model's hash and the prompt set, and
 /// shared across runs; `progress(stage, done, total)` follows their generation.
 pub fn build(
     cfg: &PlanConfig,
+    train: TrainConfig,
     data: &PlanData,
     model: &Model,
     model_sha256: &str,
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<Plan> {
-    let train = train_config(cfg, model)?;
     let cache_dir = safegeo_runtime::fetch::home().join("distill");
     let short = &model_sha256[..16.min(model_sha256.len())];
     let system = cfg.system.as_deref();

@@ -307,13 +307,19 @@ pub fn prepare(a: &TrainArgs) -> Result<(safegeo_runtime::Model, Plan)> {
     let data = plan::load_data(&cfg)?;
     let model = common::load(&a.model)?;
     let hash = common::model_hash(&model.source)?;
-    let record = plan::run_record(&cfg, &data, &model, &hash)?;
+    let train = plan::train_config(&cfg, &model)?;
+    let record = plan::run_record(&cfg, &train, &data, &model, &hash)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     common::check_or_write_config(&a.out, &record)?;
     let mut progress = common::StagedProgress::default();
-    let plan = plan::build(&cfg, &data, &model, &hash, &mut |stage, done, total| {
-        progress.set(stage, done, total)
-    })?;
+    let plan = plan::build(
+        &cfg,
+        train,
+        &data,
+        &model,
+        &hash,
+        &mut |stage, done, total| progress.set(stage, done, total),
+    )?;
     progress.finish();
     Ok((model, plan))
 }

@@ -180,13 +180,11 @@ pub(crate) fn build(
         path: path.to_path_buf(),
         reason,
     })?;
-    crate::io::weights::check_shape(path, "token_embd.weight", &embed, &[cfg.vocab, cfg.hidden])?;
-    crate::io::weights::check_finite(path, "token_embd.weight", &embed)?;
+    crate::io::weights::check_weight(path, "token_embd.weight", &embed, &[cfg.vocab, cfg.hidden])?;
     let final_norm = ws.get_shaped("output_norm.weight", &[cfg.hidden], dev)?;
     let lm_head = match ws.get_opt("output.weight", dev)? {
         Some(w) => {
-            crate::io::weights::check_shape(path, "output.weight", &w, &[cfg.vocab, cfg.hidden])?;
-            crate::io::weights::check_finite(path, "output.weight", &w)?;
+            crate::io::weights::check_weight(path, "output.weight", &w, &[cfg.vocab, cfg.hidden])?;
             Linear::new(w, None)
         }
         None => Linear::new(embed.clone(), None),

@@ -167,8 +167,11 @@ fn inside_folder(dir: &Path, index: &Path, name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// `t` has `shape`, or a named model error.
-pub(crate) fn check_shape(path: &Path, name: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
+/// `t` has `shape` and only finite values, or a named model error: a tensor whose dimensions
+/// disagree with the configuration would fail deep inside a kernel, and a NaN would run to a
+/// garbage result. The finiteness check reads the weight once more (`0 x` is 0 exactly when `x`
+/// is finite), a fraction of what loading it costs.
+pub(crate) fn check_weight(path: &Path, name: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
     if t.dims() != shape {
         return Err(Error::ShapeMismatch {
             path: path.to_path_buf(),
@@ -177,12 +180,6 @@ pub(crate) fn check_shape(path: &Path, name: &str, t: &Tensor, shape: &[usize]) 
             found: t.dims().to_vec(),
         });
     }
-    Ok(())
-}
-
-/// `t` holds only finite values, or a named model error. Every weight is read once more for
-/// this (`0 x` is 0 exactly when `x` is finite), a fraction of what loading it costs.
-pub(crate) fn check_finite(path: &Path, name: &str, t: &Tensor) -> Result<()> {
     let zero = t
         .affine(0.0, 0.0)?
         .sum_all()?
@@ -312,12 +309,11 @@ impl WeightSource {
         }
     }
 
-    /// A tensor as [`WeightSource::get`] reads it, refused unless its shape is `shape` (a tensor
-    /// whose dimensions disagree with the configuration would fail deep inside a kernel).
+    /// A tensor as [`WeightSource::get`] reads it, refused unless it has `shape` and only finite
+    /// values ([`check_weight`]).
     pub fn get_shaped(&self, name: &str, shape: &[usize], dev: &Device) -> Result<Tensor> {
         let t = self.get(name, dev)?;
-        check_shape(self.path(), name, &t, shape)?;
-        check_finite(self.path(), name, &t)?;
+        check_weight(self.path(), name, &t, shape)?;
         Ok(t)
     }
 

@@ -25,7 +25,7 @@ pub(crate) fn load_projections(
         let b = if bias {
             let name = format!("blk.{i}.{n}.bias");
             ws.get_opt(&name, dev)?
-                .map(|b| crate::io::weights::check_shape(ws.path(), &name, &b, &[out]).map(|()| b))
+                .map(|b| crate::io::weights::check_weight(ws.path(), &name, &b, &[out]).map(|()| b))
                 .transpose()?
         } else {
             None
