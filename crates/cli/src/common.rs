@@ -12,14 +12,67 @@ pub struct ModelArgs {
     /// fetched on first use].
     #[arg(long, short = 'm', env = "SAFEGEO_MODEL")]
     pub model: Option<String>,
-    /// Device: cpu, or cuda[:N] in a build with the `cuda` feature.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// Keep a GGUF's quantized weights for decoding at batch 1-3 (faster; activations quantized
     /// to 8 bits as in llama.cpp, so logits differ slightly and near ties may swap). Larger
     /// products, gradients and edits use f32 (docs/architecture.md).
     #[arg(long)]
     pub quantized: bool,
+}
+
+/// `--device`, flattened into every command that runs a model.
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct DeviceArgs {
+    /// Device: cpu, or cuda[:N] in a build with the `cuda` feature.
+    #[arg(long = "device", default_value = "cpu", value_name = "DEVICE")]
+    pub name: String,
+}
+
+impl Default for DeviceArgs {
+    fn default() -> Self {
+        defaults()
+    }
+}
+
+impl std::ops::Deref for DeviceArgs {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Default for ModelArgs {
+    /// The default model on the default device.
+    fn default() -> Self {
+        ModelArgs {
+            model: None,
+            device: DeviceArgs::default(),
+            quantized: false,
+        }
+    }
+}
+
+impl ModelArgs {
+    /// The model at `model` (a path or known name) on `device`, as read in f32.
+    pub fn of(model: &str, device: &DeviceArgs) -> Self {
+        ModelArgs {
+            model: Some(model.into()),
+            device: device.clone(),
+            quantized: false,
+        }
+    }
+}
+
+/// An argument group at the defaults clap declares for it, so a command that runs another's
+/// code with most settings at their defaults states each default once. For groups whose every
+/// argument has a default (or is optional).
+pub fn defaults<T: clap::Args + clap::FromArgMatches>() -> T {
+    let cmd = T::augment_args(clap::Command::new("defaults").no_binary_name(true));
+    let matches = cmd
+        .try_get_matches_from(std::iter::empty::<String>())
+        .expect("every argument of the group has a default");
+    T::from_arg_matches(&matches).expect("defaults parse")
 }
 
 static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -153,6 +206,12 @@ pub struct JudgeBackendArgs {
     /// Seconds before a judge request times out (then retried with backoff, 4 times).
     #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
     pub judge_timeout: u64,
+}
+
+impl Default for JudgeBackendArgs {
+    fn default() -> Self {
+        defaults()
+    }
 }
 
 impl JudgeBackendArgs {
@@ -527,27 +586,6 @@ impl StagedProgress {
             bar.finish();
         }
     }
-}
-
-/// Parse a subcommand's arguments exactly as its command line would, so commands that drive
-/// other commands (trajectory, demo) share their defaults and checks.
-pub fn args_of<T: clap::Args>(argv: &[String]) -> Result<T> {
-    use clap::Parser;
-    #[derive(Parser)]
-    struct Wrap<U: clap::Args> {
-        #[command(flatten)]
-        inner: U,
-    }
-    let mut full = vec!["safegeo".to_string()];
-    full.extend_from_slice(argv);
-    Ok(Wrap::<T>::try_parse_from(full)
-        .map_err(|e| anyhow::anyhow!("internal argument error: {e}"))?
-        .inner)
-}
-
-/// A path as a command-line argument.
-pub fn display(p: &std::path::Path) -> String {
-    p.display().to_string()
 }
 
 /// A bad option value, as an error that exits with code 2 (like clap's own usage errors).

@@ -7,14 +7,6 @@ use crate::{Error, Result};
 use candle_core::Device;
 use std::path::{Path, PathBuf};
 
-/// `--soup` of the sft recipe (docs/experiments.md: a two-seed soup narrows where the threshold
-/// lands).
-pub const DEFAULT_SFT_SOUP: usize = 2;
-
-/// `--opening-bias-target` of the sft recipe: the share of harmful-val (28 of 39 prompts) at
-/// which single runs reached the target corner's edge (docs/experiments.md).
-pub const DEFAULT_SFT_OPENING_BIAS_TARGET: f64 = 0.71;
-
 /// The folder of the anchor at `step`.
 pub fn anchor_dir(out: &Path, step: usize) -> PathBuf {
     out.join(format!("ckpt-{step:06}"))
@@ -44,12 +36,30 @@ pub fn soup_anchors(out: &Path, members: &[PathBuf], save_at: &[usize]) -> Resul
     Ok(())
 }
 
+/// Record the resolved recipe in the anchor's checkpoint.json (key `recipe_file`), so a
+/// comparison of anchors can name every setting in which their runs differ.
+pub fn record_recipe(anchor: &Path, recipe: &serde_json::Value) -> Result<()> {
+    let path = anchor.join("checkpoint.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let mut ck: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+    if ck.get("recipe_file") == Some(recipe) {
+        return Ok(());
+    }
+    ck["recipe_file"] = recipe.clone();
+    safegeo_runtime::files::write_atomic(
+        &path,
+        &serde_json::to_vec_pretty(&ck).map_err(|e| Error::Invalid(e.to_string()))?,
+    )?;
+    Ok(())
+}
+
 /// How each anchor's opening bias is set.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum AnchorBias {
     /// This many logits on every anchor.
     Fixed(f64),
-    /// The least bias at which the anchor still refuses this share of harmful-val.
+    /// The least bias at which the anchor still refuses this share of the calibration set.
     Target(f64),
 }
 
@@ -61,7 +71,7 @@ impl AnchorBias {
                 "--opening-bias {b}: use a number of logits <= 0 (e.g. -3.25; 0 = anchors as trained)"
             ))),
             AnchorBias::Target(r) if !(r > 0.0 && r <= 1.0) => Err(Error::Invalid(format!(
-                "--opening-bias-target {r}: use a share of harmful-val above 0 and at most 1 (e.g. 0.71)"
+                "--opening-bias-target {r}: use a share of the calibration set above 0 and at most 1 (e.g. 0.71)"
             ))),
             _ => Ok(()),
         }

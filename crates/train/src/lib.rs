@@ -9,6 +9,7 @@ pub mod data;
 pub mod decision;
 pub mod plan;
 pub mod r2d2;
+pub mod recipe_file;
 pub mod recipes;
 pub mod soup;
 pub mod trainer;

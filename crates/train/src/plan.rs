@@ -14,8 +14,9 @@ use crate::{Error, Result};
 use safegeo_runtime::Model;
 use std::path::PathBuf;
 
-/// The training recipes (docs/training.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which losses and data builders a recipe runs (docs/training.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum RecipeKind {
     /// Refusals and a self-distilled utility anchor, with the refusal decision loss.
     Sft,
@@ -47,12 +48,6 @@ impl RecipeKind {
             Self::R2d2 => "sft+r2d2",
             other => other.as_str(),
         }
-    }
-}
-
-impl serde::Serialize for RecipeKind {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
     }
 }
 

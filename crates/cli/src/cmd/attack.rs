@@ -9,6 +9,9 @@ use safegeo_attacks::prefill::PrefillConfig;
 use safegeo_attacks::run::{run_attack, AttackSpec, Event, RunSpec};
 use std::path::PathBuf;
 
+/// Behaviours whose prefill replies are decoded together.
+pub const PREFILL_BATCH: usize = 16;
+
 /// How worst insertion ranks its candidates.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ScoreArg {
@@ -160,7 +163,7 @@ fn spec_of(kind: &AttackKind) -> Result<(CommonArgs, AttackSpec, usize)> {
         AttackKind::Prefill { common, k } => (
             common.clone(),
             AttackSpec::Prefill(PrefillConfig { k: *k }),
-            16,
+            PREFILL_BATCH,
         ),
         AttackKind::Insertion {
             common,
@@ -280,40 +283,7 @@ pub fn attack_with_progress(
 
 pub fn run(a: AttackArgs) -> Result<()> {
     let (c, spec, batch_size) = spec_of(&a.kind)?;
-    let load = safegeo_data::LoadSpec {
-        data_dir: c.data.data_dir.as_deref(),
-        category: c.category.as_deref(),
-        limit: c.limit,
-        seed: c.seed,
-        prompt_column: None,
-    };
-    let dataset = safegeo_data::load_dataset(&c.behaviors, &load)?;
-    let (ivs, described) = interventions(&c.steer, &common::device(&c.model.device)?)?;
-    let model = common::load(&c.model)?;
-    std::fs::create_dir_all(&c.out).with_context(|| format!("creating {}", c.out.display()))?;
-    let config = serde_json::json!({
-        "safegeo_version": env!("CARGO_PKG_VERSION"),
-        "model": model.source,
-        "model_sha256": common::model_hash(&model.source)?,
-        "behaviors": {"name": dataset.name, "path": dataset.path, "sha256": dataset.sha256,
-            "total": dataset.total, "sampled_ids": dataset.items.iter().map(|i| i.id.clone()).collect::<Vec<_>>()},
-        "attack": spec, "system": c.system, "interventions": described,
-    });
-    common::check_or_write_config(&c.out, &config)?;
-    let mut hooks = safegeo_runtime::Hooks::with_interventions(ivs);
-    let run = RunSpec {
-        out: &c.out,
-        system: c.system.as_deref(),
-        batch_size,
-    };
-    let cases = attack_with_progress(
-        &model,
-        &spec,
-        &dataset.name,
-        &dataset.items,
-        &run,
-        &mut hooks,
-    )?;
+    let cases = attack(&c, &spec, batch_size)?;
     if c.json {
         return common::print_json(&cases);
     }
@@ -340,6 +310,49 @@ pub fn run(a: AttackArgs) -> Result<()> {
         c.out.join("test_cases.jsonl").display()
     );
     Ok(())
+}
+
+/// Run `spec` on the behaviours `c` names into `c.out` (resuming what is there): config.json and
+/// test_cases.jsonl. Shared with `demo`.
+pub fn attack(
+    c: &CommonArgs,
+    spec: &AttackSpec,
+    batch_size: usize,
+) -> Result<Vec<safegeo_data::test_cases::TestCase>> {
+    let load = safegeo_data::LoadSpec {
+        data_dir: c.data.data_dir.as_deref(),
+        category: c.category.as_deref(),
+        limit: c.limit,
+        seed: c.seed,
+        prompt_column: None,
+    };
+    let dataset = safegeo_data::load_dataset(&c.behaviors, &load)?;
+    let (ivs, described) = interventions(&c.steer, &common::device(&c.model.device)?)?;
+    let model = common::load(&c.model)?;
+    std::fs::create_dir_all(&c.out).with_context(|| format!("creating {}", c.out.display()))?;
+    let config = serde_json::json!({
+        "safegeo_version": env!("CARGO_PKG_VERSION"),
+        "model": model.source,
+        "model_sha256": common::model_hash(&model.source)?,
+        "behaviors": {"name": dataset.name, "path": dataset.path, "sha256": dataset.sha256,
+            "total": dataset.total, "sampled_ids": dataset.items.iter().map(|i| i.id.clone()).collect::<Vec<_>>()},
+        "attack": spec, "system": c.system, "interventions": described,
+    });
+    common::check_or_write_config(&c.out, &config)?;
+    let mut hooks = safegeo_runtime::Hooks::with_interventions(ivs);
+    let run = RunSpec {
+        out: &c.out,
+        system: c.system.as_deref(),
+        batch_size,
+    };
+    attack_with_progress(
+        &model,
+        spec,
+        &dataset.name,
+        &dataset.items,
+        &run,
+        &mut hooks,
+    )
 }
 
 fn truncate(s: &str, n: usize) -> String {

@@ -105,44 +105,23 @@ struct RecipeRate {
     seconds: std::collections::BTreeMap<String, f64>,
 }
 
-/// Runs `safegeo train --recipe NAME` (its defaults but rank-16 adapters, a small prompt set) for `warm + measured`
-/// steps into a temporary folder, and reports the `measured` steps. The self-distilled replies
-/// come from the cache `safegeo train` uses, generated on the first run (not timed).
+/// Runs the built-in recipe `recipe` (rank-16 adapters, a small prompt set, no anchors) for
+/// `warm + measured` steps into a temporary folder, and reports the `measured` steps. The
+/// self-distilled replies come from the cache `safegeo train` uses, generated on the first run
+/// (not timed).
 fn train_recipe(a: &BenchArgs, recipe: &str, warm: usize, measured: usize) -> Result<RecipeRate> {
-    use super::train::{prepare, TrainArgs};
-    use clap::Parser;
-    #[derive(Parser)]
-    struct TrainCli {
-        #[command(flatten)]
-        args: TrainArgs,
-    }
     let out = tempfile::tempdir()?;
-    let steps = (warm + measured).to_string();
-    let mut args = TrainCli::try_parse_from([
-        "train",
-        "--recipe",
-        recipe,
-        "--steps",
-        &steps,
-        "--n-harmful",
-        "16",
-        "--n-harmless",
-        "32",
-        "--n-hard-negatives",
-        "0",
-        // Rank 16, as in every recorded measurement (docs/performance.md), whatever train's default.
-        "--lora-rank",
-        "16",
-        "--lora-alpha",
-        "32",
-        "--out",
-        &out.path().display().to_string(),
-    ])?
-    .args;
-    args.save_at.clear();
-    args.model = a.model.clone();
-    args.data.data_dir = a.data.data_dir.clone();
-    let (mut model, mut plan) = prepare(&args)?;
+    let mut r = safegeo_train::recipe_file::load(recipe)?;
+    r.schedule.steps = warm + measured;
+    r.schedule.save_at.clear();
+    r.data.n_harmful = Some(16);
+    r.data.n_harmless = 32;
+    r.data.n_hard_negatives = 0;
+    // Rank 16, as in every recorded measurement (docs/performance.md), whatever the recipe's.
+    r.adapters.rank = 16;
+    r.adapters.alpha = 32.0;
+    let (mut model, mut plan) =
+        super::train::prepare(&a.model, &r, a.data.data_dir.clone(), out.path())?;
     let lines = safegeo_train::trainer::train(
         &mut model,
         plan.recipe.as_mut(),

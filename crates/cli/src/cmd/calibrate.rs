@@ -72,9 +72,8 @@ pub struct CalibrateArgs {
     pub substring_list: Option<PathBuf>,
     #[command(flatten)]
     pub data: crate::common::DataArgs,
-    /// Device: cpu, or cuda[:N] in a build with the `cuda` feature.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    #[command(flatten)]
+    pub device: crate::common::DeviceArgs,
     /// Output: the calibrated model as a Hugging Face folder, with calibration.json and every
     /// probe's replies under OUT/probes (a re-run resumes from them).
     #[arg(long)]

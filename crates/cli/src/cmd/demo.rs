@@ -2,21 +2,27 @@
 //! and R2D2) with the CPU recipe, make fixed-source attack test cases once on the base model,
 //! measure every anchor (behaviour + geometry) and write the report. Every stage resumes or is
 //! skipped when its results exist, so a re-run is quick.
-use crate::common::{args_of as parse, display as s};
+use crate::cmd::geometry::select::SelectionBudget;
+use crate::cmd::trajectory::TrajectoryArgs;
+use crate::common::{DeviceArgs, ModelArgs};
 use anyhow::{Context, Result};
+use safegeo_attacks::prefill::PrefillConfig;
+use safegeo_attacks::run::AttackSpec;
+use safegeo_train::recipe_file::{self, RecipeFile};
 use std::path::PathBuf;
+
+/// The model the demo trains and measures.
+const DEMO_MODEL: &str = "smollm2-135m-instruct";
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
     /// Output folder: runs/sft, runs/r2d2, attack/, report/ (report/index.html is the result).
     #[arg(long, default_value = "safegeo-demo")]
     pub out: PathBuf,
-    /// SFT steps (anchors at the middle and the end).
+    /// Training steps of each arm, SFT and R2D2 (anchors at the middle and the end; each R2D2
+    /// step also runs GCG on its pool).
     #[arg(long, default_value_t = 16)]
-    pub sft_steps: usize,
-    /// R2D2 steps (anchors at the middle and the end; each step runs GCG on its pool).
-    #[arg(long, default_value_t = 4)]
-    pub r2d2_steps: usize,
+    pub steps: usize,
     /// Harmful training prompts (harmful-train) per recipe.
     #[arg(long, default_value_t = 64)]
     pub n_harmful: usize,
@@ -32,12 +38,7 @@ pub struct DemoArgs {
 
 pub fn run(a: DemoArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
-    let data: Vec<String> = a
-        .data
-        .data_dir
-        .as_ref()
-        .map(|d| vec!["--data-dir".into(), s(d)])
-        .unwrap_or_default();
+    let data_dir = a.data.data_dir.clone();
     // Fail on missing data before any training starts.
     for name in [
         "harmful-train",
@@ -67,74 +68,48 @@ pub fn run(a: DemoArgs) -> Result<()> {
         );
     };
     let runs = a.out.join("runs");
-    let train = |recipe: &str, steps: usize, extra: &[&str]| -> Result<()> {
-        let mid = (steps / 2).max(1);
-        let mut v: Vec<String> = vec![
-            "--recipe".into(),
-            recipe.into(),
-            "--steps".into(),
-            steps.to_string(),
-            "--save-at".into(),
-            format!("{mid},{steps}"),
-            "--n-harmful".into(),
-            a.n_harmful.to_string(),
-            "--n-harmless".into(),
-            a.n_harmless.to_string(),
-            "--n-hard-negatives".into(),
-            a.n_harmless.to_string(),
-            "--batch-size".into(),
-            "8".into(),
-            // The demo's runs are a few steps long: plain SFT on every block with rank-16
-            // adapters and the anchors as trained, as docs/training.md describes. `safegeo train`'s
-            // own defaults (the decision stream on blocks 40%-, rank 64, the opening bias) need
-            // about 150 steps to pay off.
-            "--decision-weight".into(),
-            "0".into(),
-            "--lora-layers".into(),
-            "all".into(),
-            "--lora-rank".into(),
-            "16".into(),
-            "--lora-alpha".into(),
-            "32".into(),
-            "--opening-bias".into(),
-            "0".into(),
-            "--soup".into(),
-            "1".into(),
-            "--out".into(),
-            s(&runs.join(recipe)),
-        ];
-        v.extend(extra.iter().map(|x| x.to_string()));
-        v.extend(data.clone());
-        crate::cmd::train::run(parse(&v)?)
+    let model = ModelArgs::of(DEMO_MODEL, &DeviceArgs::default());
+    // The two arms: the built-in `sft` and `r2d2` recipes, shortened alike, so they differ only
+    // in R2D2's own losses.
+    let arm = |name: &str| -> Result<RecipeFile> {
+        let mut r = recipe_file::load(name)?;
+        let mid = (a.steps / 2).max(1);
+        r.schedule.steps = a.steps;
+        r.schedule.save_at = vec![mid, a.steps];
+        r.data.n_harmful = Some(a.n_harmful);
+        r.data.n_harmless = a.n_harmless;
+        r.check()?;
+        Ok(r)
     };
-    stage("SFT");
-    train("sft", a.sft_steps, &[])?;
-    stage("R2D2");
-    train("r2d2", a.r2d2_steps, &[])?;
+    for name in ["sft", "r2d2"] {
+        stage(name);
+        crate::cmd::train::train_recipe(&model, &arm(name)?, data_dir.clone(), &runs.join(name))?;
+    }
     let attack = a.out.join("attack");
     if !attack.join("test_cases.jsonl").is_file() || !attack.join("done").is_file() {
         stage(
             "fixed-source test cases (prefill attack on standard HarmBench behaviours, base model)",
         );
-        let mut v: Vec<String> = vec![
-            "--behaviors".into(),
-            "harmbench-val".into(),
+        let behaviours = crate::cmd::attack::CommonArgs {
+            model: model.clone(),
+            behaviors: "harmbench-val".into(),
+            data: a.data.clone(),
+            limit: Some(a.limit),
             // Standard behaviours: the contextual ones carry ~1,000-token contexts that would
             // dominate the demo's evaluation time.
-            "--category".into(),
-            "standard".into(),
-            "--limit".into(),
-            a.limit.to_string(),
-            "--out".into(),
-            s(&attack),
-        ];
-        v.extend(data.clone());
-        let args: crate::cmd::attack::AttackArgs = parse_attack(v)?;
-        crate::cmd::attack::run(args)?;
+            category: Some("standard".into()),
+            seed: 0,
+            system: None,
+            out: attack.clone(),
+            steer: Default::default(),
+            json: false,
+        };
+        let spec = AttackSpec::Prefill(PrefillConfig::default());
+        crate::cmd::attack::attack(&behaviours, &spec, crate::cmd::attack::PREFILL_BATCH)?;
         std::fs::write(attack.join("done"), b"")?;
     }
     stage("trajectory: behaviour and geometry at every anchor");
-    let mut anchors: Vec<String> = Vec::new();
+    let mut anchors: Vec<PathBuf> = Vec::new();
     for recipe in ["sft", "r2d2"] {
         let mut found: Vec<PathBuf> = std::fs::read_dir(runs.join(recipe))?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -146,44 +121,29 @@ pub fn run(a: DemoArgs) -> Result<()> {
             })
             .collect();
         found.sort();
-        anchors.extend(found.iter().map(|p| s(p)));
+        anchors.extend(found);
     }
-    let mut v: Vec<String> = vec!["--anchors".into()];
-    v.extend(anchors);
-    v.extend([
-        "--base".into(),
-        "smollm2-135m-instruct".into(),
-        "--test-cases".into(),
-        s(&attack.join("test_cases.jsonl")),
-        "--limit".into(),
-        a.limit.to_string(),
-        // CPU budget: short replies, 32+32 carrier prompts, t_post candidates screened on 2
-        // prompts per set, 2 finalists on 8.
-        "--max-new-tokens".into(),
-        "48".into(),
-        "--n-carrier".into(),
-        "32".into(),
-        "--n-val".into(),
-        "8".into(),
-        "--screen".into(),
-        "2".into(),
-        "--finalists".into(),
-        "2".into(),
-        "--out".into(),
-        s(&a.out.join("report")),
-    ]);
-    v.extend(data);
-    crate::cmd::trajectory::run(parse(&v)?)?;
+    // CPU budget: short replies, 32+32 carrier prompts, t_post candidates screened on 2 prompts
+    // per set, 2 finalists on 8.
+    crate::cmd::trajectory::run(TrajectoryArgs {
+        base: Some(DEMO_MODEL.into()),
+        test_cases: Some(attack.join("test_cases.jsonl")),
+        limit: a.limit,
+        max_new_tokens: 48,
+        n_carrier: 32,
+        budget: SelectionBudget {
+            n_val: 8,
+            screen: 2,
+            finalists: 2,
+            ..SelectionBudget::default()
+        },
+        data: a.data.clone(),
+        ..TrajectoryArgs::new(anchors, a.out.join("report"))
+    })?;
     crate::common::note!(
         "== demo: done in {:.0}s; open {}",
         t0.elapsed().as_secs_f64(),
         a.out.join("report/index.html").display()
     );
     Ok(())
-}
-
-fn parse_attack(argv: Vec<String>) -> Result<crate::cmd::attack::AttackArgs> {
-    let mut full = vec!["prefill".to_string()];
-    full.extend(argv);
-    parse(&full)
 }

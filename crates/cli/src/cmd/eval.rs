@@ -6,31 +6,48 @@ use safegeo_data::judges::{Judge, PrefixMatcher, SubstringMatcher};
 use safegeo_runtime::GenerateConfig;
 use std::path::PathBuf;
 
-#[derive(clap::Args)]
+/// The suites evaluated unless `--suite` says otherwise.
+pub const DEFAULT_SUITES: &str = "jbb-harmful,jbb-benign,xstest";
+/// The judges unless `--judge` says otherwise.
+pub const DEFAULT_JUDGES: &str = "substring,xstest-prefix";
+
+/// A comma-separated list as a vector (a default of a list option).
+pub fn list(s: &str) -> Vec<String> {
+    s.split(',').map(String::from).collect()
+}
+
+/// The default judges.
+pub fn default_judges() -> Vec<common::Judge> {
+    use clap::ValueEnum;
+    list(DEFAULT_JUDGES)
+        .iter()
+        .map(|j| common::Judge::from_str(j, false).expect("a known judge"))
+        .collect()
+}
+
+/// Concurrent requests per LLM judge.
+pub const JUDGE_CONCURRENCY: usize = 4;
+/// New tokens per evaluated reply.
+pub const MAX_NEW_TOKENS: usize = 128;
+/// Prompts decoded together.
+pub const BATCH_SIZE: usize = 16;
+
+#[derive(clap::Args, Clone)]
 pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Comma-separated suites: harmbench-val, xstest, strongreject-small, jbb-harmful, jbb-benign,
     /// advbench, alpaca, harmful-val, harmless-val, or .jsonl/.csv files with a `prompt` column.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "jbb-harmful,jbb-benign,xstest"
-    )]
+    #[arg(long, value_delimiter = ',', default_value = DEFAULT_SUITES)]
     pub suite: Vec<String>,
     /// Judges, comma-separated. The LLM judges need --judge-endpoint or --judge-model-path;
     /// without them, ASR is the string-match proxy (said in results).
-    #[arg(
-        long,
-        value_enum,
-        value_delimiter = ',',
-        default_value = "substring,xstest-prefix"
-    )]
+    #[arg(long, value_enum, value_delimiter = ',', default_value = DEFAULT_JUDGES)]
     pub judge: Vec<common::Judge>,
     #[command(flatten)]
     pub backend: common::JudgeBackendArgs,
     /// Concurrent requests per LLM judge.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = JUDGE_CONCURRENCY)]
     pub judge_concurrency: usize,
     /// Replace the substring judge's list (JSON array or one per line).
     #[arg(long)]
@@ -47,10 +64,10 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Maximum new tokens per reply (HarmBench uses 512; shorter is faster and is recorded).
-    #[arg(value_parser = crate::common::at_least_one, long, default_value_t = 128)]
+    #[arg(value_parser = crate::common::at_least_one, long, default_value_t = MAX_NEW_TOKENS)]
     pub max_new_tokens: usize,
     /// Prompts decoded together.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = BATCH_SIZE)]
     pub batch_size: usize,
     /// System prompt (else the chat template's default).
     #[arg(long)]
@@ -256,20 +273,50 @@ pub fn interventions(
     Ok((out, described))
 }
 
-pub fn run(mut a: EvalArgs) -> Result<()> {
+pub fn run(a: EvalArgs) -> Result<()> {
+    check(&a)?;
+    // Everything cheap is checked before the model loads.
+    interventions(&a.steer, &common::device(&a.model.device)?)?;
+    let model = common::load(&a.model)?;
+    let summary = evaluate(&model, &a)?;
+    if a.quiet {
+        return Ok(());
+    }
+    if a.json {
+        return common::print_json(&summary);
+    }
+    println!(
+        "{:<20} {:<38} {:<14} {:>7} {:>5}  95% interval",
+        "suite", "metric", "judge", "value", "n"
+    );
+    for r in &summary.rows {
+        let e = &r.estimate;
+        println!(
+            "{:<20} {:<38} {:<14} {:>7.3} {:>5}  [{:.3}, {:.3}]",
+            r.suite, r.metric, r.judge, e.value, e.n, e.lo, e.hi
+        );
+    }
+    if let Some(t) = summary.generated_tokens_per_s {
+        println!("generation: {t:.1} new tokens/s (batch {})", a.batch_size);
+    }
+    for n in &summary.notes {
+        println!("note: {n}");
+    }
+    println!("results in {}", a.out.display());
+    Ok(())
+}
+
+/// The options' own checks: the judge backend, something to evaluate, the judges, the suites.
+fn check(a: &EvalArgs) -> Result<()> {
     a.backend.check()?;
-    // Check everything cheap before loading the model.
-    a.suite.retain(|s| !s.trim().is_empty());
-    let test_cases = a
-        .test_cases
-        .as_ref()
-        .map(|p| safegeo_data::test_cases::test_case_dataset(p))
-        .transpose()?;
-    if a.suite.is_empty() && test_cases.is_none() {
+    if a.suites().is_empty() && a.test_cases.is_none() {
         bail!("nothing to evaluate: give --suite NAMES and/or --test-cases FILE");
     }
-    let judges = judges(&a)?;
-    for s in &a.suite {
+    if let Some(p) = &a.test_cases {
+        safegeo_data::test_cases::test_case_dataset(p)?;
+    }
+    judges(a)?;
+    for s in a.suites() {
         let spec = safegeo_data::LoadSpec {
             data_dir: a.data.data_dir.as_deref(),
             limit: Some(1),
@@ -277,10 +324,67 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
             category: a.category.as_deref(),
             ..Default::default()
         };
-        safegeo_data::load_dataset(s, &spec)?;
+        safegeo_data::load_dataset(&s, &spec)?;
     }
-    let (ivs, iv_described) = interventions(&a.steer, &common::device(&a.model.device)?)?;
-    let model = common::load(&a.model)?;
+    Ok(())
+}
+
+impl EvalArgs {
+    /// The suites named, without empty names (`--suite ''` evaluates test cases only).
+    fn suites(&self) -> Vec<String> {
+        self.suite
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .cloned()
+            .collect()
+    }
+
+    /// An evaluation of `suites` into `out` with every other setting at its default.
+    pub fn new(model: ModelArgs, suites: Vec<String>, out: PathBuf) -> Self {
+        EvalArgs {
+            model,
+            suite: suites,
+            judge: default_judges(),
+            backend: common::JudgeBackendArgs::default(),
+            judge_concurrency: JUDGE_CONCURRENCY,
+            substring_list: None,
+            prefix_list: None,
+            data: common::DataArgs::default(),
+            limit: None,
+            seed: 0,
+            max_new_tokens: MAX_NEW_TOKENS,
+            batch_size: BATCH_SIZE,
+            system: None,
+            out,
+            test_cases: None,
+            adaptive: false,
+            judge_continuation: false,
+            category: None,
+            prompt_column: None,
+            steer: InterventionArgs::default(),
+            reference: None,
+            json: false,
+            quiet: true,
+        }
+    }
+}
+
+/// Evaluate `model` as `a` says into `a.out` (resuming what is there): config.json,
+/// records.jsonl, summary.{json,csv}. Shared with `trajectory`.
+pub fn evaluate(
+    model: &safegeo_runtime::Model,
+    a: &EvalArgs,
+) -> Result<safegeo_data::eval::Summary> {
+    check(a)?;
+    let mut a = a.clone();
+    a.suite = a.suites();
+    let test_cases = a
+        .test_cases
+        .as_ref()
+        .map(|p| safegeo_data::test_cases::test_case_dataset(p))
+        .transpose()?;
+    let judges = judges(&a)?;
+    let (ivs, iv_described) = interventions(&a.steer, &model.device)?;
     let mut hooks = safegeo_runtime::Hooks::with_interventions(ivs);
     if a.adaptive {
         let source = a.test_cases.clone().expect("clap requires --test-cases");
@@ -294,7 +398,7 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
             batch_size: a.batch_size,
         };
         crate::cmd::attack::attack_with_progress(
-            &model,
+            model,
             &spec,
             &cases[0].dataset,
             &items,
@@ -345,7 +449,7 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
     });
     common::check_or_write_config(&a.out, &config)?;
     let mut bar = common::Progress::new("replies");
-    let summary = run_eval(&model, &judges, &spec, &mut hooks, &mut |done, total| {
+    let summary = run_eval(model, &judges, &spec, &mut hooks, &mut |done, total| {
         bar.set(done, total)
     })
     .with_context(|| {
@@ -355,31 +459,7 @@ pub fn run(mut a: EvalArgs) -> Result<()> {
         )
     })?;
     bar.finish();
-    if a.quiet {
-        return Ok(());
-    }
-    if a.json {
-        return common::print_json(&summary);
-    }
-    println!(
-        "{:<20} {:<38} {:<14} {:>7} {:>5}  95% interval",
-        "suite", "metric", "judge", "value", "n"
-    );
-    for r in &summary.rows {
-        let e = &r.estimate;
-        println!(
-            "{:<20} {:<38} {:<14} {:>7.3} {:>5}  [{:.3}, {:.3}]",
-            r.suite, r.metric, r.judge, e.value, e.n, e.lo, e.hi
-        );
-    }
-    if let Some(t) = summary.generated_tokens_per_s {
-        println!("generation: {t:.1} new tokens/s (batch {})", a.batch_size);
-    }
-    for n in &summary.notes {
-        println!("note: {n}");
-    }
-    println!("results in {}", a.out.display());
-    Ok(())
+    Ok(summary)
 }
 
 #[cfg(test)]

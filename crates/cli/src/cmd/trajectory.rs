@@ -2,11 +2,22 @@
 //! then the table and the HTML report. Each anchor is an independent job (`--shard i/n`);
 //! its results live in `OUT/anchors/ID/` and every step skips what is already there, so an
 //! interrupted run resumes and shards merge by running `--merge-only` once all are done.
-use crate::common::{self, JudgeBackendArgs};
+use crate::cmd::eval::EvalArgs;
+use crate::cmd::geometry::carriers::{estimate_into, CarriersJob};
+use crate::cmd::geometry::select::{select_into, SelectJob, SelectionBudget};
+use crate::common::{self, JudgeBackendArgs, ModelArgs};
 use anyhow::{bail, Context, Result};
-use common::display as s;
 use safegeo_report::trajectory::{self, AnchorInfo};
 use std::path::{Path, PathBuf};
+
+/// The carriers' harmful and harmless prompt sets unless `--carrier-sets` says otherwise.
+pub const CARRIER_SETS: &str = "harmful-train,harmless-train";
+/// Prompts per suite unless `--limit` says otherwise.
+pub const LIMIT: usize = 50;
+/// New tokens per reply unless `--max-new-tokens` says otherwise.
+pub const MAX_NEW_TOKENS: usize = 64;
+/// Carrier prompts per set unless `--n-carrier` says otherwise.
+pub const N_CARRIER: usize = 64;
 
 #[derive(clap::Args)]
 pub struct TrajectoryArgs {
@@ -30,14 +41,10 @@ pub struct TrajectoryArgs {
     #[arg(long)]
     pub merge_only: bool,
     /// Behaviour suites evaluated at every anchor.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "jbb-harmful,jbb-benign,xstest"
-    )]
+    #[arg(long, value_delimiter = ',', default_value = crate::cmd::eval::DEFAULT_SUITES)]
     pub suite: Vec<String>,
     /// Prompts per suite (deterministic sample).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = LIMIT)]
     pub limit: usize,
     /// Fixed-source attack test cases (`safegeo attack ... --out DIR` -> DIR/test_cases.jsonl),
     /// generated once and replayed unchanged at every anchor: the `asr_fixed` column.
@@ -51,40 +58,22 @@ pub struct TrajectoryArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "substring,xstest-prefix"
+        default_value = crate::cmd::eval::DEFAULT_JUDGES
     )]
     pub judge: Vec<crate::common::Judge>,
     #[command(flatten)]
     pub backend: JudgeBackendArgs,
     /// Maximum new tokens per evaluated reply.
-    #[arg(value_parser = crate::common::at_least_one, long, default_value_t = 64)]
+    #[arg(value_parser = crate::common::at_least_one, long, default_value_t = MAX_NEW_TOKENS)]
     pub max_new_tokens: usize,
     /// Harmful and harmless prompt sets of the carriers (*-train splits or files).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "harmful-train,harmless-train"
-    )]
+    #[arg(long, value_delimiter = ',', default_value = CARRIER_SETS)]
     pub carrier_sets: Vec<String>,
-    /// Harmful and harmless validation sets of the selection.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "harmful-val,harmless-val"
-    )]
-    pub val: Vec<String>,
     /// Prompts per set for the carriers.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = N_CARRIER)]
     pub n_carrier: usize,
-    /// Validation prompts per set for the selection.
-    #[arg(long, default_value_t = 16)]
-    pub n_val: usize,
-    /// Screening prompts per set in the selection.
-    #[arg(long, default_value_t = 4)]
-    pub screen: usize,
-    /// Selection finalists measured on all validation prompts.
-    #[arg(long, default_value_t = 4)]
-    pub finalists: usize,
+    #[command(flatten)]
+    pub budget: SelectionBudget,
     /// Select among carriers at every position instead of t_post only (~6x slower).
     #[arg(long)]
     pub all_positions: bool,
@@ -93,20 +82,46 @@ pub struct TrajectoryArgs {
     /// their ablation costs far less KL than the plain ones'.
     #[arg(long)]
     pub orth: bool,
-    /// Maximum KL for admissibility.
-    #[arg(value_parser = crate::common::finite, long, default_value_t = 0.1)]
-    pub kl_max: f64,
     /// Prompts decoded together.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = crate::cmd::eval::BATCH_SIZE)]
     pub batch_size: usize,
     #[command(flatten)]
     pub data: crate::common::DataArgs,
-    /// Device.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    #[command(flatten)]
+    pub device: common::DeviceArgs,
     /// Print the table as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+impl TrajectoryArgs {
+    /// A trajectory of `anchors` into `out`, every other setting at its default.
+    pub fn new(anchors: Vec<PathBuf>, out: PathBuf) -> Self {
+        use crate::cmd::eval::{default_judges, list, BATCH_SIZE, DEFAULT_SUITES};
+        TrajectoryArgs {
+            anchors,
+            base: None,
+            out,
+            shard: None,
+            merge_only: false,
+            suite: list(DEFAULT_SUITES),
+            limit: LIMIT,
+            test_cases: None,
+            adaptive: false,
+            judge: default_judges(),
+            backend: JudgeBackendArgs::default(),
+            max_new_tokens: MAX_NEW_TOKENS,
+            carrier_sets: list(CARRIER_SETS),
+            n_carrier: N_CARRIER,
+            budget: SelectionBudget::default(),
+            all_positions: false,
+            orth: false,
+            batch_size: BATCH_SIZE,
+            data: common::DataArgs::default(),
+            device: common::DeviceArgs::default(),
+            json: false,
+        }
+    }
 }
 
 /// One anchor to measure.
@@ -191,30 +206,15 @@ fn parse_shard(s: &str) -> Result<(usize, usize)> {
     Ok((i, n))
 }
 
-fn judge_argv(a: &TrajectoryArgs) -> Vec<String> {
-    let names: Vec<&str> = a.judge.iter().map(|j| j.as_str()).collect();
-    let mut v = vec!["--judge".into(), names.join(",")];
-    let b = &a.backend;
-    if let Some(u) = &b.judge_endpoint {
-        v.extend(["--judge-endpoint".into(), u.clone()]);
+/// The model in `slot`, loaded on first use.
+fn loaded<'a>(
+    slot: &'a mut Option<safegeo_runtime::Model>,
+    args: &ModelArgs,
+) -> Result<&'a safegeo_runtime::Model> {
+    if slot.is_none() {
+        *slot = Some(common::load(args)?);
     }
-    if let Some(m) = &b.judge_model {
-        v.extend(["--judge-model".into(), m.clone()]);
-    }
-    if let Some(p) = &b.judge_model_path {
-        v.extend(["--judge-model-path".into(), s(p)]);
-    }
-    v.extend(["--judge-key-env".into(), b.judge_key_env.clone()]);
-    v.extend(["--judge-timeout".into(), b.judge_timeout.to_string()]);
-    v
-}
-
-fn data_argv(a: &TrajectoryArgs) -> Vec<String> {
-    a.data
-        .data_dir
-        .as_ref()
-        .map(|d| vec!["--data-dir".into(), s(d)])
-        .unwrap_or_default()
+    Ok(slot.as_ref().expect("loaded above"))
 }
 
 /// Measure one anchor; every step is skipped when its output exists.
@@ -238,71 +238,59 @@ fn measure(a: &TrajectoryArgs, anchor: &Anchor, dir: &Path) -> Result<()> {
             serde_json::to_string_pretty(&anchor.info)?.as_bytes(),
         )?;
     }
-    let model = anchor.info.model.clone();
-    let common_eval = |out: &Path| -> Vec<String> {
-        let mut v = vec![
-            "--model".into(),
-            model.clone(),
-            "--device".into(),
-            a.device.clone(),
-            "--limit".into(),
-            a.limit.to_string(),
-            "--max-new-tokens".into(),
-            a.max_new_tokens.to_string(),
-            "--batch-size".into(),
-            a.batch_size.to_string(),
-            "--out".into(),
-            s(out),
-            "--quiet".into(),
-        ];
-        v.extend(judge_argv(a));
-        v.extend(data_argv(a));
-        v
+    // The anchor's recipe, kept beside its results so that the merge can compare the arms.
+    let recipe_path = dir.join("recipe.json");
+    if !recipe_path.is_file() {
+        let ck = Path::new(&anchor.info.model).join("checkpoint.json");
+        if let Ok(text) = std::fs::read_to_string(&ck) {
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not valid JSON", ck.display()))?;
+            if let Some(r) = v.get("recipe_file") {
+                safegeo_runtime::files::write_atomic(
+                    &recipe_path,
+                    serde_json::to_string_pretty(r)?.as_bytes(),
+                )?;
+            }
+        }
+    }
+    // One model per anchor, loaded when a step needs it.
+    let model_args = ModelArgs::of(&anchor.info.model, &a.device);
+    let mut slot: Option<safegeo_runtime::Model> = None;
+    let eval_job = |out: PathBuf, suites: Vec<String>| EvalArgs {
+        judge: a.judge.clone(),
+        backend: a.backend.clone(),
+        data: a.data.clone(),
+        limit: Some(a.limit),
+        max_new_tokens: a.max_new_tokens,
+        batch_size: a.batch_size,
+        ..EvalArgs::new(model_args.clone(), suites, out)
     };
     let eval_dir = dir.join("eval");
     if !eval_dir.join("summary.json").is_file() {
         crate::common::note!("[{}] behaviour evaluation", anchor.id);
-        let mut v = common_eval(&eval_dir);
-        v.extend(["--suite".into(), a.suite.join(",")]);
-        if let Some(tc) = &a.test_cases {
-            v.extend(["--test-cases".into(), s(tc)]);
-        }
-        crate::cmd::eval::run(common::args_of(&v)?)?;
+        let mut job = eval_job(eval_dir, a.suite.clone());
+        job.test_cases = a.test_cases.clone();
+        crate::cmd::eval::evaluate(loaded(&mut slot, &model_args)?, &job)?;
     }
     if a.adaptive {
         let adaptive_dir = dir.join("adaptive");
         if !adaptive_dir.join("summary.json").is_file() {
             crate::common::note!("[{}] adaptive attack and its evaluation", anchor.id);
-            let mut v = common_eval(&adaptive_dir);
-            v.extend([
-                "--suite".into(),
-                String::new(),
-                "--test-cases".into(),
-                s(a.test_cases.as_ref().expect("clap requires it")),
-                "--adaptive".into(),
-            ]);
-            crate::cmd::eval::run(common::args_of(&v)?)?;
+            let mut job = eval_job(adaptive_dir, Vec::new());
+            job.test_cases = a.test_cases.clone();
+            job.adaptive = true;
+            crate::cmd::eval::evaluate(loaded(&mut slot, &model_args)?, &job)?;
         }
     }
     let geo = dir.join("geometry");
     if !geo.join("geometry.json").is_file() {
         crate::common::note!("[{}] carriers", anchor.id);
-        let mut v = vec![
-            "--model".into(),
-            model.clone(),
-            "--device".into(),
-            a.device.clone(),
-            "--n".into(),
-            a.n_carrier.to_string(),
-            "--out".into(),
-            s(&geo),
-            "--harmful".into(),
-            a.carrier_sets[0].clone(),
-            "--harmless".into(),
-            a.carrier_sets[1].clone(),
-        ];
-        v.extend(data_argv(a));
-        crate::cmd::geometry::carriers::run(common::args_of(&v)?)?;
+        let job = CarriersJob {
+            n: a.n_carrier,
+            data_dir: a.data.data_dir.clone(),
+            ..CarriersJob::new(&a.carrier_sets[0], &a.carrier_sets[1], geo.clone())
+        };
+        estimate_into(loaded(&mut slot, &model_args)?, &job)?;
     }
     if !geo.join("selection.json").is_file() {
         crate::common::note!("[{}] carrier selection", anchor.id);
@@ -310,36 +298,60 @@ fn measure(a: &TrajectoryArgs, anchor: &Anchor, dir: &Path) -> Result<()> {
             serde_json::from_str(&std::fs::read_to_string(geo.join("carriers.json"))?)?;
         let n_pos = meta["n_pos"]
             .as_u64()
-            .context("carriers.json has no n_pos")?;
-        let mut v = vec![
-            s(&geo),
-            "--model".into(),
-            model.clone(),
-            "--device".into(),
-            a.device.clone(),
-            "--n-val".into(),
-            a.n_val.to_string(),
-            "--screen".into(),
-            a.screen.to_string(),
-            "--finalists".into(),
-            a.finalists.to_string(),
-            "--kl-max".into(),
-            a.kl_max.to_string(),
-            "--val".into(),
-            a.val.join(","),
-            // The report's stand-in carrier and bypass-by-layer curve read every bypass.
-            "--bypass-all".into(),
-        ];
+            .context("carriers.json has no n_pos")? as usize;
+        let mut job = SelectJob::new(geo.clone(), &a.budget);
+        job.orth = a.orth;
+        job.data_dir = a.data.data_dir.clone();
+        // The report's stand-in carrier and bypass-by-layer curve read every bypass.
+        job.config.bypass_all = true;
         if !a.all_positions {
-            v.extend(["--positions".into(), (n_pos - 1).to_string()]);
+            job.config.positions = Some(vec![n_pos - 1]);
         }
-        if a.orth {
-            v.push("--orth".into());
-        }
-        v.extend(data_argv(a));
-        crate::cmd::geometry::select::run(common::args_of(&v)?)?;
+        select_into(loaded(&mut slot, &model_args)?, &job)?;
     }
     Ok(())
+}
+
+/// What the merge says of the arms compared: per pair of runs, matched or the settings in which
+/// they differ besides their recipes' own losses and data (from each anchor's recipe.json).
+fn arm_notes(dirs: &[PathBuf]) -> Result<Vec<String>> {
+    use safegeo_train::recipe_file::{compare_arms, RecipeFile};
+    let mut arms: Vec<(String, RecipeFile)> = Vec::new();
+    let mut unknown = Vec::new();
+    let mut notes = Vec::new();
+    for d in dirs {
+        let info: AnchorInfo =
+            serde_json::from_str(&std::fs::read_to_string(d.join("anchor.json"))?)?;
+        if info.recipe == "base" {
+            continue;
+        }
+        let path = d.join("recipe.json");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            if !unknown.contains(&info.recipe) {
+                unknown.push(info.recipe.clone());
+            }
+            continue;
+        };
+        let r: RecipeFile = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a recipe", path.display()))?;
+        match arms.iter().find(|(l, _)| *l == info.recipe) {
+            None => arms.push((info.recipe.clone(), r)),
+            Some((_, first)) if *first != r => notes.push(format!(
+                "the anchors of {} come from different recipes ({} differs)",
+                info.recipe,
+                first.differences(&r).join(", ")
+            )),
+            Some(_) => {}
+        }
+    }
+    notes.extend(compare_arms(&arms));
+    if !unknown.is_empty() {
+        notes.push(format!(
+            "the recipe of {} is not recorded (their checkpoints name none: not written by `safegeo train`), so their settings were not compared",
+            unknown.join(", ")
+        ));
+    }
+    Ok(notes)
 }
 
 /// Assemble trajectory.{json,csv,md} and index.html from every finished anchor in OUT.
@@ -352,6 +364,7 @@ pub fn merge(out: &Path, json: bool) -> Result<Vec<trajectory::Row>> {
         .collect();
     dirs.sort();
     let rows = trajectory::collect(&dirs)?;
+    let arms = arm_notes(&dirs)?;
     let write = |name: &str, bytes: &[u8]| -> Result<()> {
         safegeo_runtime::files::write_atomic(&out.join(name), bytes)?;
         Ok(())
@@ -361,7 +374,11 @@ pub fn merge(out: &Path, json: bool) -> Result<Vec<trajectory::Row>> {
         serde_json::to_string_pretty(&rows)?.as_bytes(),
     )?;
     write("trajectory.csv", trajectory::csv(&rows).as_bytes())?;
-    write("trajectory.md", trajectory::markdown(&rows).as_bytes())?;
+    let mut markdown = trajectory::markdown(&rows);
+    for n in &arms {
+        markdown.push_str(&format!("\n{n}\n"));
+    }
+    write("trajectory.md", markdown.as_bytes())?;
     let sweeps: Vec<safegeo_report::html::SweepFigure> = dirs
         .iter()
         .filter_map(|d| {
@@ -372,10 +389,11 @@ pub fn merge(out: &Path, json: bool) -> Result<Vec<trajectory::Row>> {
             })
         })
         .collect();
-    let notes = vec![format!(
+    let mut notes = arms.clone();
+    notes.push(format!(
         "{} anchors. Geometry: carriers from harmful-train/harmless-train, selection on harmful-val/harmless-val (see each anchor's geometry/selection.json for its settings).",
         rows.len()
-    )];
+    ));
     write(
         "index.html",
         safegeo_report::html::page(&rows, &sweeps, &notes)?.as_bytes(),
@@ -383,7 +401,7 @@ pub fn merge(out: &Path, json: bool) -> Result<Vec<trajectory::Row>> {
     if json {
         common::print_json(&rows)?;
     } else {
-        print!("{}", trajectory::markdown(&rows));
+        print!("{markdown}");
         println!("report: {}", out.join("index.html").display());
     }
     Ok(rows)
@@ -395,7 +413,7 @@ pub fn run(a: TrajectoryArgs) -> Result<()> {
         merge(&a.out, a.json)?;
         return Ok(());
     }
-    if a.carrier_sets.len() != 2 || a.val.len() != 2 {
+    if a.carrier_sets.len() != 2 || a.budget.val.len() != 2 {
         bail!("--carrier-sets and --val each take two sets: HARMFUL,HARMLESS");
     }
     let anchors = anchors_of(&a.anchors, a.base.as_deref())?;

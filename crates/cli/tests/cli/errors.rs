@@ -149,15 +149,24 @@ fn bad_training_options_are_refused_before_the_model_loads() {
         ),
         (
             &["--recipe", "rlhf"],
-            "invalid value 'rlhf' for '--recipe <RECIPE>'",
+            "`rlhf` is neither a built-in recipe (sft, r2d2",
         ),
         (
-            &["--decision-harmful-share", "1"],
+            &["--recipe", "sft", "--pool-size", "4"],
+            "the R2D2 options apply to an r2d2 recipe",
+        ),
+        (
+            &[
+                "--recipe",
+                "sft-calibrated",
+                "--decision-harmful-share",
+                "1",
+            ],
             "--decision-harmful-share 1: use a share strictly between 0 and 1",
         ),
         (
             &["--opening-bias-target", "1.5"],
-            "--opening-bias-target 1.5: use a share of harmful-val above 0 and at most 1",
+            "--opening-bias-target 1.5: use a share of the calibration set above 0 and at most 1",
         ),
         (
             &["--opening-bias", "-1", "--opening-bias-target", "0.7"],

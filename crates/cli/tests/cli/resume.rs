@@ -452,7 +452,7 @@ fn carriers_select_sweep_attack_and_train_resume_after_kill_9_to_the_uninterrupt
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
     assert!(
-        stderr.contains("short of --opening-bias-target"),
+        stderr.contains("short of the opening-bias target"),
         "{stderr}"
     );
     // Off a terminal, progress is a line per tenth with its ETA, the step's loss and tokens/s.

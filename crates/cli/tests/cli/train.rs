@@ -79,3 +79,49 @@ fn calibrate_writes_a_biased_model_and_names_what_is_missing() {
         "{err}"
     );
 }
+
+#[test]
+fn a_recipe_prints_resolved_and_an_override_changes_exactly_its_field() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let print = |extra: &[&str]| -> safegeo_train::recipe_file::RecipeFile {
+        let mut args = vec!["train", "--print-recipe"];
+        args.extend_from_slice(extra);
+        let o = safegeo(&args, h);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let text = String::from_utf8(o.stdout).unwrap();
+        // The printed file is itself a recipe that `--recipe FILE` takes back unchanged.
+        let file = h.join("printed.toml");
+        std::fs::write(&file, &text).unwrap();
+        safegeo_train::recipe_file::load(file.to_str().unwrap()).unwrap()
+    };
+    let sft = print(&[]);
+    assert_eq!(sft.name, "sft");
+    for (option, value, field) in [
+        ("--lora-rank", "8", "adapters.rank"),
+        ("--steps", "7", "schedule.steps"),
+        ("--decision-weight", "2", "decision.weight"),
+        ("--opening-bias", "-1", "operating_point.opening_bias"),
+        ("--n-harmful", "5", "data.n_harmful"),
+        ("--seed", "3", "seed"),
+    ] {
+        let changed = print(&[option, value]);
+        assert_eq!(sft.differences(&changed), [field], "{option}");
+    }
+    let r2d2 = print(&["--recipe", "r2d2", "--gcg-width", "16"]);
+    assert_eq!(
+        sft.differences(&r2d2),
+        ["kind", "r2d2.gcg_width", "r2d2.preset"]
+    );
+    // An unknown field in a recipe file is bad input that names it.
+    let bad = h.join("bad.toml");
+    std::fs::write(&bad, "extends = \"sft\"\n[schedule]\nstesp = 3\n").unwrap();
+    fails_with(
+        &safegeo(
+            &["train", "--recipe", bad.to_str().unwrap(), "--print-recipe"],
+            h,
+        ),
+        2,
+        "unknown field `stesp`",
+    );
+}

@@ -7,13 +7,16 @@ fn trajectory_measures_sharded_anchors_merges_and_writes_the_report() {
     let h = home.path();
     let base = h.join("base");
     write_tiny_hf(Arch::Llama, 4, &base).unwrap();
-    // Two "training runs" with anchors: tiny models with other seeds stand in for checkpoints.
+    // Two "training runs" with anchors: tiny models with other seeds stand in for checkpoints,
+    // each recording its run's recipe as `safegeo train` does.
     for (run, seeds) in [("sft", [5u64, 6]), ("r2d2", [7, 8])] {
+        let recipe = safegeo_train::recipe_file::load(run).unwrap();
         for (i, seed) in seeds.iter().enumerate() {
-            write_tiny_hf(
-                Arch::Llama,
-                *seed,
-                &h.join(run).join(format!("ckpt-{:06}", (i + 1) * 10)),
+            let ck = h.join(run).join(format!("ckpt-{:06}", (i + 1) * 10));
+            write_tiny_hf(Arch::Llama, *seed, &ck).unwrap();
+            std::fs::write(
+                ck.join("checkpoint.json"),
+                serde_json::json!({"step": (i + 1) * 10, "recipe_file": recipe}).to_string(),
             )
             .unwrap();
         }
@@ -94,6 +97,9 @@ fn trajectory_measures_sharded_anchors_merges_and_writes_the_report() {
     }
     let csv = std::fs::read_to_string(out_dir.join("trajectory.csv")).unwrap();
     assert_eq!(csv.lines().count(), 6);
+    // The arms' recipes are compared: sft and r2d2 as built in are matched.
+    let md = std::fs::read_to_string(out_dir.join("trajectory.md")).unwrap();
+    assert!(md.contains("arms r2d2 and sft are matched"), "{md}");
     let html = std::fs::read_to_string(out_dir.join("index.html")).unwrap();
     assert!(html.contains("<svg") && html.contains("</html>") && !html.contains("<script"));
     // A re-run measures nothing again and gives the same table; --merge-only too.
@@ -110,6 +116,24 @@ fn trajectory_measures_sharded_anchors_merges_and_writes_the_report() {
         std::fs::read_to_string(out_dir.join("trajectory.csv")).unwrap(),
         csv
     );
+    // Arms whose settings differ beyond their recipes' own are named field by field.
+    for step in ["000010", "000020"] {
+        let path = out_dir.join(format!("anchors/r2d2__ckpt-{step}/recipe.json"));
+        let mut r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        r["adapters"]["rank"] = 8.into();
+        std::fs::write(&path, r.to_string()).unwrap();
+    }
+    let merged = safegeo(&["trajectory", "--merge-only", "--out", o], h);
+    assert!(merged.status.success());
+    let md = std::fs::read_to_string(out_dir.join("trajectory.md")).unwrap();
+    assert!(
+        md.contains("arms r2d2 and sft differ in: adapters.rank"),
+        "{md}"
+    );
+    assert!(std::fs::read_to_string(out_dir.join("index.html"))
+        .unwrap()
+        .contains("differ in: adapters.rank"));
     // Bad input is named.
     fails_with(
         &safegeo(

@@ -15,6 +15,8 @@ pub struct AbliterateArgs {
     /// Model [default: the one recorded in DIR/carriers.json].
     #[arg(long, short = 'm')]
     pub model: Option<String>,
+    #[command(flatten)]
+    pub device: crate::common::DeviceArgs,
     /// Output Hugging Face folder (config, safetensors, tokenizer, chat template).
     #[arg(long)]
     pub out: PathBuf,
@@ -22,7 +24,7 @@ pub struct AbliterateArgs {
 
 pub fn run(a: AbliterateArgs) -> Result<()> {
     let (r, layer, pos, name) = chosen_carrier(&a.dir, a.carrier.as_deref())?;
-    let mut model = carriers_model(&a.dir, a.model.as_deref(), "cpu")?;
+    let mut model = carriers_model(&a.dir, a.model.as_deref(), &a.device)?;
     safegeo_geometry::abliterate::orthogonalize_weights(&mut model, &r)?;
     safegeo_runtime::export_hf(&mut model, &a.out)?;
     write_json(

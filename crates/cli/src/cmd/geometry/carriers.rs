@@ -6,6 +6,9 @@ use anyhow::{bail, Result};
 use safegeo_geometry::estimate::{estimate, EstimateConfig};
 use std::path::PathBuf;
 
+/// Prompts per set (Arditi et al.: 128).
+pub const PROMPTS_PER_SET: usize = 128;
+
 #[derive(clap::Args)]
 pub struct CarriersArgs {
     #[command(flatten)]
@@ -17,20 +20,20 @@ pub struct CarriersArgs {
     #[arg(long, default_value = "harmless-train")]
     pub harmless: String,
     /// Prompts per set (Arditi et al.: 128).
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = PROMPTS_PER_SET)]
     pub n: usize,
     /// Sampling seed (Arditi et al.: 42).
-    #[arg(long, default_value_t = 42)]
+    #[arg(long, default_value_t = EstimateConfig::default().seed)]
     pub seed: u64,
     /// Keep only harmful prompts the model refuses (refusal score > 0) and harmless ones it
     /// accepts (< 0).
     #[arg(long)]
     pub filter: bool,
     /// Bootstrap resamples for the effective rank.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = EstimateConfig::default().bootstrap)]
     pub bootstrap: usize,
     /// Prompts per forward pass.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = EstimateConfig::default().batch_size)]
     pub batch_size: usize,
     #[command(flatten)]
     pub data: crate::common::DataArgs,
@@ -47,10 +50,81 @@ pub struct CarriersArgs {
     pub out: PathBuf,
 }
 
+/// One estimate of the carriers into a folder: the prompt sets and the estimator's settings.
+pub struct CarriersJob {
+    /// Harmful prompt set.
+    pub harmful: String,
+    /// Harmless prompt set.
+    pub harmless: String,
+    /// Prompts per set.
+    pub n: usize,
+    /// Held-out harmful and harmless sets the carriers are read as probes on.
+    pub heldout: Option<Vec<String>>,
+    /// Where the named sets live.
+    pub data_dir: Option<PathBuf>,
+    /// The estimator's settings (its seed also samples the prompts).
+    pub estimate: EstimateConfig,
+    /// Output folder.
+    pub out: PathBuf,
+    /// Also write refusal.npy and harmfulness.npy.
+    pub export_npy: bool,
+}
+
+impl CarriersJob {
+    /// Carriers from `harmful` and `harmless` into `out`, every other setting at its default.
+    pub fn new(harmful: &str, harmless: &str, out: PathBuf) -> Self {
+        CarriersJob {
+            harmful: harmful.into(),
+            harmless: harmless.into(),
+            n: PROMPTS_PER_SET,
+            heldout: None,
+            data_dir: None,
+            estimate: EstimateConfig::default(),
+            out,
+            export_npy: false,
+        }
+    }
+}
+
 pub fn run(a: CarriersArgs) -> Result<()> {
+    let job = CarriersJob {
+        harmful: a.harmful,
+        harmless: a.harmless,
+        n: a.n,
+        heldout: a.heldout,
+        data_dir: a.data.data_dir,
+        estimate: EstimateConfig {
+            filter: a.filter,
+            bootstrap: a.bootstrap,
+            batch_size: a.batch_size,
+            seed: a.seed,
+        },
+        out: a.out,
+        export_npy: a.export_npy,
+    };
+    check(&job)?;
+    let model = common::load(&a.model)?;
+    estimate_into(&model, &job)
+}
+
+/// The settings' own checks and the prompt sets' (cheap next to loading a model).
+fn check(a: &CarriersJob) -> Result<()> {
     if a.heldout.as_ref().is_some_and(|s| s.len() != 2) {
         bail!("--heldout takes two sets: harmful,harmless (e.g. jbb-harmful,jbb-benign)");
     }
+    for set in [&a.harmful, &a.harmless]
+        .into_iter()
+        .chain(a.heldout.iter().flatten())
+    {
+        prompts(set, 1, a.estimate.seed, a.data_dir.as_deref())?;
+    }
+    Ok(())
+}
+
+/// Estimate the carriers of `model` as `a` says and write them into `a.out`. Shared with
+/// `trajectory`.
+pub fn estimate_into(model: &safegeo_runtime::Model, a: &CarriersJob) -> Result<()> {
+    check(a)?;
     for name in [&a.harmful, &a.harmless] {
         if let Ok(dn) = safegeo_data::DatasetName::parse(name) {
             if !dn.is_train_split() {
@@ -60,33 +134,27 @@ pub fn run(a: CarriersArgs) -> Result<()> {
             }
         }
     }
-    let dir = a.data.data_dir.as_deref();
-    let harmful = prompts(&a.harmful, a.n, a.seed, dir)?;
-    let harmless = prompts(&a.harmless, a.n, a.seed, dir)?;
+    let dir = a.data_dir.as_deref();
+    let seed = a.estimate.seed;
+    let harmful = prompts(&a.harmful, a.n, seed, dir)?;
+    let harmless = prompts(&a.harmless, a.n, seed, dir)?;
     let heldout = match &a.heldout {
         Some(sets) => Some((
-            prompts(&sets[0], a.n, a.seed, dir)?,
-            prompts(&sets[1], a.n, a.seed, dir)?,
+            prompts(&sets[0], a.n, seed, dir)?,
+            prompts(&sets[1], a.n, seed, dir)?,
         )),
         None => None,
     };
-    let model = common::load(&a.model)?;
     safegeo_runtime::files::lock_dir(&a.out)?;
     let t0 = std::time::Instant::now();
-    let cfg = EstimateConfig {
-        filter: a.filter,
-        bootstrap: a.bootstrap,
-        batch_size: a.batch_size,
-        seed: a.seed,
-    };
     let mut progress = common::StagedProgress::default();
     let est = estimate(
-        &model,
+        model,
         &common::model_hash(&model.source)?,
         &harmful,
         &harmless,
         heldout.as_ref().map(|(h, l)| (h, l)),
-        &cfg,
+        &a.estimate,
         &mut |stage, done, total| progress.set(stage, done, total),
     )?;
     progress.finish();

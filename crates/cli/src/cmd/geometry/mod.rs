@@ -54,7 +54,7 @@ pub(crate) fn prompts(
 pub(crate) fn carriers_model(
     dir: &Path,
     model: Option<&str>,
-    device: &str,
+    device: &common::DeviceArgs,
 ) -> Result<safegeo_runtime::Model> {
     let text = std::fs::read_to_string(dir.join("carriers.json")).with_context(|| {
         format!(
@@ -69,7 +69,7 @@ pub(crate) fn carriers_model(
         .or_else(|| meta["model"].as_str().map(String::from));
     common::load(&ModelArgs {
         model: spec,
-        device: device.into(),
+        device: device.clone(),
         quantized: false,
     })
 }

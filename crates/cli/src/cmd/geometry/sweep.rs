@@ -45,6 +45,8 @@ pub struct SweepArgs {
     #[arg(long, short = 'm')]
     pub model: Option<String>,
     #[command(flatten)]
+    pub device: crate::common::DeviceArgs,
+    #[command(flatten)]
     pub data: crate::common::DataArgs,
     /// Seed (prompt sampling, controls, bootstrap).
     #[arg(long, default_value_t = 0)]
@@ -68,7 +70,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
     let (r, layer, pos, name) = chosen_carrier(&a.dir, a.carrier.as_deref())?;
     let c = store::load(&a.dir.join("carriers.safetensors"))?;
     let h = c.harmfulness(layer).to_vec();
-    let model = carriers_model(&a.dir, a.model.as_deref(), "cpu")?;
+    let model = carriers_model(&a.dir, a.model.as_deref(), &a.device)?;
     let hv = prompts(&a.val[0], a.n, a.seed, a.data.data_dir.as_deref())?;
     let lv = prompts(&a.val[1], a.n, a.seed, a.data.data_dir.as_deref())?;
     let text =
