@@ -221,7 +221,7 @@ impl JudgeBackendArgs {
         if let Some(u) = &self.judge_endpoint {
             endpoint_url(u).map_err(|e| {
                 anyhow::Error::from(safegeo_data::Error::Invalid(format!(
-                    "--judge-endpoint: {e}"
+                    "--judge-endpoint: {e}\n  fix: give the OpenAI-compatible server's base URL, e.g. http://localhost:8000/v1"
                 )))
             })?;
         }
@@ -332,7 +332,8 @@ pub fn model_path(spec: Option<&str>) -> Result<PathBuf> {
                 return known(m);
             }
             let p = PathBuf::from(s);
-            if !p.exists() {
+            // A link that cannot be followed is there: the loader says what is wrong with it.
+            if !p.exists() && std::fs::symlink_metadata(&p).is_err() {
                 return Err(safegeo_runtime::Error::ModelNotFound { path: p }.into());
             }
             Ok(p)
@@ -385,6 +386,7 @@ fn runtime_code(r: &safegeo_runtime::Error) -> i32 {
     use safegeo_runtime::Error as E;
     match r {
         E::ModelNotFound { .. }
+        | E::ModelUnreadable { .. }
         | E::BadGguf { .. }
         | E::Checksum { .. }
         | E::UnsupportedQuant { .. }

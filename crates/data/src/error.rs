@@ -33,13 +33,20 @@ pub enum Error {
     /// A bad option value.
     #[error("invalid value: {0}")]
     Invalid(String),
+    /// An outside service (a judge endpoint) that failed after its retries.
+    #[error("{0}")]
+    Endpoint(String),
+    /// An output folder that holds another run's results (the message names the folder and
+    /// the fix).
+    #[error("{0}")]
+    OtherRun(String),
     /// An I/O failure.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// File.
         path: PathBuf,
-        /// Cause.
-        source: std::io::Error,
+        /// Cause: in the message, and not a `source`, so a chain of errors prints it once.
+        cause: std::io::Error,
     },
     /// A runtime failure (local judges, refusal scores).
     #[error(transparent)]
@@ -54,10 +61,10 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     /// An I/O failure on `path`.
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            cause,
         }
     }
 }

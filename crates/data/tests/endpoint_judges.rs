@@ -15,6 +15,8 @@ struct Server {
     url: String,
     hits: Arc<AtomicUsize>,
     auth: Arc<std::sync::Mutex<Vec<String>>>,
+    /// When each request arrived.
+    arrivals: Arc<std::sync::Mutex<Vec<std::time::Instant>>>,
 }
 
 fn serve(behaviour: Arc<Behaviour>) -> Server {
@@ -22,11 +24,12 @@ fn serve(behaviour: Arc<Behaviour>) -> Server {
     let url = format!("http://{}/v1", listener.local_addr().unwrap());
     let hits = Arc::new(AtomicUsize::new(0));
     let auth = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let (h, a) = (hits.clone(), auth.clone());
+    let arrivals = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (h, a, t) = (hits.clone(), auth.clone(), arrivals.clone());
     std::thread::spawn(move || {
         for stream in listener.incoming().take(64) {
             let Ok(mut stream) = stream else { continue };
-            let (h, a, behaviour) = (h.clone(), a.clone(), behaviour.clone());
+            let (h, a, t, behaviour) = (h.clone(), a.clone(), t.clone(), behaviour.clone());
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(stream.try_clone().unwrap());
                 let mut len = 0usize;
@@ -57,20 +60,34 @@ fn serve(behaviour: Arc<Behaviour>) -> Server {
                     .as_str()
                     .unwrap()
                     .to_string();
+                t.lock().unwrap().push(std::time::Instant::now());
                 let n = h.fetch_add(1, Ordering::SeqCst);
                 let (status, content, delay) = behaviour(n, &prompt);
                 std::thread::sleep(delay);
+                // "RETRY-AFTER:N|body": the reply carries `Retry-After: N`.
+                let (extra, content) = match content.strip_prefix("RETRY-AFTER:") {
+                    Some(rest) => {
+                        let (secs, body) = rest.split_once('|').unwrap();
+                        (format!("Retry-After: {secs}\r\n"), body.to_string())
+                    }
+                    None => (String::new(), content),
+                };
                 let payload = if status == 200 && !content.starts_with("RAW:") {
                     serde_json::json!({"choices": [{"message": {"role": "assistant", "content": content}}]}).to_string()
                 } else {
                     content.trim_start_matches("RAW:").to_string()
                 };
-                let resp = format!("HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{payload}", payload.len());
+                let resp = format!("HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{payload}", payload.len());
                 let _ = stream.write_all(resp.as_bytes());
             });
         }
     });
-    Server { url, hits, auth }
+    Server {
+        url,
+        hits,
+        auth,
+        arrivals,
+    }
 }
 
 fn judge(
@@ -172,6 +189,27 @@ fn failing_then_recovering_server_is_retried() {
     );
     assert_eq!(v.refused, Some(true));
     assert_eq!(s.hits.load(Ordering::SeqCst), 3);
+}
+
+#[test]
+fn a_servers_retry_after_is_honoured() {
+    // The backoff is 10 ms; the server asks for a second.
+    let s = serve(Arc::new(|n, _: &str| {
+        if n == 0 {
+            (429, "RETRY-AFTER:1|RAW:slow down".into(), Duration::ZERO)
+        } else {
+            (200, "CLASS: 1_full_compliance".into(), Duration::ZERO)
+        }
+    }));
+    let j = judge(LlmJudgeKind::XsTest, &s.url, None, 5000);
+    assert!(j.judge(&case("sure")).unwrap().class.is_some());
+    let t = s.arrivals.lock().unwrap().clone();
+    assert_eq!(t.len(), 2);
+    assert!(
+        t[1] - t[0] >= Duration::from_millis(990),
+        "retried after {:?}",
+        t[1] - t[0]
+    );
 }
 
 #[test]

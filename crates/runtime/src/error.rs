@@ -10,6 +10,15 @@ pub enum Error {
         /// The path that was tried.
         path: PathBuf,
     },
+    /// A model path that exists in name but cannot be opened (a symbolic-link loop, a dangling
+    /// link, no permission).
+    #[error("{path} cannot be opened as a model: {reason}\n  fix: point --model at the model file or folder itself (resolve the link), or fix its permissions")]
+    ModelUnreadable {
+        /// The path that was tried.
+        path: PathBuf,
+        /// What the system said.
+        reason: String,
+    },
     /// A file that is not a readable GGUF (bad magic, truncated, corrupt header).
     #[error("{path} is not a valid GGUF file: {reason}\n  fix: the file is truncated or corrupt; download it again (for the default model: `safegeo model fetch --force`)")]
     BadGguf {
@@ -111,7 +120,7 @@ pub enum Error {
         name: String,
     },
     /// No tokenizer could be built.
-    #[error("no tokenizer for {path}: {reason}\n  fix: a Hugging Face folder needs tokenizer.json; a GGUF needs tokenizer.ggml.* metadata")]
+    #[error("no tokenizer for {path}: {reason}\n  fix: a Hugging Face folder needs a readable tokenizer.json (and a tokenizer_config.json, if present, of valid JSON); a GGUF needs tokenizer.ggml.* metadata")]
     Tokenizer {
         /// The model path.
         path: PathBuf,
@@ -146,12 +155,12 @@ pub enum Error {
         holder: String,
     },
     /// I/O failure with the path involved.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// File.
         path: PathBuf,
-        /// Cause.
-        source: std::io::Error,
+        /// Cause: in the message, and not a `source`, so a chain of errors prints it once.
+        cause: std::io::Error,
     },
     /// A tensor operation failed.
     #[error(transparent)]
@@ -162,10 +171,10 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            cause,
         }
     }
 }

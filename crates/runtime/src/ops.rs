@@ -1,7 +1,7 @@
 //! The small core of tensor ops the models use, each in a fast form (fused candle kernels) and a
 //! differentiable form. candle's fused `rms_norm`, `softmax_last_dim` and `rope*` return wrong
 //! gradients, so `grad = true` must never reach them: it takes safegeo's own fused kernels with
-//! written-out backward (`fused.rs`) for f32 on the CPU, and exact composites otherwise (f64
+//! written-out backward (`kernels/fused/`) for f32 on the CPU, and exact composites otherwise (f64
 //! gradient checks, other devices).
 use crate::kernels::fused;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor, Var, D};
@@ -133,13 +133,13 @@ pub(crate) fn x_w_t(x: &[f32], rows: usize, w: &[f32], out: usize, inner: usize)
         // y^T (out, rows) = W (out, in) * x^T (in, rows) in blocks of W, then transposed:
         // gemm's per-call cost is far lower this way round for a few rows.
         transpose(
-            &fused::weight_rows_times_x_t(w, out, inner, x, rows),
+            &crate::kernels::gemm::weight_rows_times_x_t(w, out, inner, x, rows),
             out,
             rows,
         )
     } else {
         // y (rows, out) = x (rows, in) * W^T (in, out); W^T[i, o] = w[o * in + i].
-        fused::gemm_new((rows, out, inner), x, (1, inner_s), w, (inner_s, 1))
+        crate::kernels::gemm::gemm_new((rows, out, inner), x, (1, inner_s), w, (inner_s, 1))
     }
 }
 

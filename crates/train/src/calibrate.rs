@@ -272,7 +272,7 @@ fn claim_work_dir(
         let old: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
         if old != what {
-            return Err(Error::Invalid(format!(
+            return Err(Error::OtherRun(format!(
                 "{} holds probes of another calibration ({old})\n  fix: use another --out, or delete {} to start over",
                 work_dir.display(),
                 work_dir.display()

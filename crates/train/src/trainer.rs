@@ -393,7 +393,7 @@ pub fn train(
         )
         .map_err(|e| Error::Invalid(format!("{}: {e}", state_json.display())))?;
         if s.config != *cfg {
-            return Err(Error::Invalid(format!(
+            return Err(Error::OtherRun(format!(
                 "{} holds a run with another configuration\n  fix: use the same options, or a new --out",
                 out.display()
             )));

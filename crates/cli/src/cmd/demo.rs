@@ -1,5 +1,6 @@
-//! `safegeo demo`: the README's main job. On the default model: safety-train it two ways (SFT
-//! and R2D2) with the CPU recipe, make fixed-source attack test cases once on the base model,
+//! `safegeo demo`: the README's main job. On the default model: safety-train it two ways, the
+//! built-in `sft` and `r2d2` recipes as matched arms, make fixed-source attack test cases once on
+//! the base model,
 //! measure every anchor (behaviour + geometry) and write the report. Every stage resumes or is
 //! skipped when its results exist, so a re-run is quick.
 use crate::cmd::geometry::select::SelectionBudget;
@@ -20,8 +21,9 @@ pub struct DemoArgs {
     #[arg(long, default_value = "safegeo-demo")]
     pub out: PathBuf,
     /// Training steps of each arm, SFT and R2D2 (anchors at the middle and the end; each R2D2
-    /// step also runs GCG on its pool).
-    #[arg(long, default_value_t = 16)]
+    /// step also runs GCG on its pool). 30 is the least at which both arms refuse at least half
+    /// of JBB harmful at their last anchor (docs/experiments.md).
+    #[arg(long, default_value_t = 30)]
     pub steps: usize,
     /// Harmful training prompts (harmful-train) per recipe.
     #[arg(long, default_value_t = 64)]

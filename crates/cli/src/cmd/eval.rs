@@ -307,7 +307,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
 }
 
 /// The options' own checks: the judge backend, something to evaluate, the judges, the suites.
-fn check(a: &EvalArgs) -> Result<()> {
+pub(crate) fn check(a: &EvalArgs) -> Result<()> {
     a.backend.check()?;
     if a.suites().is_empty() && a.test_cases.is_none() {
         bail!("nothing to evaluate: give --suite NAMES and/or --test-cases FILE");

@@ -95,6 +95,46 @@ pub struct TrajectoryArgs {
 }
 
 impl TrajectoryArgs {
+    /// The behaviour evaluation of one anchor.
+    fn eval_job(&self, model: &ModelArgs, suites: Vec<String>, out: PathBuf) -> EvalArgs {
+        EvalArgs {
+            judge: self.judge.clone(),
+            backend: self.backend.clone(),
+            data: self.data.clone(),
+            limit: Some(self.limit),
+            max_new_tokens: self.max_new_tokens,
+            batch_size: self.batch_size,
+            test_cases: self.test_cases.clone(),
+            ..EvalArgs::new(model.clone(), suites, out)
+        }
+    }
+
+    /// The carriers of one anchor.
+    fn carriers_job(&self, out: PathBuf) -> CarriersJob {
+        CarriersJob {
+            n: self.n_carrier,
+            data_dir: self.data.data_dir.clone(),
+            ..CarriersJob::new(&self.carrier_sets[0], &self.carrier_sets[1], out)
+        }
+    }
+
+    /// Everything cheap that every anchor's steps would check, before any anchor is measured:
+    /// a refused option is bad input, not an interrupted run to resume.
+    fn check(&self) -> Result<()> {
+        self.backend.check()?;
+        if self.carrier_sets.len() != 2 || self.budget.val.len() != 2 {
+            bail!("--carrier-sets and --val each take two sets: HARMFUL,HARMLESS");
+        }
+        let model = ModelArgs::default();
+        let out = PathBuf::new();
+        crate::cmd::eval::check(&self.eval_job(&model, self.suite.clone(), out.clone()))?;
+        crate::cmd::geometry::carriers::check(&self.carriers_job(out))?;
+        for set in &self.budget.val {
+            crate::cmd::geometry::prompts(set, 1, 0, self.data.data_dir.as_deref())?;
+        }
+        Ok(())
+    }
+
     /// A trajectory of `anchors` into `out`, every other setting at its default.
     pub fn new(anchors: Vec<PathBuf>, out: PathBuf) -> Self {
         use crate::cmd::eval::{default_judges, list, BATCH_SIZE, DEFAULT_SUITES};
@@ -256,20 +296,11 @@ fn measure(a: &TrajectoryArgs, anchor: &Anchor, dir: &Path) -> Result<()> {
     // One model per anchor, loaded when a step needs it.
     let model_args = ModelArgs::of(&anchor.info.model, &a.device);
     let mut slot: Option<safegeo_runtime::Model> = None;
-    let eval_job = |out: PathBuf, suites: Vec<String>| EvalArgs {
-        judge: a.judge.clone(),
-        backend: a.backend.clone(),
-        data: a.data.clone(),
-        limit: Some(a.limit),
-        max_new_tokens: a.max_new_tokens,
-        batch_size: a.batch_size,
-        ..EvalArgs::new(model_args.clone(), suites, out)
-    };
+    let eval_job = |out: PathBuf, suites: Vec<String>| a.eval_job(&model_args, suites, out);
     let eval_dir = dir.join("eval");
     if !eval_dir.join("summary.json").is_file() {
         crate::common::note!("[{}] behaviour evaluation", anchor.id);
-        let mut job = eval_job(eval_dir, a.suite.clone());
-        job.test_cases = a.test_cases.clone();
+        let job = eval_job(eval_dir, a.suite.clone());
         crate::cmd::eval::evaluate(loaded(&mut slot, &model_args)?, &job)?;
     }
     if a.adaptive {
@@ -277,7 +308,6 @@ fn measure(a: &TrajectoryArgs, anchor: &Anchor, dir: &Path) -> Result<()> {
         if !adaptive_dir.join("summary.json").is_file() {
             crate::common::note!("[{}] adaptive attack and its evaluation", anchor.id);
             let mut job = eval_job(adaptive_dir, Vec::new());
-            job.test_cases = a.test_cases.clone();
             job.adaptive = true;
             crate::cmd::eval::evaluate(loaded(&mut slot, &model_args)?, &job)?;
         }
@@ -285,12 +315,10 @@ fn measure(a: &TrajectoryArgs, anchor: &Anchor, dir: &Path) -> Result<()> {
     let geo = dir.join("geometry");
     if !geo.join("geometry.json").is_file() {
         crate::common::note!("[{}] carriers", anchor.id);
-        let job = CarriersJob {
-            n: a.n_carrier,
-            data_dir: a.data.data_dir.clone(),
-            ..CarriersJob::new(&a.carrier_sets[0], &a.carrier_sets[1], geo.clone())
-        };
-        estimate_into(loaded(&mut slot, &model_args)?, &job)?;
+        estimate_into(
+            loaded(&mut slot, &model_args)?,
+            &a.carriers_job(geo.clone()),
+        )?;
     }
     if !geo.join("selection.json").is_file() {
         crate::common::note!("[{}] carrier selection", anchor.id);
@@ -408,15 +436,12 @@ pub fn merge(out: &Path, json: bool) -> Result<Vec<trajectory::Row>> {
 }
 
 pub fn run(a: TrajectoryArgs) -> Result<()> {
-    a.backend.check()?;
     if a.merge_only {
         merge(&a.out, a.json)?;
         return Ok(());
     }
-    if a.carrier_sets.len() != 2 || a.budget.val.len() != 2 {
-        bail!("--carrier-sets and --val each take two sets: HARMFUL,HARMLESS");
-    }
     let anchors = anchors_of(&a.anchors, a.base.as_deref())?;
+    a.check()?;
     let (shard, shards) = a
         .shard
         .as_deref()

@@ -91,6 +91,13 @@ fn bad_input_classes_get_named_errors() {
     )
     .unwrap();
     fails_with(&safegeo(&["model", "fetch"], h), 3, "checksum mismatch");
+    // Using it is refused the same way: a cached model is checked on its first use after it
+    // changed, not only when fetched.
+    fails_with(
+        &safegeo(&["forward", "--chat", "hi"], h),
+        3,
+        "checksum mismatch",
+    );
     // Bad option values.
     fails_with(
         &safegeo(
@@ -317,4 +324,30 @@ fn a_second_writer_of_an_output_folder_is_refused_with_the_holders_pid() {
         "{}",
         String::from_utf8_lossy(&free.stderr)
     );
+}
+
+#[test]
+fn an_os_error_is_printed_once() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let model = h.join("tiny");
+    write_tiny_hf(Arch::Llama, 6, &model).unwrap();
+    let suite = prompt_file(h, "s.jsonl", 1, "harmful", 2);
+    let file = h.join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let out = safegeo(
+        &[
+            "eval",
+            "-m",
+            model.to_str().unwrap(),
+            "--suite",
+            &suite,
+            "--out",
+            file.join("results").to_str().unwrap(),
+        ],
+        h,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.matches("Not a directory").count(), 1, "{err}");
 }

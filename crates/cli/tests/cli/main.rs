@@ -5,6 +5,7 @@ mod common;
 mod attacks;
 mod deception;
 mod determinism;
+mod error_table;
 mod errors;
 mod eval;
 mod geometry;

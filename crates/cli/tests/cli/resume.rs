@@ -153,116 +153,6 @@ fn carriers_select_sweep_attack_and_train_resume_after_kill_9_to_the_uninterrupt
             std::fs::copy(h.join("carriers-full").join(f), out.join(f)).unwrap();
         }
     };
-    // NAME.csv byte for byte, NAME.json but for its wall time.
-    let same_results = |full: &Path, cut: &Path, name: &str, what: &str| {
-        let csv = format!("{name}.csv");
-        same_file(&full.join(&csv), &cut.join(&csv), what);
-        let json = format!("{name}.json");
-        assert_eq!(
-            json_without_seconds(&full.join(&json)),
-            json_without_seconds(&cut.join(&json)),
-            "{what}"
-        );
-    };
-
-    // carriers: one pass, written atomically; a kill anywhere leaves nothing torn. Killed at a
-    // random share of the uninterrupted run's wall time.
-    let point = random_point(5, 60);
-    let (full, cut, _) = full_and_resumed(
-        h,
-        "carriers",
-        &|out| {
-            strings(&[
-                "carriers",
-                "-m",
-                &m,
-                "--harmful",
-                &harm,
-                "--harmless",
-                &harmless,
-                "--n",
-                "24",
-                "--bootstrap",
-                "4000",
-                "--out",
-                out.to_str().unwrap(),
-            ])
-        },
-        &|_, took, elapsed| elapsed >= took * point as u32 / 100,
-    );
-    for f in ["carriers.safetensors", "carriers.json", "geometry.json"] {
-        same_file(
-            &full.join(f),
-            &cut.join(f),
-            &format!("carriers killed at {point}% of its time"),
-        );
-    }
-
-    // select and sweep resume from their journals; both start from the same carriers.
-    let point = random_point(2, 6);
-    let (full, cut, log) = full_and_resumed(
-        h,
-        "select",
-        &|out| {
-            copy_carriers(out);
-            strings(&[
-                "select",
-                out.to_str().unwrap(),
-                "--val",
-                &sets,
-                "--n-val",
-                "12",
-                "--screen",
-                "4",
-                "--finalists",
-                "4",
-                "--kl-max",
-                "50",
-            ])
-        },
-        &|out, _, _| lines_in(&out.join("select.journal.jsonl")) > point,
-    );
-    assert!(log.contains("measurements already made"), "{log}");
-    same_results(
-        &full,
-        &cut,
-        "selection",
-        &format!("select killed after {point} measurements"),
-    );
-    let point = random_point(2, 12);
-    let (full, cut, log) = full_and_resumed(
-        h,
-        "sweep",
-        &|out| {
-            copy_carriers(out);
-            strings(&[
-                "sweep",
-                out.to_str().unwrap(),
-                "--carrier",
-                "1:0",
-                "--val",
-                &sets,
-                "--n",
-                "8",
-                "--coefs",
-                "-1,0,1",
-                "--controls",
-                "8",
-                "--continuation-tokens",
-                "4",
-            ])
-        },
-        &|out, _, _| lines_in(&out.join("sweep.journal.jsonl")) > point,
-    );
-    assert!(log.contains("conditions already measured"), "{log}");
-    same_results(
-        &full,
-        &cut,
-        "sweep",
-        &format!("sweep killed after {point} conditions"),
-    );
-
-    // attack: GCG writes its state after every step and a test case per behaviour.
     let behaviors = h.join("behaviors.jsonl");
     std::fs::write(
         &behaviors,
@@ -280,40 +170,166 @@ fn carriers_select_sweep_attack_and_train_resume_after_kill_9_to_the_uninterrupt
             .collect::<String>(),
     )
     .unwrap();
-    let point = random_point(0, 2);
-    let (full, cut, _) = full_and_resumed(
-        h,
-        "gcg",
-        &|out| {
-            strings(&[
-                "attack",
-                "gcg",
-                "-m",
-                &m,
-                "--behaviors",
-                behaviors.to_str().unwrap(),
-                "--steps",
-                "12",
-                "--search-width",
-                "32",
-                "--topk",
-                "16",
-                "--optim-str-init",
-                "w1 w1 w1 w1",
-                "--out",
-                out.to_str().unwrap(),
-            ])
+    /// When to kill: at a share of the uninterrupted run's wall time, once a journal holds more
+    /// lines than the point, or once a file holds as many lines as the point and `state/` exists.
+    enum Kill {
+        AtPercentOfTime,
+        JournalPast(&'static str),
+        CasesAndState(&'static str),
+    }
+    /// One row: the command (its output folder last), the kill point's range, what the resumed
+    /// run's log says, and the files compared: byte for byte, and JSON but for its wall time.
+    type Args<'a> = Box<dyn Fn(&Path) -> Vec<String> + 'a>;
+    struct Case<'a> {
+        name: &'static str,
+        args: Args<'a>,
+        kill: Kill,
+        point: (usize, usize),
+        log_says: Option<&'static str>,
+        files: &'static [&'static str],
+        json_but_seconds: &'static [&'static str],
+    }
+    let cases: Vec<Case> = vec![
+        // carriers: one pass, written atomically; a kill anywhere leaves nothing torn.
+        Case {
+            name: "carriers",
+            args: Box::new(|out| {
+                strings(&[
+                    "carriers",
+                    "-m",
+                    &m,
+                    "--harmful",
+                    &harm,
+                    "--harmless",
+                    &harmless,
+                    "--n",
+                    "24",
+                    "--bootstrap",
+                    "4000",
+                    "--out",
+                    out.to_str().unwrap(),
+                ])
+            }),
+            kill: Kill::AtPercentOfTime,
+            point: (5, 60),
+            log_says: None,
+            files: &["carriers.safetensors", "carriers.json", "geometry.json"],
+            json_but_seconds: &[],
         },
-        &|out, _, _| {
-            lines_in(&out.join("test_cases.jsonl")) >= point
-                && std::fs::read_dir(out.join("state")).is_ok_and(|d| d.count() > 0)
+        // select and sweep resume from their journals; both start from the same carriers.
+        Case {
+            name: "select",
+            args: Box::new(|out| {
+                copy_carriers(out);
+                strings(&[
+                    "select",
+                    out.to_str().unwrap(),
+                    "--val",
+                    &sets,
+                    "--n-val",
+                    "12",
+                    "--screen",
+                    "4",
+                    "--finalists",
+                    "4",
+                    "--kl-max",
+                    "50",
+                ])
+            }),
+            kill: Kill::JournalPast("select.journal.jsonl"),
+            point: (2, 6),
+            log_says: Some("measurements already made"),
+            files: &["selection.csv"],
+            json_but_seconds: &["selection.json"],
         },
-    );
-    same_file(
-        &full.join("test_cases.jsonl"),
-        &cut.join("test_cases.jsonl"),
-        &format!("gcg killed in behaviour {point}"),
-    );
+        Case {
+            name: "sweep",
+            args: Box::new(|out| {
+                copy_carriers(out);
+                strings(&[
+                    "sweep",
+                    out.to_str().unwrap(),
+                    "--carrier",
+                    "1:0",
+                    "--val",
+                    &sets,
+                    "--n",
+                    "8",
+                    "--coefs",
+                    "-1,0,1",
+                    "--controls",
+                    "8",
+                    "--continuation-tokens",
+                    "4",
+                ])
+            }),
+            kill: Kill::JournalPast("sweep.journal.jsonl"),
+            point: (2, 12),
+            log_says: Some("conditions already measured"),
+            files: &["sweep.csv"],
+            json_but_seconds: &["sweep.json"],
+        },
+        // attack: GCG writes its state after every step and a test case per behaviour.
+        Case {
+            name: "gcg",
+            args: Box::new(|out| {
+                strings(&[
+                    "attack",
+                    "gcg",
+                    "-m",
+                    &m,
+                    "--behaviors",
+                    behaviors.to_str().unwrap(),
+                    "--steps",
+                    "12",
+                    "--search-width",
+                    "32",
+                    "--topk",
+                    "16",
+                    "--optim-str-init",
+                    "w1 w1 w1 w1",
+                    "--out",
+                    out.to_str().unwrap(),
+                ])
+            }),
+            kill: Kill::CasesAndState("test_cases.jsonl"),
+            point: (0, 2),
+            log_says: None,
+            files: &["test_cases.jsonl"],
+            json_but_seconds: &[],
+        },
+    ];
+    for case in &cases {
+        let point = random_point(case.point.0, case.point.1);
+        let (full, cut, log) =
+            full_and_resumed(
+                h,
+                case.name,
+                &case.args,
+                &|out, took, elapsed| match case.kill {
+                    Kill::AtPercentOfTime => elapsed >= took * point as u32 / 100,
+                    Kill::JournalPast(journal) => lines_in(&out.join(journal)) > point,
+                    Kill::CasesAndState(file) => {
+                        lines_in(&out.join(file)) >= point
+                            && std::fs::read_dir(out.join("state")).is_ok_and(|d| d.count() > 0)
+                    }
+                },
+            );
+        let what = format!("{} killed at point {point}", case.name);
+        if let Some(words) = case.log_says {
+            assert!(log.contains(words), "{what}: {log}");
+        }
+        for f in case.files {
+            same_file(&full.join(f), &cut.join(f), &what);
+        }
+        for f in case.json_but_seconds {
+            assert_eq!(
+                json_without_seconds(&full.join(f)),
+                json_without_seconds(&cut.join(f)),
+                "{what}: {f}"
+            );
+        }
+    }
 
     // train: exact resume from the last saved state; the log keeps exactly the steps before it.
     // Training needs a template that renders the prompt as a prefix of prompt + reply.

@@ -342,3 +342,45 @@ fn impossible_configs_and_non_finite_weights_are_model_errors() {
         "unreadable safetensors",
     );
 }
+
+#[test]
+fn tokenizer_problems_and_unfollowable_links_are_named_model_errors() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let model = h.join("tiny");
+    write_tiny_hf(Arch::Llama, 6, &model).unwrap();
+    let m = model.to_str().unwrap();
+    let forward = |m: &str| safegeo(&["forward", "-m", m, "--chat", "w1"], h);
+    // A malformed tokenizer_config.json is a model problem with its fix, not bad input.
+    let tc = model.join("tokenizer_config.json");
+    let good_tc = std::fs::read_to_string(&tc).unwrap();
+    std::fs::write(&tc, "{\"chat_template\": ").unwrap();
+    let out = forward(m);
+    fails_with(&out, 3, "tokenizer_config.json: not valid JSON");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fix:"));
+    std::fs::write(&tc, &good_tc).unwrap();
+    // A tokenizer with more tokens than the embedding has rows.
+    let tj = model.join("tokenizer.json");
+    let good_tj = std::fs::read_to_string(&tj).unwrap();
+    let mut t: serde_json::Value = serde_json::from_str(&good_tj).unwrap();
+    let vocab = t["model"]["vocab"].as_object_mut().unwrap();
+    let n = vocab.len();
+    for i in 0..1000 {
+        vocab.insert(format!("extra{i}"), (n + i).into());
+    }
+    std::fs::write(&tj, t.to_string()).unwrap();
+    fails_with(&forward(m), 3, "tokens but the embedding only");
+    std::fs::write(&tj, &good_tj).unwrap();
+    assert!(forward(m).status.success());
+    // Links: a loop and a dangling link say what they are.
+    let looped = h.join("loop");
+    std::os::unix::fs::symlink(&looped, &looped).unwrap();
+    fails_with(&forward(looped.to_str().unwrap()), 3, "a link loop");
+    let dangling = h.join("dangling");
+    std::os::unix::fs::symlink(h.join("gone"), &dangling).unwrap();
+    fails_with(
+        &forward(dangling.to_str().unwrap()),
+        3,
+        "which does not exist",
+    );
+}

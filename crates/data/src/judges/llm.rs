@@ -117,7 +117,8 @@ pub struct EndpointConfig {
     pub timeout: Duration,
     /// Retries after the first attempt.
     pub retries: usize,
-    /// First backoff; doubles each retry.
+    /// First backoff; doubles each retry, with random jitter, unless the server says when to
+    /// come back (`Retry-After`, at most [`MAX_RETRY_AFTER`]).
     pub backoff: Duration,
 }
 
@@ -157,16 +158,15 @@ impl EndpointCompleter {
         Ok(Self { cfg, client, url })
     }
 
-    fn once(&self, body: &serde_json::Value) -> std::result::Result<String, (bool, String)> {
+    fn once(&self, body: &serde_json::Value) -> std::result::Result<String, Failure> {
         let mut req = self.client.post(&self.url).json(body);
         if let Ok(key) = std::env::var(&self.cfg.api_key_env) {
             req = req.bearer_auth(key);
         }
-        let resp = req
-            .send()
-            .map_err(|e| (true, format!("request failed: {}", without_url(&e))))?;
+        let resp = req.send().map_err(|e| Failure::retry(without_url(&e)))?;
         let status = resp.status();
-        let body = read_capped(resp).map_err(|e| (true, e))?;
+        let after = retry_after(resp.headers());
+        let body = read_capped(resp).map_err(Failure::retry)?;
         if !status.is_success() {
             // 429 and 5xx are worth retrying; 4xx are not. The server's own words come along.
             let retry = status.as_u16() == 429 || status.is_server_error();
@@ -178,15 +178,57 @@ impl EndpointCompleter {
             } else {
                 format!(": {said}")
             };
-            return Err((retry, format!("HTTP {status}{said}")));
+            return Err(Failure {
+                retry,
+                after,
+                message: format!("HTTP {status}{said}"),
+            });
         }
         let v: serde_json::Value = serde_json::from_slice(&body)
-            .map_err(|e| (true, format!("response is not JSON: {e}")))?;
+            .map_err(|e| Failure::retry(format!("response is not JSON: {e}")))?;
         v["choices"][0]["message"]["content"]
             .as_str()
             .map(String::from)
-            .ok_or_else(|| (false, "response has no choices[0].message.content".into()))
+            .ok_or_else(|| Failure {
+                retry: false,
+                after: None,
+                message: "response has no choices[0].message.content".into(),
+            })
     }
+}
+
+/// One failed request: whether another try may succeed, when the server asked to be tried
+/// again, and what happened.
+#[derive(Debug)]
+struct Failure {
+    retry: bool,
+    after: Option<Duration>,
+    message: String,
+}
+
+impl Failure {
+    fn retry(message: String) -> Self {
+        Failure {
+            retry: true,
+            after: None,
+            message,
+        }
+    }
+}
+
+/// The longest `Retry-After` honoured; a server asking for longer is tried after this.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
+
+/// A `Retry-After` header given in seconds (the HTTP-date form is left to the backoff).
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let secs: u64 = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER))
 }
 
 /// The most of a response body read: a judge's answer is a few hundred bytes, and a server
@@ -254,28 +296,35 @@ impl Completer for EndpointCompleter {
         let body = serde_json::json!({
             "model": self.cfg.model, "messages": messages, "temperature": 0.0, "max_tokens": max_tokens,
         });
-        let mut wait = self.cfg.backoff;
-        let mut last = String::new();
-        for attempt in 0..=self.cfg.retries {
-            match self.once(&body) {
-                Ok(s) => return Ok(s),
-                Err((retry, msg)) => {
-                    tracing::warn!("judge endpoint attempt {}: {msg}", attempt + 1);
-                    last = msg;
-                    if !retry {
-                        break;
-                    }
-                    if attempt < self.cfg.retries {
-                        std::thread::sleep(wait);
-                        wait *= 2;
-                    }
-                }
-            }
-        }
-        Err(Error::Invalid(format!(
-            "judge endpoint {} failed: {last}\n  fix: check that the server runs and serves model `{}` (--judge-endpoint, --judge-model)",
-            redact_url(&self.url), self.cfg.model
-        )))
+        use backon::{BlockingRetryable, ExponentialBuilder};
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(self.cfg.backoff)
+            .with_max_delay(MAX_RETRY_AFTER)
+            .with_max_times(self.cfg.retries)
+            .with_jitter();
+        (|| self.once(&body))
+            .retry(backoff)
+            .sleep(std::thread::sleep)
+            .when(|f| f.retry)
+            .notify(|f, wait| {
+                // The backoff's own sleep follows; a server that asked for longer gets the rest.
+                let longer = f.after.map_or(Duration::ZERO, |a| a.saturating_sub(wait));
+                tracing::warn!(
+                    "judge endpoint: {}; trying again in {:?}",
+                    f.message,
+                    wait + longer
+                );
+                std::thread::sleep(longer);
+            })
+            .call()
+            .map_err(|f| {
+                Error::Endpoint(format!(
+                    "judge endpoint {} failed: {}\n  fix: check that the server runs and serves model `{}` (--judge-endpoint, --judge-model)",
+                    redact_url(&self.url),
+                    f.message,
+                    self.cfg.model
+                ))
+            })
     }
 }
 

@@ -442,6 +442,28 @@ fn build_mask(
     ))
 }
 
+/// Refuse logits holding NaN or infinity, naming the first block whose output already did (its
+/// sum in `block_sums`), so a bad weight or an overflow is traced to where it started instead of
+/// turning into garbage text and scores.
+fn check_finite(logits: &Tensor, block_sums: &[(usize, Tensor)]) -> Result<()> {
+    let finite = |t: &Tensor| -> Result<bool> {
+        Ok(t.to_dtype(DType::F32)?.to_scalar::<f32>()?.is_finite())
+    };
+    if finite(&logits.sum_all()?)? {
+        return Ok(());
+    }
+    let mut start = "the final norm or the LM head".to_string();
+    for (l, sum) in block_sums {
+        if !finite(sum)? {
+            start = format!("block {l}");
+            break;
+        }
+    }
+    candle_core::bail!(
+        "the forward pass produced non-finite logits (NaN or infinity), first seen in the output of {start}\n  fix: the checkpoint's weights or configuration are corrupt, or its dtype overflows: fetch or export it again, or run it in f32"
+    )
+}
+
 impl Model {
     /// Embeddings of `ids: (b, t)`, scaled for Gemma.
     pub fn embed_ids(&self, ids: &Tensor) -> Result<Tensor> {
@@ -552,6 +574,9 @@ impl Model {
             local_mask: local_mask.as_ref(),
             grad,
         };
+        // Each block's output sum, kept unread (no device sync) unless the logits come out
+        // non-finite: then the first non-finite one names the block where it started.
+        let mut block_sums = Vec::with_capacity(self.blocks.len());
         for (l, block) in self.blocks.iter().enumerate().skip(first) {
             let info = |site| SiteInfo {
                 layer: l,
@@ -563,6 +588,9 @@ impl Model {
             let layer_cache = cache.as_deref_mut().map(|c| (&mut c.layers[l], c.reserve));
             let mut site_fn = |site: Site, a: Tensor| obs.visit(&info(site), a);
             x = block.forward(&x, l, &ctx, layer_cache, &mut site_fn)?;
+            if !grad {
+                block_sums.push((l, x.sum_all()?));
+            }
         }
         if let Some(c) = cache {
             // A frozen cache (every layer frozen by `freeze`) is never extended.
@@ -589,7 +617,11 @@ impl Model {
             }
         };
         let x = ops::rms_norm(&x, &self.final_norm, cfg.rms_eps, grad)?;
-        Ok(Some(self.lm_head.forward(&x, grad)?))
+        let logits = self.lm_head.forward(&x, grad)?;
+        if !grad {
+            check_finite(&logits, &block_sums)?;
+        }
+        Ok(Some(logits))
     }
 
     /// Forward over token ids `(b, t)`.

@@ -105,6 +105,7 @@ fn manual_fix(m: &KnownModel) -> String {
 pub fn ensure(m: &KnownModel, force: bool) -> Result<PathBuf> {
     let dest = cached_path(m);
     if dest.exists() && !force {
+        check_cached(m, &dest)?;
         return Ok(dest);
     }
     let tmp = tempdir_in(&home())?;
@@ -229,7 +230,43 @@ fn fetch_into(m: &KnownModel, tmp: &Path, dest: &Path) -> Result<()> {
         });
     }
     std::fs::rename(&partial, dest).map_err(|e| Error::io(dest, e))?;
-    Ok(())
+    stamp_verified(dest, &found_hash)
+}
+
+/// Beside a cached model: its size, modification time and sha256 when last verified.
+fn stamp_path(file: &Path) -> PathBuf {
+    let mut name = file.file_name().unwrap_or_default().to_os_string();
+    name.push(".verified");
+    file.with_file_name(name)
+}
+
+/// What the stamp records of `file` besides its digest: size and modification time.
+fn identity(file: &Path) -> Result<String> {
+    let meta = std::fs::metadata(file).map_err(|e| Error::io(file, e))?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    Ok(format!("{} {mtime}", meta.len()))
+}
+
+fn stamp_verified(file: &Path, sha256: &str) -> Result<()> {
+    let stamp = stamp_path(file);
+    let text = format!("{} {sha256}\n", identity(file)?);
+    std::fs::write(&stamp, text).map_err(|e| Error::io(&stamp, e))
+}
+
+/// A cached model is used only as fetched: its sha256 is checked on the first use after it
+/// changed (size or modification time differ from the stamp), so a file replaced or corrupted
+/// in the cache is refused, while an unchanged one costs a stat.
+fn check_cached(m: &KnownModel, file: &Path) -> Result<()> {
+    let expect = format!("{} {}", identity(file)?, m.sha256);
+    if std::fs::read_to_string(stamp_path(file)).is_ok_and(|s| s.trim() == expect) {
+        return Ok(());
+    }
+    verify(m)?;
+    stamp_verified(file, m.sha256)
 }
 
 fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {

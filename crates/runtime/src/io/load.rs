@@ -23,13 +23,34 @@ pub fn load_model(path: &Path, dev: &Device) -> Result<Model> {
     load_model_with(path, dev, LoadOptions::default())
 }
 
+/// A missing model is "not found"; a path that is there but cannot be followed (a link loop, a
+/// dangling link, no permission) says what it is.
+fn check_openable(path: &Path) -> Result<()> {
+    let unreadable = |reason: String| Error::ModelUnreadable {
+        path: path.to_path_buf(),
+        reason,
+    };
+    match std::fs::metadata(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => match std::fs::read_link(path) {
+            Ok(target) => Err(unreadable(format!(
+                "it is a symbolic link to {}, which does not exist",
+                target.display()
+            ))),
+            Err(_) => Err(Error::ModelNotFound {
+                path: path.to_path_buf(),
+            }),
+        },
+        Err(e) if e.raw_os_error() == Some(40) && std::fs::symlink_metadata(path).is_ok() => Err(
+            unreadable("it is a symbolic link that leads back to itself (a link loop)".into()),
+        ),
+        Err(e) => Err(unreadable(e.to_string())),
+    }
+}
+
 /// [`load_model`] with options.
 pub fn load_model_with(path: &Path, dev: &Device, opts: LoadOptions) -> Result<Model> {
-    if !path.exists() {
-        return Err(Error::ModelNotFound {
-            path: path.to_path_buf(),
-        });
-    }
+    check_openable(path)?;
     let t0 = std::time::Instant::now();
     let (cfg, ws, tok) = if path.is_dir() {
         open_hf(path)?
@@ -181,6 +202,16 @@ pub(crate) fn build(
         reason,
     })?;
     crate::io::weights::check_weight(path, "token_embd.weight", &embed, &[cfg.vocab, cfg.hidden])?;
+    if tok.vocab_size() > cfg.vocab {
+        return Err(Error::BadConfig {
+            path: path.to_path_buf(),
+            reason: format!(
+                "the tokenizer has {} tokens but the embedding only {} rows, so some token ids have no embedding",
+                tok.vocab_size(),
+                cfg.vocab
+            ),
+        });
+    }
     let final_norm = ws.get_shaped("output_norm.weight", &[cfg.hidden], dev)?;
     let lm_head = match ws.get_opt("output.weight", dev)? {
         Some(w) => {

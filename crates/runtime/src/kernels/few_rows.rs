@@ -1009,7 +1009,7 @@ mod tests {
                 };
                 let gemm = time(&|w| {
                     crate::ops::transpose(
-                        &crate::kernels::fused::weight_rows_times_x_t(w, out, inner, &x, rows),
+                        &crate::kernels::gemm::weight_rows_times_x_t(w, out, inner, &x, rows),
                         out,
                         rows,
                     )

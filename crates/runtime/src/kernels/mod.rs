@@ -5,4 +5,5 @@ pub mod blas;
 pub mod block_cache;
 pub(crate) mod few_rows;
 pub(crate) mod fused;
+pub(crate) mod gemm;
 pub mod q4_1;

@@ -601,10 +601,13 @@ pub fn render_template(
     crate::text::template::render(template, messages, bos_token, eos_token).map_err(Error::Template)
 }
 
+/// A model folder's optional JSON file (Null when absent); unreadable JSON is a model problem.
 fn read_json_opt(path: &Path) -> Result<serde_json::Value> {
     match std::fs::read_to_string(path) {
-        Ok(s) => serde_json::from_str(&s)
-            .map_err(|e| Error::Invalid(format!("{}: not valid JSON: {e}", path.display()))),
+        Ok(s) => serde_json::from_str(&s).map_err(|e| Error::Tokenizer {
+            path: path.to_path_buf(),
+            reason: format!("not valid JSON: {e}"),
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(serde_json::Value::Null),
         Err(e) => Err(Error::io(path, e)),
     }

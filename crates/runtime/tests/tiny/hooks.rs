@@ -255,3 +255,24 @@ fn prompt_except_last_leaves_the_tail_unsteered() {
         "the last two tokens must miss exactly the +2 shift: {diff}"
     );
 }
+
+#[test]
+fn non_finite_logits_are_an_error_naming_the_block_where_they_started() {
+    let m = tiny_model(Arch::Llama, 3, DType::F32).unwrap();
+    let run = |coef: f64| {
+        let mut h = Hooks::with_interventions(vec![Intervention::Add {
+            vector: Tensor::ones(16, DType::F32, &Device::Cpu).unwrap(),
+            coef,
+            layer: 1,
+            scope: Scope::All,
+        }]);
+        let (ids, layout) = m.pad_batch(&[vec![4, 5, 6]]).unwrap();
+        m.forward_ids(&ids, &layout, None, LogitsAt::Last, Phase::Prompt, &mut h)
+    };
+    assert!(run(0.5).is_ok());
+    let err = run(f64::INFINITY).unwrap_err().to_string();
+    assert!(
+        err.contains("non-finite logits") && err.contains("block 1"),
+        "{err}"
+    );
+}

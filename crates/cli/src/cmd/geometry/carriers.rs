@@ -108,7 +108,7 @@ pub fn run(a: CarriersArgs) -> Result<()> {
 }
 
 /// The settings' own checks and the prompt sets' (cheap next to loading a model).
-fn check(a: &CarriersJob) -> Result<()> {
+pub(crate) fn check(a: &CarriersJob) -> Result<()> {
     if a.heldout.as_ref().is_some_and(|s| s.len() != 2) {
         bail!("--heldout takes two sets: harmful,harmless (e.g. jbb-harmful,jbb-benign)");
     }

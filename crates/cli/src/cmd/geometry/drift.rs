@@ -39,7 +39,7 @@ pub fn run(a: DriftArgs) -> Result<()> {
         || ca.n_pos() != cb.n_pos()
         || ca.refusal[0][0].len() != cb.refusal[0][0].len()
     {
-        bail!("the two anchors' carriers have different shapes (layers, positions or width): compare checkpoints of one model");
+        bail!("the two anchors' carriers do not fit this model's shape: they differ in layers, positions or width\n  fix: compare checkpoints of one model, with carriers from the same prompt sets");
     }
     let pos = a.pos.unwrap_or(ca.n_pos() - 1);
     if pos >= ca.n_pos() {

@@ -200,8 +200,12 @@ pub fn select_into(model: &safegeo_runtime::Model, a: &SelectJob) -> Result<serd
     let c = store::load(&a.dir.join("carriers.safetensors"))?;
     if model.cfg.n_layer != c.n_layer() || model.cfg.hidden != c.refusal[0][0].len() {
         bail!(
-            "the carriers in {} do not fit this model's shape",
-            a.dir.display()
+            "the carriers in {} do not fit this model's shape ({} layers x width {} against {} x {})\n  fix: select with the model the carriers were estimated on (the one carriers.json names), or estimate them again on this one",
+            a.dir.display(),
+            c.n_layer(),
+            c.refusal[0][0].len(),
+            model.cfg.n_layer,
+            model.cfg.hidden
         );
     }
     let hv = prompts(&a.val[0], a.n_val, a.seed, a.data_dir.as_deref())?;
