@@ -17,8 +17,8 @@
 set -euo pipefail
 OUT=${1:-r2d2-vs-sft-gcg}
 S=${SAFEGEO:-safegeo}
-STEPS=${STEPS:-60}
-SAVE_AT=${SAVE_AT:-20,40,60}
+STEPS=${STEPS:-90}
+SAVE_AT=${SAVE_AT:-30,60,90}
 BEHAVIOURS=${BEHAVIOURS:-41}
 LIMIT=${LIMIT:-50}
 

@@ -363,6 +363,7 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
         Some(G::Data(d)) => Some(d),
         Some(G::Runtime(r)) => return runtime_code(r),
         Some(G::Invalid(_)) => return 2,
+        Some(G::Mismatch(_)) => return 1,
         Some(G::Candle(_)) => return 1,
         None => e.downcast_ref::<D>(),
     };

@@ -6,6 +6,9 @@ pub enum Error {
     /// A bad input or option.
     #[error("{0}")]
     Invalid(String),
+    /// Inputs that do not belong together (carriers of another model's shape).
+    #[error("{0}")]
+    Mismatch(String),
     /// A data-layer failure.
     #[error(transparent)]
     Data(#[from] safegeo_data::Error),

@@ -10,6 +10,7 @@ pub mod estimate;
 pub mod linalg;
 pub mod measures;
 pub mod select;
+pub mod selection;
 pub mod separation;
 pub mod store;
 pub mod sweep;

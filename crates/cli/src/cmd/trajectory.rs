@@ -4,7 +4,7 @@
 //! interrupted run resumes and shards merge by running `--merge-only` once all are done.
 use crate::cmd::eval::EvalArgs;
 use crate::cmd::geometry::carriers::{estimate_into, CarriersJob};
-use crate::cmd::geometry::select::{select_into, SelectJob, SelectionBudget};
+use crate::cmd::geometry::select::{select_into_with_progress, SelectionBudget};
 use crate::common::{self, JudgeBackendArgs, ModelArgs};
 use anyhow::{bail, Context, Result};
 use safegeo_report::trajectory::{self, AnchorInfo};
@@ -327,7 +327,7 @@ fn measure(a: &TrajectoryArgs, anchor: &Anchor, dir: &Path) -> Result<()> {
         let n_pos = meta["n_pos"]
             .as_u64()
             .context("carriers.json has no n_pos")? as usize;
-        let mut job = SelectJob::new(geo.clone(), &a.budget);
+        let mut job = a.budget.job(geo.clone());
         job.orth = a.orth;
         job.data_dir = a.data.data_dir.clone();
         // The report's stand-in carrier and bypass-by-layer curve read every bypass.
@@ -335,7 +335,7 @@ fn measure(a: &TrajectoryArgs, anchor: &Anchor, dir: &Path) -> Result<()> {
         if !a.all_positions {
             job.config.positions = Some(vec![n_pos - 1]);
         }
-        select_into(loaded(&mut slot, &model_args)?, &job)?;
+        select_into_with_progress(loaded(&mut slot, &model_args)?, &job)?;
     }
     Ok(())
 }

@@ -1,11 +1,10 @@
 //! `safegeo select`: the admissible refusal carrier of a carriers folder.
-use super::{carriers_model, open_journal, prompts, write_json};
+use super::carriers_model;
 use crate::common;
-use anyhow::{bail, Context, Result};
-use safegeo_data::judges::refusal_score::{refusal_token_ids, REFUSAL_OPENINGS};
-use safegeo_geometry::carriers::prompt_ids;
-use safegeo_geometry::select::{select, SelectConfig};
-use safegeo_geometry::{linalg, store};
+use anyhow::Result;
+use safegeo_geometry::select::SelectConfig;
+use safegeo_geometry::selection::{select_into, SelectJob, SelectObserver};
+use safegeo_geometry::store;
 use std::path::PathBuf;
 
 /// Validation prompts per set (Arditi et al.: 32).
@@ -14,26 +13,26 @@ pub const VALIDATION_PROMPTS: usize = 32;
 /// What the selection spends: validation prompts, the screen and the finalists, and the KL
 /// bound. Shared by `select` and `trajectory`.
 #[derive(clap::Args, Clone, Debug)]
-#[command(next_help_heading = "Selection budget")]
 pub struct SelectionBudget {
     /// Harmful and harmless validation sets.
     #[arg(
+        help_heading = "Selection budget",
         long,
         value_delimiter = ',',
         default_value = "harmful-val,harmless-val"
     )]
     pub val: Vec<String>,
     /// Validation prompts per set (Arditi et al.: 32).
-    #[arg(long, default_value_t = VALIDATION_PROMPTS)]
+    #[arg(help_heading = "Selection budget", long, default_value_t = VALIDATION_PROMPTS)]
     pub n_val: usize,
     /// Prompts per set in the screening stage.
-    #[arg(long, default_value_t = SelectConfig::default().screen_prompts)]
+    #[arg(help_heading = "Selection budget", long, default_value_t = SelectConfig::default().screen_prompts)]
     pub screen: usize,
     /// Candidates re-measured on all validation prompts.
-    #[arg(long, default_value_t = SelectConfig::default().finalists)]
+    #[arg(help_heading = "Selection budget", long, default_value_t = SelectConfig::default().finalists)]
     pub finalists: usize,
     /// Maximum KL on harmless prompts under ablation (admissibility).
-    #[arg(value_parser = crate::common::finite, long, default_value_t = SelectConfig::default().kl_max)]
+    #[arg(help_heading = "Selection budget", value_parser = crate::common::finite, long, default_value_t = SelectConfig::default().kl_max)]
     pub kl_max: f64,
 }
 
@@ -54,7 +53,7 @@ pub struct SelectArgs {
     pub device: common::DeviceArgs,
     #[command(flatten)]
     pub budget: SelectionBudget,
-    /// Candidates must lie below this fraction of the layers (Arditi: 0.8; default none).
+    /// Candidates must lie below this fraction of the layers (Arditi: 0.8; 1 = no cut-off).
     #[arg(value_parser = crate::common::finite, long, default_value_t = SelectConfig::default().layer_cutoff)]
     pub layer_cutoff: f64,
     /// Harmful and harmless prompts (each) of the first stage over every candidate: bypass and
@@ -102,38 +101,20 @@ pub struct SelectArgs {
 /// Seed of the validation prompts' sample.
 pub const VALIDATION_SEED: u64 = 42;
 
-/// One selection in a carriers folder: the validation sets and the selection's settings.
-pub struct SelectJob {
-    /// A folder written by `safegeo carriers`; selection.{json,csv} go there.
-    pub dir: PathBuf,
-    /// Harmful and harmless validation sets.
-    pub val: Vec<String>,
-    /// Validation prompts per set.
-    pub n_val: usize,
-    /// Seed of the validation prompts' sample.
-    pub seed: u64,
-    /// Select among the orthogonalized carriers.
-    pub orth: bool,
-    /// Where the named sets live.
-    pub data_dir: Option<PathBuf>,
-    /// The selection's settings.
-    pub config: SelectConfig,
-}
-
-impl SelectJob {
-    /// A selection in `dir` within `budget`, every other setting at its default.
-    pub fn new(dir: PathBuf, budget: &SelectionBudget) -> Self {
+impl SelectionBudget {
+    /// A selection in `dir` within this budget, every other setting at its default.
+    pub fn job(&self, dir: PathBuf) -> SelectJob {
         SelectJob {
             dir,
-            val: budget.val.clone(),
-            n_val: budget.n_val,
+            val: self.val.clone(),
+            n_val: self.n_val,
             seed: VALIDATION_SEED,
             orth: false,
             data_dir: None,
             config: SelectConfig {
-                kl_max: budget.kl_max,
-                screen_prompts: budget.screen,
-                finalists: budget.finalists,
+                kl_max: self.kl_max,
+                screen_prompts: self.screen,
+                finalists: self.finalists,
                 seed: VALIDATION_SEED,
                 ..SelectConfig::default()
             },
@@ -165,9 +146,9 @@ pub fn run(a: SelectArgs) -> Result<()> {
         },
     };
     store::load(&a.dir.join("carriers.safetensors"))?;
-    check(&job)?;
+    job.check()?;
     let model = carriers_model(&a.dir, a.model.as_deref(), &a.device)?;
-    let out = select_into(&model, &job)?;
+    let out = select_into_with_progress(&model, &job)?;
     if a.json {
         common::print_json(&out)?;
     } else if out["result"]["selected"].is_null() {
@@ -186,146 +167,28 @@ pub fn run(a: SelectArgs) -> Result<()> {
     Ok(())
 }
 
-fn check(a: &SelectJob) -> Result<()> {
-    if a.val.len() != 2 {
-        bail!("--val takes two sets: harmful,harmless");
-    }
-    Ok(())
-}
-
-/// Select the admissible carrier of `a.dir` on `model`: selection.json, selection.csv, and the
-/// selected layer's numbers in geometry.json. Returns selection.json. Shared with `trajectory`.
-pub fn select_into(model: &safegeo_runtime::Model, a: &SelectJob) -> Result<serde_json::Value> {
-    check(a)?;
-    let c = store::load(&a.dir.join("carriers.safetensors"))?;
-    if model.cfg.n_layer != c.n_layer() || model.cfg.hidden != c.refusal[0][0].len() {
-        bail!(
-            "the carriers in {} do not fit this model's shape ({} layers x width {} against {} x {})\n  fix: select with the model the carriers were estimated on (the one carriers.json names), or estimate them again on this one",
-            a.dir.display(),
-            c.n_layer(),
-            c.refusal[0][0].len(),
-            model.cfg.n_layer,
-            model.cfg.hidden
-        );
-    }
-    let hv = prompts(&a.val[0], a.n_val, a.seed, a.data_dir.as_deref())?;
-    let lv = prompts(&a.val[1], a.n_val, a.seed, a.data_dir.as_deref())?;
-    let text =
-        |d: &safegeo_data::Dataset| d.items.iter().map(|i| i.prompt.clone()).collect::<Vec<_>>();
-    let (h_ids, _) = prompt_ids(model, &text(&hv))?;
-    let (l_ids, _) = prompt_ids(model, &text(&lv))?;
-    let refusal_ids = refusal_token_ids(&model.tok, REFUSAL_OPENINGS)?;
-    let cfg = &a.config;
-    // Ablation normalizes either; addition needs the orthogonalized carrier at its own scale.
-    let orth_at_scale;
-    let carriers = if a.orth {
-        orth_at_scale = c.refusal_orth_at_scale();
-        &orth_at_scale
-    } else {
-        &c.refusal
-    };
-    // Every measurement lands in a journal, so a killed selection resumes where it stopped.
-    let fingerprint = serde_json::json!({
-        "carriers": safegeo_runtime::fetch::sha256_file(&a.dir.join("carriers.safetensors"))?,
-        "model": common::model_hash(&model.source)?, "orth": a.orth, "config": cfg,
-        "harmful": &h_ids, "harmless": &l_ids, "refusal_ids": &refusal_ids,
-    });
-    let mut journal = open_journal(&a.dir, "select", &fingerprint, "measurements already made")?;
-    let t0 = std::time::Instant::now();
-    let mut bar = common::Progress::new("candidate measurements");
-    let (cands, best, base) = select(
-        model,
-        carriers,
-        &h_ids,
-        &l_ids,
-        &refusal_ids,
-        cfg,
-        Some(&mut journal),
-        &mut |d, t| bar.set(d, t),
-    )?;
-    bar.finish();
-    let csv = safegeo_data::table::csv_text(
-        &[
-            "layer",
-            "pos",
-            "bypass",
-            "induce",
-            "kl",
-            "stage",
-            "admissible",
-            "failed",
-        ],
-        cands.iter().map(|k| {
-            [
-                k.layer.to_string(),
-                k.pos.to_string(),
-                format!("{:.6}", k.bypass),
-                format!("{:.6}", k.induce),
-                format!("{:.6}", k.kl),
-                k.stage.to_string(),
-                k.admissible.to_string(),
-                k.failed.join(";"),
-            ]
-        }),
-    );
-    safegeo_runtime::files::write_atomic(&a.dir.join("selection.csv"), csv.as_bytes())?;
-    let full: Vec<_> = cands.iter().filter(|k| k.stage == "full").collect();
-    let count = |t: &str| full.iter().filter(|k| k.failed.contains(&t)).count();
-    let lowest_kl = full.iter().map(|k| k.kl).fold(f64::INFINITY, f64::min);
-    let rk = &base.random_direction_kl;
-    let random_kl = if rk.is_empty() {
-        "not measured".to_string()
-    } else {
-        format!(
-            "mean KL {:.4}, max {:.4} over {}",
-            rk.iter().sum::<f64>() / rk.len() as f64,
-            rk.iter().fold(0.0f64, |m, &x| m.max(x)),
-            rk.len()
-        )
-    };
-    let verdict = match best {
-        Some(i) => {
-            serde_json::json!({"selected": cands[i], "direction": if a.orth { "refusal_orth" } else { "refusal" }})
+/// [`select_into`] with a progress bar and the command's notes. Shared with `trajectory`.
+pub fn select_into_with_progress(
+    model: &safegeo_runtime::Model,
+    job: &SelectJob,
+) -> Result<serde_json::Value> {
+    struct Shown(common::Progress);
+    impl SelectObserver for Shown {
+        fn resumed(&mut self, n: usize) {
+            common::note!("select: resuming, {n} measurements already made");
         }
-        None => serde_json::json!({
-            "selected": null,
-            "reason": format!(
-                "no admissible carrier among {} fully measured candidates: induce <= 0 for {}, KL > {} for {} (lowest {:.3}; ablating a random direction: {}), NaN for {}; {} candidates at or above the layer cut-off left out (baseline refusal score on harmful prompts {:.3}; a model that does not refuse has no refusal carrier to find)",
-                full.len(), count("induce"), cfg.kl_max, count("kl"), lowest_kl, random_kl, count("nan"), cands.iter().filter(|k| k.stage == "cutoff").count(), base.harmful_score
-            ),
-        }),
-    };
-    let out = serde_json::json!({
-        "config": cfg, "seconds": t0.elapsed().as_secs_f64(),
-        "baseline": {"harmful_refusal_score": base.harmful_score, "harmless_refusal_score": base.harmless_score,
-            "random_direction_kl": &base.random_direction_kl},
-        "validation": {"harmful": {"name": hv.name, "sha256": hv.sha256}, "harmless": {"name": lv.name, "sha256": lv.sha256}},
-        "refusal_token_ids": refusal_ids, "result": verdict,
-    });
-    write_json(&a.dir.join("selection.json"), &out)?;
-    // geometry.json gains the numbers at the selected layer (or loses stale ones).
-    let geometry_path = a.dir.join("geometry.json");
-    if let Ok(text) = std::fs::read_to_string(&geometry_path) {
-        let mut geo: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not valid JSON", geometry_path.display()))?;
-        geo["selected"] = match best {
-            Some(i) => {
-                let (l, p) = (cands[i].layer, cands[i].pos);
-                serde_json::json!({
-                    "layer": l, "pos": p, "direction": if a.orth { "refusal_orth" } else { "refusal" },
-                    "coupling_abs_cos": linalg::cosine(c.harmfulness(l), &carriers[l][p]).abs(),
-                    "effective_rank": geo["effective_rank"].get(l).cloned().unwrap_or_default(),
-                })
-            }
-            None => serde_json::Value::Null,
-        };
-        write_json(&geometry_path, &geo)?;
+        fn progress(&mut self, done: usize, total: usize) {
+            self.0.set(done, total);
+        }
     }
-    crate::common::note!(
-        "select: {} candidates in {:.1}s -> {}",
-        cands.len(),
+    let t0 = std::time::Instant::now();
+    let mut shown = Shown(common::Progress::new("candidate measurements"));
+    let out = select_into(model, &common::model_hash(&model.source)?, job, &mut shown)?;
+    shown.0.finish();
+    common::note!(
+        "select: done in {:.1}s -> {}",
         t0.elapsed().as_secs_f64(),
-        a.dir.display()
+        job.dir.display()
     );
     Ok(out)
 }
