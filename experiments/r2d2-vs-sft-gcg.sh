@@ -4,9 +4,9 @@
 #
 #   experiments/r2d2-vs-sft-gcg.sh [OUT_DIR]      (default: r2d2-vs-sft-gcg)
 #
-# 1. Fixed-source GCG test cases, made once against the base model: the 41 standard HarmBench-val
-#    behaviours (--limit caps them), 25 steps of width 64, stopping early once greedy decoding
-#    gives the target.
+# 1. Fixed-source GCG test cases, made once against the base model: BEHAVIOURS of the 41 standard
+#    HarmBench-val behaviours (a seeded sample), 25 steps of width 64, stopping early once greedy
+#    decoding gives the target.
 # 2. The built-in `sft` and `r2d2` recipes from the same base, shortened alike (STEPS steps,
 #    anchors at SAVE_AT): matched arms that differ only in R2D2's own losses. `trajectory` checks
 #    this and says so in the table.
@@ -17,9 +17,9 @@
 set -euo pipefail
 OUT=${1:-r2d2-vs-sft-gcg}
 S=${SAFEGEO:-safegeo}
-STEPS=${STEPS:-90}
-SAVE_AT=${SAVE_AT:-30,60,90}
-BEHAVIOURS=${BEHAVIOURS:-41}
+STEPS=${STEPS:-60}
+SAVE_AT=${SAVE_AT:-20,40,60}
+BEHAVIOURS=${BEHAVIOURS:-32}
 LIMIT=${LIMIT:-50}
 
 "$S" attack gcg --behaviors harmbench-val --category standard --limit "$BEHAVIOURS" \

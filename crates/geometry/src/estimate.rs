@@ -3,7 +3,7 @@
 //! scores, carrier norms and, on two held-out sets, how well each carrier reads as a probe. The
 //! result is typed: [`CarriersMeta`] is `carriers.json`, [`GeometryReport`] is `geometry.json`.
 use crate::carriers::{capture, difference_of_means, prompt_ids, Activations, Carriers};
-use crate::measures::{belief_score, coupling_curve, effective_rank_at, ErankReport};
+use crate::measures::{belief_score, coupling_curve, effective_ranks, ErankReport, StackSpec};
 use crate::separation::{probe_separation, separation, Separation, PROBE_L2};
 use crate::{linalg, store, Error, Result};
 use safegeo_data::judges::refusal_score::{refusal_scores, refusal_token_ids, REFUSAL_OPENINGS};
@@ -19,8 +19,10 @@ pub struct EstimateConfig {
     /// Keep only harmful prompts the model refuses (refusal score > 0) and harmless ones it
     /// accepts (< 0).
     pub filter: bool,
-    /// Bootstrap resamples for the effective rank.
+    /// Bootstrap resamples behind the effective ranks' intervals.
     pub bootstrap: usize,
+    /// The rows of the effective-rank stacks.
+    pub stacks: StackSpec,
     /// Prompts per forward pass.
     pub batch_size: usize,
     /// Seed of the bootstrap (and recorded: the prompts were sampled with it).
@@ -32,6 +34,7 @@ impl Default for EstimateConfig {
         Self {
             filter: false,
             bootstrap: 20,
+            stacks: StackSpec::default(),
             batch_size: 16,
             seed: 42,
         }
@@ -349,9 +352,7 @@ pub fn estimate(
         belief_t_inst: beliefs(&c, &hacts, &lacts, 0),
         belief_t_post: beliefs(&c, &hacts, &lacts, t_post),
         coupling_abs_cos_t_post: coupling_curve(&c, t_post),
-        effective_rank: (0..c.n_layer())
-            .map(|l| effective_rank_at(&hacts, &lacts, l, cfg.bootstrap, cfg.seed))
-            .collect(),
+        effective_rank: effective_ranks(&hacts, &lacts, cfg.stacks, cfg.bootstrap, cfg.seed),
         heldout,
         note: GEOMETRY_NOTE,
         refusal_norms: c

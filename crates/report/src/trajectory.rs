@@ -72,9 +72,9 @@ pub struct Row {
     pub selection_note: String,
     /// Mean refusal score on harmful validation prompts without edits.
     pub baseline_harmful_score: Option<f64>,
-    /// Effective rank of the carrier family at the carrier layer.
+    /// Effective rank of the refusal carriers across positions at the carrier layer.
     pub effective_rank: Option<f64>,
-    /// Bootstrap spread of the effective rank (min, max).
+    /// Its basic bootstrap 95% interval (lo, hi).
     pub effective_rank_spread: Option<(f64, f64)>,
     /// |cos(harmfulness carrier, refusal carrier)| at the carrier layer and position.
     pub coupling: Option<f64>,
@@ -244,10 +244,13 @@ fn read_anchor_with(dir: &Path, carriers: Option<&Carriers>) -> Result<Row> {
         admissible,
         selection_note: sel["result"]["reason"].as_str().unwrap_or("").to_string(),
         baseline_harmful_score: sel["baseline"]["harmful_refusal_score"].as_f64(),
-        effective_rank: erank.as_ref().and_then(|e| e["erank"].as_f64()),
-        effective_rank_spread: erank
+        effective_rank: erank
             .as_ref()
-            .and_then(|e| Some((e["bootstrap_min"].as_f64()?, e["bootstrap_max"].as_f64()?))),
+            .and_then(|e| e["positions"]["erank"]["value"].as_f64()),
+        effective_rank_spread: erank.as_ref().and_then(|e| {
+            let i = &e["positions"]["erank"];
+            Some((i["lo"].as_f64()?, i["hi"].as_f64()?))
+        }),
         coupling,
         drift_prev_deg: None,
         drift_base_deg: None,

@@ -29,9 +29,18 @@ pub struct CarriersArgs {
     /// accepts (< 0).
     #[arg(long)]
     pub filter: bool,
-    /// Bootstrap resamples for the effective rank.
+    /// Bootstrap resamples of the prompts behind the effective ranks' 95% intervals (one
+    /// matrix per resample).
     #[arg(long, default_value_t = EstimateConfig::default().bootstrap)]
     pub bootstrap: usize,
+    /// Layers on each side of a layer in its layer-window effective rank (the refusal carriers
+    /// at the last position across layers l-W..l+W).
+    #[arg(long, default_value_t = EstimateConfig::default().stacks.window)]
+    pub erank_window: usize,
+    /// Put t_inst (the harmfulness carrier's position) in the position-stack effective rank
+    /// too; by default it holds the post-instruction positions only.
+    #[arg(long)]
+    pub erank_t_inst: bool,
     /// Prompts per forward pass.
     #[arg(long, default_value_t = EstimateConfig::default().batch_size)]
     pub batch_size: usize,
@@ -96,6 +105,10 @@ pub fn run(a: CarriersArgs) -> Result<()> {
         estimate: EstimateConfig {
             filter: a.filter,
             bootstrap: a.bootstrap,
+            stacks: safegeo_geometry::measures::StackSpec {
+                window: a.erank_window,
+                with_t_inst: a.erank_t_inst,
+            },
             batch_size: a.batch_size,
             seed: a.seed,
         },
