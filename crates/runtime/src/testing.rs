@@ -157,3 +157,61 @@ pub fn write_tiny_hf(arch: Arch, seed: u64, dir: &std::path::Path) -> Result<()>
     );
     crate::export_hf(&mut m, dir)
 }
+
+/// Write the Llama [`tiny_model`]'s weights as a GGUF file (f32 tensors, llama metadata, a
+/// byte-level BPE tokenizer over `w`, the digits and `w0`). `edit` may change the tensors by
+/// GGUF name before they are written (to make a broken file).
+pub fn write_tiny_gguf(
+    seed: u64,
+    path: &std::path::Path,
+    edit: impl FnOnce(&mut HashMap<String, Tensor>) -> Result<()>,
+) -> Result<()> {
+    use candle_core::quantized::gguf_file::{self, Value};
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let cfg = tiny_config(Arch::Llama);
+    let mut w = tiny_weights(&cfg, seed, DType::F32)?;
+    edit(&mut w)?;
+    let mut tokens: Vec<String> = ["<pad>", "<eos>", "w"].map(String::from).to_vec();
+    tokens.extend((0..10).map(|d| d.to_string()));
+    tokens.push("w0".into());
+    let strings = |v: &[String]| Value::Array(v.iter().map(|s| Value::String(s.clone())).collect());
+    let u32v = |x: usize| Value::U32(x as u32);
+    let meta: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::String("llama".into())),
+        ("llama.block_count", u32v(cfg.n_layer)),
+        ("llama.embedding_length", u32v(cfg.hidden)),
+        ("llama.feed_forward_length", u32v(cfg.intermediate)),
+        ("llama.attention.head_count", u32v(cfg.n_head)),
+        ("llama.attention.head_count_kv", u32v(cfg.n_kv_head)),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            Value::F32(cfg.rms_eps as f32),
+        ),
+        ("llama.context_length", u32v(cfg.context_length)),
+        ("llama.rope.freq_base", Value::F32(cfg.rope_theta as f32)),
+        ("tokenizer.ggml.model", Value::String("gpt2".into())),
+        ("tokenizer.ggml.tokens", strings(&tokens)),
+        ("tokenizer.ggml.merges", strings(&["w 0".to_string()])),
+        (
+            "tokenizer.ggml.token_type",
+            Value::Array(tokens.iter().map(|_| Value::I32(1)).collect()),
+        ),
+        ("tokenizer.ggml.eos_token_id", Value::U32(1)),
+    ];
+    let mut names: Vec<&String> = w.keys().collect();
+    names.sort();
+    let tensors = names
+        .iter()
+        .map(|n| Ok(((*n).clone(), QTensor::quantize(&w[*n], GgmlDType::F32)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut f = std::fs::File::create(path).map_err(|e| crate::Error::io(path, e))?;
+    gguf_file::write(
+        &mut f,
+        &meta.iter().map(|(k, v)| (*k, v)).collect::<Vec<_>>(),
+        &tensors
+            .iter()
+            .map(|(n, t)| (n.as_str(), t))
+            .collect::<Vec<_>>(),
+    )?;
+    Ok(())
+}

@@ -384,3 +384,53 @@ fn tokenizer_problems_and_unfollowable_links_are_named_model_errors() {
         "which does not exist",
     );
 }
+
+#[test]
+fn a_gguf_whose_tensor_shape_disagrees_with_its_metadata_is_a_model_error() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let good = h.join("tiny.gguf");
+    safegeo_runtime::testing::write_tiny_gguf(1, &good, |_| Ok(())).unwrap();
+    let out = safegeo(
+        &[
+            "forward",
+            "-m",
+            good.to_str().unwrap(),
+            "--chat",
+            "w1",
+            "--no-template",
+        ],
+        h,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The same elements under swapped dimensions: the few-row kernels panicked on these.
+    for name in ["blk.0.ffn_gate.weight", "blk.1.attn_k.weight"] {
+        let bad = h.join("swapped.gguf");
+        safegeo_runtime::testing::write_tiny_gguf(1, &bad, |w| {
+            let (a, b) = w[name].dims2()?;
+            assert_ne!(a, b, "{name} is square: swapping proves nothing");
+            let swapped = w[name].reshape((b, a))?;
+            w.insert(name.to_string(), swapped);
+            Ok(())
+        })
+        .unwrap();
+        for quantized in [false, true] {
+            let mut args = vec![
+                "forward",
+                "-m",
+                bad.to_str().unwrap(),
+                "--chat",
+                "w1",
+                "--no-template",
+            ];
+            if quantized {
+                args.push("--quantized");
+            }
+            fails_with(&safegeo(&args, h), 3, "but the configuration asks for");
+        }
+    }
+}

@@ -186,3 +186,23 @@ fn shared_prefix_logits_equal_plain_batched_logits() {
         assert!(max_abs(&a, &b) <= 1e-4, "{arch:?} with ablation");
     }
 }
+
+/// Writes the seeds of the `gguf_model` fuzz target: the tiny Llama as a GGUF file, and the same
+/// file with one projection's dimensions swapped (a shape that disagrees with the metadata).
+/// Run: `SAFEGEO_FUZZ_SEEDS=fuzz/corpus/gguf_model cargo test --release -p safegeo-runtime
+/// --test tiny -- --ignored write_gguf_model_seeds`.
+#[test]
+#[ignore = "writes fuzz seeds; run by hand"]
+fn write_gguf_model_seeds() {
+    let dir = std::path::PathBuf::from(std::env::var("SAFEGEO_FUZZ_SEEDS").unwrap());
+    std::fs::create_dir_all(&dir).unwrap();
+    safegeo_runtime::testing::write_tiny_gguf(1, &dir.join("seed_tiny"), |_| Ok(())).unwrap();
+    safegeo_runtime::testing::write_tiny_gguf(1, &dir.join("seed_shape-mismatch"), |w| {
+        let name = "blk.0.ffn_gate.weight";
+        let (a, b) = w[name].dims2()?;
+        let swapped = w[name].reshape((b, a))?;
+        w.insert(name.to_string(), swapped);
+        Ok(())
+    })
+    .unwrap();
+}
