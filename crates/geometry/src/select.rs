@@ -2,7 +2,7 @@
 //! `bypass` = mean refusal score on harmful validation prompts under directional ablation of
 //! `r^`, `induce` = mean refusal score on harmless validation prompts under activation addition of
 //! `r` at layer `l`, `kl` = mean KL(P_base || P_ablated) at the last position on harmless
-//! validation prompts. Admissible: finite, `kl <= kl_max`, `induce > 0`, `l < cutoff * L`; the
+//! validation prompts. Admissible: finite, `kl <= kl_max`, `induce > 0`, `l < int(cutoff * L)`; the
 //! admissible candidate with the lowest `bypass` is selected.
 //!
 //! Cost control (ours), successive halving: every candidate is first measured on
@@ -38,8 +38,10 @@ use serde::Serialize;
 pub struct SelectConfig {
     /// Maximum KL on harmless prompts under ablation.
     pub kl_max: f64,
-    /// Candidates must lie in layers `< cutoff * L` (Arditi: 0.8; ours: 1.0 = none).
+    /// Candidates must lie in layers `< int(cutoff * L)` (Arditi: 0.8; ours: 1.0 = none).
     pub layer_cutoff: f64,
+    /// Let `t_inst` carriers be candidates too (with `positions` unset).
+    pub t_inst: bool,
     /// Harmful and harmless prompts (each) of the bypass-and-KL first stage (0 = no such stage).
     pub prescreen_prompts: usize,
     /// First-stage KL above `prescreen_kl_slack * kl_max` sends a candidate behind the others
@@ -70,6 +72,7 @@ impl Default for SelectConfig {
         Self {
             kl_max: 0.1,
             layer_cutoff: 1.0,
+            t_inst: false,
             prescreen_prompts: 2,
             prescreen_kl_slack: 3.0,
             screen_keep: 48,
@@ -412,17 +415,24 @@ pub fn select(
         &harmful[..s.min(harmful.len())],
         &harmless[..s.min(harmless.len())],
     );
-    let wanted = |p: usize| cfg.positions.as_ref().is_none_or(|ps| ps.contains(&p));
+    // `t_inst` (position 0) is the harmfulness carrier's position, where coupling is 1 by
+    // construction: a refusal candidate only when asked for.
+    let wanted = |p: usize| match &cfg.positions {
+        Some(ps) => ps.contains(&p),
+        None => p > 0 || cfg.t_inst,
+    };
     let all: Vec<(usize, usize)> = (0..n_layer)
         .flat_map(|l| (0..carriers[l].len()).map(move |p| (l, p)))
         .filter(|&(_, p)| wanted(p))
         .collect();
     if all.is_empty() {
-        return Err(crate::Error::Invalid(format!(
-            "no candidate position left: positions {:?} are outside 0..{}",
-            cfg.positions,
-            carriers[0].len()
-        )));
+        return Err(crate::Error::Invalid(match &cfg.positions {
+            Some(ps) => format!(
+                "no candidate position left: positions {ps:?} are outside 0..{}",
+                carriers[0].len()
+            ),
+            None => "the carriers have no post-instruction position, only t_inst, which is a refusal candidate only when asked for (--t-inst)".into(),
+        }));
     }
     // A zero carrier (e.g. at the embeddings, where the post-instruction tokens are the same for
     // every prompt) has no direction to ablate; it is listed but never measured.
@@ -441,12 +451,12 @@ pub fn select(
     // so the screen and the finalists go to candidates that can.
     let (above, all): (Vec<_>, Vec<_>) = all
         .into_iter()
-        .partition(|&(l, _)| (l as f64) >= cfg.layer_cutoff * n_layer as f64);
+        .partition(|&(l, _)| l >= cutoff_layer(cfg.layer_cutoff, n_layer));
     if all.is_empty() {
         return Err(crate::Error::Invalid(format!(
-            "layer cut-off {}: no candidate lies below layer {:.1} of {n_layer}; raise the cut-off",
+            "layer cut-off {}: no candidate lies below layer {} of {n_layer}; raise the cut-off",
             cfg.layer_cutoff,
-            cfg.layer_cutoff * n_layer as f64
+            cutoff_layer(cfg.layer_cutoff, n_layer)
         )));
     }
     let prescreen = cfg.prescreen_prompts > 0 && cfg.screen_keep < all.len();
@@ -561,6 +571,26 @@ pub fn select(
         .filter(|&i| cands[i].admissible)
         .min_by(|&a, &b| cands[a].bypass.total_cmp(&cands[b].bypass));
     Ok((cands, best, base))
+}
+
+/// The first layer a cut-off `fraction` leaves out of `n_layer`: Arditi et al.'s integer rule,
+/// `layer < int(fraction * n_layer)` (0.8 of 32 layers keeps 0-24).
+pub fn cutoff_layer(fraction: f64, n_layer: usize) -> usize {
+    // The epsilon keeps 1/n of n layers at 1 where the product rounds to 0.999...
+    (fraction * n_layer as f64 + 1e-9).floor() as usize
+}
+
+/// The candidate a cut-off `fraction` selects among measured ones: the lowest bypass of those
+/// that pass every test but the layer one, below the cut-off. `None` when nothing qualifies;
+/// only meaningful for a cut-off at or above the one the candidates were measured under.
+pub fn best_below(cands: &[Candidate], fraction: f64, n_layer: usize) -> Option<usize> {
+    let limit = cutoff_layer(fraction, n_layer);
+    (0..cands.len())
+        .filter(|&i| {
+            let c = &cands[i];
+            c.stage == "full" && c.layer < limit && c.failed.iter().all(|f| *f == "layer")
+        })
+        .min_by(|&a, &b| cands[a].bypass.total_cmp(&cands[b].bypass))
 }
 
 /// Candidates measured (and journaled) together when each needs `rows` prompts: enough to fill
@@ -756,5 +786,31 @@ mod tests {
             ..cfg
         };
         assert_eq!(keep_for_screen(&cands, &cfg), vec![0, 1, 2, 4]);
+    }
+
+    #[test]
+    fn the_layer_cutoff_follows_arditis_integer_rule_and_each_cutoff_has_its_verdict() {
+        assert_eq!(cutoff_layer(0.8, 32), 25, "int(25.6): layers 0-24");
+        assert_eq!(cutoff_layer(0.8, 30), 24);
+        assert_eq!(cutoff_layer(1.0, 30), 30);
+        assert_eq!(cutoff_layer(1.0 / 49.0, 49), 1);
+        let cand = |layer, bypass, failed: Vec<&'static str>| Candidate {
+            layer,
+            pos: 1,
+            bypass,
+            induce: 1.0,
+            kl: 0.01,
+            stage: "full",
+            admissible: failed.is_empty(),
+            failed,
+        };
+        let cands = vec![
+            cand(3, -1.0, vec![]),
+            cand(9, -4.0, vec![]),
+            cand(5, -9.0, vec!["kl"]),
+        ];
+        assert_eq!(best_below(&cands, 1.0, 10), Some(1), "no cut-off: layer 9");
+        assert_eq!(best_below(&cands, 0.8, 10), Some(0), "0.8: below layer 8");
+        assert_eq!(best_below(&cands, 0.3, 10), None);
     }
 }

@@ -2,7 +2,7 @@
 //! validation prompts, measure every candidate through a journal (a killed selection resumes
 //! where it stopped), and write what was found: `selection.json`, `selection.csv`, and the
 //! selected carrier's numbers in `geometry.json`.
-use crate::select::{select, SelectConfig};
+use crate::select::{best_below, cutoff_layer, select, SelectConfig};
 use crate::{linalg, store, Error, Result};
 use safegeo_data::jsonl::Journal;
 use safegeo_data::judges::refusal_score::{refusal_token_ids, REFUSAL_OPENINGS};
@@ -181,8 +181,26 @@ pub fn select_into(
             ),
         }),
     };
+    // The verdicts of both cut-offs the protocol names: none, and Arditi et al.'s 0.8.
+    let n_layer = c.n_layer();
+    let verdict_at = |fraction: f64| -> serde_json::Value {
+        if fraction > cfg.layer_cutoff {
+            return serde_json::json!({"selected": null, "reason": format!(
+                "not measured: candidates at or above cut-off {} (layer {}) were left out",
+                cfg.layer_cutoff, cutoff_layer(cfg.layer_cutoff, n_layer))});
+        }
+        match best_below(&cands, fraction, n_layer) {
+            Some(i) => serde_json::json!({"selected": cands[i]}),
+            None => serde_json::json!({"selected": null, "reason": format!(
+                "no admissible candidate below layer {}", cutoff_layer(fraction, n_layer))}),
+        }
+    };
+    let by_cutoff = serde_json::json!({
+        "none": verdict_at(1.0),
+        "0.8": verdict_at(0.8),
+    });
     let out = serde_json::json!({
-        "config": cfg, "seconds": t0.elapsed().as_secs_f64(),
+        "config": cfg, "seconds": t0.elapsed().as_secs_f64(), "by_cutoff": by_cutoff,
         "baseline": {"harmful_refusal_score": base.harmful_score, "harmless_refusal_score": base.harmless_score,
             "random_direction_kl": &base.random_direction_kl},
         "validation": {"harmful": {"name": hv.name, "sha256": hv.sha256}, "harmless": {"name": lv.name, "sha256": lv.sha256}},

@@ -65,6 +65,8 @@ fn loose_select() -> SelectConfig {
         prescreen_prompts: 0,
         random_directions: 0,
         positions: None,
+        // The planted carriers hold one position, t_inst.
+        t_inst: true,
         ..Default::default()
     }
 }
@@ -131,6 +133,7 @@ fn selection_picks_a_carrier_along_the_plant_whose_ablation_removes_refusal() {
         // Two candidates (one per layer): the prescreen sends the better one on.
         prescreen_prompts: 4,
         screen_keep: 1,
+        t_inst: true,
         ..Default::default()
     };
     let run = |journal: Option<&mut Journal<[f64; 3]>>| {
@@ -305,6 +308,7 @@ fn bypass_is_skipped_for_candidates_that_failed_a_test_unless_asked_for() {
         kl_max: -1.0,
         prescreen_prompts: 0,
         random_directions: 0,
+        t_inst: true,
         ..Default::default()
     };
     let (cands, best, _) = run(&strict);
@@ -370,4 +374,33 @@ fn candidates_at_or_above_the_layer_cutoff_are_listed_but_never_measured() {
     };
     let err = err.to_string();
     assert!(err.contains("raise the cut-off"), "{err}");
+}
+
+#[test]
+fn t_inst_is_a_refusal_candidate_only_when_asked_for() {
+    let (m, carriers) = planted_carriers();
+    let (val_h, val_l) = (prompts(2, 12, 4), prompts(20, 44, 4));
+    let run = |t_inst: bool| {
+        select(
+            &m,
+            &carriers,
+            &val_h,
+            &val_l,
+            &[REFUSAL_TOKEN],
+            &SelectConfig {
+                t_inst,
+                ..loose_select()
+            },
+            None,
+            &mut |_, _| {},
+        )
+    };
+    // These carriers hold t_inst alone: by default nothing is left, and the error says why.
+    let Err(err) = run(false) else {
+        panic!("t_inst was a candidate without being asked for")
+    };
+    let err = err.to_string();
+    assert!(err.contains("--t-inst"), "{err}");
+    let (cands, _, _) = run(true).unwrap();
+    assert!(!cands.is_empty() && cands.iter().all(|c| c.pos == 0));
 }

@@ -103,7 +103,15 @@ const JUDGE_PREFERENCE: &[&str] = &[
     "xstest-prefix",
 ];
 
+/// On XSTest, its own rubric and its own refusal-opening matcher before the generic substrings.
+const XSTEST_JUDGE_PREFERENCE: &[&str] = &["xstest", "xstest-prefix", "substring"];
+
 fn pick(summary: &serde_json::Value, suite: &str, metric: &str) -> Option<(Est, String)> {
+    let preference = if suite == "xstest" {
+        XSTEST_JUDGE_PREFERENCE
+    } else {
+        JUDGE_PREFERENCE
+    };
     let rows = summary["rows"].as_array()?;
     let matching: Vec<&serde_json::Value> = rows
         .iter()
@@ -111,10 +119,10 @@ fn pick(summary: &serde_json::Value, suite: &str, metric: &str) -> Option<(Est, 
         .collect();
     let rank = |r: &&serde_json::Value| {
         let j = r["judge"].as_str().unwrap_or("");
-        JUDGE_PREFERENCE
+        preference
             .iter()
             .position(|p| *p == j)
-            .unwrap_or(JUDGE_PREFERENCE.len())
+            .unwrap_or(preference.len())
     };
     let best = matching.into_iter().min_by_key(rank)?;
     Some((est(best)?, best["judge"].as_str().unwrap_or("").to_string()))
@@ -473,7 +481,10 @@ mod tests {
             root.path(),
             "sft",
             10,
-            &[("xstest", "xstest_safe_any_refusal", "xstest-prefix", 0.1)],
+            &[
+                ("xstest", "xstest_safe_any_refusal", "substring", 0.3),
+                ("xstest", "xstest_safe_any_refusal", "xstest-prefix", 0.1),
+            ],
             some,
             csv,
         );
@@ -501,7 +512,11 @@ mod tests {
         assert_eq!(r20.bypass_by_layer, vec![0.5, -2.0]);
         let r10 = &rows[1];
         assert_eq!((r10.carrier_layer, r10.admissible), (Some(0), true));
-        assert_eq!(r10.xstest_over_refusal.unwrap().value, 0.1);
+        assert_eq!(
+            r10.xstest_over_refusal.unwrap().value,
+            0.1,
+            "on XSTest its own matcher wins over the substrings"
+        );
         assert_eq!(rows[0].carrier_layer, None);
         let table = markdown(&rows);
         assert_eq!(table.lines().count(), 5);

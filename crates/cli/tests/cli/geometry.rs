@@ -105,14 +105,27 @@ fn geometry_pipeline_on_a_tiny_model_then_eval_with_ablation() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Every layer's post-instruction positions are candidates; t_inst is not.
     let csv = std::fs::read_to_string(geo.join("selection.csv")).unwrap();
     assert_eq!(
         csv.lines().count(),
-        1 + 2 * meta["n_pos"].as_u64().unwrap() as usize
+        1 + 2 * (meta["n_pos"].as_u64().unwrap() as usize - 1)
     );
+    assert!(csv
+        .lines()
+        .skip(1)
+        .all(|l| !l.split(',').nth(1).unwrap().eq("0")));
     let sel: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(geo.join("selection.json")).unwrap())
             .unwrap();
+    // Both cut-offs the protocol names have their verdict.
+    for cut in ["none", "0.8"] {
+        let v = &sel["by_cutoff"][cut];
+        assert!(
+            v["selected"].is_object() || v["reason"].is_string(),
+            "{sel}"
+        );
+    }
     assert!(
         sel["result"]["selected"].is_object()
             || sel["result"]["reason"]

@@ -84,6 +84,10 @@ pub struct SelectArgs {
     /// t_post; see carriers.json) [default: all].
     #[arg(long, value_delimiter = ',')]
     pub positions: Option<Vec<usize>>,
+    /// Let the t_inst carriers (the harmfulness carrier's position) be candidates too; by
+    /// default only the post-instruction positions are.
+    #[arg(long)]
+    pub t_inst: bool,
     /// Use the orthogonalized carriers (heretic: `r - (r.g) g`, `g` the harmless mean's
     /// direction; added at that scale for the induce test).
     #[arg(long)]
@@ -142,6 +146,7 @@ pub fn run(a: SelectArgs) -> Result<()> {
             positions: a.positions.clone(),
             prescreen_kl_slack: a.prescreen_kl_slack,
             random_directions: a.random_directions,
+            t_inst: a.t_inst,
             seed: a.seed,
         },
     };
