@@ -61,7 +61,8 @@ pub struct SelectConfig {
     /// Measure bypass also for screened and final candidates that already failed a test
     /// (they cannot be selected; by default their bypass is skipped and left NaN).
     pub bypass_all: bool,
-    /// Random unit directions whose ablation KL is measured for scale (0 = none).
+    /// Random unit directions whose ablation KL on the harmless validation prompts is the
+    /// model's own floor (at least 16 for the floor-relative rule; 0 = none, and no such rule).
     pub random_directions: usize,
     /// Seed of the random directions.
     pub seed: u64,
@@ -81,7 +82,7 @@ impl Default for SelectConfig {
             batch: 64,
             positions: None,
             bypass_all: false,
-            random_directions: 4,
+            random_directions: 16,
             seed: 0,
         }
     }
@@ -103,10 +104,30 @@ pub struct Candidate {
     /// The last stage measured: `prescreen` (bypass and KL), `screen` or `full`; `zero` for a
     /// zero carrier and `cutoff` for one at or above the layer cut-off, never measured.
     pub stage: &'static str,
-    /// Passed every test.
+    /// Passed every test of the absolute rule (docs/protocol.md §3: KL at most `kl_max`).
     pub admissible: bool,
-    /// Tests failed (`nan`, `kl`, `induce`, `layer`, `zero`; none after the prescreen alone).
+    /// Tests of the absolute rule failed (`nan`, `kl`, `induce`, `layer`, `zero`; none after
+    /// the prescreen alone).
     pub failed: Vec<&'static str>,
+    /// Passed every test of the floor-relative rule: KL at most the 95th percentile of the
+    /// random-direction KL, induce > 0, bypass below the baseline refusal score.
+    pub floor_admissible: bool,
+    /// Tests of the floor-relative rule failed (`nan`, `floor-kl`, `induce`, `bypass`,
+    /// `layer`, `zero`); measured finalists only.
+    pub floor_failed: Vec<&'static str>,
+}
+
+impl Candidate {
+    /// The rule under which this candidate is selectable, the absolute one first.
+    pub fn rule(&self) -> Option<&'static str> {
+        if self.admissible {
+            Some("absolute")
+        } else if self.floor_admissible {
+            Some("floor-relative")
+        } else {
+            None
+        }
+    }
 }
 
 /// Base-model measurements shared by every candidate.
@@ -120,8 +141,28 @@ pub struct Baseline {
     /// The harmless prompts' unedited passes, one per length bucket (prompt indices, tape):
     /// `induce` restarts from them.
     harmless_tapes: Vec<(Vec<usize>, Tape)>,
-    /// KL of ablating random unit directions on the screening harmless prompts (for scale).
+    /// KL of ablating each random unit direction on the harmless validation prompts: the
+    /// model's own floor.
     pub random_direction_kl: Vec<f64>,
+}
+
+impl Baseline {
+    /// The floor-relative rule's KL bound: the 95th percentile of the random-direction KL
+    /// (`None` without random directions).
+    pub fn floor_kl_p95(&self) -> Option<f64> {
+        let mut v = self.random_direction_kl.clone();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        Some(v[((0.95 * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)])
+    }
+
+    /// The mean random-direction KL.
+    pub fn floor_kl_mean(&self) -> Option<f64> {
+        let v = &self.random_direction_kl;
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    }
 }
 
 /// Last-position log-probabilities `(n, V)` in f64 of `ids`, in length buckets of at most
@@ -373,6 +414,31 @@ pub fn bypass(
         .collect()
 }
 
+/// Tests of the floor-relative rule that a measurement fails: KL above the random-direction
+/// floor's 95th percentile, induce not above 0, bypass not below the baseline harmful score.
+pub fn floor_failed_tests(
+    bypass: f64,
+    induce: f64,
+    kl: f64,
+    floor_p95: f64,
+    baseline_harmful: f64,
+) -> Vec<&'static str> {
+    let mut f = Vec::new();
+    if !(bypass.is_finite() && induce.is_finite() && kl.is_finite()) {
+        f.push("nan");
+    }
+    if kl > floor_p95 {
+        f.push("floor-kl");
+    }
+    if induce <= 0.0 {
+        f.push("induce");
+    }
+    if bypass >= baseline_harmful {
+        f.push("bypass");
+    }
+    f
+}
+
 /// The admissibility tests a measurement fails (the layer cut-off is applied before anything is
 /// measured).
 pub fn failed_tests(bypass: f64, induce: f64, kl: f64, cfg: &SelectConfig) -> Vec<&'static str> {
@@ -478,6 +544,8 @@ pub fn select(
             stage: "prescreen",
             admissible: false,
             failed: Vec::new(),
+            floor_admissible: false,
+            floor_failed: Vec::new(),
         })
         .collect();
     // Stage 1: bypass and KL on a few prompts; the lowest bypass within the KL slack go on.
@@ -488,6 +556,7 @@ pub fn select(
         refusal_ids,
         cfg,
         journal,
+        floor: None,
     };
     let mut step = |n: usize| {
         done += n;
@@ -519,6 +588,19 @@ pub fn select(
         }
         screened = keep_for_screen(&cands, cfg);
     }
+    // The model's own floor: the KL of ablating random unit directions on the harmless
+    // validation prompts, the finalists' KL's like.
+    let mut base = baseline(model, harmful, harmless, refusal_ids, cfg.batch)?;
+    let d = carriers[0][0].len();
+    let controls = crate::sweep::random_controls(d, cfg.random_directions, 1.0, cfg.seed);
+    let keys: Vec<String> = (0..controls.len()).map(|k| format!("floor/{k}")).collect();
+    let kls = journaled_many(&mut run.journal, &keys, || {
+        let rs: Vec<&[f64]> = controls.iter().map(Vec::as_slice).collect();
+        let kls = ablation_kls(model, &rs, harmless, &base, cfg.batch)?;
+        Ok::<_, crate::Error>(kls.into_iter().map(|kl| [kl, 0.0, 0.0]).collect())
+    })?;
+    base.random_direction_kl = kls.iter().map(|[kl, _, _]| *kl).collect();
+    run.floor = base.floor_kl_p95().map(|p95| (p95, base.harmful_score));
     // Stage 2: all three measurements on `screen_prompts` prompts per set.
     let base_screen = baseline(model, hs, ls, refusal_ids, cfg.batch)?;
     let prescreen_bypass: Vec<f64> = cands.iter().map(|c| c.bypass).collect();
@@ -540,16 +622,6 @@ pub fn select(
         })
         .collect();
     let order = lowest_bypass_first(screened, |i| rank[i], |i| !cands[i].failed.is_empty());
-    let mut base = baseline(model, harmful, harmless, refusal_ids, cfg.batch)?;
-    let d = carriers[0][0].len();
-    let controls = crate::sweep::random_controls(d, cfg.random_directions, 1.0, cfg.seed);
-    let keys: Vec<String> = (0..controls.len()).map(|k| format!("random/{k}")).collect();
-    let kls = journaled_many(&mut run.journal, &keys, || {
-        let rs: Vec<&[f64]> = controls.iter().map(Vec::as_slice).collect();
-        let kls = ablation_kls(model, &rs, ls, &base_screen, cfg.batch)?;
-        Ok::<_, crate::Error>(kls.into_iter().map(|kl| [kl, 0.0, 0.0]).collect())
-    })?;
-    base.random_direction_kl = kls.iter().map(|[kl, _, _]| *kl).collect();
     let finalists: Vec<usize> = order.into_iter().take(cfg.finalists).collect();
     run.measure(
         "full", &mut cands, &finalists, harmful, harmless, &base, &mut step,
@@ -563,13 +635,19 @@ pub fn select(
         stage,
         admissible: false,
         failed: vec![failed],
+        floor_admissible: false,
+        floor_failed: vec![failed],
     };
     cands.extend(zero.into_iter().map(|c| unmeasured(c, "zero", "zero")));
     cands.extend(above.into_iter().map(|c| unmeasured(c, "cutoff", "layer")));
     cands.sort_by_key(|c| (c.layer, c.pos));
-    let best = (0..cands.len())
-        .filter(|&i| cands[i].admissible)
-        .min_by(|&a, &b| cands[a].bypass.total_cmp(&cands[b].bypass));
+    // The absolute rule's choice when it has one, else the floor-relative rule's.
+    let best_by = |ok: fn(&Candidate) -> bool| {
+        (0..cands.len())
+            .filter(|&i| ok(&cands[i]))
+            .min_by(|&a, &b| cands[a].bypass.total_cmp(&cands[b].bypass))
+    };
+    let best = best_by(|c| c.admissible).or_else(|| best_by(|c| c.floor_admissible));
     Ok((cands, best, base))
 }
 
@@ -628,6 +706,9 @@ struct Staged<'a, 'j> {
     refusal_ids: &'a [u32],
     cfg: &'a SelectConfig,
     journal: Option<&'j mut Journal<[f64; 3]>>,
+    /// The floor-relative rule's bounds: the random-direction KL's 95th percentile and the
+    /// baseline harmful refusal score.
+    floor: Option<(f64, f64)>,
 }
 
 impl Staged<'_, '_> {
@@ -671,17 +752,29 @@ impl Staged<'_, '_> {
                         .collect(),
                 )
             })?;
+            let floor = self.floor;
+            // Bypass is not measured yet: only the other tests count here (and the floor
+            // rule's only for finalists).
+            let floor_tests = |induce: f64, kl: f64| match floor {
+                Some((p95, _)) if stage == "full" => floor_failed_tests(0.0, induce, kl, p95, 1.0),
+                _ => vec!["floor-kl"],
+            };
             for (&i, [induce, kl, _]) in group.iter().zip(tests) {
                 let c = &mut cands[i];
                 (c.bypass, c.induce, c.kl, c.stage) = (f64::NAN, induce, kl, stage);
-                // Bypass is not measured yet: only the other tests count here.
                 c.failed = failed_tests(0.0, induce, kl, self.cfg);
+                c.floor_failed = floor_tests(induce, kl);
                 c.admissible = false;
+                c.floor_admissible = false;
             }
             let need: Vec<usize> = group
                 .iter()
                 .copied()
-                .filter(|&i| self.cfg.bypass_all || cands[i].failed.is_empty())
+                .filter(|&i| {
+                    self.cfg.bypass_all
+                        || cands[i].failed.is_empty()
+                        || cands[i].floor_failed.is_empty()
+                })
                 .collect();
             if !need.is_empty() {
                 let keys: Vec<String> = need.iter().map(|&i| key("bypass", &cands[i])).collect();
@@ -698,6 +791,10 @@ impl Staged<'_, '_> {
                     c.bypass = b;
                     c.failed = failed_tests(b, c.induce, c.kl, self.cfg);
                     c.admissible = stage == "full" && c.failed.is_empty();
+                    if let (Some((p95, harmful_score)), "full") = (floor, stage) {
+                        c.floor_failed = floor_failed_tests(b, c.induce, c.kl, p95, harmful_score);
+                        c.floor_admissible = c.floor_failed.is_empty();
+                    }
                 }
             }
             step(group.len());
@@ -720,6 +817,8 @@ mod tests {
             stage: "prescreen",
             admissible: false,
             failed: Vec::new(),
+            floor_admissible: false,
+            floor_failed: Vec::new(),
         }
     }
 
@@ -803,6 +902,8 @@ mod tests {
             stage: "full",
             admissible: failed.is_empty(),
             failed,
+            floor_admissible: false,
+            floor_failed: vec![],
         };
         let cands = vec![
             cand(3, -1.0, vec![]),

@@ -140,6 +140,8 @@ pub fn select_into(
             "stage",
             "admissible",
             "failed",
+            "floor_admissible",
+            "floor_failed",
         ],
         cands.iter().map(|k| {
             [
@@ -151,6 +153,8 @@ pub fn select_into(
                 k.stage.to_string(),
                 k.admissible.to_string(),
                 k.failed.join(";"),
+                k.floor_admissible.to_string(),
+                k.floor_failed.join(";"),
             ]
         }),
     );
@@ -159,25 +163,28 @@ pub fn select_into(
     let count = |t: &str| full.iter().filter(|k| k.failed.contains(&t)).count();
     let lowest_kl = full.iter().map(|k| k.kl).fold(f64::INFINITY, f64::min);
     let rk = &base.random_direction_kl;
-    let random_kl = if rk.is_empty() {
-        "not measured".to_string()
-    } else {
-        format!(
-            "mean KL {:.4}, max {:.4} over {}",
-            rk.iter().sum::<f64>() / rk.len() as f64,
-            rk.iter().fold(0.0f64, |m, &x| m.max(x)),
+    let floor = match (base.floor_kl_mean(), base.floor_kl_p95()) {
+        (Some(mean), Some(p95)) => format!(
+            "{} random directions: mean KL {mean:.4}, 95th percentile {p95:.4}",
             rk.len()
-        )
+        ),
+        _ => "no random directions measured, so no floor-relative rule".into(),
     };
+    let floor_count = |t: &str| full.iter().filter(|k| k.floor_failed.contains(&t)).count();
     let verdict = match best {
-        Some(i) => {
-            serde_json::json!({"selected": cands[i], "direction": if a.orth { "refusal_orth" } else { "refusal" }})
-        }
+        Some(i) => serde_json::json!({
+            "selected": cands[i],
+            "rule": cands[i].rule(),
+            "direction": if a.orth { "refusal_orth" } else { "refusal" },
+        }),
         None => serde_json::json!({
             "selected": null,
+            "rule": null,
             "reason": format!(
-                "no admissible carrier among {} fully measured candidates: induce <= 0 for {}, KL > {} for {} (lowest {:.3}; ablating a random direction: {}), NaN for {}; {} candidates at or above the layer cut-off left out (baseline refusal score on harmful prompts {:.3}; a model that does not refuse has no refusal carrier to find)",
-                full.len(), count("induce"), cfg.kl_max, count("kl"), lowest_kl, random_kl, count("nan"), cands.iter().filter(|k| k.stage == "cutoff").count(), base.harmful_score
+                "no carrier passes either rule among {} fully measured candidates. Absolute rule: induce <= 0 for {}, KL > {} for {} (lowest {:.3}), NaN for {}. Floor-relative rule ({floor}): KL above the floor for {}, bypass not below the baseline for {}. {} candidates at or above the layer cut-off left out (baseline refusal score on harmful prompts {:.3}; a model that does not refuse has no refusal carrier to find)",
+                full.len(), count("induce"), cfg.kl_max, count("kl"), lowest_kl, count("nan"),
+                floor_count("floor-kl"), floor_count("bypass"),
+                cands.iter().filter(|k| k.stage == "cutoff").count(), base.harmful_score
             ),
         }),
     };
@@ -202,7 +209,8 @@ pub fn select_into(
     let out = serde_json::json!({
         "config": cfg, "seconds": t0.elapsed().as_secs_f64(), "by_cutoff": by_cutoff,
         "baseline": {"harmful_refusal_score": base.harmful_score, "harmless_refusal_score": base.harmless_score,
-            "random_direction_kl": &base.random_direction_kl},
+            "random_direction_kl": &base.random_direction_kl,
+            "random_direction_kl_mean": base.floor_kl_mean(), "random_direction_kl_p95": base.floor_kl_p95()},
         "validation": {"harmful": {"name": hv.name, "sha256": hv.sha256}, "harmless": {"name": lv.name, "sha256": lv.sha256}},
         "refusal_token_ids": refusal_ids, "result": verdict,
     });

@@ -404,3 +404,43 @@ fn t_inst_is_a_refusal_candidate_only_when_asked_for() {
     let (cands, _, _) = run(true).unwrap();
     assert!(!cands.is_empty() && cands.iter().all(|c| c.pos == 0));
 }
+
+#[test]
+fn the_floor_relative_rule_selects_the_plant_where_the_absolute_bound_selects_nothing() {
+    // The tiny random model's own floor is far above KL 0.1: ablating any random direction
+    // costs more, so the absolute rule admits nothing and the floor-relative rule must decide.
+    let (m, carriers) = planted_carriers();
+    let (val_h, val_l) = (prompts(2, 12, 8), prompts(20, 44, 8));
+    let cfg = SelectConfig {
+        kl_max: 0.1,
+        finalists: 4,
+        screen_prompts: 4,
+        prescreen_prompts: 0,
+        random_directions: 16,
+        t_inst: true,
+        ..Default::default()
+    };
+    let (cands, best, base) = select(
+        &m,
+        &carriers,
+        &val_h,
+        &val_l,
+        &[REFUSAL_TOKEN],
+        &cfg,
+        None,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let p95 = base.floor_kl_p95().unwrap();
+    assert_eq!(base.random_direction_kl.len(), 16);
+    assert!(p95 > 0.1, "the floor {p95} is not above the absolute bound");
+    assert!(cands.iter().all(|c| !c.admissible), "{cands:?}");
+    let best = &cands[best.expect("a floor-relative carrier")];
+    assert_eq!(best.rule(), Some("floor-relative"));
+    assert!(best.kl <= p95 && best.induce > 0.0 && best.bypass < base.harmful_score);
+    let u: Vec<f64> = unit_u(16).iter().map(|&x| x as f64).collect();
+    assert!(
+        cosine(&carriers[best.layer][best.pos], &u) > 0.95,
+        "selected {best:?}"
+    );
+}

@@ -237,7 +237,7 @@ pub fn page(rows: &[Row], sweeps: &[SweepFigure], notes: &[String]) -> Result<St
     ));
     let layer = per_recipe(rows, "carrier layer", |r| r.carrier_layer.map(|l| l as f64));
     figures.push((
-        "Carrier layer per anchor (admissible or lowest-bypass stand-in; see table)",
+        "Carrier layer per anchor (selected under a rule, or the lowest-bypass stand-in; see table)",
         line_chart("Carrier layer", "training step", "layer", &layer, false)?,
     ));
     let mut geo = per_recipe(rows, "H/R coupling |cos|", |r| r.coupling);
@@ -279,7 +279,7 @@ pub fn page(rows: &[Row], sweeps: &[SweepFigure], notes: &[String]) -> Result<St
     let mut html = String::from(
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>safegeo trajectory report</title>\n<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f3f3f3}figure{display:inline-block;margin:0 1em 1em 0;vertical-align:top;max-width:560px}figcaption{font-size:13px;color:#444}.no{color:#b00}</style></head><body>\n<h1>safegeo trajectory report</h1>\n",
     );
-    html.push_str("<p>One row per anchor. Rates are shares of prompts (95% intervals in trajectory.json). The carrier layer is the selected admissible carrier's; when none is admissible, the lowest-bypass candidate stands in and <span class=\"no\">admissible</span> is false.</p>\n");
+    html.push_str("<p>One row per anchor. Rates are shares of prompts (95% intervals in trajectory.json). The carrier layer is the selected carrier's, under the rule in <em>carrier_rule</em>: <em>absolute</em> (KL at most 0.1) or <em>floor-relative</em> (KL within the 95th percentile of ablating random directions); when neither selects one, the lowest-bypass candidate stands in (<span class=\"no\">stand-in</span>).</p>\n");
     html.push_str("<div style=\"overflow-x:auto\"><table><tr>");
     for c in COLUMNS {
         html.push_str(&format!("<th>{}</th>", escape(c)));
@@ -288,7 +288,7 @@ pub fn page(rows: &[Row], sweeps: &[SweepFigure], notes: &[String]) -> Result<St
     for r in rows {
         html.push_str("<tr>");
         for (i, cell) in crate::trajectory::cells(r).iter().enumerate() {
-            let class = if COLUMNS[i] == "admissible" && cell == "false" {
+            let class = if COLUMNS[i] == "carrier_rule" && cell == "stand-in" {
                 " class=\"no\""
             } else {
                 ""

@@ -66,8 +66,12 @@ pub struct Row {
     pub carrier_layer: Option<usize>,
     /// Its position index.
     pub carrier_pos: Option<usize>,
-    /// Whether that carrier passed every admissibility test.
+    /// Whether that carrier passed every test of the absolute rule.
     pub admissible: bool,
+    /// The rule that selected the carrier: `absolute`, `floor-relative` (KL within the
+    /// random-direction floor), or `stand-in` (no rule selected one; the lowest-bypass
+    /// candidate stands in).
+    pub carrier_rule: Option<String>,
     /// Why nothing was admissible (empty when a carrier was selected).
     pub selection_note: String,
     /// Mean refusal score on harmful validation prompts without edits.
@@ -208,8 +212,13 @@ fn read_anchor_with(dir: &Path, carriers: Option<&Carriers>) -> Result<Row> {
     let sel = read_json(&geo.join("selection.json")).unwrap_or_default();
     let cands = read_selection_csv(&geo.join("selection.csv"));
     let selected = &sel["result"]["selected"];
+    let rule = sel["result"]["rule"].as_str();
     let (carrier, admissible) = match (selected["layer"].as_u64(), selected["pos"].as_u64()) {
-        (Some(l), Some(p)) => (Some((l as usize, p as usize)), true),
+        // Selections that name no rule predate the floor-relative rule: theirs is absolute.
+        (Some(l), Some(p)) => (
+            Some((l as usize, p as usize)),
+            rule.is_none_or(|r| r == "absolute"),
+        ),
         _ => {
             // The lowest-bypass fully measured candidate stands in, marked not admissible.
             let best = cands
@@ -250,6 +259,11 @@ fn read_anchor_with(dir: &Path, carriers: Option<&Carriers>) -> Result<Row> {
         carrier_layer: carrier.map(|c| c.0),
         carrier_pos: carrier.map(|c| c.1),
         admissible,
+        carrier_rule: carrier.map(|_| match (selected.is_object(), rule) {
+            (true, Some(r)) => r.to_string(),
+            (true, None) => "absolute".to_string(),
+            (false, _) => "stand-in".to_string(),
+        }),
         selection_note: sel["result"]["reason"].as_str().unwrap_or("").to_string(),
         baseline_harmful_score: sel["baseline"]["harmful_refusal_score"].as_f64(),
         effective_rank: erank
@@ -358,7 +372,7 @@ pub const COLUMNS: &[&str] = &[
     "xstest_over_refusal",
     "utility_ce",
     "carrier_layer",
-    "admissible",
+    "carrier_rule",
     "effective_rank",
     "coupling",
     "drift_prev_deg",
@@ -380,11 +394,7 @@ pub fn cells(r: &Row) -> Vec<String> {
         cell(&r.xstest_over_refusal),
         cell(&r.utility_ce),
         r.carrier_layer.map_or("-".into(), |l| l.to_string()),
-        if r.carrier_layer.is_none() {
-            "-".into()
-        } else {
-            r.admissible.to_string()
-        },
+        r.carrier_rule.clone().unwrap_or_else(|| "-".into()),
         num(r.effective_rank, 2),
         num(r.coupling, 3),
         num(r.drift_prev_deg, 1),
@@ -509,9 +519,11 @@ mod tests {
             (Some(1), Some(0), false)
         );
         assert_eq!(r20.selection_note, "no admissible carrier");
+        assert_eq!(r20.carrier_rule.as_deref(), Some("stand-in"));
         assert_eq!(r20.bypass_by_layer, vec![0.5, -2.0]);
         let r10 = &rows[1];
         assert_eq!((r10.carrier_layer, r10.admissible), (Some(0), true));
+        assert_eq!(r10.carrier_rule.as_deref(), Some("absolute"));
         assert_eq!(
             r10.xstest_over_refusal.unwrap().value,
             0.1,

@@ -50,6 +50,7 @@ fn row(recipe: &str, step: u64, asr: f64, layer: usize, admissible: bool) -> Row
         carrier_layer: Some(layer),
         carrier_pos: Some(4),
         admissible,
+        carrier_rule: Some(if admissible { "absolute" } else { "stand-in" }.into()),
         selection_note: if admissible {
             String::new()
         } else {

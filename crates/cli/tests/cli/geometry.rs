@@ -126,13 +126,24 @@ fn geometry_pipeline_on_a_tiny_model_then_eval_with_ablation() {
             "{sel}"
         );
     }
+    // The selection names its rule, or says why neither rule selects a carrier; the model's
+    // own floor (random-direction KL) is reported beside it.
     assert!(
-        sel["result"]["selected"].is_object()
+        sel["result"]["rule"].is_string()
             || sel["result"]["reason"]
                 .as_str()
                 .unwrap()
-                .contains("no admissible carrier")
+                .contains("no carrier passes either rule"),
+        "{sel}"
     );
+    assert_eq!(
+        sel["baseline"]["random_direction_kl"]
+            .as_array()
+            .unwrap()
+            .len(),
+        16
+    );
+    assert!(sel["baseline"]["random_direction_kl_p95"].is_f64(), "{sel}");
     // geometry.json gains the coupling and effective rank at the selected layer, if any.
     let geometry: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(geo.join("geometry.json")).unwrap()).unwrap();

@@ -76,8 +76,9 @@ pub struct SelectArgs {
     /// each ablating or adding its own direction (more rows: bigger matmuls, more memory).
     #[arg(long, default_value_t = SelectConfig::default().batch)]
     pub batch_size: usize,
-    /// Random unit directions whose ablation KL is measured on the screening prompts, to show
-    /// the scale of --kl-max for this model (0 = none).
+    /// Random unit directions whose ablation KL on the harmless validation prompts is the
+    /// model's own floor: a candidate whose KL is within its 95th percentile passes the
+    /// floor-relative rule (0 = no floor, the absolute rule alone).
     #[arg(long, default_value_t = SelectConfig::default().random_directions)]
     pub random_directions: usize,
     /// Only these position indices are candidates (comma-separated; 0 = t_inst, the last =
