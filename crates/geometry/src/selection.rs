@@ -48,7 +48,8 @@ pub trait SelectObserver {
     fn progress(&mut self, done: usize, total: usize);
 }
 
-fn prompts(
+/// `n` prompts of the set `name` (a dataset name or file), sampled with `seed`.
+pub fn prompts(
     name: &str,
     n: usize,
     seed: u64,

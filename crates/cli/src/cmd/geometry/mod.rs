@@ -3,7 +3,6 @@
 use crate::common::{self, ModelArgs};
 use anyhow::{Context, Result};
 use safegeo_data::jsonl::Journal;
-use safegeo_data::{load_dataset, LoadSpec};
 use std::path::Path;
 
 pub mod abliterate;
@@ -33,20 +32,15 @@ pub(crate) fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     Ok(())
 }
 
+/// `n` prompts of the set `name` (a dataset name or file), sampled with `seed`.
 pub(crate) fn prompts(
     name: &str,
     n: usize,
     seed: u64,
     data_dir: Option<&Path>,
 ) -> Result<safegeo_data::Dataset> {
-    Ok(load_dataset(
-        name,
-        &LoadSpec {
-            data_dir,
-            limit: Some(n),
-            seed,
-            ..Default::default()
-        },
+    Ok(safegeo_geometry::selection::prompts(
+        name, n, seed, data_dir,
     )?)
 }
 
