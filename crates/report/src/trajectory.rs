@@ -69,9 +69,12 @@ pub struct Row {
     /// Whether that carrier passed every test of the absolute rule.
     pub admissible: bool,
     /// The rule that selected the carrier: `absolute`, `floor-relative` (KL within the
-    /// random-direction floor), or `stand-in` (no rule selected one; the lowest-bypass
-    /// candidate stands in).
+    /// random-direction floor), `reference` (no rule selected one here; the run's reference
+    /// carrier), or `stand-in` (no reference either; the lowest-bypass candidate stands in).
     pub carrier_rule: Option<String>,
+    /// The anchor's folder.
+    #[serde(skip)]
+    pub dir: PathBuf,
     /// Why nothing was admissible (empty when a carrier was selected).
     pub selection_note: String,
     /// Mean refusal score on harmful validation prompts without edits.
@@ -238,15 +241,8 @@ fn read_anchor_with(dir: &Path, carriers: Option<&Carriers>) -> Result<Row> {
                 .fold(f64::NAN, f64::min)
         })
         .collect();
-    let geometry = read_json(&geo.join("geometry.json")).unwrap_or_default();
-    let erank = carrier.and_then(|(l, _)| geometry["effective_rank"].get(l).cloned());
-    let coupling = match (carrier, carriers) {
-        (Some((l, p)), Some(c)) if l < c.n_layer() && p < c.n_pos() => {
-            Some(linalg::cosine(c.harmfulness(l), &c.refusal[l][p]).abs())
-        }
-        _ => None,
-    };
-    Ok(Row {
+    let mut row = Row {
+        dir: dir.to_path_buf(),
         anchor: info,
         asr_fixed,
         asr_adaptive,
@@ -266,19 +262,35 @@ fn read_anchor_with(dir: &Path, carriers: Option<&Carriers>) -> Result<Row> {
         }),
         selection_note: sel["result"]["reason"].as_str().unwrap_or("").to_string(),
         baseline_harmful_score: sel["baseline"]["harmful_refusal_score"].as_f64(),
-        effective_rank: erank
-            .as_ref()
-            .and_then(|e| e["positions"]["erank"]["value"].as_f64()),
-        effective_rank_spread: erank.as_ref().and_then(|e| {
-            let i = &e["positions"]["erank"];
-            Some((i["lo"].as_f64()?, i["hi"].as_f64()?))
-        }),
-        coupling,
+        effective_rank: None,
+        effective_rank_spread: None,
+        coupling: None,
         drift_prev_deg: None,
         drift_base_deg: None,
         carrier_cos_base: None,
         bypass_by_layer,
-    })
+    };
+    if let Some((l, p)) = carrier {
+        geometry_at(&mut row, dir, carriers, l, p);
+    }
+    Ok(row)
+}
+
+/// Fill `row`'s single-anchor geometry columns at the carrier `(l, p)` of the anchor in `dir`:
+/// the effective rank with its interval (from geometry.json) and the coupling.
+fn geometry_at(row: &mut Row, dir: &Path, carriers: Option<&Carriers>, l: usize, p: usize) {
+    let geometry = read_json(&dir.join("geometry/geometry.json")).unwrap_or_default();
+    let erank = &geometry["effective_rank"][l]["positions"]["erank"];
+    row.carrier_layer = Some(l);
+    row.carrier_pos = Some(p);
+    row.effective_rank = erank["value"].as_f64();
+    row.effective_rank_spread = erank["lo"].as_f64().zip(erank["hi"].as_f64());
+    row.coupling = match carriers {
+        Some(c) if l < c.n_layer() && p < c.n_pos() => {
+            Some(linalg::cosine(c.harmfulness(l), &c.refusal[l][p]).abs())
+        }
+        _ => None,
+    };
 }
 
 /// Subspace dimension compared by drift.
@@ -306,7 +318,7 @@ fn drift_at(a: &Carriers, b: &Carriers, layer: usize, pos: usize) -> Option<(f64
 /// Rows of every anchor folder, sorted by (recipe, step) with the base first, with drift to the
 /// previous anchor of the same recipe (the base precedes every recipe's first anchor) and to
 /// the base.
-pub fn collect(anchor_dirs: &[PathBuf]) -> Result<Vec<Row>> {
+pub fn collect(anchor_dirs: &[PathBuf], reference: Option<(usize, usize)>) -> Result<Vec<Row>> {
     // Each anchor's carriers are read once and serve its coupling and every drift it enters.
     let mut rows: Vec<(Option<Carriers>, Row)> = anchor_dirs
         .iter()
@@ -316,6 +328,43 @@ pub fn collect(anchor_dirs: &[PathBuf]) -> Result<Vec<Row>> {
             Ok((c, row))
         })
         .collect::<Result<_>>()?;
+    // Rows compare like with like: an anchor where no rule selects a carrier is measured at one
+    // reference carrier for its whole run (given, or the one selected at the run's latest anchor
+    // that has one), not at its own lowest-bypass stand-in.
+    let selected = |r: &Row| {
+        matches!(
+            r.carrier_rule.as_deref(),
+            Some("absolute" | "floor-relative")
+        )
+        .then(|| r.carrier_layer.zip(r.carrier_pos))
+        .flatten()
+    };
+    let run_reference = |recipe: &str| {
+        reference.or_else(|| {
+            rows.iter()
+                .filter(|(_, r)| r.anchor.recipe == recipe)
+                .filter_map(|(_, r)| selected(r).map(|c| (r.anchor.step, c)))
+                .max_by_key(|(step, _)| *step)
+                .map(|(_, c)| c)
+        })
+    };
+    let references: Vec<Option<(usize, usize)>> = rows
+        .iter()
+        .map(|(_, r)| {
+            if selected(r).is_some() {
+                None
+            } else {
+                run_reference(&r.anchor.recipe)
+            }
+        })
+        .collect();
+    for ((c, row), reference) in rows.iter_mut().zip(references) {
+        if let Some((l, p)) = reference {
+            let dir = row.dir.clone();
+            geometry_at(row, &dir, c.as_ref(), l, p);
+            row.carrier_rule = Some("reference".into());
+        }
+    }
     rows.sort_by(|a, b| {
         let key = |r: &Row| {
             (
@@ -499,7 +548,7 @@ mod tests {
             csv,
         );
         let base = anchor(root.path(), "base", 0, &[], serde_json::json!({}), "");
-        let rows = collect(&[a, b, base]).unwrap();
+        let rows = collect(&[a.clone(), b.clone(), base.clone()], None).unwrap();
         let order: Vec<(String, u64)> = rows
             .iter()
             .map(|r| (r.anchor.recipe.clone(), r.anchor.step))
@@ -514,12 +563,14 @@ mod tests {
             r20.judges,
             vec!["harmbench".to_string(), "substring".to_string()]
         );
+        // No rule selects a carrier at step 20: it is measured at its run's reference, the
+        // carrier selected at step 10, not at its own lowest-bypass stand-in (layer 1).
         assert_eq!(
             (r20.carrier_layer, r20.carrier_pos, r20.admissible),
-            (Some(1), Some(0), false)
+            (Some(0), Some(0), false)
         );
         assert_eq!(r20.selection_note, "no admissible carrier");
-        assert_eq!(r20.carrier_rule.as_deref(), Some("stand-in"));
+        assert_eq!(r20.carrier_rule.as_deref(), Some("reference"));
         assert_eq!(r20.bypass_by_layer, vec![0.5, -2.0]);
         let r10 = &rows[1];
         assert_eq!((r10.carrier_layer, r10.admissible), (Some(0), true));
@@ -530,6 +581,14 @@ mod tests {
             "on XSTest its own matcher wins over the substrings"
         );
         assert_eq!(rows[0].carrier_layer, None);
+        // A reference named by the caller serves every anchor without a selection; a run with
+        // none at all keeps the stand-in.
+        let named = collect(&[a.clone(), b.clone(), base.clone()], Some((1, 0))).unwrap();
+        assert_eq!(named[2].carrier_layer, Some(1));
+        assert_eq!(named[1].carrier_rule.as_deref(), Some("absolute"));
+        let alone = collect(std::slice::from_ref(&a), None).unwrap();
+        assert_eq!(alone[0].carrier_rule.as_deref(), Some("stand-in"));
+        assert_eq!(alone[0].carrier_layer, Some(1));
         let table = markdown(&rows);
         assert_eq!(table.lines().count(), 5);
         assert!(csv_has_header(&super::csv(&rows)));

@@ -33,6 +33,7 @@ fn row(recipe: &str, step: u64, asr: f64, layer: usize, admissible: bool) -> Row
         })
     };
     Row {
+        dir: Default::default(),
         anchor: AnchorInfo {
             recipe: recipe.into(),
             name: format!("ckpt-{step:06}"),

@@ -74,6 +74,10 @@ pub struct TrajectoryArgs {
     pub n_carrier: usize,
     #[command(flatten)]
     pub budget: SelectionBudget,
+    /// Where no rule selects a carrier at an anchor, measure its geometry at this carrier
+    /// (LAYER:POS) [default: the carrier selected at the latest anchor of its run that has one].
+    #[arg(long, value_parser = layer_pos)]
+    pub reference_carrier: Option<(usize, usize)>,
     /// Select among carriers at every position instead of t_post only (~6x slower).
     #[arg(long)]
     pub all_positions: bool,
@@ -154,6 +158,7 @@ impl TrajectoryArgs {
             carrier_sets: list(CARRIER_SETS),
             n_carrier: N_CARRIER,
             budget: SelectionBudget::default(),
+            reference_carrier: None,
             all_positions: false,
             orth: false,
             batch_size: BATCH_SIZE,
@@ -162,6 +167,18 @@ impl TrajectoryArgs {
             json: false,
         }
     }
+}
+
+fn layer_pos(s: &str) -> std::result::Result<(usize, usize), String> {
+    let (l, p) = s
+        .split_once(':')
+        .ok_or_else(|| format!("`{s}`: give the carrier as LAYER:POS, e.g. 20:5"))?;
+    let num = |x: &str| {
+        x.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("`{s}`: LAYER and POS are whole numbers"))
+    };
+    Ok((num(l)?, num(p)?))
 }
 
 /// One anchor to measure.
@@ -383,7 +400,11 @@ fn arm_notes(dirs: &[PathBuf]) -> Result<Vec<String>> {
 }
 
 /// Assemble trajectory.{json,csv,md} and index.html from every finished anchor in OUT.
-pub fn merge(out: &Path, json: bool) -> Result<Vec<trajectory::Row>> {
+pub fn merge(
+    out: &Path,
+    json: bool,
+    reference: Option<(usize, usize)>,
+) -> Result<Vec<trajectory::Row>> {
     let anchors_dir = out.join("anchors");
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(&anchors_dir)
         .with_context(|| format!("{}: no anchors measured yet\n  fix: run `safegeo trajectory --anchors ... --out {}` first", anchors_dir.display(), out.display()))?
@@ -391,7 +412,7 @@ pub fn merge(out: &Path, json: bool) -> Result<Vec<trajectory::Row>> {
         .filter(|p| p.join("anchor.json").is_file())
         .collect();
     dirs.sort();
-    let rows = trajectory::collect(&dirs)?;
+    let rows = trajectory::collect(&dirs, reference)?;
     let arms = arm_notes(&dirs)?;
     let write = |name: &str, bytes: &[u8]| -> Result<()> {
         safegeo_runtime::files::write_atomic(&out.join(name), bytes)?;
@@ -437,7 +458,7 @@ pub fn merge(out: &Path, json: bool) -> Result<Vec<trajectory::Row>> {
 
 pub fn run(a: TrajectoryArgs) -> Result<()> {
     if a.merge_only {
-        merge(&a.out, a.json)?;
+        merge(&a.out, a.json, a.reference_carrier)?;
         return Ok(());
     }
     let anchors = anchors_of(&a.anchors, a.base.as_deref())?;
@@ -484,6 +505,6 @@ pub fn run(a: TrajectoryArgs) -> Result<()> {
             return Ok(());
         }
     }
-    merge(&a.out, a.json)?;
+    merge(&a.out, a.json, a.reference_carrier)?;
     Ok(())
 }
