@@ -339,14 +339,18 @@ pub fn collect(anchor_dirs: &[PathBuf], reference: Option<(usize, usize)>) -> Re
         .then(|| r.carrier_layer.zip(r.carrier_pos))
         .flatten()
     };
+    let latest = |recipe: &str, pick: &dyn Fn(&Row) -> Option<(usize, usize)>| {
+        rows.iter()
+            .filter(|(_, r)| r.anchor.recipe == recipe)
+            .filter_map(|(_, r)| pick(r).map(|c| (r.anchor.step, c)))
+            .max_by_key(|(step, _)| *step)
+            .map(|(_, c)| c)
+    };
+    // A run with no selected carrier at all is measured at its latest anchor's stand-in.
     let run_reference = |recipe: &str| {
-        reference.or_else(|| {
-            rows.iter()
-                .filter(|(_, r)| r.anchor.recipe == recipe)
-                .filter_map(|(_, r)| selected(r).map(|c| (r.anchor.step, c)))
-                .max_by_key(|(step, _)| *step)
-                .map(|(_, c)| c)
-        })
+        reference
+            .or_else(|| latest(recipe, &selected))
+            .or_else(|| latest(recipe, &|r: &Row| r.carrier_layer.zip(r.carrier_pos)))
     };
     let references: Vec<Option<(usize, usize)>> = rows
         .iter()
@@ -360,6 +364,9 @@ pub fn collect(anchor_dirs: &[PathBuf], reference: Option<(usize, usize)>) -> Re
         .collect();
     for ((c, row), reference) in rows.iter_mut().zip(references) {
         if let Some((l, p)) = reference {
+            if row.carrier_layer.zip(row.carrier_pos) == Some((l, p)) {
+                continue;
+            }
             let dir = row.dir.clone();
             geometry_at(row, &dir, c.as_ref(), l, p);
             row.carrier_rule = Some("reference".into());
@@ -533,7 +540,7 @@ mod tests {
                 ("test-cases", "asr", "harmbench", 0.3),
                 ("jbb-benign", "refusal_rate", "substring", 0.2),
             ],
-            none,
+            none.clone(),
             csv,
         );
         let b = anchor(
@@ -589,6 +596,17 @@ mod tests {
         let alone = collect(std::slice::from_ref(&a), None).unwrap();
         assert_eq!(alone[0].carrier_rule.as_deref(), Some("stand-in"));
         assert_eq!(alone[0].carrier_layer, Some(1));
+        // A run with no selection anywhere: every anchor at the latest anchor's stand-in.
+        let early_csv = "layer,pos,bypass,induce,kl,stage,admissible,failed\n0,0,-3.0,-1,0.5,full,false,induce;kl\n1,0,-2.0,-1,0.5,full,false,induce;kl\n";
+        let early = anchor(root.path(), "r2d2", 5, &[], none.clone(), early_csv);
+        let late = anchor(root.path(), "r2d2", 10, &[], none, csv);
+        let run = collect(&[early, late], None).unwrap();
+        assert_eq!(
+            run.iter()
+                .map(|r| (r.carrier_layer, r.carrier_rule.clone().unwrap()))
+                .collect::<Vec<_>>(),
+            vec![(Some(1), "reference".into()), (Some(1), "stand-in".into())]
+        );
         let table = markdown(&rows);
         assert_eq!(table.lines().count(), 5);
         assert!(csv_has_header(&super::csv(&rows)));
