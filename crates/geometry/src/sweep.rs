@@ -1,11 +1,12 @@
 //! Causal sweeps (docs/protocol.md §3): for a carrier `v` at layer `l`, add `c v` at that layer's
-//! block input for a grid of `c` (and fully ablate `v^` at every layer), for the refusal carrier,
-//! the harmfulness carrier and matched random controls (unit directions scaled to the refusal
-//! carrier's norm, same layer and positions, `controls` seeds). Measured per prompt: refusal
-//! score on harmful prompts (refusal rate = share with score > 0), refusal on harmless prompts,
-//! and utility on harmless prompts (KL to the base model at the last position; cross-entropy of
-//! the base model's own greedy continuation). Effects are reported minus the controls' mean, with
-//! a bootstrap 95% interval over prompts.
+//! block input for a grid of `c` (and fully ablate `v^` at every layer), for the refusal carrier
+//! and the harmfulness carrier, each with its own matched random controls (`controls` random unit
+//! directions at the same layer and positions, scaled to that carrier's own norm). Measured per
+//! prompt: refusal score on harmful prompts (refusal rate = share with score > 0), refusal on
+//! harmless prompts, and utility on harmless prompts (KL to the base model at the last position;
+//! cross-entropy of the base model's own greedy continuation). Effects are reported minus the
+//! mean of the arm's controls, with a two-level bootstrap 95% interval (prompts and control
+//! directions resampled together).
 use crate::linalg::{norm, normalize};
 use crate::select::last_logprobs;
 use crate::Result;
@@ -20,9 +21,9 @@ use serde::Serialize;
 /// Sweep settings; defaults are docs/protocol.md §3 (ours).
 #[derive(Debug, Clone, Serialize)]
 pub struct SweepConfig {
-    /// Coefficients, in units of the direction (the refusal carrier's norm for controls).
+    /// Coefficients, in units of the direction (a control: in units of its arm's carrier norm).
     pub coefs: Vec<f64>,
-    /// Random control directions (at least 8).
+    /// Random control directions per arm (at least 8).
     pub controls: usize,
     /// Seed of the controls and the bootstrap.
     pub seed: u64,
@@ -47,7 +48,7 @@ impl Default for SweepConfig {
 /// Per-prompt measurements of one condition.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Condition {
-    /// `refusal`, `harmfulness` or `control_k`.
+    /// `refusal`, `harmfulness`, or `control_ARM_k` (control `k` of that arm).
     pub direction: String,
     /// Coefficient, or `None` for full ablation.
     pub coef: Option<f64>,
@@ -76,7 +77,7 @@ pub struct Effect {
     pub control: f64,
     /// `value - control`.
     pub effect: f64,
-    /// 95% interval of the effect (prompt bootstrap).
+    /// 95% interval of the effect (bootstrap over prompts and control directions).
     pub lo: f64,
     /// See `lo`.
     pub hi: f64,
@@ -139,15 +140,17 @@ pub fn sweep(
     mut journal: Option<&mut Journal<Condition>>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<Condition>> {
-    let mut dirs: Vec<(String, Vec<f64>)> = vec![
-        ("refusal".into(), refusal.to_vec()),
-        ("harmfulness".into(), harmfulness.to_vec()),
-    ];
-    for (k, c) in random_controls(refusal.len(), cfg.controls, norm(refusal), cfg.seed)
-        .into_iter()
-        .enumerate()
-    {
-        dirs.push((format!("control_{k}"), c));
+    let mut dirs: Vec<(String, Vec<f64>)> = Vec::new();
+    // Each arm: its carrier, then its controls at the carrier's own norm (the same unit
+    // directions for both arms, so the arms differ only in scale).
+    for (arm, carrier) in [("refusal", refusal), ("harmfulness", harmfulness)] {
+        dirs.push((arm.into(), carrier.to_vec()));
+        for (k, c) in random_controls(carrier.len(), cfg.controls, norm(carrier), cfg.seed)
+            .into_iter()
+            .enumerate()
+        {
+            dirs.push((format!("control_{arm}_{k}"), c));
+        }
     }
     let base_logp = last_logprobs(model, harmless, cfg.batch, &mut NoHooks)?;
     let coefs: Vec<Option<f64>> = cfg.coefs.iter().map(|&c| Some(c)).chain([None]).collect();
@@ -218,9 +221,11 @@ const METRICS: &[Metric] = &[
     }),
 ];
 
-/// Effects of the refusal and harmfulness directions minus the controls' mean at each
-/// coefficient, with percentile bootstrap intervals over prompts (harmful and harmless resampled
-/// independently; the same resample is used for the direction and its controls).
+/// Effects of the refusal and harmfulness directions minus the mean of the arm's own controls at
+/// each coefficient, with percentile intervals from a two-level bootstrap: each resample draws
+/// the harmful and the harmless prompts (independently) and the control directions, with
+/// replacement, so the interval widens when the prompts or the controls disagree. The same
+/// resample serves the direction and its controls.
 pub fn effects(conds: &[Condition], cfg: &SweepConfig) -> Vec<Effect> {
     let Some(first) = conds.first() else {
         return Vec::new();
@@ -228,12 +233,16 @@ pub fn effects(conds: &[Condition], cfg: &SweepConfig) -> Vec<Effect> {
     let (nh, nl) = (first.harmful_scores.len(), first.harmless_scores.len());
     let all_h: Vec<usize> = (0..nh).collect();
     let all_l: Vec<usize> = (0..nl).collect();
+    let n_controls = cfg.controls.max(1);
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed ^ 0x5eed);
-    let resamples: Vec<(Vec<usize>, Vec<usize>)> = (0..cfg.bootstrap)
+    let resamples: Vec<(Vec<usize>, Vec<usize>, Vec<usize>)> = (0..cfg.bootstrap)
         .map(|_| {
             (
                 (0..nh).map(|_| rng.gen_range(0..nh)).collect(),
                 (0..nl).map(|_| rng.gen_range(0..nl)).collect(),
+                (0..n_controls)
+                    .map(|_| rng.gen_range(0..n_controls))
+                    .collect(),
             )
         })
         .collect();
@@ -253,22 +262,28 @@ pub fn effects(conds: &[Condition], cfg: &SweepConfig) -> Vec<Effect> {
             let Some(target) = conds.iter().find(|c| c.direction == dir && c.coef == coef) else {
                 continue;
             };
+            let prefix = format!("control_{dir}_");
             let controls: Vec<&Condition> = conds
                 .iter()
-                .filter(|c| c.direction.starts_with("control_") && c.coef == coef)
+                .filter(|c| c.direction.starts_with(&prefix) && c.coef == coef)
                 .collect();
             if controls.is_empty() {
                 continue;
             }
+            let all_c: Vec<usize> = (0..controls.len()).collect();
             for (metric, f) in METRICS {
-                let ctrl = |h: &[usize], l: &[usize]| {
-                    controls.iter().map(|c| f(c, h, l)).sum::<f64>() / controls.len() as f64
+                let ctrl = |h: &[usize], l: &[usize], k: &[usize]| {
+                    k.iter().map(|&k| f(controls[k], h, l)).sum::<f64>() / k.len() as f64
                 };
                 let value = f(target, &all_h, &all_l);
-                let control = ctrl(&all_h, &all_l);
+                let control = ctrl(&all_h, &all_l, &all_c);
                 let mut boots: Vec<f64> = resamples
                     .iter()
-                    .map(|(h, l)| f(target, h, l) - ctrl(h, l))
+                    .map(|(h, l, k)| {
+                        // Draws beyond the controls measured (fewer than configured) wrap.
+                        let k: Vec<usize> = k.iter().map(|&k| k % controls.len()).collect();
+                        f(target, h, l) - ctrl(h, l, &k)
+                    })
                     .collect();
                 boots.sort_by(f64::total_cmp);
                 let q = |p: f64| {
@@ -313,11 +328,14 @@ mod tests {
     fn effect_is_direction_minus_control_mean_with_a_bracketing_interval() {
         let conds = vec![
             cond("refusal", Some(1.0), vec![2.0, 3.0, -1.0, 4.0]),
-            cond("control_0", Some(1.0), vec![-1.0, -1.0, -1.0, 1.0]),
-            cond("control_1", Some(1.0), vec![-1.0, -1.0, -1.0, -1.0]),
+            cond("control_refusal_0", Some(1.0), vec![-1.0, -1.0, -1.0, 1.0]),
+            cond("control_refusal_1", Some(1.0), vec![-1.0, -1.0, -1.0, -1.0]),
+            // Another arm's control is not this arm's.
+            cond("control_harmfulness_0", Some(1.0), vec![5.0, 5.0, 5.0, 5.0]),
         ];
         let cfg = SweepConfig {
             bootstrap: 500,
+            controls: 2,
             ..Default::default()
         };
         let e = effects(&conds, &cfg);
@@ -331,6 +349,100 @@ mod tests {
         assert!(rate.lo <= rate.effect && rate.effect <= rate.hi);
         let kl = e.iter().find(|e| e.metric == "harmless_kl").unwrap();
         assert_eq!((kl.effect, kl.lo, kl.hi), (0.0, 0.0, 0.0));
+    }
+
+    #[test]
+    fn the_interval_widens_when_the_controls_disagree() {
+        // The same mean refusal score over controls (0), from controls that agree (all 0) or
+        // disagree (+1 and -1), with no spread over prompts: only resampling the controls can
+        // widen the interval, and only where they disagree.
+        let target = cond("refusal", Some(1.0), vec![2.0; 8]);
+        let controls = |score: &dyn Fn(usize) -> f64| -> Vec<Condition> {
+            (0..8)
+                .map(|k| {
+                    cond(
+                        &format!("control_refusal_{k}"),
+                        Some(1.0),
+                        vec![score(k); 8],
+                    )
+                })
+                .collect()
+        };
+        let cfg = SweepConfig {
+            bootstrap: 2000,
+            controls: 8,
+            ..Default::default()
+        };
+        let width = |controls: Vec<Condition>| {
+            let mut conds = vec![target.clone()];
+            conds.extend(controls);
+            let e = effects(&conds, &cfg)
+                .into_iter()
+                .find(|e| e.metric == "harmful_refusal_score")
+                .unwrap();
+            assert!((e.effect - 2.0).abs() < 1e-12, "{e:?}");
+            e.hi - e.lo
+        };
+        let narrow = width(controls(&|_| 0.0));
+        let wide = width(controls(&|k| if k % 2 == 0 { 1.0 } else { -1.0 }));
+        assert!(narrow.abs() < 1e-12, "agreeing controls: {narrow}");
+        assert!(wide > 0.5, "disagreeing controls: {wide}");
+    }
+
+    #[test]
+    fn each_arm_has_controls_at_its_own_norm() {
+        // A tiny model, a refusal carrier of norm 5 and a harmfulness carrier of norm 0.5: every
+        // control is scaled to its arm's norm (the added vector of coefficient 1 has that norm).
+        let m = safegeo_runtime::testing::tiny_model(
+            safegeo_runtime::Arch::Llama,
+            3,
+            candle_core::DType::F32,
+        )
+        .unwrap();
+        let d = m.cfg.hidden;
+        let refusal: Vec<f64> = (0..d).map(|i| if i == 0 { 5.0 } else { 0.0 }).collect();
+        let harmfulness: Vec<f64> = (0..d).map(|i| if i == 1 { 0.5 } else { 0.0 }).collect();
+        let cfg = SweepConfig {
+            coefs: vec![1.0],
+            controls: 8,
+            bootstrap: 10,
+            ..Default::default()
+        };
+        let prompts = vec![vec![3u32, 4, 5], vec![6, 7]];
+        let conds = sweep(
+            &m,
+            &refusal,
+            &harmfulness,
+            1,
+            &prompts,
+            &prompts,
+            &[],
+            &[1],
+            &cfg,
+            None,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let names: Vec<&str> = conds.iter().map(|c| c.direction.as_str()).collect();
+        assert_eq!(
+            names
+                .iter()
+                .filter(|n| n.starts_with("control_refusal_"))
+                .count(),
+            16
+        );
+        assert_eq!(
+            names
+                .iter()
+                .filter(|n| n.starts_with("control_harmfulness_"))
+                .count(),
+            16
+        );
+        for (arm, scale) in [("refusal", 5.0), ("harmfulness", 0.5)] {
+            for c in random_controls(d, 8, scale, cfg.seed) {
+                assert!((norm(&c) - scale).abs() < 1e-9, "{arm}");
+            }
+        }
     }
 
     #[test]

@@ -204,7 +204,27 @@ fn geometry_pipeline_on_a_tiny_model_then_eval_with_ablation() {
     assert!(std::fs::read_to_string(ev.join("summary.csv"))
         .unwrap()
         .contains("refusal_score_mean,refusal-score"));
-    // Causal sweep against random controls.
+    // Causal sweep against random controls, on prompts the selection never saw: the selection's
+    // own validation sets are refused, by name or by file.
+    fails_with(
+        &safegeo(
+            &[
+                "sweep",
+                g,
+                "--carrier",
+                "1:0",
+                "--val",
+                &format!("{harm},{harmless}"),
+            ],
+            h,
+        ),
+        2,
+        "chose its carrier on these prompts",
+    );
+    let (harm2, harmless2) = (
+        prompt_file(h, "harm2.jsonl", 3, "harmful", 6),
+        prompt_file(h, "harmless2.jsonl", 31, "benign", 6),
+    );
     let out = safegeo(
         &[
             "sweep",
@@ -212,7 +232,7 @@ fn geometry_pipeline_on_a_tiny_model_then_eval_with_ablation() {
             "--carrier",
             "1:0",
             "--val",
-            &format!("{harm},{harmless}"),
+            &format!("{harm2},{harmless2}"),
             "--n",
             "6",
             "--controls",

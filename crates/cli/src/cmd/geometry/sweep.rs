@@ -28,12 +28,9 @@ pub struct SweepArgs {
     /// Matched random control directions (at least 8 recommended).
     #[arg(long, default_value_t = 8)]
     pub controls: usize,
-    /// Harmful and harmless evaluation sets.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "harmful-val,harmless-val"
-    )]
+    /// Harmful and harmless sets the effects are measured on: disjoint from the validation sets
+    /// that selected the carrier (a sweep reports effects; the selection chose on validation).
+    #[arg(long, value_delimiter = ',', default_value = "jbb-harmful,jbb-benign")]
     pub val: Vec<String>,
     /// Prompts per set.
     #[arg(long, default_value_t = 32)]
@@ -59,6 +56,30 @@ pub struct SweepArgs {
     pub json: bool,
 }
 
+/// A sweep measures on prompts the selection never saw: a set that is (by name or by file) one
+/// of the validation sets recorded in DIR/selection.json is refused.
+fn refuse_overlap(dir: &std::path::Path, sets: &[&safegeo_data::Dataset]) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(dir.join("selection.json")) else {
+        return Ok(());
+    };
+    let sel: serde_json::Value = serde_json::from_str(&text)?;
+    for used in ["harmful", "harmless"] {
+        let v = &sel["validation"][used];
+        for d in sets {
+            if v["name"].as_str() == Some(d.name.as_str())
+                || v["sha256"].as_str() == Some(d.sha256.as_str())
+            {
+                return Err(common::invalid!(
+                    "--val {}: the selection of {} chose its carrier on these prompts, so effects measured on them would not be held out\n  fix: measure on other sets, e.g. --val jbb-harmful,jbb-benign",
+                    d.name,
+                    dir.display()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn run(a: SweepArgs) -> Result<()> {
     use safegeo_geometry::sweep::{effects, sweep, SweepConfig};
     if a.val.len() != 2 {
@@ -73,6 +94,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
     let model = carriers_model(&a.dir, a.model.as_deref(), &a.device)?;
     let hv = prompts(&a.val[0], a.n, a.seed, a.data.data_dir.as_deref())?;
     let lv = prompts(&a.val[1], a.n, a.seed, a.data.data_dir.as_deref())?;
+    refuse_overlap(&a.dir, &[&hv, &lv])?;
     let text =
         |d: &safegeo_data::Dataset| d.items.iter().map(|i| i.prompt.clone()).collect::<Vec<_>>();
     let (h_ids, _) = prompt_ids(&model, &text(&hv))?;
