@@ -3,7 +3,10 @@
 //! scores, carrier norms and, on two held-out sets, how well each carrier reads as a probe. The
 //! result is typed: [`CarriersMeta`] is `carriers.json`, [`GeometryReport`] is `geometry.json`.
 use crate::carriers::{capture, difference_of_means, prompt_ids, Activations, Carriers};
-use crate::measures::{belief_score, coupling_curve, effective_ranks, ErankReport, StackSpec};
+use crate::measures::{
+    belief_score, coupling_curve, coupling_intervals, effective_ranks_of, resample_carriers,
+    ErankReport, Interval, StackSpec,
+};
 use crate::separation::{probe_separation, separation, Separation, PROBE_L2};
 use crate::{linalg, store, Error, Result};
 use safegeo_data::judges::refusal_score::{refusal_scores, refusal_token_ids, REFUSAL_OPENINGS};
@@ -175,8 +178,10 @@ pub struct GeometryReport {
     pub belief_t_post: Beliefs,
     /// `|cos(h_l, r_l)|` per layer, the refusal carrier taken at `t_post`.
     pub coupling_abs_cos_t_post: Vec<f64>,
-    /// Effective rank per layer with its bootstrap spread.
+    /// Effective rank per layer with its bootstrap interval.
     pub effective_rank: Vec<ErankReport>,
+    /// `|cos(h_l, r_{l,p})|` per layer and position with its basic bootstrap 95% interval.
+    pub coupling_abs_cos: Vec<Vec<Interval>>,
     /// With held-out sets: the carriers read as probes on them.
     pub heldout: Option<HeldOut>,
     /// How to read it.
@@ -348,11 +353,14 @@ pub fn estimate(
         }
         None => None,
     };
+    // One set of bootstrap resamples serves every interval.
+    let resampled = resample_carriers(&hacts, &lacts, cfg.bootstrap, cfg.seed);
     let geometry = GeometryReport {
         belief_t_inst: beliefs(&c, &hacts, &lacts, 0),
         belief_t_post: beliefs(&c, &hacts, &lacts, t_post),
         coupling_abs_cos_t_post: coupling_curve(&c, t_post),
-        effective_rank: effective_ranks(&hacts, &lacts, cfg.stacks, cfg.bootstrap, cfg.seed),
+        effective_rank: effective_ranks_of(&c, &resampled, cfg.stacks),
+        coupling_abs_cos: coupling_intervals(&c, &resampled),
         heldout,
         note: GEOMETRY_NOTE,
         refusal_norms: c

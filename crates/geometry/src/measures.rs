@@ -154,27 +154,68 @@ pub fn effective_ranks(
     seed: u64,
 ) -> Vec<ErankReport> {
     let full = difference_of_means(harmful, harmless, None, None);
-    let n_layer = full.n_layer();
+    let resampled = resample_carriers(harmful, harmless, resamples, seed);
+    effective_ranks_of(&full, &resampled, spec)
+}
+
+/// The carriers of `resamples` bootstrap resamples of the prompts (harmful and harmless drawn
+/// independently, with replacement), in a seeded order.
+pub fn resample_carriers(
+    harmful: &Activations,
+    harmless: &Activations,
+    resamples: usize,
+    seed: u64,
+) -> Vec<Carriers> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let (nh, nl) = (harmful.len(), harmless.len());
+    (0..resamples)
+        .map(|_| {
+            let ih: Vec<usize> = (0..nh).map(|_| rng.gen_range(0..nh)).collect();
+            let il: Vec<usize> = (0..nl).map(|_| rng.gen_range(0..nl)).collect();
+            difference_of_means(harmful, harmless, Some(&ih), Some(&il))
+        })
+        .collect()
+}
+
+/// `|cos(h_l, r_{l,p})|` at every layer and position, with its basic bootstrap 95% interval over
+/// the `resampled` carriers.
+pub fn coupling_intervals(full: &Carriers, resampled: &[Carriers]) -> Vec<Vec<Interval>> {
+    let at = |c: &Carriers, l: usize, p: usize| cosine(c.harmfulness(l), &c.refusal[l][p]).abs();
+    (0..full.n_layer())
+        .map(|l| {
+            (0..full.n_pos())
+                .map(|p| {
+                    let mut v: Vec<f64> = resampled.iter().map(|c| at(c, l, p)).collect();
+                    Interval::of(at(full, l, p), &mut v)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// [`effective_ranks`] from carriers already estimated on the full sets and on resamples.
+pub fn effective_ranks_of(
+    full: &Carriers,
+    resampled: &[Carriers],
+    spec: StackSpec,
+) -> Vec<ErankReport> {
+    let n_layer = full.n_layer();
+    let resamples = resampled.len();
     // Per resample and layer: the two stacks' spectra.
-    let mut per: Vec<Vec<(Spectrum, Spectrum)>> = Vec::with_capacity(resamples);
-    for _ in 0..resamples {
-        let ih: Vec<usize> = (0..nh).map(|_| rng.gen_range(0..nh)).collect();
-        let il: Vec<usize> = (0..nl).map(|_| rng.gen_range(0..nl)).collect();
-        let c = difference_of_means(harmful, harmless, Some(&ih), Some(&il));
-        per.push(
+    let per: Vec<Vec<(Spectrum, Spectrum)>> = resampled
+        .iter()
+        .map(|c| {
             (0..n_layer)
                 .map(|l| {
-                    let (p, w) = stacks(&c, l, spec);
+                    let (p, w) = stacks(c, l, spec);
                     (Spectrum::of(&p), Spectrum::of(&w))
                 })
-                .collect(),
-        );
-    }
+                .collect()
+        })
+        .collect();
     (0..n_layer)
         .map(|l| {
-            let (p, w) = stacks(&full, l, spec);
+            let (p, w) = stacks(full, l, spec);
             let report = |rows: &[Vec<f64>], which: fn(&(Spectrum, Spectrum)) -> Spectrum, matrix: String| {
                 let point = Spectrum::of(rows);
                 let pick = |f: fn(&Spectrum) -> f64| {
@@ -288,6 +329,15 @@ mod tests {
         assert!((e.positions.erank.hi - 1.0).abs() < 1e-6, "{e:?}");
         let c = difference_of_means(&harmful, &harmless, None, None);
         assert!((coupling_curve(&c, 1)[0] - 1.0).abs() < 1e-12);
+        // Every resample's carriers lie along e0 too: coupling 1 with a degenerate interval.
+        let ci = coupling_intervals(&c, &resample_carriers(&harmful, &harmless, 8, 3));
+        assert_eq!((ci.len(), ci[0].len()), (1, 2));
+        for i in &ci[0] {
+            assert!(
+                (i.value - 1.0).abs() < 1e-12 && (i.lo - 1.0).abs() < 1e-9,
+                "{i:?}"
+            );
+        }
         let d = drift(&c, &c, 0, 2);
         assert!(d.principal_angles_deg[0].iter().all(|a| a.abs() < 1e-4));
         assert!((d.cosine_per_layer[0] - 1.0).abs() < 1e-12);

@@ -85,6 +85,9 @@ pub struct Row {
     pub effective_rank_spread: Option<(f64, f64)>,
     /// |cos(harmfulness carrier, refusal carrier)| at the carrier layer and position.
     pub coupling: Option<f64>,
+    /// Its basic bootstrap 95% interval over prompts (lo, hi), when geometry.json has one.
+    #[serde(default)]
+    pub coupling_interval: Option<(f64, f64)>,
     /// Mean principal angle (degrees) between this anchor's and the previous anchor's top-3
     /// carrier subspaces at the carrier layer.
     pub drift_prev_deg: Option<f64>,
@@ -265,6 +268,7 @@ fn read_anchor_with(dir: &Path, carriers: Option<&Carriers>) -> Result<Row> {
         effective_rank: None,
         effective_rank_spread: None,
         coupling: None,
+        coupling_interval: None,
         drift_prev_deg: None,
         drift_base_deg: None,
         carrier_cos_base: None,
@@ -291,6 +295,8 @@ fn geometry_at(row: &mut Row, dir: &Path, carriers: Option<&Carriers>, l: usize,
         }
         _ => None,
     };
+    let ci = &geometry["coupling_abs_cos"][l][p];
+    row.coupling_interval = ci["lo"].as_f64().zip(ci["hi"].as_f64());
 }
 
 /// Subspace dimension compared by drift.

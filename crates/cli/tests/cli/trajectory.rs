@@ -89,6 +89,13 @@ fn trajectory_measures_sharded_anchors_merges_and_writes_the_report() {
             "suite is a file, not jbb-harmful"
         );
         assert!(r["carrier_layer"].is_u64(), "{r}");
+        // Geometry columns carry intervals over prompts, as the behaviour columns do.
+        let (lo, hi) = (
+            r["coupling_interval"][0].as_f64(),
+            r["coupling_interval"][1].as_f64(),
+        );
+        assert!(lo.is_some() && hi.is_some() && lo <= hi, "{r}");
+        assert!(r["effective_rank_spread"].is_array(), "{r}");
         if r["anchor"]["recipe"] != "base" {
             let d = r["drift_prev_deg"].as_f64().unwrap();
             assert!((0.0..=90.0).contains(&d), "{r}");
