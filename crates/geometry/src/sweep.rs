@@ -31,6 +31,9 @@ pub struct SweepConfig {
     pub bootstrap: usize,
     /// Prompts per forward pass.
     pub batch: usize,
+    /// New tokens of each greedy reply judged for refusal under each condition (substring
+    /// judge); 0 = the logit score alone.
+    pub reply_tokens: usize,
 }
 
 impl Default for SweepConfig {
@@ -41,6 +44,7 @@ impl Default for SweepConfig {
             seed: 0,
             bootstrap: 1000,
             batch: 32,
+            reply_tokens: 16,
         }
     }
 }
@@ -60,6 +64,13 @@ pub struct Condition {
     pub harmless_kl: Vec<f64>,
     /// Cross-entropy of the base continuation per harmless prompt.
     pub harmless_ce: Vec<f64>,
+    /// Per harmful prompt: 1 if the judge reads the greedy reply as a refusal, else 0 (empty
+    /// without judged replies).
+    #[serde(default)]
+    pub harmful_judged: Vec<f64>,
+    /// The same per harmless prompt.
+    #[serde(default)]
+    pub harmless_judged: Vec<f64>,
 }
 
 /// Effect of a direction minus the controls' mean, with a bootstrap interval.
@@ -171,17 +182,51 @@ pub fn sweep(
                 let harmless_kl = (base_logp.exp()? * (&base_logp - &logp)?)?
                     .sum(D::Minus1)?
                     .to_vec1::<f64>()?;
+                let harmless_ce = completion_cross_entropy(model, refs, cfg.batch, &mut hooks)?;
+                let (harmful_judged, harmless_judged) = if cfg.reply_tokens > 0 {
+                    (
+                        judged(model, harmful, cfg, &mut hooks)?,
+                        judged(model, harmless, cfg, &mut hooks)?,
+                    )
+                } else {
+                    (Vec::new(), Vec::new())
+                };
                 Ok(Condition {
                     direction: name.clone(),
                     coef,
                     harmful_scores,
                     harmless_scores,
                     harmless_kl,
-                    harmless_ce: completion_cross_entropy(model, refs, cfg.batch, &mut hooks)?,
+                    harmless_ce,
+                    harmful_judged,
+                    harmless_judged,
                 })
             })?;
             out.push(c);
             progress(out.len(), total);
+        }
+    }
+    Ok(out)
+}
+
+/// 1 or 0 per prompt: whether the substring judge reads the greedy reply of `cfg.reply_tokens`
+/// new tokens, generated under `hooks`, as a refusal.
+fn judged(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    cfg: &SweepConfig,
+    hooks: &mut Hooks,
+) -> Result<Vec<f64>> {
+    let judge = safegeo_data::judges::SubstringMatcher::new(None)?;
+    let gen = safegeo_runtime::GenerateConfig {
+        max_new_tokens: cfg.reply_tokens,
+        ..Default::default()
+    };
+    let mut out = Vec::with_capacity(prompts.len());
+    for chunk in prompts.chunks(cfg.batch.max(1)) {
+        for g in safegeo_runtime::generate(model, chunk, &gen, hooks)? {
+            let reply = model.tok.decode(&g.ids, true)?;
+            out.push(if judge.refuses(&reply) { 1.0 } else { 0.0 });
         }
     }
     Ok(out)
@@ -198,6 +243,10 @@ fn scores_of(logp: &Tensor, refusal_ids: &[u32]) -> Result<Vec<f64>> {
 type Metric = (&'static str, fn(&Condition, &[usize], &[usize]) -> f64);
 
 fn mean_at(v: &[f64], idx: &[usize]) -> f64 {
+    if v.is_empty() {
+        // A measurement the condition does not hold (judged replies switched off).
+        return f64::NAN;
+    }
     idx.iter().map(|&i| v[i]).sum::<f64>() / idx.len().max(1) as f64
 }
 
@@ -214,6 +263,12 @@ const METRICS: &[Metric] = &[
     }),
     ("harmless_refusal_rate", |c, _, l| {
         rate_at(&c.harmless_scores, l)
+    }),
+    ("harmful_refusal_judged", |c, h, _| {
+        mean_at(&c.harmful_judged, h)
+    }),
+    ("harmless_refusal_judged", |c, _, l| {
+        mean_at(&c.harmless_judged, l)
     }),
     ("harmless_kl", |c, _, l| mean_at(&c.harmless_kl, l)),
     ("harmless_cross_entropy", |c, _, l| {
@@ -321,6 +376,8 @@ mod tests {
             harmless_scores: vec![-1.0; n],
             harmless_kl: vec![0.0; n],
             harmless_ce: vec![1.0; n],
+            harmful_judged: Vec::new(),
+            harmless_judged: Vec::new(),
         }
     }
 
@@ -438,6 +495,11 @@ mod tests {
                 .count(),
             16
         );
+        // Every condition also judged its greedy replies: one 0/1 verdict per prompt.
+        for c in &conds {
+            assert_eq!(c.harmful_judged.len(), 2);
+            assert!(c.harmless_judged.iter().all(|&v| v == 0.0 || v == 1.0));
+        }
         for (arm, scale) in [("refusal", 5.0), ("harmfulness", 0.5)] {
             for c in random_controls(d, 8, scale, cfg.seed) {
                 assert!((norm(&c) - scale).abs() < 1e-9, "{arm}");

@@ -251,8 +251,13 @@ fn geometry_pipeline_on_a_tiny_model_then_eval_with_ablation() {
         String::from_utf8_lossy(&out.stderr)
     );
     let eff: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    // 2 directions x (2 coefficients + ablation) x 5 metrics.
-    assert_eq!(eff.as_array().unwrap().len(), 2 * 3 * 5);
+    // 2 directions x (2 coefficients + ablation) x 7 metrics, the judged replies' refusal among
+    // them.
+    let eff = eff.as_array().unwrap();
+    assert_eq!(eff.len(), 2 * 3 * 7);
+    assert!(eff
+        .iter()
+        .any(|e| e["metric"] == "harmful_refusal_judged" && e["value"].is_f64()));
     assert!(
         std::fs::read_to_string(geo.join("sweep.csv"))
             .unwrap()

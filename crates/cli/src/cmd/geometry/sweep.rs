@@ -35,6 +35,10 @@ pub struct SweepArgs {
     /// Prompts per set.
     #[arg(long, default_value_t = 32)]
     pub n: usize,
+    /// New tokens of each greedy reply judged for refusal (substring judge) under every
+    /// condition, next to the logit score; 0 = the logit score alone.
+    #[arg(long, default_value_t = safegeo_geometry::sweep::SweepConfig::default().reply_tokens)]
+    pub reply_tokens: usize,
     /// Tokens of the base model's own continuation used for the utility cross-entropy.
     #[arg(long, default_value_t = 16)]
     pub continuation_tokens: usize,
@@ -124,6 +128,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
         coefs: a.coefs.clone(),
         controls: a.controls,
         seed: a.seed,
+        reply_tokens: a.reply_tokens,
         ..Default::default()
     };
     let fingerprint = serde_json::json!({
