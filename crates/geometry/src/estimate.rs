@@ -198,6 +198,8 @@ pub struct Estimate {
     pub meta: CarriersMeta,
     /// `geometry.json`.
     pub geometry: GeometryReport,
+    /// The refusal carriers of every bootstrap resample (`bootstrap.safetensors`).
+    pub bootstrap_refusal: Vec<Vec<Vec<Vec<f64>>>>,
 }
 
 const GEOMETRY_NOTE: &str = "coupling = |cos(harmfulness carrier at t_inst, refusal carrier at t_post)| per layer; belief = Zhao et al.'s mean over layers of cos(h_l, mean harmful_l) - cos(h_l, mean harmless_l) for each capture prompt (harmful, harmless) at that position; `safegeo select` adds `selected` (layer, coupling and effective rank there)";
@@ -373,6 +375,7 @@ pub fn estimate(
         carriers: c,
         meta,
         geometry,
+        bootstrap_refusal: resampled.into_iter().map(|r| r.refusal).collect(),
     })
 }
 
@@ -450,6 +453,7 @@ impl Estimate {
             ("safegeo_version", m.safegeo_version.clone()),
         ];
         store::save(&self.carriers, &metadata, &out.join("carriers.safetensors"))?;
+        store::save_bootstrap(&self.bootstrap_refusal, &out.join("bootstrap.safetensors"))?;
         if npy {
             let t = store::to_tensors(&self.carriers)?;
             store::write_npy(&t["refusal"], &out.join("refusal.npy"))?;

@@ -55,7 +55,8 @@ pub struct Interval {
 }
 
 impl Interval {
-    fn of(value: f64, resampled: &mut [f64]) -> Interval {
+    /// `value` with the basic bootstrap interval of its `resampled` values.
+    pub fn of(value: f64, resampled: &mut [f64]) -> Interval {
         if resampled.is_empty() {
             return Interval {
                 value,

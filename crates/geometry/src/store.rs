@@ -40,6 +40,51 @@ pub fn to_tensors(c: &Carriers) -> Result<HashMap<String, Tensor>> {
     Ok(m)
 }
 
+/// Write the refusal carriers of bootstrap resamples (`resamples x layers x positions x width`)
+/// as `bootstrap.safetensors`, the tensor `refusal`, for intervals that compare two anchors
+/// resample by resample.
+pub fn save_bootstrap(refusal: &[Vec<Vec<Vec<f64>>>], path: &Path) -> Result<()> {
+    if refusal.is_empty() {
+        return Ok(());
+    }
+    let (b, l, p, d) = (
+        refusal.len(),
+        refusal[0].len(),
+        refusal[0][0].len(),
+        refusal[0][0][0].len(),
+    );
+    let flat: Vec<f32> = refusal
+        .iter()
+        .flatten()
+        .flatten()
+        .flatten()
+        .map(|&x| x as f32)
+        .collect();
+    let mut m = HashMap::new();
+    m.insert(
+        "refusal".to_string(),
+        Tensor::from_vec(flat, (b, l, p, d), &Device::Cpu)?,
+    );
+    let meta = std::collections::BTreeMap::from([
+        (
+            "format".to_string(),
+            "safegeo carrier bootstrap".to_string(),
+        ),
+        ("layers".to_string(), LAYER_CONVENTION.to_string()),
+    ]);
+    Ok(safegeo_runtime::files::save_f32_tensors_with_metadata(
+        &m, &meta, path,
+    )?)
+}
+
+/// Read [`save_bootstrap`]'s file back (`None` when it is absent or unreadable).
+pub fn load_bootstrap(path: &Path) -> Option<Vec<Vec<Vec<Vec<f64>>>>> {
+    let m = candle_core::safetensors::load(path, &Device::Cpu).ok()?;
+    let t = m.get("refusal")?;
+    let (b, ..) = t.dims4().ok()?;
+    (0..b).map(|i| unpack3(&t.get(i).ok()?).ok()).collect()
+}
+
 /// The layer convention every carrier file states in its header.
 pub const LAYER_CONVENTION: &str =
     "index l is the residual stream entering block l (Hugging Face's hidden_states[l])";

@@ -88,6 +88,12 @@ pub struct Row {
     /// Its basic bootstrap 95% interval over prompts (lo, hi), when geometry.json has one.
     #[serde(default)]
     pub coupling_interval: Option<(f64, f64)>,
+    /// Basic bootstrap 95% interval of `drift_prev_deg` (both anchors' resamples paired).
+    #[serde(default)]
+    pub drift_prev_interval: Option<(f64, f64)>,
+    /// Basic bootstrap 95% interval of `drift_base_deg`.
+    #[serde(default)]
+    pub drift_base_interval: Option<(f64, f64)>,
     /// Mean principal angle (degrees) between this anchor's and the previous anchor's top-3
     /// carrier subspaces at the carrier layer.
     pub drift_prev_deg: Option<f64>,
@@ -269,6 +275,8 @@ fn read_anchor_with(dir: &Path, carriers: Option<&Carriers>) -> Result<Row> {
         effective_rank_spread: None,
         coupling: None,
         coupling_interval: None,
+        drift_prev_interval: None,
+        drift_base_interval: None,
         drift_prev_deg: None,
         drift_base_deg: None,
         carrier_cos_base: None,
@@ -305,20 +313,44 @@ pub const DRIFT_K: usize = 3;
 /// Mean principal angle (degrees) between the top-[`DRIFT_K`] carrier subspaces of two anchors
 /// at `layer`, and the cosine of their carriers at `(layer, pos)`.
 fn drift_at(a: &Carriers, b: &Carriers, layer: usize, pos: usize) -> Option<(f64, f64)> {
-    use linalg::top_right_singular_vectors as top;
     if a.n_layer() != b.n_layer() || a.n_pos() != b.n_pos() || layer >= a.n_layer() {
         return None;
     }
-    let angles = linalg::principal_angles(
-        &top(&a.refusal[layer], DRIFT_K),
-        &top(&b.refusal[layer], DRIFT_K),
-    );
+    Some(drift_of(&a.refusal, &b.refusal, layer, pos))
+}
+
+/// Mean principal angle (degrees) between two refusal-carrier subspaces at `layer` (top
+/// [`DRIFT_K`] right singular vectors over positions), and the cosine at `pos`.
+fn drift_of(a: &[Vec<Vec<f64>>], b: &[Vec<Vec<f64>>], layer: usize, pos: usize) -> (f64, f64) {
+    use linalg::top_right_singular_vectors as top;
+    let angles = linalg::principal_angles(&top(&a[layer], DRIFT_K), &top(&b[layer], DRIFT_K));
     let mean = angles.iter().map(|x| x.to_degrees()).sum::<f64>() / angles.len().max(1) as f64;
-    let pos = pos.min(a.n_pos() - 1);
-    Some((
-        mean,
-        linalg::cosine(&a.refusal[layer][pos], &b.refusal[layer][pos]),
-    ))
+    let pos = pos.min(a[layer].len() - 1);
+    (mean, linalg::cosine(&a[layer][pos], &b[layer][pos]))
+}
+
+/// The drift angle's basic bootstrap 95% interval: the two anchors' resamples paired by index
+/// (both drew the same prompt indices, so the pairing is the paired bootstrap of the drift).
+fn drift_interval(
+    a: Option<&Vec<Vec<Vec<Vec<f64>>>>>,
+    b: Option<&Vec<Vec<Vec<Vec<f64>>>>>,
+    value: f64,
+    layer: usize,
+    pos: usize,
+) -> Option<(f64, f64)> {
+    let (a, b) = (a?, b?);
+    let fits = |x: &Vec<Vec<Vec<f64>>>| layer < x.len() && pos < x[layer].len();
+    let mut v: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .filter(|(x, y)| fits(x) && fits(y) && x.len() == y.len())
+        .map(|(x, y)| drift_of(x, y, layer, pos).0)
+        .collect();
+    if v.is_empty() {
+        return None;
+    }
+    let i = safegeo_geometry::measures::Interval::of(value, &mut v);
+    Some((i.lo, i.hi))
 }
 
 /// Rows of every anchor folder, sorted by (recipe, step) with the base first, with drift to the
@@ -389,6 +421,10 @@ pub fn collect(anchor_dirs: &[PathBuf], reference: Option<(usize, usize)>) -> Re
         key(&a.1).cmp(&key(&b.1))
     });
     let base = rows.iter().position(|(_, r)| r.anchor.recipe == "base");
+    let boots: Vec<Option<Vec<Vec<Vec<Vec<f64>>>>>> = rows
+        .iter()
+        .map(|(_, r)| store::load_bootstrap(&r.dir.join("geometry/bootstrap.safetensors")))
+        .collect();
     let mut out: Vec<Row> = Vec::new();
     for (i, (carriers, row)) in rows.iter().enumerate() {
         let mut row = row.clone();
@@ -399,12 +435,19 @@ pub fn collect(anchor_dirs: &[PathBuf], reference: Option<(usize, usize)>) -> Re
                 _ => None,
             };
             let against = |j: Option<usize>| {
-                j.and_then(|j| rows[j].0.as_ref())
-                    .and_then(|other| drift_at(other, c, l, p))
+                j.and_then(|j| rows[j].0.as_ref().map(|other| (j, other)))
+                    .and_then(|(j, other)| drift_at(other, c, l, p).map(|d| (j, d)))
             };
-            row.drift_prev_deg = against(prev).map(|x| x.0);
-            if let Some((angle, cos)) = against(base.filter(|&b| b != i)) {
+            let interval = |j: usize, angle: f64| {
+                drift_interval(boots[j].as_ref(), boots[i].as_ref(), angle, l, p)
+            };
+            if let Some((j, (angle, _))) = against(prev) {
+                row.drift_prev_deg = Some(angle);
+                row.drift_prev_interval = interval(j, angle);
+            }
+            if let Some((j, (angle, cos))) = against(base.filter(|&b| b != i)) {
                 row.drift_base_deg = Some(angle);
+                row.drift_base_interval = interval(j, angle);
                 row.carrier_cos_base = Some(cos);
             }
         }

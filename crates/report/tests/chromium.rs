@@ -62,6 +62,8 @@ fn row(recipe: &str, step: u64, asr: f64, layer: usize, admissible: bool) -> Row
         effective_rank_spread: Some((2.2, 2.8)),
         coupling: Some(0.4),
         coupling_interval: None,
+        drift_prev_interval: None,
+        drift_base_interval: None,
         drift_prev_deg: Some(20.0),
         drift_base_deg: Some(30.0),
         carrier_cos_base: Some(0.8),

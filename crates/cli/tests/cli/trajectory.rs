@@ -100,6 +100,11 @@ fn trajectory_measures_sharded_anchors_merges_and_writes_the_report() {
             let d = r["drift_prev_deg"].as_f64().unwrap();
             assert!((0.0..=90.0).contains(&d), "{r}");
             assert!(r["drift_base_deg"].as_f64().is_some());
+            // Drift carries a paired bootstrap interval over the prompts too.
+            for key in ["drift_prev_interval", "drift_base_interval"] {
+                let (lo, hi) = (r[key][0].as_f64(), r[key][1].as_f64());
+                assert!(lo.is_some() && hi.is_some() && lo <= hi, "{key}: {r}");
+            }
         }
     }
     let csv = std::fs::read_to_string(out_dir.join("trajectory.csv")).unwrap();
