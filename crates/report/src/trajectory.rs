@@ -329,11 +329,14 @@ fn drift_of(a: &[Vec<Vec<f64>>], b: &[Vec<Vec<f64>>], layer: usize, pos: usize) 
     (mean, linalg::cosine(&a[layer][pos], &b[layer][pos]))
 }
 
+/// Refusal carriers of bootstrap resamples: resample x layer x position x width.
+type Resamples = Vec<Vec<Vec<Vec<f64>>>>;
+
 /// The drift angle's basic bootstrap 95% interval: the two anchors' resamples paired by index
 /// (both drew the same prompt indices, so the pairing is the paired bootstrap of the drift).
 fn drift_interval(
-    a: Option<&Vec<Vec<Vec<Vec<f64>>>>>,
-    b: Option<&Vec<Vec<Vec<Vec<f64>>>>>,
+    a: Option<&Resamples>,
+    b: Option<&Resamples>,
     value: f64,
     layer: usize,
     pos: usize,
@@ -421,7 +424,7 @@ pub fn collect(anchor_dirs: &[PathBuf], reference: Option<(usize, usize)>) -> Re
         key(&a.1).cmp(&key(&b.1))
     });
     let base = rows.iter().position(|(_, r)| r.anchor.recipe == "base");
-    let boots: Vec<Option<Vec<Vec<Vec<Vec<f64>>>>>> = rows
+    let boots: Vec<Option<Resamples>> = rows
         .iter()
         .map(|(_, r)| store::load_bootstrap(&r.dir.join("geometry/bootstrap.safetensors")))
         .collect();
