@@ -100,6 +100,70 @@ pub struct Summary {
     pub records: usize,
     /// Notes a reader needs (judge caveats).
     pub notes: Vec<String>,
+    /// How far every two judges agree on whether a reply refuses, per suite.
+    pub agreement: Vec<Agreement>,
+}
+
+/// Two judges on the same replies: do they read refusal alike?
+#[derive(Debug, Clone, Serialize)]
+pub struct Agreement {
+    /// Suite.
+    pub suite: String,
+    /// The two judges (`refusal-score` counts a score above 0 as a refusal).
+    pub judges: [String; 2],
+    /// Replies both judged.
+    pub n: usize,
+    /// Cohen's kappa (`None` where it is undefined: both gave one answer throughout).
+    pub kappa: Option<f64>,
+    /// Share of those replies on which they disagree.
+    pub disagreement: f64,
+    /// Up to three item ids they disagree on, to read.
+    pub examples: Vec<String>,
+}
+
+/// Agreement of every two judges (and the refusal score) on refusal, suite by suite.
+fn agreement(records: &[Record], suites: &[String], judges: &[String]) -> Vec<Agreement> {
+    let refused = |r: &Record, judge: &str| -> Option<bool> {
+        if judge == "refusal-score" {
+            r.refusal_score.map(|s| s > 0.0)
+        } else {
+            r.verdicts.get(judge).and_then(|v| v.refused)
+        }
+    };
+    let mut raters: Vec<String> = judges.to_vec();
+    if records.iter().any(|r| r.refusal_score.is_some()) {
+        raters.push("refusal-score".into());
+    }
+    let mut out = Vec::new();
+    for suite in suites {
+        let recs: Vec<&Record> = records.iter().filter(|r| &r.dataset == suite).collect();
+        for (i, a) in raters.iter().enumerate() {
+            for b in &raters[i + 1..] {
+                let both: Vec<(&str, bool, bool)> = recs
+                    .iter()
+                    .filter_map(|r| Some((r.id.as_str(), refused(r, a)?, refused(r, b)?)))
+                    .collect();
+                if both.is_empty() {
+                    continue;
+                }
+                let (xa, xb): (Vec<bool>, Vec<bool>) = both.iter().map(|&(_, x, y)| (x, y)).unzip();
+                let differ: Vec<&str> = both
+                    .iter()
+                    .filter(|(_, x, y)| x != y)
+                    .map(|(id, ..)| *id)
+                    .collect();
+                out.push(Agreement {
+                    suite: suite.clone(),
+                    judges: [a.clone(), b.clone()],
+                    n: both.len(),
+                    kappa: metrics::cohen_kappa(&xa, &xb),
+                    disagreement: differ.len() as f64 / both.len() as f64,
+                    examples: differ.iter().take(3).map(|s| s.to_string()).collect(),
+                });
+            }
+        }
+    }
+    out
 }
 
 fn messages(item: &Item, system: Option<&str>) -> Vec<Message> {
@@ -477,6 +541,7 @@ pub fn summarise(records: &[Record], suites: &[String], judges: &[String]) -> Su
         generated_tokens_per_s: None,
         records: records_n,
         notes,
+        agreement: agreement(records, suites, judges),
     }
 }
 
@@ -557,5 +622,60 @@ mod tests {
         );
         assert!(!s.rows.is_empty());
         assert!(!s.notes.iter().any(|n| n.contains("could be read")));
+    }
+
+    #[test]
+    fn judges_agreement_is_cohens_kappa_on_the_replies_both_judged() {
+        // Ten replies: the substring judge and the prefix judge disagree on two (ids 1 and 8),
+        // each says "refused" five times: kappa 0.6. The refusal score agrees with substring.
+        let t = true;
+        let f = false;
+        let a = [t, t, f, f, t, f, t, t, f, f];
+        let b = [t, f, f, f, t, f, t, t, t, f];
+        let records: Vec<Record> = (0..10)
+            .map(|i| Record {
+                dataset: "jbb-harmful".into(),
+                id: i.to_string(),
+                label: "harmful".into(),
+                category: None,
+                kind: None,
+                prompt: "p".into(),
+                response: "r".into(),
+                response_tokens: 1,
+                verdicts: BTreeMap::from([
+                    (
+                        "substring".to_string(),
+                        Verdict {
+                            refused: Some(a[i]),
+                            ..Default::default()
+                        },
+                    ),
+                    (
+                        "xstest-prefix".to_string(),
+                        Verdict {
+                            refused: Some(b[i]),
+                            ..Default::default()
+                        },
+                    ),
+                ]),
+                refusal_score: Some(if a[i] { 1.0 } else { -1.0 }),
+                seconds: 0.0,
+            })
+            .collect();
+        let s = summarise(
+            &records,
+            &["jbb-harmful".to_string()],
+            &["substring".into(), "xstest-prefix".into()],
+        );
+        assert_eq!(s.agreement.len(), 3, "{:?}", s.agreement);
+        let pair = &s.agreement[0];
+        assert_eq!(pair.judges, ["substring", "xstest-prefix"]);
+        assert_eq!(pair.n, 10);
+        assert!((pair.kappa.unwrap() - 0.6).abs() < 1e-12);
+        assert!((pair.disagreement - 0.2).abs() < 1e-12);
+        assert_eq!(pair.examples, ["1", "8"]);
+        let score = &s.agreement[1];
+        assert_eq!(score.judges, ["substring", "refusal-score"]);
+        assert_eq!((score.kappa, score.disagreement), (Some(1.0), 0.0));
     }
 }

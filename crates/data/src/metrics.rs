@@ -48,6 +48,25 @@ pub fn wilson(k: usize, n: usize) -> (f64, f64) {
     ((centre - half).max(0.0), (centre + half).min(1.0))
 }
 
+/// Cohen's kappa of two raters' yes/no answers on the same items:
+/// `(p_o - p_e) / (1 - p_e)`, `p_o` the observed agreement, `p_e` the agreement expected from
+/// each rater's own rate of yes. `None` without items, or when chance agreement is certain
+/// (both raters gave one and the same answer throughout, where kappa is undefined).
+pub fn cohen_kappa(a: &[bool], b: &[bool]) -> Option<f64> {
+    let n = a.len().min(b.len());
+    if n == 0 {
+        return None;
+    }
+    let share = |f: &dyn Fn(usize) -> bool| (0..n).filter(|&i| f(i)).count() as f64 / n as f64;
+    let observed = share(&|i| a[i] == b[i]);
+    let (ya, yb) = (share(&|i| a[i]), share(&|i| b[i]));
+    let chance = ya * yb + (1.0 - ya) * (1.0 - yb);
+    if (1.0 - chance).abs() < 1e-12 {
+        return None;
+    }
+    Some((observed - chance) / (1.0 - chance))
+}
+
 /// Mean with a percentile bootstrap interval (2000 resamples, fixed seed).
 pub fn mean(values: &[f64]) -> Option<Estimate> {
     let n = values.len();
@@ -203,5 +222,21 @@ mod tests {
         let e = mean(&v).unwrap();
         assert!(e.lo < e.value && e.value < e.hi && e.hi - e.lo < 0.3);
         assert_eq!(mean(&[0.5; 9]).unwrap().lo, 0.5);
+    }
+
+    #[test]
+    fn cohens_kappa_matches_a_hand_computed_value() {
+        // Agreement 8 of 10; each rater says yes 5 times, so chance agreement is 0.5 and
+        // kappa = (0.8 - 0.5) / (1 - 0.5) = 0.6.
+        let t = true;
+        let f = false;
+        let a = [t, t, f, f, t, f, t, t, f, f];
+        let b = [t, f, f, f, t, f, t, t, t, f];
+        assert!((cohen_kappa(&a, &b).unwrap() - 0.6).abs() < 1e-12);
+        assert_eq!(cohen_kappa(&a, &a), Some(1.0));
+        let flipped: Vec<bool> = a.iter().map(|x| !x).collect();
+        assert_eq!(cohen_kappa(&a, &flipped), Some(-1.0));
+        assert_eq!(cohen_kappa(&[t, t], &[t, t]), None, "one answer throughout");
+        assert_eq!(cohen_kappa(&[], &[]), None);
     }
 }

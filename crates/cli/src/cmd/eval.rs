@@ -299,6 +299,17 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if let Some(t) = summary.generated_tokens_per_s {
         println!("generation: {t:.1} new tokens/s (batch {})", a.batch_size);
     }
+    for g in &summary.agreement {
+        println!(
+            "agreement on {}: {} vs {}: kappa {} over {} replies ({:.0}% disagree)",
+            g.suite,
+            g.judges[0],
+            g.judges[1],
+            g.kappa.map_or("undefined".into(), |k| format!("{k:.2}")),
+            g.n,
+            100.0 * g.disagreement
+        );
+    }
     for n in &summary.notes {
         println!("note: {n}");
     }
