@@ -87,6 +87,8 @@ enum Command {
     Sweep(cmd::geometry::sweep::SweepArgs),
     /// Write a copy of the model with a carrier orthogonalized out of its weights (HF folder).
     Abliterate(cmd::geometry::abliterate::AbliterateArgs),
+    /// A carrier as a llama.cpp control vector (GGUF), to steer with in llama.cpp.
+    ControlVector(cmd::geometry::control_vector::ControlVectorArgs),
     /// Adversarial test cases: prefill, random/worst insertion, GCG, AutoDAN.
     Attack(cmd::attack::AttackArgs),
     /// Safety-train a model (SFT, R2D2, worst-insertion, harmful-prefix, DeRTa) into anchor checkpoints.
@@ -230,6 +232,7 @@ fn main() {
         Command::Select(a) => cmd::geometry::select::run(a),
         Command::Drift(a) => cmd::geometry::drift::run(a),
         Command::Abliterate(a) => cmd::geometry::abliterate::run(a),
+        Command::ControlVector(a) => cmd::geometry::control_vector::run(a),
         Command::Sweep(a) => cmd::geometry::sweep::run(a),
         Command::Completions { shell } => {
             use clap::CommandFactory;

@@ -88,6 +88,8 @@ pub struct Kept {
 /// `carriers.json`: what the carriers were estimated from.
 #[derive(Debug, Clone, Serialize)]
 pub struct CarriersMeta {
+    /// The model's architecture, as GGUF names it (`llama`, `qwen2`, `gemma3`).
+    pub architecture: String,
     /// Model width.
     pub d: usize,
     /// Whether `--filter` was on.
@@ -306,6 +308,7 @@ pub fn estimate(
         })
         .collect();
     let meta = CarriersMeta {
+        architecture: model.cfg.arch.gguf_name().into(),
         d: model.cfg.hidden,
         filter: cfg.filter,
         harmful: SetRecord::of(harmful),

@@ -18,6 +18,15 @@ pub const SUPPORTED_ARCHS: &str =
     "llama (Llama 2/3, SmolLM/SmolLM2), mistral, qwen2, gemma3 (GGUF `general.architecture` or config.json `model_type`)";
 
 impl Arch {
+    /// The GGUF `general.architecture` of this family.
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Gemma3 => "gemma3",
+        }
+    }
+
     /// Parse a GGUF `general.architecture` or HF `model_type`.
     pub fn parse(name: &str) -> Result<Self> {
         match name {

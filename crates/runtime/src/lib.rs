@@ -15,7 +15,7 @@ pub mod testing;
 pub mod text;
 
 // The modules other crates reach by name, at the paths they have always had.
-pub use io::{fetch, files, gguf_check};
+pub use io::{control_vector, fetch, files, gguf_check};
 pub use kernels::{blas, block_cache, q4_1};
 pub use text::{alloc_guard, template};
 

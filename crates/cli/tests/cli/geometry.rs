@@ -265,6 +265,27 @@ fn geometry_pipeline_on_a_tiny_model_then_eval_with_ablation() {
             .count()
             > 1
     );
+    // A llama.cpp control vector can only add at layers 2 and above: the tiny model's two layers
+    // are refused with the reason.
+    let cv = h.join("cv.gguf");
+    fails_with(
+        &safegeo(
+            &[
+                "control-vector",
+                g,
+                "--carrier",
+                "1:1",
+                "--coef",
+                "2",
+                "--out",
+                cv.to_str().unwrap(),
+            ],
+            h,
+        ),
+        2,
+        "layer 2 or above",
+    );
+    assert!(!cv.exists());
     // Abliterate: the exported folder loads and runs.
     let abl = h.join("abl");
     let out = safegeo(

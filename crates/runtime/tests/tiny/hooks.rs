@@ -276,3 +276,66 @@ fn non_finite_logits_are_an_error_naming_the_block_where_they_started() {
         "{err}"
     );
 }
+
+#[test]
+fn a_control_vector_adds_where_safegeo_adds_under_llama_cpp_indexing() {
+    use safegeo_runtime::control_vector::{read_control_vector, write_control_vector};
+    // Three blocks: safegeo layer 2 (the input of block 2) is the output of block 1, which
+    // llama.cpp steers with `direction.1`.
+    let m = tiny_model(Arch::Gemma3, 5, DType::F32).unwrap();
+    assert_eq!(m.cfg.n_layer, 3);
+    let v: Vec<f32> = (0..16).map(|i| (i as f32 - 7.5) / 8.0).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cv.gguf");
+    write_control_vector(
+        &path,
+        &v.iter().map(|x| 1.5 * x).collect::<Vec<_>>(),
+        2,
+        3,
+        "gemma3",
+    )
+    .unwrap();
+    let (content, _) = safegeo_runtime::open_gguf(&path).unwrap();
+    let text = |k: &str| content.metadata[k].to_string().unwrap().clone();
+    assert_eq!(text("general.architecture"), "controlvector");
+    assert_eq!(text("controlvector.model_hint"), "gemma3");
+    assert_eq!(
+        content.metadata["controlvector.layer_count"]
+            .to_u32()
+            .unwrap(),
+        2
+    );
+    let dirs = read_control_vector(&path).unwrap();
+    assert_eq!(dirs.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [1, 2]);
+    assert!(dirs[1].1.iter().all(|&x| x == 0.0));
+    // llama.cpp adds direction.i to block i's output, safegeo's layer i + 1: the file's
+    // additions give the logits of adding 1.5 v at layer 2.
+    let logits = |ivs: Vec<Intervention>| {
+        let mut h = Hooks::with_interventions(ivs);
+        let (ids, layout) = m.pad_batch(&[vec![4, 5, 6]]).unwrap();
+        m.forward_ids(&ids, &layout, None, LogitsAt::Last, Phase::Prompt, &mut h)
+            .unwrap()
+            .unwrap()
+    };
+    let from_file: Vec<Intervention> = dirs
+        .iter()
+        .map(|(i, d)| Intervention::Add {
+            vector: Tensor::new(d.as_slice(), &Device::Cpu).unwrap(),
+            coef: 1.0,
+            layer: i + 1,
+            scope: Scope::All,
+        })
+        .collect();
+    let direct = vec![Intervention::Add {
+        vector: Tensor::new(v.as_slice(), &Device::Cpu).unwrap(),
+        coef: 1.5,
+        layer: 2,
+        scope: Scope::All,
+    }];
+    assert!(max_abs(&logits(from_file), &logits(direct)) < 1e-5);
+    // Layers 0 and 1 cannot be written: llama.cpp never steers block 0's output.
+    let err = write_control_vector(&path, &v, 1, 3, "gemma3")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("layer 2 or above"), "{err}");
+}

@@ -1,5 +1,6 @@
 //! The geometry commands, one file each: `carriers`, `select`, `drift`, `sweep`, `abliterate`,
-//! and what they share (their journals, validation prompts, the model a carriers folder names).
+//! `control-vector`, and what they share (their journals, validation prompts, the model a
+//! carriers folder names).
 use crate::common::{self, ModelArgs};
 use anyhow::{Context, Result};
 use safegeo_data::jsonl::Journal;
@@ -7,6 +8,7 @@ use std::path::Path;
 
 pub mod abliterate;
 pub mod carriers;
+pub mod control_vector;
 pub mod drift;
 pub mod select;
 pub mod sweep;
