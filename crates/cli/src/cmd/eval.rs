@@ -124,6 +124,39 @@ pub struct InterventionArgs {
     pub add: Option<String>,
 }
 
+/// What [`judges`] would refuse, found without building any judge: a local LLM judge loads a
+/// model, which the checks before the evaluated model loads must not do.
+fn check_judges(a: &EvalArgs) -> Result<()> {
+    use common::Judge as J;
+    let llm = a.judge.iter().any(|j| {
+        matches!(
+            j,
+            J::Harmbench | J::Strongreject | J::Xstest | J::Endpoint | J::Local
+        )
+    });
+    if a.judge.contains(&J::Endpoint) && a.backend.judge_endpoint.is_none() {
+        bail!("--judge endpoint has no endpoint\n  fix: add --judge-endpoint URL --judge-model NAME (any OpenAI-compatible server)");
+    }
+    if a.judge.contains(&J::Local) && a.backend.judge_model_path.is_none() {
+        bail!("--judge local has no model\n  fix: add --judge-model-path MODEL (.gguf or Hugging Face folder)");
+    }
+    if llm && a.backend.judge_endpoint.is_none() && a.backend.judge_model_path.is_none() {
+        bail!("LLM judges need a judge model\n  fix: pass --judge-endpoint URL --judge-model NAME, or --judge-model-path MODEL, or use --judge substring,xstest-prefix");
+    }
+    if a.judge.is_empty() {
+        bail!("--judge needs at least one judge");
+    }
+    // The string matchers read their lists here, cheaply.
+    for j in &a.judge {
+        match j {
+            J::Substring => drop(SubstringMatcher::new(a.substring_list.as_deref())?),
+            J::XstestPrefix => drop(PrefixMatcher::new(a.prefix_list.as_deref())?),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 fn judges(a: &EvalArgs) -> Result<Vec<Box<dyn Judge>>> {
     use safegeo_data::judges::llm::{Completer, LlmJudge, LlmJudgeKind};
     let mut out: Vec<Box<dyn Judge>> = Vec::new();
@@ -326,7 +359,7 @@ pub(crate) fn check(a: &EvalArgs) -> Result<()> {
     if let Some(p) = &a.test_cases {
         safegeo_data::test_cases::test_case_dataset(p)?;
     }
-    judges(a)?;
+    check_judges(a)?;
     for s in a.suites() {
         let spec = safegeo_data::LoadSpec {
             data_dir: a.data.data_dir.as_deref(),
